@@ -1,0 +1,1 @@
+"""Guidance without gradients: SMC, Feynman-Kac correctors, SVDD, baselines and rewards."""

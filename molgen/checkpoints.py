@@ -1,0 +1,70 @@
+"""Shipped checkpoints: a weights file loaded with ``torch.load(weights_only=True)`` plus a JSON card.
+
+A checkpoint ``NAME.pt`` holds a plain ``state_dict``; ``NAME.json`` beside it holds the model config and the
+provenance every shipped model must have: training command, data, code version, hardware, metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def code_version() -> str:
+    """Git commit of the working tree (with ``+dirty`` when it has changes), or the package version."""
+    from molgen import __version__
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
+        return f"{__version__}+{head}{'.dirty' if dirty.strip() else ''}"
+    except (OSError, subprocess.CalledProcessError):
+        return __version__
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
+
+
+def save_checkpoint(
+    path: str | Path,
+    state_dict: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    *,
+    provenance: Mapping[str, Any],
+) -> Path:
+    """Write ``path`` (.pt weights) and ``path.with_suffix('.json')`` (config + provenance) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    card = {"config": dict(config), "provenance": {"code_version": code_version(), **provenance}}
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, tmp)
+    tmp.replace(path)
+    card_path = path.with_suffix(".json")
+    card_tmp = card_path.with_suffix(".json.tmp")
+    card_tmp.write_text(json.dumps(card, indent=2, sort_keys=True, default=str) + "\n")
+    card_tmp.replace(card_path)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
+    """Return ``(state_dict, card)``; the weights are read with ``weights_only=True``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    card_path = path.with_suffix(".json")
+    if not card_path.exists():
+        raise FileNotFoundError(f"checkpoint {path} has no card {card_path} (config and provenance)")
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    return state, json.loads(card_path.read_text())

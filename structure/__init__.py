@@ -1,0 +1,1 @@
+"""Protein backbones: PDB/mmCIF I/O, equivariant backbone diffusion, AF3-style sampler, metrics."""
