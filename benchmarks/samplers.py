@@ -1,0 +1,294 @@
+"""Few-step sampler accuracy and overhead: molgen's solvers against diffusers' schedulers, side by side.
+
+Every sampler is driven by the same exact denoiser (molgen.diffusion.analytic) on the same schedule (DDPM's
+linear VP, given to diffusers as ``trained_betas`` so that its discrete table is the same schedule) from the
+same initial noise. Error = RMS over samples of the distance to the exact probability-flow ODE solution (an
+independent adaptive DOP853 solve); sliced_w = sliced 2-Wasserstein distance to exact samples of the target;
+overhead_s_per_step = the sampler's own time per model call with a free model. Writes JSON rows
+    {"target", "impl", "solver", "grid", "nfe", "error", "sliced_w", "overhead_s_per_step"}
+plus a summary (best per target and NFE, ratios) that the README table is made from.
+
+    python benchmarks/samplers.py --json results/samplers.json [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import gzip
+import json
+import math
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from molgen.diffusion import SOLVERS, get_schedule, sample
+from molgen.diffusion.analytic import EmpiricalDenoiser, GaussianMixtureDenoiser, exact_ode_solution
+
+ROOT = Path(__file__).resolve().parent.parent
+QM9_SUBSET = ROOT / "data" / "molecules" / "qm9_subset_5000.csv.gz"
+NFES = (3, 5, 8, 10, 20)
+GRIDS = ("logsnr", "time_uniform", "time_quadratic", "karras", "sigmoid")
+# last-evaluation noise levels (as sigma / alpha) tried for every molgen grid
+RHO_MIN = (0.01, 0.03, 0.1, 0.3)
+PAIRS = {  # molgen solver -> (diffusers scheduler class name, its constructor arguments)
+    "euler": ("EulerDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": True}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"solver_order": 2}),
+    "dpmpp_3m": ("DPMSolverMultistepScheduler", {"solver_order": 3}),
+    "unipc": ("UniPCMultistepScheduler", {"solver_order": 2}),
+    "deis": ("DEISMultistepScheduler", {"solver_order": 3}),
+}
+# name -> constructor arguments; each scheduler gets those it accepts. diffusers' "leading" spacing is left out:
+# it starts below the noise end (t = 0.9 for 10 steps), so it solves a different, shorter problem.
+DIFFUSERS_GRIDS = {
+    "linspace": {"timestep_spacing": "linspace"},
+    "trailing": {"timestep_spacing": "trailing"},
+    "karras": {"use_karras_sigmas": True},
+    "lu_lambdas": {"use_lu_lambdas": True},
+}
+
+
+# ------------------------------------------------------------------------------------------------- targets
+def mixture_2d() -> GaussianMixtureDenoiser:
+    """8 equal components on a circle of radius 2, std 0.2."""
+    angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
+    means = 2.0 * torch.stack([angles.cos(), angles.sin()], 1)
+    return GaussianMixtureDenoiser(means, 0.2, None, SCHEDULE)
+
+
+def mixture_64d(seed: int = 0) -> GaussianMixtureDenoiser:
+    """16 components in 64-D, means N(0, 1), stds U(0.2, 0.6), unequal (Dirichlet(1)) weights."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(16, 64, generator=g, dtype=torch.float64)
+    stds = 0.2 + 0.4 * torch.rand(16, generator=g, dtype=torch.float64)
+    weights = torch.distributions.Dirichlet(torch.ones(16, dtype=torch.float64)).sample()
+    return GaussianMixtureDenoiser(means, stds, weights / weights.sum(), SCHEDULE)
+
+
+def qm9_points(path: Path = QM9_SUBSET) -> torch.Tensor:
+    """Centred, flattened coordinates (Angstrom) of the QM9-subset molecules with the most common atom count."""
+    with gzip.open(path, "rt") as fh:
+        rows = list(csv.DictReader(fh))
+    counts = Counter(int(r["N_atoms"]) for r in rows)
+    n_atoms = counts.most_common(1)[0][0]
+    coords = [
+        np.array(ast.literal_eval(r["XYZ_Ang"].replace("*^", "e")), dtype=np.float64)
+        for r in rows
+        if int(r["N_atoms"]) == n_atoms
+    ]
+    x = torch.tensor(np.stack(coords))
+    return (x - x.mean(1, keepdim=True)).flatten(1)
+
+
+def sliced_w2(a: torch.Tensor, b: torch.Tensor, n_proj: int = 128, seed: int = 0) -> float:
+    """Sliced 2-Wasserstein distance between two equal-size point sets."""
+    g = torch.Generator().manual_seed(seed)
+    proj = torch.randn(a.shape[1], n_proj, generator=g, dtype=torch.float64)
+    proj /= proj.norm(dim=0, keepdim=True)
+    pa = (a.to(torch.float64) @ proj).sort(0).values
+    pb = (b.to(torch.float64) @ proj).sort(0).values
+    return float(((pa - pb) ** 2).mean().sqrt())
+
+
+def rms_distance(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(((x - ref) ** 2).sum(1).mean().sqrt())
+
+
+# ------------------------------------------------------------------------------------------------- diffusers
+def diffusers_betas(n_train: int = 1000) -> np.ndarray:
+    """Betas whose cumulative product is molgen's vp_linear at t = (i + 1) / n_train."""
+    t = torch.arange(1, n_train + 1, dtype=torch.float64) / n_train
+    alpha_bar = SCHEDULE.alpha(t) ** 2
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+    return (1.0 - alpha_bar / prev).numpy()
+
+
+def make_scheduler(name: str, kwargs: dict, grid: str):
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, name)
+    accepted = inspect.signature(cls.__init__).parameters
+    extra = DIFFUSERS_GRIDS[grid]
+    if any(k not in accepted for k in extra):
+        return None
+    return cls(num_train_timesteps=1000, trained_betas=diffusers_betas(), prediction_type="epsilon", **kwargs, **extra)
+
+
+def diffusers_sample(scheduler, denoiser, x_T: torch.Tensor, steps: int) -> tuple[torch.Tensor, int, float]:
+    """Run a diffusers scheduler with the exact denoiser (as eps prediction); returns (x0, model calls, start t)."""
+    scheduler.set_timesteps(steps)
+    log_sigmas = np.log(((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod).numpy() ** 0.5)
+    calls = 0
+
+    def eps_model(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        sigma_ve = float(np.exp(np.interp(float(timestep), np.arange(len(log_sigmas)), log_sigmas)))
+        alpha = 1.0 / math.sqrt(1.0 + sigma_ve**2)
+        a = torch.full((x.shape[0],), alpha, dtype=torch.float64)
+        x0 = denoiser.x0_given(x, a, a * sigma_ve)
+        return (x - alpha * x0) / (alpha * sigma_ve)
+
+    x = x_T * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x = scheduler.step(eps_model(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    start_t = (float(scheduler.timesteps[0]) + 1.0) / 1000.0
+    return x, calls, start_t
+
+
+def diffusers_overhead(name: str, kwargs: dict, x: torch.Tensor, steps: int, repeats: int) -> float:
+    scheduler = make_scheduler(name, kwargs, "linspace")
+    zeros = torch.zeros_like(x)
+
+    def run() -> int:
+        scheduler.set_timesteps(steps)
+        y, calls = x.clone(), 0
+        for t in scheduler.timesteps:
+            y = scheduler.step(zeros + 0.0 * scheduler.scale_model_input(y, t)[:1, :1], t, y).prev_sample
+            calls += 1
+        return calls
+
+    return _time_per_call(run, repeats)
+
+
+def molgen_overhead(solver: str, x: torch.Tensor, steps: int, repeats: int) -> float:
+    zeros = torch.zeros_like(x)
+
+    class Free:
+        prediction = "eps"
+
+        def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return zeros
+
+    free = Free()
+    if SOLVERS[solver].kind == "singlestep":
+        return _time_per_call(lambda: (sample(free, SCHEDULE, x, solver=solver, nfe=steps), steps)[1], repeats)
+    return _time_per_call(lambda: (sample(free, SCHEDULE, x, solver=solver, steps=steps), steps)[1], repeats)
+
+
+def _time_per_call(run, repeats: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        calls = run()
+        times.append((time.perf_counter() - start) / calls)
+    return float(np.median(times))
+
+
+# ------------------------------------------------------------------------------------------------- main
+SCHEDULE = get_schedule("vp_linear")
+
+
+def run_target(name: str, denoiser, n: int, nfes, quick: bool, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(n, denoiser.dim, generator=g, dtype=torch.float64) * SCHEDULE.prior_std
+    exact = denoiser.sample_data(n, torch.Generator().manual_seed(seed + 1))
+    refs: dict[float, torch.Tensor] = {}
+
+    def reference(t_start: float) -> torch.Tensor:
+        key = round(t_start, 6)
+        if key not in refs:
+            refs[key] = exact_ode_solution(denoiser, x_T, SCHEDULE, t_start=t_start)
+        return refs[key]
+
+    rows = []
+    grids = ("logsnr", "time_uniform", "karras") if quick else GRIDS
+    for solver, spec in SOLVERS.items():
+        if solver == "af3":
+            continue
+        for nfe in nfes:
+            for grid in grids:
+                for rho_min in RHO_MIN[1:] if quick else RHO_MIN:
+                    t_min = float(SCHEDULE.t_of_lam(torch.tensor(-2 * math.log(rho_min), dtype=torch.float64)))
+                    x = sample(denoiser, SCHEDULE, x_T, solver=solver, nfe=nfe, grid=grid,
+                               grid_options={"t_min": t_min}, generator=torch.Generator().manual_seed(seed + 2))
+                    rows.append({
+                        "target": name, "impl": "molgen", "solver": solver, "grid": f"{grid}@{rho_min:g}", "nfe": nfe,
+                        "error": None if spec.stochastic else rms_distance(x, reference(SCHEDULE.t_max)),
+                        "sliced_w": sliced_w2(x, exact),
+                    })
+    for solver, (cls_name, kwargs) in PAIRS.items():
+        for nfe in nfes:
+            steps = (nfe + 1) // 2 if solver == "heun" else nfe
+            for grid in DIFFUSERS_GRIDS:
+                scheduler = make_scheduler(cls_name, kwargs, grid)
+                if scheduler is None:
+                    continue
+                x, calls, t_start = diffusers_sample(scheduler, denoiser, x_T, steps)
+                rows.append({
+                    "target": name, "impl": "diffusers", "solver": solver, "grid": grid, "nfe": nfe, "calls": calls,
+                    "error": rms_distance(x, reference(t_start)), "sliced_w": sliced_w2(x, exact),
+                })
+    print(f"{name}: {len(rows)} rows", file=sys.stderr)
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict:
+    best: dict = {}
+    for r in rows:
+        if r["error"] is None:
+            continue
+        key = (r["target"], r["nfe"], r["impl"])
+        if key not in best or r["error"] < best[key]["error"]:
+            best[key] = r
+    table = []
+    for (target, nfe, impl), r in sorted(best.items()):
+        if impl != "molgen":
+            continue
+        d = best.get((target, nfe, "diffusers"))
+        table.append({
+            "target": target, "nfe": nfe,
+            "molgen_best": f"{r['solver']}/{r['grid']}", "molgen_error": r["error"],
+            "diffusers_best": f"{d['solver']}/{d['grid']}" if d else None,
+            "diffusers_error": d["error"] if d else None,
+            "ratio": r["error"] / d["error"] if d else None,
+        })
+    return {"best": table}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", required=True, type=Path)
+    parser.add_argument("--quick", action="store_true", help="fewer samples and grids (the README's main job)")
+    parser.add_argument("--qm9", type=Path, default=QM9_SUBSET)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    n = 200 if args.quick else 1000
+    targets = [("mixture_2d", mixture_2d(), n), ("mixture_64d", mixture_64d(), n)]
+    if args.qm9.exists():
+        targets.append(("qm9_empirical", EmpiricalDenoiser(qm9_points(args.qm9), SCHEDULE), n))
+    rows = []
+    for name, denoiser, count in targets:
+        rows += run_target(name, denoiser, count, NFES, args.quick)
+    x = torch.randn(1024, 64, dtype=torch.float64)
+    for solver, (cls_name, kwargs) in PAIRS.items():
+        ours = molgen_overhead(solver, x, 9, 5 if args.quick else 20)
+        theirs = diffusers_overhead(cls_name, kwargs, x, 5 if solver == "heun" else 9, 5 if args.quick else 20)
+        rows.append({"target": "overhead", "impl": "molgen", "solver": solver, "grid": "logsnr", "nfe": 9,
+                     "error": None, "sliced_w": None, "overhead_s_per_step": ours})
+        rows.append({"target": "overhead", "impl": "diffusers", "solver": solver, "grid": "linspace", "nfe": 9,
+                     "error": None, "sliced_w": None, "overhead_s_per_step": theirs, "ratio": ours / theirs})
+    summary = summarise(rows)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
+    for r in summary["best"]:
+        print(f"{r['target']:>14} nfe {r['nfe']:>2}: molgen {r['molgen_error']:.4f} ({r['molgen_best']})  "
+              f"diffusers {r['diffusers_error']:.4f} ({r['diffusers_best']})  ratio {r['ratio']:.2f}")
+    for r in rows:
+        if r["target"] == "overhead" and r["impl"] == "diffusers":
+            print(f"overhead {r['solver']:>9}: molgen/diffusers per step = {r['ratio']:.2f}")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

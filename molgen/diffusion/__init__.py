@@ -1,0 +1,16 @@
+"""The modality-free sampling engine: schedules, time grids, parameterisations, ODE/SDE solvers.
+
+    x = sample(model, get_schedule("vp_cosine"), x_T, solver="dpmpp_3m", steps=10)
+"""
+
+from molgen.diffusion.grids import GRIDS, get_grid
+from molgen.diffusion.parameterization import PREDICTIONS, to_x0
+from molgen.diffusion.sampling import Sampler, State, sample, select
+from molgen.diffusion.schedules import SCHEDULES, Schedule, get_schedule
+from molgen.diffusion.solvers import SOLVERS, get_solver
+from molgen.diffusion.spaces import Euclidean, ZeroCoM
+
+__all__ = [
+    "GRIDS", "PREDICTIONS", "SCHEDULES", "SOLVERS", "Euclidean", "Sampler", "Schedule", "State", "ZeroCoM",
+    "get_grid", "get_schedule", "get_solver", "sample", "select", "to_x0",
+]

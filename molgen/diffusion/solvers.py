@@ -1,0 +1,460 @@
+"""ODE and SDE solvers for the probability-flow ODE / reverse SDE, as coefficient tables plus a step.
+
+Notation: point i has time t_i, alpha_i, sigma_i, l_i = log(alpha_i / sigma_i) (half the schedule's logSNR
+lambda), rho_i = sigma_i / alpha_i = e^{-l_i}; D_i is the x0 estimate there and eps_i = (x_i - alpha_i D_i) / sigma_i.
+From i (s) to i + 1 (t), h = l_t - l_s.
+
+Four families, each derived once:
+
+* exponential integrators in l (ddim, dpmpp_2m/3m, dpm_solver_2/3, unipc, and with kappa = 2 the SDE
+  forms ddpm_ancestral, dpmpp_2m_sde). The ODE solution is exactly
+      x_t = (sigma_t / sigma_s) x_s + alpha_t int_0^h e^{-(h-u)} D(l_s + u) du,
+  and each method replaces D by a polynomial through known values. Its weights come from moment matching:
+  sum_m w_m r_m^j = M_j(h) = int_0^h e^{-kappa (h-u)} (u/h)^j kappa du, with r_m the node offsets in units of h
+  (M_0 = 1 - e^{-kappa h}, M_j = 1 - j M_{j-1} / (kappa h)). The SDE form
+      x_t = (sigma_t / sigma_s) e^{-h} x_s + alpha_t int_0^h 2 e^{-2(h-u)} D du + sigma_t sqrt(1 - e^{-2h}) z
+  is the same with kappa = 2 (first order = DDPM's ancestral step).
+* Adams-Bashforth in rho on eps (euler, deis, ghvb): x / alpha moves by int eps d rho (the variance-exploding
+  view, where Euler is exactly DDIM); ghvb adds heavy-ball momentum to the AB slope.
+* Heun in rho (EDM's second-order method), Euler-Maruyama in t (reverse SDE), and the AF3 / EDM stochastic
+  sampler (churn to rho_hat = rho_i (1 + gamma), then a scaled Euler step).
+
+All tables are float64, batch-first ([B or 1, ...]); steps only read them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from molgen.diffusion.sampling import Sampler, State, bcast
+from molgen.diffusion.schedules import Schedule
+
+Tables = dict[str, Tensor]
+
+
+# ---------------------------------------------------------------------------------------------- maths helpers
+def points(schedule: Schedule, t: Tensor, prefix: str = "") -> Tables:
+    """Schedule quantities at times ``t`` (any shape), keyed ``prefix + name``."""
+    d_alpha, d_sigma = schedule.d_alpha_sigma(t)
+    return {
+        prefix + "t": t, prefix + "alpha": schedule.alpha(t), prefix + "sigma": schedule.sigma(t),
+        prefix + "d_alpha": d_alpha, prefix + "d_sigma": d_sigma,
+    }
+
+
+def half_lam(schedule: Schedule, t: Tensor) -> Tensor:
+    """log(alpha / sigma) = lambda / 2, the variable of the exponential integrators."""
+    return 0.5 * schedule.lam(t)
+
+
+def exp_moments(h: Tensor, k: int, kappa: float = 1.0) -> Tensor:
+    """[..., k] with M_j = int_0^h kappa e^{-kappa (h - u)} (u / h)^j du, j < k."""
+    moments = [-torch.expm1(-kappa * h)]
+    for j in range(1, k):
+        moments.append(1.0 - j * moments[-1] / (kappa * h))
+    return torch.stack(moments, -1)
+
+
+def vandermonde_weights(r: Tensor, moments: Tensor) -> Tensor:
+    """Weights w [..., k] with sum_m w_m r_m^j = moments_j (exact for polynomials of degree < k)."""
+    k = r.shape[-1]
+    powers = torch.stack([r**j for j in range(k)], -2)  # [..., j, m]
+    w, _ = torch.linalg.solve_ex(powers, moments)
+    return w
+
+
+def _stack(columns: list[Tensor], width: int) -> Tensor:
+    """Per-transition weight vectors of varying length -> [B, T, width], zero-padded."""
+    padded = [torch.nn.functional.pad(c, (0, width - c.shape[-1])) for c in columns]
+    return torch.stack(padded, 1)
+
+
+def _col(tab: Tables, name: str, i: int) -> Tensor:
+    return tab[name][:, i]
+
+
+def _combine(tab: Tables, i: int, **terms: Tensor) -> Tensor:
+    """sum_k tab[k][:, i] * terms[k], the coefficients broadcast over the state."""
+    return sum(bcast(_col(tab, name, i), v) * v for name, v in terms.items())
+
+
+# ------------------------------------------------------------------------------------------- linear multistep
+def exp_multistep_tables(kappa: float, stochastic: bool):
+    """ddim / dpmpp_2m / dpmpp_3m (kappa = 1) and ddpm_ancestral / dpmpp_2m_sde (kappa = 2, with noise)."""
+
+    def build(schedule: Schedule, t: Tensor, orders: list[int], options: Mapping[str, Any]) -> Tables:
+        tab = points(schedule, t)
+        lam, alpha, sigma = half_lam(schedule, t), tab["alpha"], tab["sigma"]
+        a, c, w = [], [], []
+        for i, order in enumerate(orders):
+            k = min(order, i + 1)
+            h = lam[:, i + 1] - lam[:, i]
+            r = torch.stack([(lam[:, i - m] - lam[:, i]) / h for m in range(k)], -1)
+            w.append(alpha[:, i + 1, None] * vandermonde_weights(r, exp_moments(h, k, kappa)))
+            decay = torch.exp(-h) if stochastic else torch.ones_like(h)
+            a.append(sigma[:, i + 1] / sigma[:, i] * decay)
+            c.append(sigma[:, i + 1] * torch.sqrt(-torch.expm1(-2.0 * h)))
+        tab.update(a=torch.stack(a, 1), w=_stack(w, max(orders, default=1)))
+        if stochastic:
+            tab["c"] = torch.stack(c, 1)
+        return tab
+
+    return build
+
+
+def ab_rho_weights(rho: Tensor, i: int, k: int) -> tuple[Tensor, Tensor]:
+    """Adams-Bashforth in rho: (weights [B, k] on eps_{i-m}, step H = rho_{i+1} - rho_i)."""
+    step = rho[:, i + 1] - rho[:, i]
+    r = torch.stack([(rho[:, i - m] - rho[:, i]) / step for m in range(k)], -1)
+    moments = torch.stack([step / (j + 1) for j in range(k)], -1)
+    return vandermonde_weights(r, moments), step
+
+
+def ab_rho_tables(schedule: Schedule, t: Tensor, orders: list[int], options: Mapping[str, Any]) -> Tables:
+    """euler (k = 1) and deis (k = 3): x_{i+1} = alpha_{i+1} (x_i / alpha_i + sum_m w_m eps_{i-m})."""
+    tab = points(schedule, t)
+    rho, alpha = schedule.rho(t), tab["alpha"]
+    a, w = [], []
+    for i, order in enumerate(orders):
+        weights, _ = ab_rho_weights(rho, i, min(order, i + 1))
+        w.append(alpha[:, i + 1, None] * weights)
+        a.append(alpha[:, i + 1] / alpha[:, i])
+    tab.update(a=torch.stack(a, 1), w=_stack(w, max(orders, default=1)))
+    return tab
+
+
+def euler_maruyama_tables(schedule: Schedule, t: Tensor, orders: list[int], options: Mapping[str, Any]) -> Tables:
+    """Reverse SDE dx = [f x - g^2 score] dt + g dW, score = -(x - alpha D) / sigma^2, with
+    f = alpha'/alpha and g^2 = 2 sigma sigma' - 2 f sigma^2, one Euler-Maruyama step per transition."""
+    tab = points(schedule, t)
+    alpha, sigma, d_alpha, d_sigma = tab["alpha"], tab["sigma"], tab["d_alpha"], tab["d_sigma"]
+    f = d_alpha / alpha
+    g2 = 2.0 * sigma * d_sigma - 2.0 * f * sigma**2
+    dt = t[:, 1:] - t[:, :-1]
+    f, g2, alpha, sigma = f[:, :-1], g2[:, :-1], alpha[:, :-1], sigma[:, :-1]
+    tab.update(
+        a=1.0 + dt * (f + g2 / sigma**2),
+        w=(-dt * g2 * alpha / sigma**2)[..., None],
+        c=torch.sqrt(g2 * -dt),
+    )
+    return tab
+
+
+def linear_step(feature: str, stochastic: bool):
+    """x_{i+1} = a_i x_i + sum_m w_{i,m} F_{i-m} (+ c_i z), F = D (x0) or eps."""
+
+    def step(sampler: Sampler, state: State, i: int, generator: torch.Generator | None) -> State:
+        x, tab = state.x, state.tab
+        d, nan_step = _denoised(sampler, state, i)
+        f = d if feature == "x0" else (x - bcast(_col(tab, "alpha", i), x) * d) / bcast(_col(tab, "sigma", i), x)
+        hist = (f, *state.hist)
+        w = tab["w"][:, i]
+        x_next = bcast(_col(tab, "a", i), x) * x
+        for m in range(min(w.shape[-1], len(hist))):
+            x_next = x_next + bcast(w[:, m], x) * hist[m]
+        if stochastic:
+            x_next = x_next + bcast(_col(tab, "c", i), x) * sampler.noise(state, generator)
+        return sampler.advance(state, x_next, hist=hist[: w.shape[-1] - 1], nan_step=nan_step)
+
+    return step
+
+
+def _denoised(sampler: Sampler, state: State, i: int) -> tuple[Tensor, Tensor]:
+    """x0 at the current grid point: the cached one if a previous step (or guidance) computed it."""
+    if state.x0 is not None:
+        return state.x0, state.nan_step
+    return sampler.denoise_at(state, state.x, "", i)
+
+
+# ---------------------------------------------------------------------------------------------- ghvb momentum
+def ghvb_tables(schedule: Schedule, t: Tensor, orders: list[int], options: Mapping[str, Any]) -> Tables:
+    """Generalised heavy ball (Wizadwongsa & Suwajanakorn 2024) of order q in [1, 2], beta = q - 1, in rho:
+    v_i = (1 - beta) v_{i-1} + beta eps_i (v_0 = eps_0) and the slope
+    s_i = eps_i + beta H_i / (2 H_{i-1}) (eps_i - v_{i-1}), x_{i+1} / alpha_{i+1} = x_i / alpha_i + H_i s_i.
+    beta = 0 is Euler, beta = 1 the variable-step Adams-Bashforth 2; on equal steps this is the authors' GHVB."""
+    tab = points(schedule, t)
+    rho, alpha = schedule.rho(t), tab["alpha"]
+    step = rho[:, 1:] - rho[:, :-1]
+    ratio = torch.cat([torch.zeros_like(step[:, :1]), step[:, 1:] / (2.0 * step[:, :-1])], 1)
+    tab.update(a=alpha[:, 1:] / alpha[:, :-1], H=alpha[:, 1:] * step, ratio=ratio)
+    return tab
+
+
+def ghvb_step(sampler: Sampler, state: State, i: int, generator: torch.Generator | None) -> State:
+    x, tab = state.x, state.tab
+    d, nan_step = _denoised(sampler, state, i)
+    eps = (x - bcast(_col(tab, "alpha", i), x) * d) / bcast(_col(tab, "sigma", i), x)
+    beta = sampler.options["order"] - 1.0
+    if i == 0:
+        slope, velocity = eps, eps
+    else:
+        slope = eps + beta * bcast(_col(tab, "ratio", i), x) * (eps - state.extra[0])
+        velocity = (1.0 - beta) * state.extra[0] + beta * eps
+    x_next = _combine(tab, i, a=x, H=slope)
+    return sampler.advance(state, x_next, extra=(velocity,), nan_step=nan_step)
+
+
+# ---------------------------------------------------------------------------------------------- singlestep
+SINGLESTEP_R = {2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0)}
+
+
+def dpm_singlestep_tables(schedule: Schedule, t: Tensor, orders: list[int], options: Mapping[str, Any]) -> Tables:
+    """DPM-Solver-2/3 (singlestep, data prediction). Order 2: one point at lambda_s + h/2; order 3: points at
+    h/3 and 2h/3, the second reached at order 2, the end using only the last difference (r2 = 2/3 cancels the
+    second-derivative error). Intermediate points are stored as ``m1_*``/``m2_*`` (unused ones repeat t_s)."""
+    tab = points(schedule, t)
+    lam, alpha, sigma = half_lam(schedule, t), tab["alpha"], tab["sigma"]
+    cols: dict[str, list[Tensor]] = {k: [] for k in ("a", "b_s", "b_last", "a1", "p1_s", "a2", "p2_s", "p2_1")}
+    mids: dict[str, list[Tensor]] = {"m1": [], "m2": []}
+    for i, order in enumerate(orders):
+        s, e = lam[:, i], lam[:, i + 1]
+        h = e - s
+        rs = SINGLESTEP_R.get(order, ())
+        t_mid = [schedule.t_of_lam(2.0 * (s + r * h)) for r in rs] + [t[:, i]] * (2 - len(rs))
+        for name, tm in zip(("m1", "m2"), t_mid):
+            mids[name].append(tm)
+        a_mid = [schedule.alpha(tm) for tm in t_mid]
+        s_mid = [schedule.sigma(tm) for tm in t_mid]
+        m = exp_moments(h, 2)
+        cols["a"].append(sigma[:, i + 1] / sigma[:, i])
+        r_last = rs[-1] if rs else 1.0
+        last = m[..., 1] / r_last if rs else torch.zeros_like(h)
+        cols["b_s"].append(alpha[:, i + 1] * (m[..., 0] - last))
+        cols["b_last"].append(alpha[:, i + 1] * last)
+        r1 = rs[0] if rs else 1.0
+        cols["a1"].append(s_mid[0] / sigma[:, i])
+        cols["p1_s"].append(a_mid[0] * exp_moments(r1 * h, 1)[..., 0])
+        cols["a2"].append(s_mid[1] / sigma[:, i])
+        if order == 3:
+            m2 = exp_moments(rs[1] * h, 2)
+            slope = m2[..., 1] * rs[1] / rs[0]
+            cols["p2_s"].append(a_mid[1] * (m2[..., 0] - slope))
+            cols["p2_1"].append(a_mid[1] * slope)
+        else:
+            cols["p2_s"].append(torch.zeros_like(h))
+            cols["p2_1"].append(torch.zeros_like(h))
+    tab.update({k: torch.stack(v, 1) for k, v in cols.items()})
+    for name, ts in mids.items():
+        tab.update(points(schedule, torch.stack(ts, 1), prefix=name + "_"))
+    return tab
+
+
+def dpm_singlestep_step(sampler: Sampler, state: State, i: int, generator: torch.Generator | None) -> State:
+    x, tab = state.x, state.tab
+    order = sampler.orders[i]
+    d, nan_step = _denoised(sampler, state, i)
+    state_ = _with_nan(state, nan_step)
+    last = d
+    if order >= 2:
+        x1 = _inner(sampler, state, _combine(tab, i, a1=x, p1_s=d))
+        last, nan_step = sampler.denoise_at(state_, x1, "m1_", i, step=i)
+        state_ = _with_nan(state, nan_step)
+    if order == 3:
+        x2 = _combine(tab, i, a2=x, p2_s=d, p2_1=last)
+        last, nan_step = sampler.denoise_at(state_, _inner(sampler, state, x2), "m2_", i, step=i)
+    x_next = _combine(tab, i, a=x, b_s=d, b_last=last)
+    return sampler.advance(state, x_next, nan_step=nan_step)
+
+
+def heun_tables(schedule: Schedule, t: Tensor, orders: list[int], options: Mapping[str, Any]) -> Tables:
+    """EDM's Heun in rho: Euler to t_{i+1}, evaluate there, step with the mean of both slopes."""
+    tab = points(schedule, t)
+    rho, alpha = schedule.rho(t), tab["alpha"]
+    tab.update(a=alpha[:, 1:] / alpha[:, :-1], H=alpha[:, 1:] * (rho[:, 1:] - rho[:, :-1]))
+    return tab
+
+
+def heun_step(sampler: Sampler, state: State, i: int, generator: torch.Generator | None) -> State:
+    x, tab = state.x, state.tab
+    d, nan_step = _denoised(sampler, state, i)
+    eps = (x - bcast(_col(tab, "alpha", i), x) * d) / bcast(_col(tab, "sigma", i), x)
+    a, step = bcast(_col(tab, "a", i), x), bcast(_col(tab, "H", i), x)
+    x_euler = a * x + step * eps
+    if sampler.orders[i] == 1:
+        return sampler.advance(state, x_euler, nan_step=nan_step)
+    x_euler = _inner(sampler, state, x_euler)
+    d2, nan_step = sampler.denoise_at(_with_nan(state, nan_step), x_euler, "", i + 1, step=i)
+    eps2 = (x_euler - bcast(_col(tab, "alpha", i + 1), x) * d2) / bcast(_col(tab, "sigma", i + 1), x)
+    return sampler.advance(state, a * x + step * 0.5 * (eps + eps2), nan_step=nan_step)
+
+
+def _inner(sampler: Sampler, state: State, x: Tensor) -> Tensor:
+    """An intermediate state, projected and with padding kept, ready for a model call."""
+    return sampler._keep(sampler.space.project(x, state.mask), state.mask, state.keep)
+
+
+def _with_nan(state: State, nan_step: Tensor) -> State:
+    return replace(state, nan_step=nan_step)
+
+
+# ---------------------------------------------------------------------------------------------- UniPC
+def unipc_tables(schedule: Schedule, t: Tensor, orders: list[int], options: Mapping[str, Any]) -> Tables:
+    """UniPC with B(h) = e^{-h} - 1 (bh2), data prediction (Zhao et al. 2023). Differences
+    Delta_m = (D_m - D_s) / r_m enter as alpha_t M_0 sum_m rho_m Delta_m with sum_m rho_m r_m^j = M_{j+1} / M_0;
+    a one-difference predictor (and the first corrector) use rho = 1/2 as bh2 prescribes. The corrector adds the
+    model value at the predicted point (r = 1), which the next step reuses, so it costs no extra call."""
+    tab = points(schedule, t)
+    lam, alpha, sigma = half_lam(schedule, t), tab["alpha"], tab["sigma"]
+    p = orders[0] if orders else 1
+    a, wp, wc = [], [], []
+    for i in range(len(orders)):
+        k = min(p, i + 1)
+        h = lam[:, i + 1] - lam[:, i]
+        m = exp_moments(h, k + 1)
+        r_prev = [(lam[:, i - j] - lam[:, i]) / h for j in range(1, k)]
+        a.append(sigma[:, i + 1] / sigma[:, i])
+        wp.append(alpha[:, i + 1, None] * _unipc_weights(r_prev, m, new=False))
+        wc.append(alpha[:, i + 1, None] * _unipc_weights(r_prev, m, new=True))
+    tab.update(a=torch.stack(a, 1), wp=_stack(wp, p), wc=_stack(wc, p + 1))
+    return tab
+
+
+def _unipc_weights(r_prev: list[Tensor], m: Tensor, new: bool) -> Tensor:
+    """Weights on [D_new (corrector only), D_s, D_prev1, ...] for difference nodes r (new point: r = 1)."""
+    m0 = m[..., 0]
+    r = ([torch.ones_like(m0)] if new else []) + r_prev
+    if not r:
+        return m0[..., None]
+    nodes = torch.stack(r, -1)
+    if len(r) == 1:
+        rho = torch.full_like(nodes, 0.5)
+    else:
+        rho = vandermonde_weights(nodes, m[..., 1 : len(r) + 1] / m0[..., None])
+    per_node = m0[..., None] * rho / nodes
+    w_s = (m0 - per_node.sum(-1))[..., None]
+    if new:
+        return torch.cat([per_node[..., :1], w_s, per_node[..., 1:]], -1)
+    return torch.cat([w_s, per_node], -1)
+
+
+def unipc_step(sampler: Sampler, state: State, i: int, generator: torch.Generator | None) -> State:
+    x, tab = state.x, state.tab
+    d, nan_step = _denoised(sampler, state, i)
+    hist = (d, *state.hist)
+    wp, wc = tab["wp"][:, i], tab["wc"][:, i]
+    a = bcast(_col(tab, "a", i), x) * x
+    x_pred = a + sum(bcast(wp[:, m], x) * hist[m] for m in range(min(wp.shape[-1], len(hist))))
+    d_new, nan_step = sampler.denoise_at(_with_nan(state, nan_step), _inner(sampler, state, x_pred), "", i + 1)
+    x_next = a + bcast(wc[:, 0], x) * d_new
+    x_next = x_next + sum(bcast(wc[:, m + 1], x) * hist[m] for m in range(min(wc.shape[-1] - 1, len(hist))))
+    return sampler.advance(state, x_next, x0=d_new, hist=hist[: wp.shape[-1] - 1], nan_step=nan_step)
+
+
+# ---------------------------------------------------------------------------------------------- AF3 / EDM churn
+def af3_tables(schedule: Schedule, t: Tensor, orders: list[int], options: Mapping[str, Any]) -> Tables:
+    """AF3 / EDM stochastic sampler in rho: gamma_i = gamma_0 if rho_i > gamma_min else 0,
+    rho_hat = rho_i (1 + gamma_i), y_hat = x_i / alpha_i + noise_scale sqrt(rho_hat^2 - rho_i^2) z,
+    y_{i+1} = y_hat + step_scale (rho_{i+1} - rho_hat) (y_hat - D(y_hat, rho_hat)) / rho_hat."""
+    tab = points(schedule, t)
+    rho, alpha = schedule.rho(t)[:, :-1], tab["alpha"]
+    gamma = torch.where(rho > options["gamma_min"], options["gamma_0"], 0.0)
+    rho_hat = rho * (1.0 + gamma)
+    t_hat = schedule.t_of_lam(-2.0 * torch.log(rho_hat))
+    tab.update(points(schedule, t_hat, prefix="hat_"))
+    tab["hat_t"] = torch.where(gamma > 0, t_hat, t[:, :-1])  # exact grid time when there is no churn
+    k = options["step_scale"] * (schedule.rho(t)[:, 1:] - rho_hat) / rho_hat
+    tab.update(
+        inv_alpha=1.0 / alpha[:, :-1],
+        churn=options["noise_scale"] * torch.sqrt(rho_hat**2 - rho**2),
+        y_coef=alpha[:, 1:] * (1.0 + k),
+        d_coef=-alpha[:, 1:] * k,
+    )
+    return tab
+
+
+def af3_step(sampler: Sampler, state: State, i: int, generator: torch.Generator | None) -> State:
+    x, tab = state.x, state.tab
+    y_hat = _combine(tab, i, inv_alpha=x, churn=sampler.noise(state, generator))
+    x_hat = _inner(sampler, state, bcast(_col(tab, "hat_alpha", i), x) * y_hat)
+    d, nan_step = sampler.denoise_at(state, x_hat, "hat_", i, step=i)
+    x_next = _combine(tab, i, y_coef=y_hat, d_coef=d)
+    return sampler.advance(state, x_next, nan_step=nan_step)
+
+
+# ---------------------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class SolverSpec:
+    """A solver: its coefficient tables, its step, and what it costs."""
+
+    name: str
+    kind: str  # "multistep": one model call per grid point; "singlestep": ``order`` calls per transition
+    tables: Callable[[Schedule, Tensor, list[int], Mapping[str, Any]], Tables]
+    step: Callable[[Sampler, State, int, torch.Generator | None], State]
+    stochastic: bool
+    description: str
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def calls_per_step(self) -> int:
+        return int(self.defaults["order"]) if self.kind == "singlestep" else 1
+
+    def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        unknown = set(options) - set(self.defaults)
+        if unknown:
+            raise ValueError(
+                f"solver {self.name!r} has no option(s) {sorted(unknown)}; it takes {sorted(self.defaults)}"
+            )
+        merged = {**self.defaults, **options}
+        order = merged["order"]
+        if self.name == "ghvb":
+            if not 1.0 <= float(order) <= 2.0:
+                raise ValueError(f"ghvb order must lie in [1, 2], got {order}")
+            merged["order"] = float(order)
+            return merged
+        if int(order) != order or not 1 <= order <= MAX_ORDER[self.name]:
+            raise ValueError(f"solver {self.name!r} supports order 1..{MAX_ORDER[self.name]}, got {order}")
+        merged["order"] = int(order)
+        return merged
+
+
+MAX_ORDER = {
+    "euler": 1, "ddim": 1, "ddpm_ancestral": 1, "euler_maruyama": 1, "af3": 1, "heun": 2, "dpm_solver_2": 2,
+    "dpm_solver_3": 3, "dpmpp_2m": 2, "dpmpp_3m": 3, "dpmpp_2m_sde": 2, "unipc": 3, "deis": 4, "ghvb": 2,
+}
+
+_AF3 = {"order": 1, "gamma_0": 0.8, "gamma_min": 1.0, "noise_scale": 1.003, "step_scale": 1.5}
+
+SOLVERS: dict[str, SolverSpec] = {
+    s.name: s
+    for s in [
+        SolverSpec("euler", "multistep", ab_rho_tables, linear_step("eps", False), False,
+                   "Euler in (x/alpha, sigma/alpha); algebraically identical to DDIM", {"order": 1}),
+        SolverSpec("heun", "singlestep", heun_tables, heun_step, False,
+                   "EDM's Heun (2nd order, 2 calls per step)", {"order": 2}),
+        SolverSpec("ddim", "multistep", exp_multistep_tables(1.0, False), linear_step("x0", False), False,
+                   "DDIM = first-order exponential integrator", {"order": 1}),
+        SolverSpec("dpm_solver_2", "singlestep", dpm_singlestep_tables, dpm_singlestep_step, False,
+                   "DPM-Solver-2, singlestep, data prediction", {"order": 2}),
+        SolverSpec("dpm_solver_3", "singlestep", dpm_singlestep_tables, dpm_singlestep_step, False,
+                   "DPM-Solver-3, singlestep, data prediction", {"order": 3}),
+        SolverSpec("dpmpp_2m", "multistep", exp_multistep_tables(1.0, False), linear_step("x0", False), False,
+                   "DPM-Solver++(2M), exact integration of the linear interpolant", {"order": 2}),
+        SolverSpec("dpmpp_3m", "multistep", exp_multistep_tables(1.0, False), linear_step("x0", False), False,
+                   "DPM-Solver++(3M), exact integration of the quadratic interpolant", {"order": 3}),
+        SolverSpec("unipc", "multistep", unipc_tables, unipc_step, False,
+                   "UniPC bh2 predictor-corrector (order 2 predictor + corrector)", {"order": 2}),
+        SolverSpec("deis", "multistep", ab_rho_tables, linear_step("eps", False), False,
+                   "DEIS rho-AB: Adams-Bashforth on eps in rho (order 3)", {"order": 3}),
+        SolverSpec("ghvb", "multistep", ghvb_tables, ghvb_step, False,
+                   "Generalised heavy-ball momentum on rho-AB (fractional order)", {"order": 1.5}),
+        SolverSpec("euler_maruyama", "multistep", euler_maruyama_tables, linear_step("x0", True), True,
+                   "Euler-Maruyama on the reverse SDE in t", {"order": 1}),
+        SolverSpec("ddpm_ancestral", "multistep", exp_multistep_tables(2.0, True), linear_step("x0", True), True,
+                   "DDPM ancestral sampling (= first-order SDE exponential integrator)", {"order": 1}),
+        SolverSpec("dpmpp_2m_sde", "multistep", exp_multistep_tables(2.0, True), linear_step("x0", True), True,
+                   "DPM-Solver++(2M) SDE", {"order": 2}),
+        SolverSpec("af3", "multistep", af3_tables, af3_step, True,
+                   "AlphaFold 3 / EDM stochastic sampler (churn gamma_0, gamma_min, noise_scale, step_scale)", _AF3),
+    ]
+}
+
+
+def get_solver(name: str) -> SolverSpec:
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; choose one of {sorted(SOLVERS)}")
+    return SOLVERS[name]
