@@ -35,7 +35,7 @@ QM9_SUBSET = ROOT / "data" / "molecules" / "qm9_subset_5000.csv.gz"
 NFES = (3, 5, 8, 10, 20)
 GRIDS = ("logsnr", "time_uniform", "time_quadratic", "karras", "sigmoid")
 # last-evaluation noise levels (as sigma / alpha) tried for every molgen grid
-RHO_MIN = (0.01, 0.03, 0.1, 0.3)
+RHO_MIN = (0.01, 0.03, 0.1, 0.3, 1.0)
 PAIRS = {  # molgen solver -> (diffusers scheduler class name, its constructor arguments)
     "euler": ("EulerDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from molgen.diffusion.grids import get_grid
-from molgen.diffusion.parameterization import check_prediction, to_x0
+from molgen.diffusion.parameterization import check_prediction, x0_coefficients
 from molgen.diffusion.schedules import Schedule, get_schedule
 from molgen.diffusion.spaces import Euclidean, expand_mask
 
@@ -142,11 +142,11 @@ class Sampler:
             self.t_grid = get_grid(self.grid, self.schedule, self.n_steps, **(self.grid_options or {}))[None]
         if self.clip_x0 is not None and self.dynamic_threshold is not None:
             raise ValueError("choose one of clip_x0 and dynamic_threshold")
-        from molgen.diffusion.solvers import points
-
-        no_steps = not self.orders  # a single grid point: just denoise x_T
-        self.tables = (points(self.schedule, self.t_grid) if no_steps
-                       else self.spec.tables(self.schedule, self.t_grid, self.orders, self.options))
+        self.tables = _tables(self.spec.name, self.schedule, self.t_grid, tuple(self.orders), self.options)
+        for prefix in {k[: -len("d_alpha")] for k in self.tables if k.endswith("d_alpha")}:
+            p = {n: self.tables[prefix + n] for n in ("alpha", "sigma", "d_alpha", "d_sigma")}
+            c_x, c_out = x0_coefficients(self.prediction, **p)
+            self.tables.update({prefix + "c_x": c_x, prefix + "c_out": c_out})
 
     @property
     def model_calls(self) -> int:
@@ -160,7 +160,9 @@ class Sampler:
         batch = x_T.shape[0]
         if self.t_grid.shape[0] not in (1, batch):
             raise ValueError(f"per-sample time grid has {self.t_grid.shape[0]} rows for a batch of {batch}")
-        tab = {k: v.to(x_T.device) for k, v in self.tables.items()}
+        # tables in the state's dtype, shaped [B or 1, T, (K,) 1, ...] to broadcast against x without copies
+        trailing = [1] * (x_T.ndim - 1)
+        tab = {k: v.to(x_T.device, x_T.dtype).reshape(*v.shape, *trailing) for k, v in self.tables.items()}
         x = self.space.project(x_T, mask)
         return State(
             x=self._keep(x, mask, x_T), x0=None, hist=(), extra=(), mask=mask, keep=x_T,
@@ -203,17 +205,16 @@ class Sampler:
 
         Returns (x0, nan_step) with non-finite outputs recorded against ``step`` (default j)."""
         tab = state.tab
-        t, alpha, sigma = tab[prefix + "t"][:, j], tab[prefix + "alpha"][:, j], tab[prefix + "sigma"][:, j]
-        d_alpha, d_sigma = tab[prefix + "d_alpha"][:, j], tab[prefix + "d_sigma"][:, j]
-        model_t = t.to(x.dtype).expand(x.shape[0]) if t.shape[0] == 1 else t.to(x.dtype)
-        out = self.model(x, model_t, **state.cond).to(x.dtype)
-        x0 = to_x0(self.prediction, out, x, bcast(alpha, x), bcast(sigma, x), bcast(d_alpha, x), bcast(d_sigma, x))
+        t = tab[prefix + "t"][:, j].reshape(-1).expand(x.shape[0])
+        out = self.model(x, t, **state.cond).to(x.dtype)
+        c_out = tab[prefix + "c_out"][:, j]
+        x0 = out * c_out if self.prediction == "x0" else torch.addcmul(tab[prefix + "c_x"][:, j] * x, c_out, out)
         x0 = self._threshold(x0)
         m = expand_mask(state.mask, x0)
         if m is not None:
             x0 = torch.where(m, x0, torch.zeros_like(x0))
         x0 = self.space.project(x0, state.mask)
-        bad = ~torch.isfinite(x0).flatten(1).all(1)
+        bad = ~torch.isfinite(x0.flatten(1).sum(1))  # one pass; NaN and inf propagate through the sum
         nan_step = torch.where(bad & (state.nan_step < 0), step if step is not None else j, state.nan_step)
         return x0, nan_step
 
@@ -239,6 +240,26 @@ class Sampler:
             s = bcast(s, x0)
             return torch.maximum(torch.minimum(x0, s), -s) / s
         return x0
+
+
+_PLANS: dict[tuple, dict[str, Tensor]] = {}
+
+
+def _tables(solver: str, schedule: Schedule, t_grid: Tensor, orders: tuple[int, ...], options: Mapping) -> dict:
+    """Coefficient tables of a plan, memoised for shared grids (plans are pure functions of their inputs)."""
+    from molgen.diffusion.solvers import get_solver, points
+
+    key = (solver, schedule, tuple(t_grid.flatten().tolist()), orders, tuple(sorted(options.items())))
+    if t_grid.shape[0] > 1 or t_grid.numel() > 2048:
+        key = None
+    if key is not None and key in _PLANS:
+        return dict(_PLANS[key])
+    tables = get_solver(solver).tables(schedule, t_grid, list(orders), options) if orders else points(schedule, t_grid)
+    if key is not None:
+        if len(_PLANS) > 256:
+            _PLANS.clear()
+        _PLANS[key] = tables
+    return dict(tables)
 
 
 def sample(

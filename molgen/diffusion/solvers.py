@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from molgen.diffusion.sampling import Sampler, State, bcast
+from molgen.diffusion.sampling import Sampler, State
 from molgen.diffusion.schedules import Schedule
 
 Tables = dict[str, Tensor]
@@ -75,12 +75,13 @@ def _stack(columns: list[Tensor], width: int) -> Tensor:
 
 
 def _col(tab: Tables, name: str, i: int) -> Tensor:
+    """Column i of a table, shaped to broadcast against the state (``Sampler.init`` shapes the tables)."""
     return tab[name][:, i]
 
 
 def _combine(tab: Tables, i: int, **terms: Tensor) -> Tensor:
     """sum_k tab[k][:, i] * terms[k], the coefficients broadcast over the state."""
-    return sum(bcast(_col(tab, name, i), v) * v for name, v in terms.items())
+    return sum(_col(tab, name, i) * v for name, v in terms.items())
 
 
 # ------------------------------------------------------------------------------------------- linear multistep
@@ -151,15 +152,15 @@ def linear_step(feature: str, stochastic: bool):
     def step(sampler: Sampler, state: State, i: int, generator: torch.Generator | None) -> State:
         x, tab = state.x, state.tab
         d, nan_step = _denoised(sampler, state, i)
-        f = d if feature == "x0" else (x - bcast(_col(tab, "alpha", i), x) * d) / bcast(_col(tab, "sigma", i), x)
+        f = d if feature == "x0" else (x - _col(tab, "alpha", i) * d) / _col(tab, "sigma", i)
         hist = (f, *state.hist)
         w = tab["w"][:, i]
-        x_next = bcast(_col(tab, "a", i), x) * x
-        for m in range(min(w.shape[-1], len(hist))):
-            x_next = x_next + bcast(w[:, m], x) * hist[m]
+        x_next = _col(tab, "a", i) * x
+        for m in range(min(w.shape[1], len(hist))):
+            x_next = x_next + w[:, m] * hist[m]
         if stochastic:
-            x_next = x_next + bcast(_col(tab, "c", i), x) * sampler.noise(state, generator)
-        return sampler.advance(state, x_next, hist=hist[: w.shape[-1] - 1], nan_step=nan_step)
+            x_next = x_next + _col(tab, "c", i) * sampler.noise(state, generator)
+        return sampler.advance(state, x_next, hist=hist[: w.shape[1] - 1], nan_step=nan_step)
 
     return step
 
@@ -188,12 +189,12 @@ def ghvb_tables(schedule: Schedule, t: Tensor, orders: list[int], options: Mappi
 def ghvb_step(sampler: Sampler, state: State, i: int, generator: torch.Generator | None) -> State:
     x, tab = state.x, state.tab
     d, nan_step = _denoised(sampler, state, i)
-    eps = (x - bcast(_col(tab, "alpha", i), x) * d) / bcast(_col(tab, "sigma", i), x)
+    eps = (x - _col(tab, "alpha", i) * d) / _col(tab, "sigma", i)
     beta = sampler.options["order"] - 1.0
     if i == 0:
         slope, velocity = eps, eps
     else:
-        slope = eps + beta * bcast(_col(tab, "ratio", i), x) * (eps - state.extra[0])
+        slope = eps + beta * _col(tab, "ratio", i) * (eps - state.extra[0])
         velocity = (1.0 - beta) * state.extra[0] + beta * eps
     x_next = _combine(tab, i, a=x, H=slope)
     return sampler.advance(state, x_next, extra=(velocity,), nan_step=nan_step)
@@ -272,14 +273,14 @@ def heun_tables(schedule: Schedule, t: Tensor, orders: list[int], options: Mappi
 def heun_step(sampler: Sampler, state: State, i: int, generator: torch.Generator | None) -> State:
     x, tab = state.x, state.tab
     d, nan_step = _denoised(sampler, state, i)
-    eps = (x - bcast(_col(tab, "alpha", i), x) * d) / bcast(_col(tab, "sigma", i), x)
-    a, step = bcast(_col(tab, "a", i), x), bcast(_col(tab, "H", i), x)
+    eps = (x - _col(tab, "alpha", i) * d) / _col(tab, "sigma", i)
+    a, step = _col(tab, "a", i), _col(tab, "H", i)
     x_euler = a * x + step * eps
     if sampler.orders[i] == 1:
         return sampler.advance(state, x_euler, nan_step=nan_step)
     x_euler = _inner(sampler, state, x_euler)
     d2, nan_step = sampler.denoise_at(_with_nan(state, nan_step), x_euler, "", i + 1, step=i)
-    eps2 = (x_euler - bcast(_col(tab, "alpha", i + 1), x) * d2) / bcast(_col(tab, "sigma", i + 1), x)
+    eps2 = (x_euler - _col(tab, "alpha", i + 1) * d2) / _col(tab, "sigma", i + 1)
     return sampler.advance(state, a * x + step * 0.5 * (eps + eps2), nan_step=nan_step)
 
 
@@ -337,12 +338,12 @@ def unipc_step(sampler: Sampler, state: State, i: int, generator: torch.Generato
     d, nan_step = _denoised(sampler, state, i)
     hist = (d, *state.hist)
     wp, wc = tab["wp"][:, i], tab["wc"][:, i]
-    a = bcast(_col(tab, "a", i), x) * x
-    x_pred = a + sum(bcast(wp[:, m], x) * hist[m] for m in range(min(wp.shape[-1], len(hist))))
+    a = _col(tab, "a", i) * x
+    x_pred = a + sum(wp[:, m] * hist[m] for m in range(min(wp.shape[1], len(hist))))
     d_new, nan_step = sampler.denoise_at(_with_nan(state, nan_step), _inner(sampler, state, x_pred), "", i + 1)
-    x_next = a + bcast(wc[:, 0], x) * d_new
-    x_next = x_next + sum(bcast(wc[:, m + 1], x) * hist[m] for m in range(min(wc.shape[-1] - 1, len(hist))))
-    return sampler.advance(state, x_next, x0=d_new, hist=hist[: wp.shape[-1] - 1], nan_step=nan_step)
+    x_next = a + wc[:, 0] * d_new
+    x_next = x_next + sum(wc[:, m + 1] * hist[m] for m in range(min(wc.shape[1] - 1, len(hist))))
+    return sampler.advance(state, x_next, x0=d_new, hist=hist[: wp.shape[1] - 1], nan_step=nan_step)
 
 
 # ---------------------------------------------------------------------------------------------- AF3 / EDM churn
@@ -370,7 +371,7 @@ def af3_tables(schedule: Schedule, t: Tensor, orders: list[int], options: Mappin
 def af3_step(sampler: Sampler, state: State, i: int, generator: torch.Generator | None) -> State:
     x, tab = state.x, state.tab
     y_hat = _combine(tab, i, inv_alpha=x, churn=sampler.noise(state, generator))
-    x_hat = _inner(sampler, state, bcast(_col(tab, "hat_alpha", i), x) * y_hat)
+    x_hat = _inner(sampler, state, _col(tab, "hat_alpha", i) * y_hat)
     d, nan_step = sampler.denoise_at(state, x_hat, "hat_", i, step=i)
     x_next = _combine(tab, i, y_coef=y_hat, d_coef=d)
     return sampler.advance(state, x_next, nan_step=nan_step)
