@@ -112,6 +112,8 @@ class Sampler:
     grid_options: Mapping[str, Any] | None = None
     clip_x0: float | None = None
     dynamic_threshold: float | None = None
+    autocast: torch.dtype | None = None  # e.g. torch.bfloat16: the model runs under autocast, the state does not
+    compile: bool | str = False  # torch.compile the model (True: inductor, or a backend name); the loop stays eager
     n_steps: int = field(init=False)
     orders: list[int] = field(init=False)
 
@@ -126,6 +128,9 @@ class Sampler:
         if pred is None:
             raise ValueError("the model declares no prediction (x0, eps, v, velocity): pass prediction=")
         self.prediction = check_prediction(pred)
+        if self.compile:
+            backend = self.compile if isinstance(self.compile, str) else "inductor"
+            self.model = torch.compile(self.model, backend=backend)
         if isinstance(self.grid, Tensor):
             grid = self.grid.to(torch.float64)
             self.t_grid = grid.reshape(grid.shape[0], -1).T.contiguous()  # [n] or [n, B] -> [1 or B, n]
@@ -206,7 +211,12 @@ class Sampler:
         Returns (x0, nan_step) with non-finite outputs recorded against ``step`` (default j)."""
         tab = state.tab
         t = tab[prefix + "t"][:, j].reshape(-1).expand(x.shape[0])
-        out = self.model(x, t, **state.cond).to(x.dtype)
+        if self.autocast is None:
+            out = self.model(x, t, **state.cond)
+        else:
+            with torch.autocast(x.device.type, dtype=self.autocast):
+                out = self.model(x, t, **state.cond)
+        out = out.to(x.dtype)
         c_out = tab[prefix + "c_out"][:, j]
         x0 = out * c_out if self.prediction == "x0" else torch.addcmul(tab[prefix + "c_x"][:, j] * x, c_out, out)
         x0 = self._threshold(x0)
@@ -281,6 +291,8 @@ def sample(
     grid_options: Mapping[str, Any] | None = None,
     clip_x0: float | None = None,
     dynamic_threshold: float | None = None,
+    autocast: torch.dtype | None = None,
+    compile: bool | str = False,
 ) -> Tensor:
     """Denoise ``x_T`` (drawn at the schedule's ``t_max``) with ``solver`` on a time ``grid``.
 
@@ -291,7 +303,7 @@ def sample(
     sampler = Sampler(
         model, schedule, solver, steps=steps, nfe=nfe, grid=grid, space=space, prediction=prediction,
         solver_options=solver_options, grid_options=grid_options, clip_x0=clip_x0,
-        dynamic_threshold=dynamic_threshold,
+        dynamic_threshold=dynamic_threshold, autocast=autocast, compile=compile,
     )
     state = sampler.run(sampler.init(x_T, mask=mask, cond=cond), generator, callback)
     return sampler.finish(state)
