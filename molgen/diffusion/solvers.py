@@ -152,17 +152,23 @@ def linear_step(feature: str, stochastic: bool):
     def step(sampler: Sampler, state: State, i: int, generator: torch.Generator | None) -> State:
         x, tab = state.x, state.tab
         d, nan_step = _denoised(sampler, state, i)
-        f = d if feature == "x0" else (x - _col(tab, "alpha", i) * d) / _col(tab, "sigma", i)
+        f = d if feature == "x0" else _eps(tab, i, x, d)
         hist = (f, *state.hist)
         w = tab["w"][:, i]
-        x_next = _col(tab, "a", i) * x
+        x_next = _col(tab, "a", i) * x  # a fresh tensor: the in-place updates below touch nothing else
         for m in range(min(w.shape[1], len(hist))):
-            x_next = x_next + w[:, m] * hist[m]
+            x_next.addcmul_(w[:, m], hist[m])
         if stochastic:
-            x_next = x_next + _col(tab, "c", i) * sampler.noise(state, generator)
+            x_next.addcmul_(_col(tab, "c", i), sampler.noise(state, generator))
         return sampler.advance(state, x_next, hist=hist[: w.shape[1] - 1], nan_step=nan_step)
 
     return step
+
+
+def _eps(tab: Tables, i: int, x: Tensor, d: Tensor) -> Tensor:
+    """eps = (x - alpha D) / sigma at grid point i."""
+    alpha, sigma = _col(tab, "alpha", i), _col(tab, "sigma", i)
+    return torch.addcmul(x / sigma, d, -alpha / sigma)
 
 
 def _denoised(sampler: Sampler, state: State, i: int) -> tuple[Tensor, Tensor]:
@@ -189,7 +195,7 @@ def ghvb_tables(schedule: Schedule, t: Tensor, orders: list[int], options: Mappi
 def ghvb_step(sampler: Sampler, state: State, i: int, generator: torch.Generator | None) -> State:
     x, tab = state.x, state.tab
     d, nan_step = _denoised(sampler, state, i)
-    eps = (x - _col(tab, "alpha", i) * d) / _col(tab, "sigma", i)
+    eps = _eps(tab, i, x, d)
     beta = sampler.options["order"] - 1.0
     if i == 0:
         slope, velocity = eps, eps
@@ -273,14 +279,14 @@ def heun_tables(schedule: Schedule, t: Tensor, orders: list[int], options: Mappi
 def heun_step(sampler: Sampler, state: State, i: int, generator: torch.Generator | None) -> State:
     x, tab = state.x, state.tab
     d, nan_step = _denoised(sampler, state, i)
-    eps = (x - _col(tab, "alpha", i) * d) / _col(tab, "sigma", i)
+    eps = _eps(tab, i, x, d)
     a, step = _col(tab, "a", i), _col(tab, "H", i)
     x_euler = a * x + step * eps
     if sampler.orders[i] == 1:
         return sampler.advance(state, x_euler, nan_step=nan_step)
     x_euler = _inner(sampler, state, x_euler)
     d2, nan_step = sampler.denoise_at(_with_nan(state, nan_step), x_euler, "", i + 1, step=i)
-    eps2 = (x_euler - _col(tab, "alpha", i + 1) * d2) / _col(tab, "sigma", i + 1)
+    eps2 = _eps(tab, i + 1, x_euler, d2)
     return sampler.advance(state, a * x + step * 0.5 * (eps + eps2), nan_step=nan_step)
 
 
