@@ -1,1 +1,16 @@
-"""Guidance without gradients: SMC, Feynman-Kac correctors, SVDD, baselines and rewards."""
+"""Guidance without gradients: SMC, Feynman-Kac correctors, SVDD, baselines and rewards.
+
+Steer a pretrained diffusion model toward a reward it was never trained on, at a known model-call cost,
+on the engine's step-level interface (``molgen.diffusion.Sampler`` or the masked ``DiscreteSampler``):
+
+    from guidance.svdd import svdd_sample          # M children per step, keep one by softmax(value / alpha)
+    from guidance.fk import fk_sample, Tilt, anneal, product, cfg   # FK steering and FK correctors
+    from guidance.baselines import best_of_n, dps_sample
+    from guidance.rewards import parse_reward      # "qed", "rna_mfe", "rna_target:((..))", "jaspar:MA0114.4"
+
+    res = svdd_sample(sampler, x_T, parse_reward("quadratic:c=1"), candidates=4, alpha=0.0)
+    res.samples, res.rewards, res.model_calls, res.summary()
+
+Modules: ``smc`` (weights, ESS, resampling), ``engine`` (continuous / discrete step adapter), ``fk``,
+``svdd``, ``baselines``, ``rewards``, ``core`` (accounting, results).
+"""

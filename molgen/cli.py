@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
-# modality name -> module that holds its command hooks
-MODALITIES: dict[str, str] = {
+_MODALITY_MODULES = {
     "molecules": "molgen.molecules.cli",
     "rna": "molgen.sequences.cli",
     "dna": "molgen.sequences.cli",
     "backbones": "structure.cli",
 }
-VERBS = ("sample", "evaluate", "train")
+# verb -> modality -> module that defines add_<verb>/run_<verb>
+COMMANDS: dict[str, dict[str, str]] = {
+    "sample": _MODALITY_MODULES,
+    "evaluate": {**_MODALITY_MODULES, "sequences": "molgen.sequences.cli"},
+    "train": _MODALITY_MODULES,
+    "guide": dict.fromkeys(_MODALITY_MODULES, "guidance.cli"),
+}
 
 
 def _hooks(module_name: str):
@@ -33,10 +39,10 @@ def _hooks(module_name: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="molgen", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for verb in VERBS:
+    for verb, modules in COMMANDS.items():
         verb_parser = commands.add_parser(verb, help=f"{verb} for one modality")
         per_modality = verb_parser.add_subparsers(dest="modality", required=True, metavar="MODALITY")
-        for modality, module_name in MODALITIES.items():
+        for modality, module_name in modules.items():
             module = _hooks(module_name)
             add = getattr(module, f"add_{verb}", None) if module else None
             if add is None:
@@ -44,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub = per_modality.add_parser(modality, help=f"{verb} {modality}")
             add(sub, modality)
             sub.set_defaults(run=getattr(module, f"run_{verb}"))
+    _add_generate(commands)
     bench = commands.add_parser("bench", help="run a benchmark script from benchmarks/")
     bench.add_argument("name", help="samplers, molecules, sequences, structure, guidance, generation, gpu")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
@@ -60,6 +67,45 @@ def _run_bench(args: argparse.Namespace) -> int:
         raise SystemExit(f"molgen bench: no benchmark named {args.name!r} ({script} does not exist)")
     sys.argv = [str(script), *args.rest]
     runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def _add_generate(commands: argparse._SubParsersAction) -> None:
+    gen = commands.add_parser("generate", help="batch generation in resumable shards (Lightning, multi-GPU/node)")
+    gen.add_argument("--config", help="YAML file with the keys below (command-line values win)")
+    gen.add_argument("--modality", choices=["molecules", "rna", "dna", "backbones"])
+    gen.add_argument("--n", type=int)
+    gen.add_argument("--shard-size", dest="shard_size", type=int)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--solver")
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--length", type=int, help="sequence / backbone length (default: drawn from the data)")
+    gen.add_argument("--checkpoint", help="model checkpoint (default: the shipped one)")
+    gen.add_argument("--out")
+    gen.add_argument("--accelerator", default="cpu", help="cpu, gpu or auto")
+    gen.add_argument("--devices", default="1", help="devices per node (an integer or 'auto')")
+    gen.add_argument("--num-nodes", dest="num_nodes", type=int, default=1)
+    gen.add_argument("--overwrite", action="store_true", help="reuse an --out written by another configuration")
+    gen.set_defaults(run=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from molgen.generation import GenerationConfig, iter_config_file, run_generation
+
+    values = dict(iter_config_file(args.config)) if args.config else {}
+    where = args.config or "command line"
+    for key in ("modality", "n", "shard_size", "seed", "solver", "steps", "length", "checkpoint", "out"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    for key in ("modality", "n"):
+        if key not in values:
+            raise ValueError(f"generate needs --{key} (or '{key}:' in the config)")
+    config = GenerationConfig.from_mapping(values, where)
+    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    store = run_generation(config, accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes,
+                           overwrite=args.overwrite)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        print(f"{config.n} {config.modality} samples in {config.n_shards} shards under {store.root}")
     return 0
 
 

@@ -1,0 +1,132 @@
+"""One step-level view of the continuous and the masked-discrete samplers, for SVDD and FK tilting.
+
+    engine = as_engine(sampler)              # molgen.diffusion.Sampler or discrete.DiscreteSampler
+    st = engine.init(x_T, mask, cond)
+    st, x0 = engine.estimate(st, i)          # one model call per row; the estimate is cached in the state
+    st = engine.step(st, i, generator)       # reuses the cached estimate: no model call
+    st = engine.select(st, index)            # resampling / replication
+    x = engine.finish(st)                    # the cached estimate at the last grid point (or one more call)
+
+``engine.rows`` counts model evaluations per sample row. For masked diffusion the denoised estimate is the
+argmax of p(x0 | x_t) at masked positions (unmasked tokens kept), and the cache is ``log p(x0 | x_t)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from guidance.core import CACHE_SOLVERS, counted
+from molgen.diffusion import Sampler, select
+
+
+class ContinuousEngine:
+    def __init__(self, sampler: Sampler) -> None:
+        if sampler.solver not in CACHE_SOLVERS:
+            raise ValueError(
+                f"guidance needs a stochastic solver that reuses the cached denoiser output, one of "
+                f"{CACHE_SOLVERS}; got {sampler.solver!r}"
+            )
+        self.sampler = sampler
+        self.run, self.counter = counted(sampler)
+
+    @property
+    def n_steps(self) -> int:
+        return self.run.n_steps
+
+    @property
+    def rows(self) -> int:
+        return self.counter.rows * getattr(self.sampler.model, "calls_per_row", 1)
+
+    @property
+    def batches(self) -> int:
+        return self.counter.batches
+
+    def init(self, x_T: Tensor, mask: Tensor | None = None, cond: Mapping[str, Tensor] | None = None) -> Any:
+        return self.run.init(x_T, mask=mask, cond=cond)
+
+    def estimate(self, st: Any, i: int) -> tuple[Any, Tensor]:
+        x0, nan_step = self.run.denoise_at(st, st.x, "", i)
+        return replace(st, x0=x0, nan_step=nan_step), x0
+
+    def step(self, st: Any, i: int, generator: torch.Generator | None) -> Any:
+        return self.run.step(st, i, generator)
+
+    def select(self, st: Any, index: Tensor) -> Any:
+        return select(st, index)
+
+    def finish(self, st: Any) -> Tensor:
+        return self.run.finish(st)
+
+    def time(self, st: Any, i: int) -> Tensor:
+        return st.tab["t"][:, i].reshape(-1).expand(st.batch)
+
+
+class DiscreteEngine:
+    """Masked diffusion (``molgen.diffusion.discrete.DiscreteSampler``) on its time grid; the transition
+    is the sampler's own (ancestral, cached_ancestral, tau_leaping, remdm), run from the cached log p(x0|x_t)."""
+
+    def __init__(self, sampler: Any) -> None:
+        if sampler.solver == "first_hitting":
+            raise ValueError("guidance supports the grid-based discrete samplers, not 'first_hitting'")
+        self.sampler = sampler
+        self.rows = 0
+        self.batches = 0
+
+    @property
+    def n_steps(self) -> int:
+        return self.sampler.n_steps
+
+    def init(self, x_T: Tensor, mask: Tensor | None = None, cond: Mapping[str, Tensor] | None = None) -> Any:
+        if mask is not None:
+            raise ValueError("masked diffusion marks padding with pad tokens, not a mask")
+        return self.sampler.init(x_T, cond)
+
+    def estimate(self, st: Any, i: int) -> tuple[Any, Tensor]:
+        if i == self.n_steps - 1:  # t = 0: every token is a letter, the estimate is the state itself
+            return st, st.x
+        proc = self.sampler.process
+        self.rows += st.x.shape[0]
+        self.batches += 1
+        log_p0 = proc.log_probs(self.sampler.model(st.x, st.t, **st.cond), st.x)
+        st = replace(st, log_p0=log_p0, stale=torch.zeros(st.x.shape[0], dtype=torch.bool, device=st.x.device),
+                     nfe=st.nfe + 1, rows_evaluated=st.rows_evaluated + st.x.shape[0])
+        return st, self.denoised(st)
+
+    def denoised(self, st: Any) -> Tensor:
+        best = st.log_p0.argmax(-1)
+        return torch.where(st.x == self.sampler.process.mask_id, best, st.x)
+
+    def step(self, st: Any, i: int, generator: torch.Generator | None) -> Any:
+        if st.log_p0 is None or bool(st.stale.any()):
+            st, _ = self.estimate(st, i)
+        s = torch.full_like(st.t, float(self.sampler.grid[i + 1]))
+        x = self.sampler.spec.transition(self.sampler.process, st, s, generator, self.sampler.options)
+        return replace(st, x=x, t=s, stale=(x != st.x).any(-1))
+
+    def select(self, st: Any, index: Tensor) -> Any:
+        batch = st.x.shape[0]
+
+        def pick(v: Any) -> Any:
+            return v.index_select(0, index) if isinstance(v, Tensor) and v.shape[:1] == (batch,) else v
+
+        return replace(st, x=pick(st.x), t=pick(st.t), log_p0=pick(st.log_p0), stale=pick(st.stale),
+                       cond={k: pick(v) for k, v in st.cond.items()})
+
+    def finish(self, st: Any) -> Tensor:
+        return self.sampler.finish(st)
+
+    def time(self, st: Any, i: int) -> Tensor:
+        return st.t
+
+
+def as_engine(sampler: Any) -> ContinuousEngine | DiscreteEngine:
+    if isinstance(sampler, Sampler):
+        return ContinuousEngine(sampler)
+    if hasattr(sampler, "process") and hasattr(sampler, "grid"):
+        return DiscreteEngine(sampler)
+    raise ValueError(f"not a sampler: {type(sampler).__name__} (expected a molgen Sampler or DiscreteSampler)")

@@ -1,0 +1,194 @@
+"""``molgen train|sample|evaluate rna|dna`` hooks (the same module serves both modalities)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from molgen.sequences.io import write_fasta
+
+MAX_LENGTH = {"rna": 128, "dna": 200}
+DATA_NOTE = {
+    "rna": "Rfam 14.2 seed sequences (rna/rfam14.2_seed_sequences.fasta.gz), <= 128 nt, A/C/G/U only; "
+    "5% held out by a hash of the record name",
+    "dna": "iEnhancer-2L layer 1 (dna/iEnhancer_layer1_{enhancer,non}.cv.txt) 200 bp, labels enhancer / "
+    "non-enhancer; held-out = the independent set minus sequences also in the cv set",
+}
+
+
+# --------------------------------------------------------------------------------------------- train
+def add_train(parser: argparse.ArgumentParser, modality: str) -> None:
+    parser.add_argument(
+        "--data", default=None, help="data path holding rna/ and dna/ (default ../shared/data)"
+    )
+    parser.add_argument(
+        "--out", default=f"runs/sequences/{modality}", help="run folder (resumes from last.ckpt)"
+    )
+    parser.add_argument("--export", default=None, help="shipped checkpoint path (default data/sequences/...)")
+    parser.add_argument(
+        "--max-minutes", type=float, default=30.0, help="training time budget over all resumes"
+    )
+    parser.add_argument("--max-steps", type=int, default=100_000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--d-model", type=int, default=96)
+    parser.add_argument("--layers", type=int, default=1, help="attention layers after the convs")
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--d-ff", type=int, default=192)
+    parser.add_argument("--conv-dilations", default="1,2,4,8", help="dilated conv blocks before attention")
+    parser.add_argument("--schedule", default="loglinear", choices=["loglinear", "cosine"])
+    parser.add_argument("--unconditional", action="store_true", help="DNA: ignore the enhancer labels")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--val-every", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from molgen.checkpoints import hardware, save_checkpoint
+    from molgen.sequences.data import LengthDistribution, load_dataset, resolve_data_root
+    from molgen.sequences.model import DenoiserConfig, n_parameters
+    from molgen.sequences.pretrained import default_checkpoint, load_pretrained
+    from molgen.sequences.training import MaskedDiffusionModule, fit, heldout_bits_per_token, loaders
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    modality = args.modality
+    root = resolve_data_root(args.data)
+    train, test = load_dataset(modality, root, "train"), load_dataset(modality, root, "test")
+    alphabet, max_len = train.alphabet, MAX_LENGTH[modality]
+    conditional = train.labels is not None and not args.unconditional
+    labels = (torch.tensor(train.labels), torch.tensor(test.labels)) if conditional else (None, None)
+    cfg = DenoiserConfig(
+        n_tokens=alphabet.size,
+        vocab_size=alphabet.vocab_size,
+        pad_id=alphabet.pad_id,
+        max_length=max_len,
+        d_model=args.d_model,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        d_ff=args.d_ff,
+        n_classes=len(train.label_names) if conditional else 0,
+        conv_dilations=tuple(int(d) for d in args.conv_dilations.split(",") if d),
+    )
+    module = MaskedDiffusionModule(cfg.to_dict(), alphabet.mask_id, args.schedule, lr=args.lr)
+    print(
+        f"{modality}: {len(train)} train / {len(test)} held-out sequences; "
+        f"{n_parameters(module.net)} parameters",
+        flush=True,
+    )
+    train_dl, val_dl = loaders(
+        train.tokens(max_len), labels[0], test.tokens(max_len), labels[1], args.batch_size, args.seed
+    )
+    stats = fit(module, train_dl, val_dl, Path(args.out), args.max_minutes, args.max_steps, args.val_every)
+
+    export = Path(args.export) if args.export else default_checkpoint(modality)
+    config = {
+        "modality": modality,
+        "alphabet": modality,
+        "denoiser": cfg.to_dict(),
+        "schedule": args.schedule,
+        "length_distribution": LengthDistribution.from_lengths(train.lengths).to_dict(),
+        "label_names": list(train.label_names) if conditional else [],
+        "p_uncond": 0.1,
+    }
+    provenance = {
+        "command": "molgen train " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index(modality) :])
+        if modality in sys.argv
+        else " ".join(sys.argv),
+        "data": DATA_NOTE[modality],
+        "n_train": len(train),
+        "n_heldout": len(test),
+        "hardware": hardware(),
+        "threads": args.threads,
+        "parameters": n_parameters(module.net),
+        **stats,
+    }
+    x0 = test.tokens(max_len)
+    cond = {"labels": torch.tensor(test.labels)} if conditional else {}
+    bits = {  # held-out NELBO of the EMA and the raw weights; the better one is shipped
+        name: heldout_bits_per_token(net.eval(), module.process, x0, cond, n_t=4)
+        for name, net in (("ema", module.ema), ("raw", module.net))
+    }
+    best = min(bits, key=bits.get)
+    provenance["weights"] = "EMA (decay 0.999)" if best == "ema" else "raw (last step)"
+    provenance["metrics"] = {
+        "heldout_bits_per_token": round(bits[best], 4),
+        "heldout_nelbo_n_t": 4,
+        "heldout_bits_per_token_ema_vs_raw": {k: round(v, 4) for k, v in bits.items()},
+    }
+    weights = (module.ema if best == "ema" else module.net).state_dict()
+    save_checkpoint(export, weights, config, provenance=provenance)
+    load_pretrained(export)  # the shipped file loads
+    print(json.dumps({"export": str(export), **provenance}, indent=1), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- sample
+def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
+    from molgen.diffusion.discrete import DISCRETE_SAMPLERS
+
+    parser.add_argument("--n", type=int, default=16, help="number of sequences")
+    parser.add_argument("--length", type=int, default=None, help="fixed length (default: data length law)")
+    parser.add_argument("--solver", default="cached_ancestral", choices=sorted(DISCRETE_SAMPLERS))
+    parser.add_argument("--steps", type=int, default=32, help="sampler steps (model calls at most)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="output FASTA")
+    parser.add_argument("--condition", default=None, help="label, e.g. enhancer / non-enhancer (DNA model)")
+    parser.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance weight w")
+    parser.add_argument("--eta", type=float, default=0.02, help="ReMDM remasking strength")
+    parser.add_argument("--checkpoint", default=None, help=f"default data/sequences/{modality}_default.pt")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="cpu")
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from molgen.sequences.pretrained import default_checkpoint, load_pretrained
+    from molgen.sequences.sampling import generate
+
+    pre = load_pretrained(args.checkpoint or default_checkpoint(args.modality), args.device)
+    start = time.perf_counter()
+    records = generate(
+        pre,
+        args.n,
+        args.solver,
+        args.steps,
+        args.seed,
+        length=args.length,
+        condition=args.condition,
+        guidance_scale=args.guidance_scale,
+        options={"eta": args.eta},
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    write_fasta(args.out, records)
+    wall = time.perf_counter() - start
+    print(f"wrote {len(records)} sequences to {args.out} ({args.solver}, {args.steps} steps, {wall:.1f} s)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- evaluate
+def add_evaluate(parser: argparse.ArgumentParser, modality: str) -> None:
+    parser.add_argument("file", help="FASTA or plain sequences to evaluate")
+    reference = {"required": True} if modality == "sequences" else {"default": modality}
+    parser.add_argument("--reference", **reference, help="rna, dna or a FASTA of natural sequences")
+    parser.add_argument("--json", default=None, help="write the figures to this JSON file")
+    parser.add_argument("--no-nll", action="store_true", help="skip the model NLL of the samples")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from molgen.sequences.evaluate import evaluate_fasta
+
+    torch.set_num_threads(1)
+    result = evaluate_fasta(args.file, args.reference, nll=not args.no_nll)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0

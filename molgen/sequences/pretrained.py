@@ -1,0 +1,55 @@
+"""Shipped sequence checkpoints: paths, loading and the model/process pair they define."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from molgen.checkpoints import load_checkpoint
+from molgen.diffusion.discrete import MaskedDiffusion
+from molgen.sequences.alphabets import Alphabet, get_alphabet
+from molgen.sequences.data import REPO_ROOT, LengthDistribution
+from molgen.sequences.model import DenoiserConfig, SequenceDenoiser
+from molgen.sequences.training import build_process
+
+SHIPPED_DIR = REPO_ROOT / "data" / "sequences"
+
+
+def default_checkpoint(modality: str) -> Path:
+    if modality not in ("rna", "dna"):
+        raise ValueError(f"no default checkpoint for modality {modality!r}; choose rna or dna")
+    return SHIPPED_DIR / f"{modality}_default.pt"
+
+
+@dataclass
+class Pretrained:
+    model: SequenceDenoiser
+    process: MaskedDiffusion
+    alphabet: Alphabet
+    lengths: LengthDistribution
+    label_names: tuple[str, ...]
+    card: dict
+
+    def label_id(self, name: str) -> int:
+        """Index of a condition label; an unknown label raises listing the known ones."""
+        if name not in self.label_names:
+            known = ", ".join(self.label_names) or "none (unconditional model)"
+            raise ValueError(f"unknown condition label {name!r}; this model knows: {known}")
+        return self.label_names.index(name)
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
+    """Build the denoiser and process from a checkpoint written by ``molgen train rna|dna``."""
+    state, card = load_checkpoint(path, map_location=device)
+    cfg = card["config"]
+    model = SequenceDenoiser(DenoiserConfig(**cfg["denoiser"]))
+    model.load_state_dict(state)
+    model.eval().to(device)
+    alphabet = get_alphabet(cfg["alphabet"])
+    process = build_process(
+        alphabet.size, alphabet.pad_id, alphabet.mask_id, cfg.get("schedule", "loglinear")
+    )
+    lengths = LengthDistribution.from_dict(cfg["length_distribution"])
+    return Pretrained(model, process, alphabet, lengths, tuple(cfg.get("label_names", ())), card)

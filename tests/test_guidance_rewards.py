@@ -1,0 +1,84 @@
+"""Concrete rewards on known inputs, per-sample failure isolation, the process pool and its timeout."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from guidance.rewards import Reward, parse_reward
+
+
+def test_molecule_rewards_known_values():
+    pytest.importorskip("rdkit")
+    qed = parse_reward("qed")
+    out = qed(["CCO", "c1ccccc1O", "not a smiles"])
+    assert out[0].item() == pytest.approx(0.4068, abs=1e-3)  # RDKit's QED of ethanol
+    assert out[2].item() == 0.0 and qed.stats.failures == 1
+    assert parse_reward("validity")(["CCO", "C1CC"]).tolist() == [1.0, 0.0]
+    sa = parse_reward("sa")(["CCO", "CC12CC3(C)CC(C1)C2C3"])
+    assert 0.0 < sa[1].item() < sa[0].item() <= 1.0  # a bridged polycycle is harder than ethanol
+    assert parse_reward("logp:target=1")(["CCO"]).item() == pytest.approx(-abs(-0.0014 - 1.0), abs=1e-3)
+    assert parse_reward("ring_penalty")(["C1CCCCCCC1", "C1CCCCC1"]).tolist() == [-1.0, 0.0]
+
+
+def test_rna_rewards_known_values_and_bad_targets():
+    pytest.importorskip("RNA")
+    mfe = parse_reward("rna_mfe")(["GGGGAAAACCCC", "AAAAAAAAAAAA"])
+    assert mfe.tolist() == pytest.approx([5.4, 0.0], abs=1e-4)  # ViennaRNA 2.x, Turner 2004
+    target = parse_reward("rna_target:((((....))))")
+    out = target(["GGGGAAAACCCC", "AAAAAAAAAAAA", "GGG", "GGGGAAAACCCX"])
+    assert out.tolist() == pytest.approx([0.0, -4 / 12, -1.0, -1.0])
+    assert target.stats.failures == 2 and "position 11" in target.stats.last_error
+    with pytest.raises(ValueError, match="unmatched"):
+        parse_reward("rna_target:((..")
+    with pytest.raises(ValueError, match="position 1"):
+        parse_reward("rna_target:(x)")
+
+
+def test_dna_rewards_known_values():
+    assert parse_reward("gc")(["GGCC", "ATAT", "GCAT"]).tolist() == [1.0, 0.0, 0.5]
+    assert parse_reward("gc:target=0.5")(["GGCA"]).tolist() == [-0.25]
+    pytest.importorskip("pyjaspar")
+    motif = parse_reward("jaspar:MA0114.4")  # HNF4A
+    pwm = motif.pwm
+    consensus = "".join("ACGT"[j] for j in pwm.argmax(0))
+    rc = consensus[::-1].translate(str.maketrans("ACGT", "TGCA"))
+    out = motif(["AAAA" + consensus + "TTTT", "AAAA" + rc + "TTTT", "ACGT"])
+    assert out[:2].tolist() == pytest.approx([1.0, 1.0])  # the consensus scores the maximum on either strand
+    assert out[2].item() == 0.0 and motif.stats.failures == 1
+    with pytest.raises(ValueError, match="unknown JASPAR"):
+        parse_reward("jaspar:MA9999.9")
+
+
+@dataclass
+class Sleepy(Reward):
+    """Picklable per-sample reward for the pool test: negative inputs hang, 'x' raises."""
+
+    def score_one(self, sample):
+        if sample == "x":
+            raise RuntimeError("bad sample")
+        if float(sample) < 0:
+            time.sleep(3.0)
+        return float(sample)
+
+
+def test_process_pool_timeout_and_failures_are_per_sample():
+    reward = Sleepy(name="sleepy", penalty=-9.0, workers=2, timeout=1.0)
+    try:
+        out = reward(["1.5", "-1", "x", "2"])
+    finally:
+        reward.close()
+    assert out.tolist() == [1.5, -9.0, -9.0, 2.0]
+    assert reward.stats.timeouts == 1 and reward.stats.failures == 1 and reward.stats.samples == 4
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float64
+
+
+def test_weighted_sum_of_rewards():
+    r = parse_reward("gc+0.5*gc:target=0.5")
+    assert r(["GGCC", "ATAT"]).tolist() == pytest.approx([1.0 - 0.25, 0.0 - 0.25])
+    assert r.penalty == pytest.approx(-1.5)
+    with pytest.raises(ValueError, match="unknown reward"):
+        parse_reward("gc+2*nope")
