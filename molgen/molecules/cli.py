@@ -1,0 +1,137 @@
+"""``molgen sample|evaluate|train molecules`` hooks (discovered by ``molgen.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from molgen.molecules.data import MAX_ATOMS
+
+
+def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
+    parser.add_argument("--n", type=int, default=100, help="number of molecules")
+    parser.add_argument("--solver", default="dpmpp_2m", help="any engine solver (molgen.diffusion.SOLVERS)")
+    parser.add_argument("--steps", type=int, default=10, help="grid points = model calls for multistep solvers")
+    parser.add_argument("--grid", default="logsnr", help="time grid (molgen.diffusion.GRIDS)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="output .sdf or .xyz")
+    parser.add_argument("--checkpoint", default=None, help="default: the shipped data/molecules/qm9_egnn.pt")
+    parser.add_argument(
+        "--atoms",
+        type=int,
+        default=None,
+        help=f"atoms per molecule (1-{MAX_ATOMS}); default: drawn from the training histogram",
+    )
+    parser.add_argument(
+        "--condition",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="property condition, e.g. gap=0.25 (Hartree); repeatable",
+    )
+    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
+def parse_conditions(items: list[str]) -> dict[str, float]:
+    """["gap=0.25"] -> {"gap": 0.25}."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--condition {item!r}: expected NAME=VALUE, e.g. gap=0.25")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--condition {item!r}: {value!r} is not a number") from None
+    return out
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from molgen.molecules.io import write_molecules
+    from molgen.molecules.sampling import load_model, sample_molecules
+
+    if Path(args.out).suffix.lower() not in (".sdf", ".xyz"):
+        raise ValueError(f"--out {args.out}: use a .sdf or .xyz file name")
+    torch.set_num_threads(args.threads)
+    model, config = load_model(args.checkpoint)
+    start = time.perf_counter()
+    mols = sample_molecules(
+        model,
+        config,
+        args.n,
+        solver=args.solver,
+        steps=args.steps,
+        seed=args.seed,
+        atoms=args.atoms,
+        condition=parse_conditions(args.condition),
+        guidance=args.guidance,
+        batch_size=args.batch_size,
+        grid=args.grid,
+        device=args.device,
+    )
+    elapsed = time.perf_counter() - start
+    write_molecules(args.out, mols)
+    print(f"wrote {len(mols)} molecules to {args.out} ({elapsed:.1f} s, {len(mols) / elapsed:.1f} molecules/s)")
+    return 0
+
+
+def add_evaluate(parser: argparse.ArgumentParser, modality: str) -> None:
+    parser.add_argument("file", help="SDF or multi-XYZ file (optionally .gz)")
+    parser.add_argument("--json", default=None, help="write the metrics here")
+    parser.add_argument(
+        "--reference",
+        default="auto",
+        choices=["auto", "qm9", "subset", "none"],
+        help="training SMILES for novelty: qm9 train split (shipped list), the 5k subset, or none",
+    )
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from molgen.molecules.io import read_molecules
+    from molgen.molecules.metrics import evaluate
+    from molgen.molecules.reference import reference_smiles
+
+    mols, errors = read_molecules(args.file)
+    for err in errors:
+        print(f"skipped: {err}", file=sys.stderr)
+    if not mols:
+        raise ValueError(f"{args.file}: no usable molecules ({len(errors)} broken records)")
+    ref_name, ref = reference_smiles(args.reference)
+    metrics = evaluate(((m.symbols, m.positions) for m in mols), reference_smiles=ref)
+    result = {
+        **metrics.as_dict(),
+        "n_broken": len(errors),
+        "broken": errors,
+        "file": str(args.file),
+        "novelty_reference": ref_name,
+    }
+    for key in ("atom_stability", "mol_stability", "validity", "uniqueness", "novelty"):
+        value = result[key]
+        print(f"{key:15s} {'n/a' if value is None else f'{100 * value:.2f} %'}")
+    print(f"{'n':15s} {result['n']} ({len(errors)} broken records skipped)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def add_train(parser: argparse.ArgumentParser, modality: str) -> None:
+    from molgen.molecules.train import build_parser
+
+    build_parser(parser)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from molgen.molecules.train import train
+
+    args.prog = "molgen"
+    train(args)
+    return 0

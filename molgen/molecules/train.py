@@ -1,0 +1,314 @@
+"""Training: Lightning module with EMA, size-bucketed batches, resumable checkpoints.
+
+Run (resumes from ``RUN_DIR/last.ckpt`` when it exists, so re-running the same command continues):
+
+    nice -n 10 python -m molgen.molecules.train --data qm9 --run-dir runs/molecules/qm9_x0 --threads 1
+
+Every ``--ckpt-minutes`` it writes ``last.ckpt`` (full state) and ``ema.pt`` + ``ema.json`` (EMA weights as a
+molgen checkpoint with its card; load with ``molgen.molecules.sampling.load_model``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from molgen.checkpoints import hardware, save_checkpoint
+from molgen.molecules.data import (
+    MAX_ATOMS,
+    PROPERTY_NAMES,
+    atom_count_histogram,
+    load_dataset,
+    property_stats,
+)
+from molgen.molecules.model import MoleculeDenoiser, centre
+
+MODEL_KEYS = (
+    "hidden",
+    "edge_hidden",
+    "layers",
+    "n_rbf",
+    "rbf_max",
+    "schedule",
+    "sigma_data",
+    "type_scale",
+    "charge_scale",
+    "feature_var",
+    "properties",
+)
+
+
+class SizeBucketBatches(torch.utils.data.Sampler):
+    """Batches of molecules with the same atom count (no padding), shuffled per epoch with a seeded
+    generator: epoch e uses seed ``seed + e``."""
+
+    def __init__(self, n_atoms: Tensor, batch_size: int, seed: int = 0) -> None:
+        self.n_atoms, self.batch_size, self.seed, self.epoch = n_atoms, batch_size, seed, 0
+
+    def _batches(self) -> list[Tensor]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        out: list[Tensor] = []
+        for n in torch.unique(self.n_atoms).tolist():
+            idx = torch.nonzero(self.n_atoms == n).flatten()
+            idx = idx[torch.randperm(len(idx), generator=g)]
+            out.extend(idx.split(self.batch_size))
+        order = torch.randperm(len(out), generator=g).tolist()
+        return [out[i] for i in order]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at each epoch start (also after resuming)."""
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(b.tolist() for b in self._batches())
+
+    def __len__(self) -> int:
+        counts = torch.bincount(self.n_atoms)
+        return int(sum(math.ceil(c / self.batch_size) for c in counts.tolist() if c))
+
+
+class MoleculeSet(torch.utils.data.Dataset):
+    """Index -> (positions [n,3], types [n], normalised props [P]) for a processed data set."""
+
+    def __init__(self, data: dict, prop_idx: list[int], prop_mean: Tensor, prop_std: Tensor) -> None:
+        self.data, self.prop_idx = data, prop_idx
+        self.prop_mean, self.prop_std = prop_mean, prop_std
+
+    def __len__(self) -> int:
+        return len(self.data["n_atoms"])
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        n = int(self.data["n_atoms"][i])
+        props = (self.data["props"][i, self.prop_idx] - self.prop_mean) / self.prop_std
+        return self.data["positions"][i, :n], self.data["types"][i, :n], props
+
+
+def collate(items: list[tuple[Tensor, Tensor, Tensor]]) -> dict[str, Tensor]:
+    """Pad to the largest molecule in the batch; mask marks real atoms."""
+    n = max(len(p) for p, _, _ in items)
+    b = len(items)
+    pos = torch.zeros(b, n, 3)
+    types = torch.zeros(b, n, dtype=torch.long)
+    mask = torch.zeros(b, n, dtype=torch.bool)
+    for i, (p, t, _) in enumerate(items):
+        pos[i, : len(p)], types[i, : len(t)], mask[i, : len(p)] = p, t, True
+    return {"positions": pos, "types": types, "mask": mask, "props": torch.stack([c for _, _, c in items])}
+
+
+class MoleculeDiffusion(L.LightningModule):
+    """Denoiser + EMA copy; loss from ``MoleculeDenoiser.loss`` at t ~ U(t_min, t_max) of the schedule."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters({"config": config})
+        self.config = config
+        self.net = MoleculeDenoiser(**{k: config[k] for k in MODEL_KEYS})
+        self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        self._t0 = time.time()
+        self._step0 = 0
+        self.seconds_before = 0.0  # training wall time of earlier processes (restored from the checkpoint)
+
+    def on_train_start(self) -> None:
+        self._t0, self._step0 = time.time(), self.global_step
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        pos, types, mask = batch["positions"], batch["types"], batch["mask"]
+        b = pos.shape[0]
+        x0 = self.net.encode(pos, types, mask)
+        sched = self.net.schedule
+        t = sched.t_min + (sched.t_max - sched.t_min) * torch.rand(b, device=pos.device)
+        eps = torch.randn_like(x0) * mask.unsqueeze(-1)
+        eps = torch.cat([centre(eps[..., :3], mask), eps[..., 3:]], -1)
+        props = batch["props"] if self.net.properties else None
+        drop = torch.rand(b, device=pos.device) < self.config["cond_drop"] if props is not None else None
+        out = self.net.loss(x0, types, mask, t, eps, props, drop, type_weight=self.config["type_weight"])
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=False, batch_size=b)
+        step = self.global_step
+        if step % self.config["print_every"] == 0:
+            rate = (step - self._step0 + 1) / max(time.time() - self._t0, 1e-9)
+            print(
+                f"step {step} epoch {self.current_epoch} loss {out['loss'].item():.4f} "
+                f"pos {out['pos'].item():.4f} "
+                f"ce {out['type_ce'].item():.4f} lr {self.optimizers().param_groups[0]['lr']:.2e} "
+                f"({rate:.2f} steps/s this process)",
+                flush=True,
+            )
+        if not torch.isfinite(out["loss"]):
+            print(f"step {step}: non-finite loss, batch skipped", flush=True)
+            return None
+        return out["loss"]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        decay = min(self.config["ema_decay"], (1 + self.global_step) / (10 + self.global_step))
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.net.parameters()):
+                e.lerp_(p, 1.0 - decay)
+
+    def configure_optimizers(self):
+        cfg = self.config
+        opt = torch.optim.AdamW(self.net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        warm = max(cfg["warmup_steps"], 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def train_seconds(self) -> float:
+        """Total training wall time over all processes of this run."""
+        return self.seconds_before + time.time() - self._t0
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.seconds_before = float(checkpoint.get("train_seconds", 0.0))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["train_seconds"] = self.train_seconds()
+        export_ema(self, Path(self.config["run_dir"]) / "ema.pt")
+
+
+def model_config(module: MoleculeDiffusion) -> dict[str, Any]:
+    """Everything needed to rebuild the denoiser and sample from it (atom-count histogram, property stats)."""
+    cfg = module.config
+    return {
+        **{k: cfg[k] for k in MODEL_KEYS},
+        "properties": list(cfg["properties"]),
+        "atom_hist": cfg["atom_hist"],
+        "prop_mean": cfg["prop_mean"],
+        "prop_std": cfg["prop_std"],
+        "max_atoms": MAX_ATOMS,
+    }
+
+
+def export_ema(module: MoleculeDiffusion, path: Path, metrics: dict | None = None) -> Path:
+    """Write the EMA weights with a card (training command, data, steps, wall time, hardware)."""
+    cfg = module.config
+    provenance = {
+        "training_command": cfg["command"],
+        "data": cfg["data_desc"],
+        "global_step": int(module.global_step),
+        "epoch": int(module.current_epoch),
+        "train_wall_s": round(module.train_seconds(), 1),
+        "hardware": hardware(),
+        "metrics": metrics or {},
+    }
+    return save_checkpoint(path, module.ema.state_dict(), model_config(module), provenance=provenance)
+
+
+DEFAULTS: dict[str, Any] = {
+    "hidden": 128,
+    "edge_hidden": 64,
+    "layers": 6,
+    "n_rbf": 24,
+    "rbf_max": 4.0,
+    "schedule": "vp_cosine",
+    "sigma_data": 1.4,
+    "type_scale": 0.25,
+    "charge_scale": 0.1,
+    "feature_var": 0.05,
+    "properties": ["gap"],
+    "cond_drop": 0.1,
+    "type_weight": 1.0,
+    "lr": 1e-3,
+    "weight_decay": 1e-12,
+    "warmup_steps": 500,
+    "ema_decay": 0.999,
+    "batch_size": 64,
+    "grad_clip": 1.0,
+    "seed": 0,
+    "print_every": 50,
+}
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="python -m molgen.molecules.train", description=__doc__.split("\n")[0])
+    p.add_argument("--data", default="subset", choices=["qm9", "subset"], help="qm9 needs molgen[qm9]")
+    p.add_argument("--run-dir", default="runs/molecules/default", help="checkpoints and logs (resumes from here)")
+    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimiser steps (-1: never)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after this wall time")
+    p.add_argument("--ckpt-minutes", type=float, default=5.0, help="checkpoint interval")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--accelerator", default="auto")
+    for key, value in DEFAULTS.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, list):
+            p.add_argument(flag, nargs="*", default=value, choices=list(PROPERTY_NAMES))
+        else:
+            p.add_argument(flag, type=type(value), default=value)
+    return p
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Train (or resume) and return the run directory."""
+    torch.set_num_threads(args.threads)
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {k: getattr(args, k) for k in DEFAULTS}
+    config_path = run_dir / "config.json"
+    if config_path.exists():  # resuming: the stored config wins over the command line
+        stored = json.loads(config_path.read_text())
+        config.update({k: stored[k] for k in DEFAULTS if k in stored})
+    L.seed_everything(config["seed"], workers=True)
+    data = load_dataset(args.data, "train")
+    prop_idx = [PROPERTY_NAMES.index(p) for p in config["properties"]]
+    mean, std = property_stats(data["props"][:, prop_idx]) if prop_idx else (torch.zeros(0), torch.ones(0))
+    config.update(
+        {
+            "run_dir": str(run_dir),
+            "command": " ".join([getattr(args, "prog", "python -m molgen.molecules.train"), *sys.argv[1:]]),
+            "data_desc": f"{args.data} train split ({len(data['n_atoms'])} molecules)",
+            "atom_hist": atom_count_histogram(data["n_atoms"]).tolist(),
+            "prop_mean": mean.tolist(),
+            "prop_std": std.tolist(),
+        }
+    )
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    dataset = MoleculeSet(data, prop_idx, mean, std)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=SizeBucketBatches(data["n_atoms"], config["batch_size"], config["seed"]),
+        collate_fn=collate,
+        num_workers=0,
+    )
+    module = MoleculeDiffusion(config)
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=run_dir,
+        save_last=True,
+        save_top_k=0,
+        train_time_interval=timedelta(minutes=args.ckpt_minutes),
+    )
+    trainer = L.Trainer(
+        default_root_dir=run_dir,
+        max_steps=args.max_steps,
+        max_epochs=-1,
+        max_time=timedelta(minutes=args.max_minutes) if args.max_minutes else None,
+        accelerator=args.accelerator,
+        devices=1,
+        gradient_clip_val=config["grad_clip"],
+        callbacks=[ckpt],
+        logger=L.pytorch.loggers.CSVLogger(run_dir, name="logs"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        log_every_n_steps=50,
+    )
+    last = run_dir / "last.ckpt"
+    trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
+    trainer.save_checkpoint(last)
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    train(build_parser().parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

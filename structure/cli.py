@@ -1,0 +1,179 @@
+"""``molgen sample|evaluate|train backbones`` hooks (discovered by ``molgen.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "data" / "structure" / "backbone_egnn.pt"
+
+
+def add_train(parser: argparse.ArgumentParser, modality: str) -> None:
+    parser.add_argument("--out", type=Path, default=Path("runs/structure/egnn"), help="run folder (resumes)")
+    parser.add_argument("--export", type=Path, default=DEFAULT_CHECKPOINT, help="EMA weights + card (.pt)")
+    parser.add_argument("--data-path", type=Path, default=None, help="shared data root (default ../shared/data)")
+    parser.add_argument("--max-steps", type=int, default=4000, help="total optimiser steps over all sessions")
+    parser.add_argument("--max-minutes", type=float, default=80.0, help="wall-clock limit of this session")
+    parser.add_argument("--max-length", type=int, default=128, help="longest training crop")
+    parser.add_argument("--edge-budget", type=int, default=40_000, help="batch size ~ budget / length^2")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--every", type=int, default=100, help="checkpoint and export every N steps")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from structure.data import default_sources
+    from structure.training import train
+
+    torch.set_num_threads(args.threads)
+    path = train(
+        args.out,
+        args.export,
+        default_sources(args.data_path),
+        args.max_steps,
+        args.max_minutes,
+        seed=args.seed,
+        lr=args.lr,
+        max_length=args.max_length,
+        edge_budget=args.edge_budget,
+        every=args.every,
+    )
+    print(f"exported EMA weights to {path}")
+    return 0
+
+
+def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
+    parser.add_argument("--n", type=int, default=8, help="number of backbones")
+    parser.add_argument("--length", type=int, default=100, help="residues per backbone (model range 40-256)")
+    parser.add_argument("--solver", default="dpmpp_2m", help="engine solver (any ODE solver, or af3)")
+    parser.add_argument("--steps", type=int, default=10, help="grid points = model calls of multistep solvers")
+    parser.add_argument("--grid", default="karras", help="time grid (karras, logsnr, time_uniform, ...)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--format", choices=("pdb", "cif"), default="pdb")
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--motif-pdb", type=Path, default=None, help="PDB/mmCIF with the motif residues")
+    parser.add_argument("--contig", default=None, help="motif scaffolding spec, e.g. A10-25,40-60,A40-52")
+    for name, value in (("gamma-0", 0.8), ("gamma-min", 1.0), ("noise-scale", 1.003), ("step-scale", 1.5)):
+        parser.add_argument(f"--{name}", type=float, default=None, help=f"af3 option (default {value})")
+
+
+def _solver_options(args: argparse.Namespace) -> dict | None:
+    opts = {k: getattr(args, k) for k in ("gamma_0", "gamma_min", "noise_scale", "step_scale")}
+    opts = {k: v for k, v in opts.items() if v is not None}
+    if opts and args.solver != "af3":
+        raise ValueError(f"--gamma-0/--gamma-min/--noise-scale/--step-scale apply to --solver af3, not {args.solver}")
+    return opts or None
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    import torch
+
+    from structure.io import backbone_from_ca, write_backbone
+    from structure.sampling import load_model, sample_ca, scaffold_from_file
+
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if (args.motif_pdb is None) != (args.contig is None):
+        raise ValueError("motif scaffolding needs both --motif-pdb and --contig")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = load_model(args.checkpoint)
+    opts = _solver_options(args)
+    t0 = time.time()
+    if args.contig:
+        bbs, res = scaffold_from_file(
+            model,
+            args.motif_pdb,
+            args.contig,
+            args.n,
+            seed=args.seed,
+            solver=args.solver,
+            steps=args.steps,
+            grid=args.grid,
+            solver_options=opts,
+        )
+        extra = {
+            "contig": args.contig,
+            "motif_positions": res.motif_positions,
+            "motif_rmsd": [round(float(v), 3) for v in res.motif_rmsd],
+        }
+    else:
+        bbs = []
+        for start in range(0, args.n, args.batch_size):
+            k = min(args.batch_size, args.n - start)
+            ca = sample_ca(
+                model,
+                k,
+                args.length,
+                args.solver,
+                args.steps,
+                seed=args.seed + start,
+                grid=args.grid,
+                solver_options=opts,
+            )
+            bbs += [backbone_from_ca(c.numpy(), name=f"sample_{start + j:04d}") for j, c in enumerate(ca)]
+        extra = {}
+    wall = time.time() - t0
+    args.out.mkdir(parents=True, exist_ok=True)
+    for bb in bbs:
+        write_backbone(bb, args.out / f"{bb.name}.{args.format}", args.format)
+    meta = {
+        "n": len(bbs),
+        "solver": args.solver,
+        "steps": args.steps,
+        "grid": args.grid,
+        "seed": args.seed,
+        "solver_options": opts,
+        "checkpoint": str(args.checkpoint),
+        "seconds_per_backbone": wall / len(bbs),
+        **extra,
+    }
+    (args.out / "sampling.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(json.dumps(meta))
+    return 0
+
+
+def add_evaluate(parser: argparse.ArgumentParser, modality: str) -> None:
+    parser.add_argument("folder", type=Path, help="folder of PDB/mmCIF backbones")
+    parser.add_argument("--json", type=Path, default=None, help="write the metrics here")
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        nargs="*",
+        default=None,
+        help="folders of reference chains for novelty (default: the training chains)",
+    )
+    parser.add_argument("--data-path", type=Path, default=None, help="shared data root (default ../shared/data)")
+    parser.add_argument("--no-tm", action="store_true", help="skip TM-score diversity and novelty")
+    parser.add_argument("--no-mpnn", action="store_true", help="skip the optional ProteinMPNN score")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from structure.data import default_sources, load_chains
+    from structure.io import list_structure_files, read_backbone
+    from structure.metrics import evaluate
+
+    files = list_structure_files(args.folder)
+    if not files:
+        raise ValueError(f"no PDB/mmCIF files in {args.folder}")
+    bbs = [read_backbone(p) for p in files]
+    reference = None
+    if not args.no_tm:
+        folders = args.reference if args.reference is not None else default_sources(args.data_path)
+        reference = load_chains(folders)
+    metrics = evaluate(bbs, reference, tm=not args.no_tm, mpnn=not args.no_mpnn)
+    text = json.dumps(metrics, indent=2)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    print(text)
+    return 0
