@@ -22,14 +22,6 @@ from molgen.diffusion.discrete import (
 K, MASK, PAD = 3, 4, 3  # letters 0..2, pad 3, mask 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def process(kind: str = "loglinear") -> MaskedDiffusion:
     return MaskedDiffusion(K, MASK, PAD, MaskingSchedule(kind))
 

@@ -22,14 +22,6 @@ from molgen.sequences.sampling import generate
 from molgen.sequences.training import MaskedDiffusionModule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_alphabets_round_trip_and_tokens():
     assert (RNA.size, RNA.pad_id, RNA.mask_id, RNA.vocab_size) == (4, 4, 5, 6)
     assert PROTEIN.size == 20 and get_alphabet("DNA") is DNA
