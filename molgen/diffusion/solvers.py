@@ -395,6 +395,8 @@ class SolverSpec:
     stochastic: bool
     description: str
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    max_order: float = 1  # the highest ``order`` option the tables support
+    fractional_order: bool = False  # whether ``order`` may lie between integers (ghvb)
 
     @property
     def calls_per_step(self) -> int:
@@ -408,21 +410,13 @@ class SolverSpec:
             )
         merged = {**self.defaults, **options}
         order = merged["order"]
-        if self.name == "ghvb":
-            if not 1.0 <= float(order) <= 2.0:
-                raise ValueError(f"ghvb order must lie in [1, 2], got {order}")
-            merged["order"] = float(order)
-            return merged
-        if int(order) != order or not 1 <= order <= MAX_ORDER[self.name]:
-            raise ValueError(f"solver {self.name!r} supports order 1..{MAX_ORDER[self.name]}, got {order}")
-        merged["order"] = int(order)
-        return merged
-
-
-MAX_ORDER = {
-    "euler": 1, "ddim": 1, "ddpm_ancestral": 1, "euler_maruyama": 1, "af3": 1, "heun": 2, "dpm_solver_2": 2,
-    "dpm_solver_3": 3, "dpmpp_2m": 2, "dpmpp_3m": 3, "dpmpp_2m_sde": 2, "unipc": 3, "deis": 4, "ghvb": 2,
-}
+        if self.fractional_order:
+            if not 1.0 <= float(order) <= self.max_order:
+                raise ValueError(f"solver {self.name!r} order must lie in [1, {self.max_order:g}], got {order}")
+            return {**merged, "order": float(order)}
+        if int(order) != order or not 1 <= order <= self.max_order:
+            raise ValueError(f"solver {self.name!r} supports order 1..{self.max_order:g}, got {order}")
+        return {**merged, "order": int(order)}
 
 _AF3 = {"order": 1, "gamma_0": 0.8, "gamma_min": 1.0, "noise_scale": 1.003, "step_scale": 1.5}
 
@@ -430,33 +424,35 @@ SOLVERS: dict[str, SolverSpec] = {
     s.name: s
     for s in [
         SolverSpec("euler", "multistep", ab_rho_tables, linear_step("eps", False), False,
-                   "Euler in (x/alpha, sigma/alpha); algebraically identical to DDIM", {"order": 1}),
+                   "Euler in (x/alpha, sigma/alpha); algebraically identical to DDIM", {"order": 1}, max_order=1),
         SolverSpec("heun", "singlestep", heun_tables, heun_step, False,
-                   "EDM's Heun (2nd order, 2 calls per step)", {"order": 2}),
+                   "EDM's Heun (2nd order, 2 calls per step)", {"order": 2}, max_order=2),
         SolverSpec("ddim", "multistep", exp_multistep_tables(1.0, False), linear_step("x0", False), False,
-                   "DDIM = first-order exponential integrator", {"order": 1}),
+                   "DDIM = first-order exponential integrator", {"order": 1}, max_order=1),
         SolverSpec("dpm_solver_2", "singlestep", dpm_singlestep_tables, dpm_singlestep_step, False,
-                   "DPM-Solver-2, singlestep, data prediction", {"order": 2}),
+                   "DPM-Solver-2, singlestep, data prediction", {"order": 2}, max_order=2),
         SolverSpec("dpm_solver_3", "singlestep", dpm_singlestep_tables, dpm_singlestep_step, False,
-                   "DPM-Solver-3, singlestep, data prediction", {"order": 3}),
+                   "DPM-Solver-3, singlestep, data prediction", {"order": 3}, max_order=3),
         SolverSpec("dpmpp_2m", "multistep", exp_multistep_tables(1.0, False), linear_step("x0", False), False,
-                   "DPM-Solver++(2M), exact integration of the linear interpolant", {"order": 2}),
+                   "DPM-Solver++(2M), exact integration of the linear interpolant", {"order": 2}, max_order=2),
         SolverSpec("dpmpp_3m", "multistep", exp_multistep_tables(1.0, False), linear_step("x0", False), False,
-                   "DPM-Solver++(3M), exact integration of the quadratic interpolant", {"order": 3}),
+                   "DPM-Solver++(3M), exact integration of the quadratic interpolant", {"order": 3}, max_order=3),
         SolverSpec("unipc", "multistep", unipc_tables, unipc_step, False,
-                   "UniPC bh2 predictor-corrector (order 2 predictor + corrector)", {"order": 2}),
+                   "UniPC bh2 predictor-corrector (order 2 predictor + corrector)", {"order": 2}, max_order=3),
         SolverSpec("deis", "multistep", ab_rho_tables, linear_step("eps", False), False,
-                   "DEIS rho-AB: Adams-Bashforth on eps in rho (order 3)", {"order": 3}),
+                   "DEIS rho-AB: Adams-Bashforth on eps in rho (order 3)", {"order": 3}, max_order=4),
         SolverSpec("ghvb", "multistep", ghvb_tables, ghvb_step, False,
-                   "Generalised heavy-ball momentum on rho-AB (fractional order)", {"order": 1.5}),
+                   "Generalised heavy-ball momentum on rho-AB (fractional order)", {"order": 1.5},
+                   max_order=2, fractional_order=True),
         SolverSpec("euler_maruyama", "multistep", euler_maruyama_tables, linear_step("x0", True), True,
-                   "Euler-Maruyama on the reverse SDE in t", {"order": 1}),
+                   "Euler-Maruyama on the reverse SDE in t", {"order": 1}, max_order=1),
         SolverSpec("ddpm_ancestral", "multistep", exp_multistep_tables(2.0, True), linear_step("x0", True), True,
-                   "DDPM ancestral sampling (= first-order SDE exponential integrator)", {"order": 1}),
+                   "DDPM ancestral sampling (= first-order SDE exponential integrator)", {"order": 1}, max_order=1),
         SolverSpec("dpmpp_2m_sde", "multistep", exp_multistep_tables(2.0, True), linear_step("x0", True), True,
-                   "DPM-Solver++(2M) SDE", {"order": 2}),
+                   "DPM-Solver++(2M) SDE", {"order": 2}, max_order=2),
         SolverSpec("af3", "multistep", af3_tables, af3_step, True,
-                   "AlphaFold 3 / EDM stochastic sampler (churn gamma_0, gamma_min, noise_scale, step_scale)", _AF3),
+                   "AlphaFold 3 / EDM stochastic sampler (churn gamma_0, gamma_min, noise_scale, step_scale)", _AF3,
+                   max_order=1),
     ]
 }
 
