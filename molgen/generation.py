@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import lightning as L
 import pandas as pd
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from torch.utils.data import DataLoader
 
 from molgen import __version__
@@ -309,6 +310,22 @@ def _collate(items: list[int]) -> list[int]:
     return items
 
 
+class SampleRateBar(TQDMProgressBar):
+    """Lightning's bar over shards (with its ETA), plus samples/s: this rank's samples x world size / elapsed."""
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_predict_start(trainer, pl_module)
+        self._made, self._start = 0, time.perf_counter()
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        self._made += int(outputs or 0)
+        rate = self._made * trainer.world_size / max(time.perf_counter() - self._start, 1e-9)
+        if self.predict_progress_bar is not None:
+            self.predict_progress_bar.set_postfix_str(f"{rate:.1f} samples/s", refresh=False)
+
+
 def run_generation(
     config: GenerationConfig,
     *,
@@ -328,6 +345,7 @@ def run_generation(
             accelerator=accelerator, devices=devices, num_nodes=num_nodes,
             strategy="ddp" if distributed else "auto", logger=False, enable_checkpointing=False,
             enable_progress_bar=progress, use_distributed_sampler=False, enable_model_summary=False,
+            callbacks=[SampleRateBar()] if progress else None,
         )
         loader = DataLoader(pending, batch_size=1, collate_fn=_collate)
         trainer.predict(ShardGenerator(config), dataloaders=loader, return_predictions=False)
