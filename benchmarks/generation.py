@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from molgen.generation import ADAPTERS, GenerationConfig, run_generation, shard_seed
+from molgen.generation import GenerationConfig, adapter_for, run_generation, shard_seed
 
 
 def bare_loop(config: GenerationConfig) -> float:
-    adapter, device = ADAPTERS[config.modality], torch.device("cpu")
+    adapter, device = adapter_for(config), torch.device("cpu")
     model = adapter.load(config, device)
     start = time.perf_counter()
     with torch.inference_mode():

@@ -1,18 +1,33 @@
-"""Guidance at equal model calls: unguided, best-of-N, DPS (differentiable rewards), FK steering, SVDD-PM.
+"""Guidance at equal model calls: unguided, best-of-N, DPS (differentiable rewards), FK steering, SVDD-PM, SVDD-MC.
 
-    nice -n 10 python benchmarks/guidance.py --json results/guidance.json [--tasks gmm,rna_mfe,rna_target]
+    nice -n 10 python benchmarks/guidance.py --json results/guidance.json            # every task
+    nice -n 10 python benchmarks/guidance.py --json results/guidance.json --tasks molecules_qed,dna_jaspar
 
-SVDD-MC (gmm only) uses a value network fitted on 2000 unguided samples (a one-off cost, reported).
-Budget per output: SVDD with M candidates and n grid points costs 1 + M (n - 1) model evaluations; best-of-N
-and FK get N = K = floor(budget / n) full trajectories (never more calls than SVDD). Tasks:
+Budget per output: SVDD with M candidates costs 1 + M (n - 1) model evaluations on a grid of n points (a masked
+discrete sampler's last point needs none); best-of-N and FK get N = K = round(SVDD's calls / one trajectory's
+calls) full trajectories (measured, reported per row as ``model_calls``). Tasks (each reads its model
+checkpoint when it starts, so a snapshot exported during a session is used and its SHA-256 recorded):
 
 * ``gmm``: 2-D mixture of 8 Gaussians on a circle (exact denoiser), reward -|x - c|^2 / 2 with c off the
   modes; naturalness = mean log-density under the mixture.
-* ``rna_mfe`` / ``rna_target``: the shipped RNA masked-diffusion model (data/sequences/rna_default.pt),
-  rewards -MFE and -(bp distance to a target structure) / length; naturalness = NELBO in bits per token under
-  the model; diversity = mean pairwise Hamming distance per position.
+* ``rna_mfe`` / ``rna_target``: the shipped RNA masked-diffusion model, 100 nt, rewards -MFE and -(bp distance
+  to a target structure) / length.
+* ``dna_jaspar``: the shipped DNA model conditioned on ``enhancer``, 200 bp, reward = best window of the AP-1
+  (FOS::JUN) JASPAR matrix MA0099.3 on either strand, scaled to [0, 1].
+* ``molecules_qed``: the shipped QM9 model (data/molecules/qm9_egnn.pt), 20 steps of dpmpp_2m_sde (at 10 steps
+  its samples are 5 % atom-stable fragments), reward QED of the largest fragment of the EDM-inferred molecule
+  (0 when it does not sanitise).
+* ``backbones_helix`` / ``backbones_rg``: the shipped CA backbone model, 64 residues, 10 steps of
+  ddpm_ancestral, rewards DSSP helix fraction and -|Rg / (3.3 N^0.31) - 1| (differentiable: DPS applies).
 
-Each figure is the median (and top-10 % mean) of the final reward over the outputs.
+SVDD-MC uses a value net trained by ``python -m guidance.train_value`` (the command is in each net's card,
+under ``--value-dir``; a net trained on another model snapshot is retrained). Naturalness: sequences NLL
+(bits per token under the model) and 3-mer Pearson r against natural held-out sequences; molecules EDM validity
+and atom stability; backbones CA-CA validity. Diversity: sequences mean pairwise Hamming distance, molecules
+mean pairwise Tanimoto distance (Morgan r = 2) of the valid ones, backbones mean pairwise RMS difference of
+distance matrices (Angstrom). Each reward figure is the median (and top-10 % mean) over the outputs.
+Dev seed 1 was used to choose lambda, the ESS threshold, the molecule step count and the DPS scale of
+backbones_rg (100: scale 1 left the reward unchanged, 1000 broke the chains); the reported figures use seed 0.
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -33,19 +49,30 @@ from guidance.baselines import best_of_n, dps_sample  # noqa: E402
 from guidance.core import prior  # noqa: E402
 from guidance.fk import Tilt, fk_sample  # noqa: E402
 from guidance.rewards import parse_reward, quadratic  # noqa: E402
-from guidance.smc import ResamplePolicy  # noqa: E402
 from guidance.svdd import svdd_calls, svdd_sample  # noqa: E402
+from guidance.tasks import get_problem, guide  # noqa: E402
+from guidance.train_value import load_value, save_value, train_value  # noqa: E402
 from guidance.value import VectorValueNet, as_value, fit_value, gaussian_noise  # noqa: E402
 from molgen.diffusion import Sampler, get_schedule  # noqa: E402
 from molgen.diffusion.analytic import GaussianMixtureDenoiser  # noqa: E402
 
 RNA_TARGET = "." * 8 + "(" * 10 + "." * 6 + ")" * 10 + "." * 8 + "(" * 12 + "...." + ")" * 12 + "." * 30
 
-
-def pairwise_hamming(tokens: torch.Tensor) -> float:
-    n = tokens.shape[0]
-    diff = (tokens[:, None] != tokens[None]).double().mean(-1)
-    return float(diff.sum() / (n * (n - 1)))
+# task -> problem, reward, defaults (n outputs, steps, FK lambda, value-net training samples)
+TASKS = {
+    "rna_mfe": {"modality": "rna", "reward": "rna_mfe", "length": len(RNA_TARGET), "n": 32, "steps": 16,
+                "lam": 10.0, "value_samples": 256},
+    "rna_target": {"modality": "rna", "reward": f"rna_target:{RNA_TARGET}", "length": len(RNA_TARGET), "n": 32,
+                   "steps": 16, "lam": 100.0, "value_samples": 256},
+    "dna_jaspar": {"modality": "dna", "reward": "jaspar:MA0099.3", "length": 200, "condition": "enhancer",
+                   "n": 32, "steps": 16, "lam": 30.0, "value_samples": 256},
+    "molecules_qed": {"modality": "molecules", "reward": "qed", "solver": "dpmpp_2m_sde", "n": 64, "steps": 20,
+                      "lam": 100.0, "value_samples": 256},
+    "backbones_helix": {"modality": "backbones", "reward": "helix", "length": 64, "n": 16, "steps": 10,
+                        "lam": 30.0, "value_samples": 64},
+    "backbones_rg": {"modality": "backbones", "reward": "rg", "length": 64, "n": 16, "steps": 10, "lam": 30.0,
+                     "value_samples": 64, "dps_scale": 100.0},
+}
 
 
 def gmm_task(args: argparse.Namespace) -> dict:
@@ -54,8 +81,9 @@ def gmm_task(args: argparse.Namespace) -> dict:
     means = 3.0 * torch.stack([angles.cos(), angles.sin()], -1)
     model = GaussianMixtureDenoiser(means, 0.3, None, sched)
     reward = quadratic(c=torch.tensor([4.5, 1.5], dtype=torch.float64), tau=1.0)
-    smp = Sampler(model, sched, "ddpm_ancestral", steps=args.steps)
-    n, m, steps = args.n, args.candidates, smp.n_steps
+    steps = args.steps or 16
+    smp = Sampler(model, sched, "ddpm_ancestral", steps=steps)
+    n, m, steps = args.n or 32, args.candidates, smp.n_steps
     per = svdd_calls(steps, m) // steps
     g = torch.Generator().manual_seed(args.seed)
 
@@ -84,84 +112,101 @@ def gmm_task(args: argparse.Namespace) -> dict:
                       value=as_value(net), generator=g)
     res.info["value_training_model_calls"] = train.model_calls
     runs[f"svdd_mc_{m}"] = res
-    return {name: {**res.summary(), **natural(res.samples)} for name, res in runs.items()}
+    out: dict = {"config": {"n": n, "steps": steps, "candidates": m, "seed": args.seed}}
+    return out | {name: {**res.summary(), **natural(res.samples)} for name, res in runs.items()}
 
 
-def rna_task(args: argparse.Namespace, spec: str, lam: float) -> dict:
-    from molgen.diffusion.discrete import DiscreteSampler
-    from molgen.sequences.pretrained import default_checkpoint, load_pretrained
+def value_hook(args: argparse.Namespace, task: str, spec: dict, problem) -> tuple[object, dict]:
+    """The task's value net: loaded from --value-dir when it matches the model snapshot, else trained now with
+    the recorded command's recipe and saved there."""
+    path = args.value_dir / f"{task}.pt"
+    if path.exists():
+        try:
+            value, card = load_value(path, problem, spec["reward"])
+            return value, {**card["provenance"], "loaded": str(path)}
+        except ValueError as err:
+            print(f"  retraining the value net: {err}")
+    samples = spec["value_samples"]
+    cmd = [problem.modality, "--reward", spec["reward"], "--steps", str(spec["steps"]), "--samples", str(samples),
+           "--fit-steps", str(args.fit_steps), "--seed", str(args.seed + 1000), "--out", str(path)]
+    for key in ("length", "condition", "solver"):
+        if key in spec:
+            cmd += [f"--{key}", str(spec[key])]
+    net, prov = train_value(problem, spec["reward"], samples=samples, fit_steps=args.fit_steps, seed=args.seed + 1000)
+    save_value(path, net, problem, prov, "python -m guidance.train_value " + shlex.join(cmd))
+    value, card = load_value(path, problem, spec["reward"])
+    return value, {**card["provenance"], "trained": str(path)}
 
-    path = default_checkpoint("rna")
-    if not path.exists():
-        return {"skipped": f"no checkpoint at {path}"}
-    pre = load_pretrained(path)
-    reward = parse_reward(spec)
-    length = len(RNA_TARGET)
-    smp = DiscreteSampler(pre.model, pre.process, "ancestral", steps=args.steps)
-    n, m, steps = args.n, args.candidates, smp.n_steps
-    per = max(1, svdd_calls(steps, m) // (steps - 1))  # a discrete trajectory costs n_steps - 1 calls
-    g = torch.Generator().manual_seed(args.seed)
 
-    def prior_tokens(rows: int) -> torch.Tensor:
-        return torch.full((rows, length), pre.process.mask_id, dtype=torch.long)
-
-    def decode(tokens: torch.Tensor) -> list[str]:
-        return [pre.alphabet.decode(row) for row in tokens]
-
-    def natural(tokens: torch.Tensor) -> dict:
-        with torch.no_grad():
-            nelbo = pre.process.nelbo(pre.model, tokens, n_t=4, generator=torch.Generator().manual_seed(0))
-        return {"nelbo_bits_per_token": float(nelbo.mean() / (length * math.log(2))),
-                "diversity": pairwise_hamming(tokens)}
-
+def model_task(args: argparse.Namespace, task: str) -> dict:
+    spec = dict(TASKS[task])
+    spec["n"] = args.n or spec["n"]
+    spec["steps"] = args.steps or spec["steps"]
+    if task in args.lam:
+        spec["lam"] = args.lam[task]
+    problem = get_problem(spec["modality"], steps=spec["steps"], length=spec.get("length"),
+                          condition=spec.get("condition"), solver=spec.get("solver"))
+    reward = parse_reward(spec["reward"])
+    n, m = spec["n"], args.candidates
+    common = {"seed": args.seed}
+    out: dict = {"config": {**spec, "candidates": m, "seed": args.seed, "model_checkpoint": str(problem.checkpoint),
+                            "model_sha256": problem.sha256, **problem.settings}}
+    runs = {"unguided": guide(problem, "unguided", reward, n, **common),
+            f"svdd_pm_{m}": guide(problem, "svdd", reward, n, candidates=m, **common)}
+    per = max(1, round(runs[f"svdd_pm_{m}"].model_calls / runs["unguided"].model_calls))
+    runs[f"best_of_{per}"] = guide(problem, "bon", reward, n, candidates=per, **common)
+    if reward.differentiable:
+        runs["dps"] = guide(problem, "dps", reward, n, dps_scale=spec.get("dps_scale", 1.0), **common)
+    else:
+        out["dps"] = "n/a (reward not differentiable)"
+    runs[f"fk_{per}"] = guide(problem, "fk", reward, n, particles=per, lam=spec["lam"],
+                              ess_threshold=args.ess_threshold, **common)
+    value, card = value_hook(args, task, spec, problem)
+    runs[f"svdd_mc_{m}"] = guide(problem, "svdd_mc", reward, n, candidates=m, value=value, **common)
+    runs[f"svdd_mc_{m}"].info.update({"value_training_model_calls": card["model_calls"],
+                                      "value_training_s": card["wall_s"]})
+    out["value_net"] = {k: card.get(k) for k in ("command", "loaded", "trained", "samples", "fit_steps",
+                                                 "loss_first", "loss_last_10pct", "wall_s", "model_calls")}
     with torch.no_grad():
-        runs = {
-            "unguided": best_of_n(smp, prior_tokens(n), reward, candidates=1, decode=decode, generator=g),
-            f"best_of_{per}": best_of_n(smp, prior_tokens(n * per), reward, candidates=per, decode=decode,
-                                        generator=g),
-            f"fk_{per}": fk_sample(smp, prior_tokens(n * per), particles=per, generator=g, final="best",
-                                   tilt=Tilt(reward, lam=lam, decode=decode),
-                                   policy=ResamplePolicy("systematic", 1, 0.5)),
-            f"svdd_pm_{m}": svdd_sample(smp, prior_tokens(n), reward, candidates=m, alpha=0.0, decode=decode,
-                                        generator=g),
-        }
-    return {name: {**res.summary(), **natural(res.samples)} for name, res in runs.items()}
+        for name, res in runs.items():
+            out[name] = {**res.summary(), **problem.natural(res)}
+    out["reward_stats"] = reward.stats.as_dict()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", default="gmm,rna_mfe,rna_target")
-    p.add_argument("--n", type=int, default=32, help="outputs per method")
+    p.add_argument("--tasks", default="gmm,rna_mfe,rna_target,dna_jaspar,molecules_qed,backbones_helix,backbones_rg")
+    p.add_argument("--n", type=int, default=None, help="outputs per method (default: per task)")
     p.add_argument("--candidates", type=int, default=4, help="SVDD's M")
-    p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--lam", type=float, default=10.0, help="FK tilt strength for rna_mfe (reward in kcal/mol)")
-    p.add_argument("--lam-target", dest="lam_target", type=float, default=100.0,
-                   help="FK tilt strength for rna_target (reward in [-1, 0])")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: per task)")
+    p.add_argument("--lam", default="", help="FK tilt strengths per task, e.g. molecules_qed=30,dna_jaspar=20")
+    p.add_argument("--ess-threshold", dest="ess_threshold", type=float, default=0.5)
+    p.add_argument("--fit-steps", dest="fit_steps", type=int, default=400, help="value-net training steps")
+    p.add_argument("--value-dir", dest="value_dir", type=Path, default=ROOT / "runs" / "guidance" / "values")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None, help="results file (tasks are merged into an existing one)")
     args = p.parse_args(argv)
+    args.lam = {k: float(v) for k, v in (item.split("=") for item in args.lam.split(",") if item)}
     torch.set_num_threads(1)
-    out: dict = {"config": vars(args) | {"json": str(args.json)}}
-    for task in args.tasks.split(","):
+    tasks = [t for t in args.tasks.split(",") if t]
+    unknown = [t for t in tasks if t != "gmm" and t not in TASKS]
+    if unknown:
+        raise SystemExit(f"unknown task(s) {unknown}; choose from gmm, {', '.join(TASKS)}")
+    out: dict = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
+    out.pop("config", None)  # each task carries its own
+    for task in tasks:
         t0 = time.perf_counter()
-        if task == "gmm":
-            out[task] = gmm_task(args)
-        elif task == "rna_mfe":
-            out[task] = rna_task(args, "rna_mfe", args.lam)
-        elif task == "rna_target":
-            out[task] = rna_task(args, f"rna_target:{RNA_TARGET}", args.lam_target)
-        else:
-            raise SystemExit(f"unknown task {task!r}; choose from gmm, rna_mfe, rna_target")
-        print(f"== {task} ({time.perf_counter() - t0:.1f} s)")
+        out[task] = gmm_task(args) if task == "gmm" else model_task(args, task)
+        out[task]["wall_s"] = round(time.perf_counter() - t0, 1)
+        print(f"== {task} ({out[task]['wall_s']} s)", flush=True)
         for name, row in out[task].items():
-            if isinstance(row, dict):
+            if isinstance(row, dict) and "reward_median" in row:
                 cols = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-                print(f"  {name:14s} {cols}")
-            else:
-                print(f"  {name}: {row}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))
+                print(f"  {name:14s} {cols}", flush=True)
+        if args.json:  # after every task: a long run keeps what it finished
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(out, indent=2))
     return 0
 
 

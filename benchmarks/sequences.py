@@ -1,7 +1,8 @@
 """Few-step masked-diffusion samplers on the shipped RNA / DNA models.
 
 For each sampler and step count: k-mer (3, 6) Pearson r against the shipped held-out reference, the ratio of
-3-mer r to the same model's 256-step ancestral sampler (target >= 0.97 at 16 and 32 model calls), model NLL of
+3-mer r to the same model's 256-step ancestral sampler (target >= 0.97 at 16 and 32 model calls: reported for the best
+sampler at each budget and for every sampler), model NLL of
 the samples (bits per nt), RNA MFE per nt / DNA JASPAR motif-hit r, model calls and wall clock per sequence;
 and the cached ancestral sampler's speed-up over plain ancestral at the same steps, measured in the same run.
 
@@ -80,10 +81,18 @@ def bench_modality(modality: str, n: int, few_steps: list[int], ref_steps: int, 
         "rows": rows,
         "cached_speedup": speedup,
         "natural_train_vs_heldout": heldout,
-        "few_step_ratio_ok": {
+        "few_step_best": {str(s): best_at(rows, s) for s in few_steps},
+        "few_step_ratio_ok_every_sampler": {
             str(s): all(r["kmer3_r_ratio_vs_ref"] >= 0.97 for r in rows if r["steps"] == s) for s in few_steps
         },
     }
+
+
+def best_at(rows: list[dict], steps: int) -> dict:
+    """The sampler with the highest 3-mer ratio at ``steps`` model calls, and whether it reaches 0.97."""
+    best = max((r for r in rows if r["steps"] == steps), key=lambda r: r["kmer3_r_ratio_vs_ref"])
+    return {"solver": best["solver"], "kmer3_r_ratio_vs_ref": best["kmer3_r_ratio_vs_ref"],
+            "ok": best["kmer3_r_ratio_vs_ref"] >= 0.97}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,5 +12,7 @@ on the engine's step-level interface (``molgen.diffusion.Sampler`` or the masked
     res.samples, res.rewards, res.model_calls, res.summary()
 
 Modules: ``smc`` (weights, ESS, resampling), ``engine`` (continuous / discrete step adapter), ``fk``,
-``svdd``, ``baselines``, ``rewards``, ``core`` (accounting, results).
+``svdd``, ``baselines``, ``rewards``, ``core`` (accounting, results), ``value`` (SVDD-MC value nets),
+``tasks`` (molecules, RNA, DNA and backbones as guidance problems: ``guide(problem, method, reward, n)``),
+``train_value`` (``python -m guidance.train_value``: the recorded value-net recipe), ``cli`` (``molgen guide``).
 """

@@ -54,12 +54,12 @@ def best_of_n(
     groups = x_T.shape[0] // n
     with Timer() as timer:
         x0, rows, batches = run_unguided(sampler, x_T, generator, mask, cond)
-        r = scorer(x0)
+        r = scorer(x0, mask)
         index = r.reshape(groups, n).argmax(-1) + n * torch.arange(groups, device=x_T.device)
     return GuidanceResult(
         samples=x0[index], rewards=r[index], model_calls=rows, model_batches=batches,
         reward_calls=scorer.calls, seconds=timer.seconds, particles=x0, particle_rewards=r,
-        info={"candidates": n},
+        info={"candidates": n}, mask=None if mask is None else mask[index],
     )
 
 
@@ -131,9 +131,9 @@ def dps_sample(
     scorer = Scorer.of(reward)
     with Timer() as timer:
         x0 = run.finish(run.run(run.init(x_T, mask=mask, cond=cond), generator))
-        r = scorer(x0)
+        r = scorer(x0, mask)
     return GuidanceResult(
         samples=x0, rewards=r, model_calls=counter.rows, model_batches=counter.batches,
         reward_calls=scorer.calls, seconds=timer.seconds,
-        info={"scale": scale, "backward_calls": counter.rows, "bad_gradients": guided.bad_gradients},
+        info={"scale": scale, "backward_calls": counter.rows, "bad_gradients": guided.bad_gradients}, mask=mask,
     )

@@ -1,11 +1,15 @@
 """``molgen guide MODALITY``: reward-guided sampling from the command line (argparse hooks for molgen.cli).
 
     molgen guide rna --reward rna_mfe --method svdd --candidates 4 --steps 16 --n 32 --out g.fasta --json s.json
+    molgen guide molecules --reward qed --method fk --particles 4 --steps 10 --n 16 --out g.sdf
+    molgen guide dna --reward jaspar:MA0099.3 --condition enhancer --method svdd --value runs/v.pt --out g.fasta
+    molgen guide backbones --reward rg --method dps --length 64 --steps 20 --out guided/
 
-``--candidates`` is SVDD's M and best-of-N's N per output; ``--particles`` is FK's population per output.
-The summary JSON holds reward_mean / reward_median / reward_top10, model_calls (every particle and candidate
-counted), reward_calls, seconds and the modality's naturalness (sequences: NELBO bits per token under the
-model). RNA and DNA are wired; molecules and backbones need their modality decoders (raises a clear error).
+``--candidates`` is SVDD's M and best-of-N's N per output; ``--particles`` is FK's population per output;
+``--value`` turns SVDD into SVDD-MC with a value net from ``python -m guidance.train_value``. The summary JSON
+holds reward_mean / reward_median / reward_top10, model_calls (every particle and candidate counted),
+reward_calls, seconds, the reward's failure counts and the modality's naturalness (molecules: validity and
+stability; sequences: NLL in bits per token under the model and 3-mer r; backbones: CA-CA validity).
 """
 
 from __future__ import annotations
@@ -15,25 +19,27 @@ import json
 import math
 from pathlib import Path
 
-import torch
-
 METHODS = ("svdd", "fk", "bon", "dps")
 
 
 def add_guide(parser: argparse.ArgumentParser, modality: str) -> None:
-    parser.add_argument("--reward", required=True, help="NAME[:ARGS], e.g. rna_mfe, rna_target:((((....))))")
+    parser.add_argument("--reward", required=True, help="NAME[:ARGS], e.g. qed, rna_mfe, jaspar:MA0099.3, qed+0.5*sa")
     parser.add_argument("--method", choices=METHODS, default="svdd")
     parser.add_argument("--candidates", type=int, default=4, help="SVDD's M / best-of-N's N")
     parser.add_argument("--particles", type=int, default=4, help="FK population per output")
     parser.add_argument("--alpha", type=float, default=0.0, help="SVDD temperature (0 = argmax)")
+    parser.add_argument("--value", default=None, help="SVDD-MC: value net checkpoint (python -m guidance.train_value)")
     parser.add_argument("--lam", type=float, default=10.0, help="FK tilt strength lambda")
     parser.add_argument("--potential", default="difference", choices=("difference", "max", "sum"))
+    parser.add_argument("--scale", type=float, default=1.0, help="DPS guidance scale")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--n", type=int, default=16, help="number of outputs")
-    parser.add_argument("--length", type=int, default=None, help="sequence length (default: from the data)")
+    parser.add_argument("--length", type=int, default=None, help="sequence / backbone length")
+    parser.add_argument("--condition", default=None, help="sequence class label (e.g. enhancer)")
+    parser.add_argument("--solver", default=None, help="stochastic sampler (default: the modality's)")
     parser.add_argument("--checkpoint", default=None, help="model checkpoint (default: the shipped one)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="output file (FASTA for sequences)")
+    parser.add_argument("--out", required=True, help="output file (FASTA, SDF/XYZ) or folder (backbones)")
     parser.add_argument("--json", default=None, help="write the summary JSON here")
 
 
@@ -43,17 +49,34 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not (args.alpha >= 0 and not math.isnan(args.alpha)):
         raise ValueError(f"--alpha must be >= 0, got {args.alpha}")
+    if not math.isfinite(args.lam) or not math.isfinite(args.scale):
+        raise ValueError(f"--lam and --scale must be finite, got {args.lam} and {args.scale}")
+    if args.value is not None and args.method != "svdd":
+        raise ValueError("--value is SVDD-MC's value net; it needs --method svdd")
 
 
 def run_guide(args: argparse.Namespace) -> int:
-    from guidance.rewards import parse_reward
+    from guidance.rewards import REWARDS, parse_reward
+    from guidance.tasks import get_problem, guide
 
     _check(args)
     reward = parse_reward(args.reward)  # bad names / arguments fail before any model is loaded
-    if args.modality in ("rna", "dna"):
-        summary = _guide_sequences(args, reward)
-    else:
-        raise ValueError(f"molgen guide {args.modality}: not wired yet (rna and dna are)")
+    _check_modality(args.reward, args.modality, REWARDS)
+    problem = get_problem(args.modality, steps=args.steps, checkpoint=args.checkpoint, length=args.length,
+                          condition=args.condition, solver=args.solver)
+    value = None
+    if args.value is not None:
+        from guidance.train_value import load_value
+
+        value, _ = load_value(args.value, problem, args.reward)
+    method = {"svdd": "svdd_mc" if value is not None else "svdd"}.get(args.method, args.method)
+    res = guide(problem, method, reward, args.n, candidates=args.candidates, particles=args.particles,
+                alpha=args.alpha, lam=args.lam, potential=args.potential, dps_scale=args.scale, value=value,
+                seed=args.seed)
+    problem.write(args.out, res)
+    summary = {**res.summary(), "method": method, "reward": args.reward, **problem.natural(res),
+               "reward_stats": reward.stats.as_dict(), "model_checkpoint": str(problem.checkpoint),
+               "model_sha256": problem.sha256}
     text = json.dumps(summary, indent=2)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -62,47 +85,13 @@ def run_guide(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guide_sequences(args: argparse.Namespace, reward) -> dict:
-    from guidance.baselines import best_of_n
-    from guidance.fk import Tilt, fk_sample
-    from guidance.svdd import svdd_sample
-    from molgen.diffusion.discrete import DiscreteSampler
-    from molgen.sequences.io import Record, write_fasta
-    from molgen.sequences.pretrained import default_checkpoint, load_pretrained
-
-    path = Path(args.checkpoint) if args.checkpoint else default_checkpoint(args.modality)
-    if not path.exists():
-        raise ValueError(f"no checkpoint at {path}; train one with `molgen train {args.modality}` or pass "
-                         "--checkpoint")
-    if args.method == "dps":
-        raise ValueError("dps needs a differentiable reward on a continuous state; use svdd, fk or bon for sequences")
-    pre = load_pretrained(path)
-    g = torch.Generator().manual_seed(args.seed)
-    smp = DiscreteSampler(pre.model, pre.process, "ancestral", steps=args.steps)
-    per = {"svdd": 1, "fk": args.particles, "bon": args.candidates}[args.method]
-    if args.length is not None:
-        lengths = torch.full((args.n,), args.length, dtype=torch.long)
-    else:
-        lengths = pre.lengths.sample(args.n, g)
-    x_T = pre.process.prior(lengths.repeat_interleave(per), int(lengths.max()))
-
-    def decode(tokens: torch.Tensor) -> list[str]:
-        return [pre.alphabet.decode(row) for row in tokens]
-
-    with torch.no_grad():
-        if args.method == "svdd":
-            res = svdd_sample(smp, x_T, reward, candidates=args.candidates, alpha=args.alpha, decode=decode,
-                              generator=g)
-        elif args.method == "fk":
-            res = fk_sample(smp, x_T, particles=per, tilt=Tilt(reward, lam=args.lam, potential=args.potential,
-                                                               decode=decode), generator=g, final="best")
-        else:
-            res = best_of_n(smp, x_T, reward, candidates=per, decode=decode, generator=g)
-        nelbo = pre.process.nelbo(pre.model, res.samples, n_t=4, generator=torch.Generator().manual_seed(0))
-    seqs = decode(res.samples)
-    write_fasta(args.out, [Record(f"guided_{i} reward={float(r):.4g}", s) for i, (s, r) in
-                           enumerate(zip(seqs, res.rewards.tolist()))])
-    n_tokens = pre.process.is_data(res.samples).sum(-1).clamp_min(1)
-    return {**res.summary(), "method": args.method, "reward": args.reward,
-            "nll_bits_per_token": float((nelbo / (n_tokens * math.log(2))).mean()),
-            "reward_stats": reward.stats.as_dict()}
+def _check_modality(spec: str, modality: str, registry: dict) -> None:
+    """Each named reward must score this modality's samples (``any`` rewards score raw tensor states, which
+    only backbones hand to rewards; ``sequence`` rewards score RNA and DNA)."""
+    for term in spec.split("+"):
+        name = term.split(":")[0].split("*")[-1].strip()
+        kind = registry[name].modality
+        fits = kind == modality or (kind == "any" and modality == "backbones") or (
+            kind == "sequence" and modality in ("rna", "dna"))
+        if not fits:
+            raise ValueError(f"reward {name!r} scores {kind}, not {modality}")

@@ -58,7 +58,10 @@ def prior(sampler: Sampler, n: int, shape: tuple[int, ...], generator: torch.Gen
 
 @dataclass
 class Scorer:
-    """Reward of (decoded) samples, with the decoder applied first; counts what it scores."""
+    """Reward of (decoded) samples, with the decoder applied first; counts what it scores.
+
+    ``decode(x0)`` turns a batch of states into reward inputs; for states with a padding mask (molecules)
+    the decoder is called as ``decode(x0, mask)``."""
 
     reward: Reward
     decode: Callable[[Tensor], Any] | None = None
@@ -68,9 +71,12 @@ class Scorer:
     def of(cls, reward: Callable | Reward, decode: Callable[[Tensor], Any] | None = None) -> Scorer:
         return cls(as_reward(reward), decode)
 
-    def __call__(self, x0: Tensor) -> Tensor:
+    def __call__(self, x0: Tensor, mask: Tensor | None = None) -> Tensor:
         self.calls += x0.shape[0]
-        samples = self.decode(x0) if self.decode is not None else x0.detach()
+        if self.decode is None:
+            samples = x0.detach()
+        else:
+            samples = self.decode(x0) if mask is None else self.decode(x0, mask)
         return self.reward(samples).to(x0.device)
 
 
@@ -89,6 +95,7 @@ class GuidanceResult:
     log_weights: Tensor | None = None
     particle_rewards: Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    mask: Tensor | None = None  # padding mask of ``samples`` (molecules)
 
     def summary(self) -> dict[str, Any]:
         r = self.rewards.double().cpu()
@@ -102,6 +109,36 @@ class GuidanceResult:
             "seconds": self.seconds,
             **{k_: v for k_, v in self.info.items() if isinstance(v, int | float | str)},
         }
+
+
+def merge(results: list[GuidanceResult]) -> GuidanceResult:
+    """One result from runs over disjoint chunks of outputs (samples padded to a common width; populations
+    dropped): compute and time add up, integer counters in ``info`` add up, float entries are averaged
+    weighted by the number of outputs, other entries come from the first chunk."""
+    if not results:
+        raise ValueError("nothing to merge")
+    width = max(r.samples.shape[1] for r in results) if results[0].samples.ndim > 1 else None
+
+    def pad(x: Tensor, value: float | bool) -> Tensor:
+        if width is None or x.shape[1] == width:
+            return x
+        extra = torch.full((x.shape[0], width - x.shape[1], *x.shape[2:]), value, dtype=x.dtype, device=x.device)
+        return torch.cat([x, extra], 1)
+
+    masks = [r.mask for r in results]
+    info = dict(results[0].info)
+    for key, v in info.items():
+        if isinstance(v, int) and not isinstance(v, bool) and key not in ("candidates", "particles"):
+            info[key] = sum(int(r.info.get(key, 0)) for r in results)
+        elif isinstance(v, float):
+            info[key] = sum(float(r.info.get(key, 0.0)) * len(r.rewards) for r in results) / sum(
+                len(r.rewards) for r in results)
+    return GuidanceResult(
+        samples=torch.cat([pad(r.samples, 0) for r in results]), rewards=torch.cat([r.rewards for r in results]),
+        model_calls=sum(r.model_calls for r in results), model_batches=sum(r.model_batches for r in results),
+        reward_calls=sum(r.reward_calls for r in results), seconds=sum(r.seconds for r in results),
+        info=info, mask=None if any(m is None for m in masks) else torch.cat([pad(m, False) for m in masks]),
+    )
 
 
 class Timer:

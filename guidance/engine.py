@@ -6,6 +6,7 @@
     st = engine.step(st, i, generator)       # reuses the cached estimate: no model call
     st = engine.select(st, index)            # resampling / replication
     x = engine.finish(st)                    # the cached estimate at the last grid point (or one more call)
+    engine.mask(st)                          # the padding mask (continuous states) or None
 
 ``engine.rows`` counts model evaluations per sample row. For masked diffusion the denoised estimate is the
 argmax of p(x0 | x_t) at masked positions (unmasked tokens kept), and the cache is ``log p(x0 | x_t)``.
@@ -65,6 +66,9 @@ class ContinuousEngine:
     def time(self, st: Any, i: int) -> Tensor:
         return st.tab["t"][:, i].reshape(-1).expand(st.batch)
 
+    def mask(self, st: Any) -> Tensor | None:
+        return st.mask
+
 
 class DiscreteEngine:
     """Masked diffusion (``molgen.diffusion.discrete.DiscreteSampler``) on its time grid; the transition
@@ -122,6 +126,9 @@ class DiscreteEngine:
 
     def time(self, st: Any, i: int) -> Tensor:
         return st.t
+
+    def mask(self, st: Any) -> None:
+        return None  # padding is a token
 
 
 def as_engine(sampler: Any) -> ContinuousEngine | DiscreteEngine:

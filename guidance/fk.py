@@ -237,7 +237,7 @@ def fk_sample(
             if composition is not None:
                 pop.reweight(_corrector(composition, pop.state, i, sampler))
             if tilt is not None and (i + 1) % tilt.every == 0:
-                pop.reweight(potential_step(tilt.potential, tilt.lam, scorer(x0), pop.carry))
+                pop.reweight(potential_step(tilt.potential, tilt.lam, scorer(x0, engine.mask(pop.state)), pop.carry))
             ess_trace.append(ess(pop.log_w))
             if policy.due(i):
                 pop.resample(policy, generator)
@@ -248,7 +248,7 @@ def fk_sample(
             pop.reweight(_corrector(composition, pop.state, last, sampler))
         rewards = None
         if tilt is not None:
-            rewards = scorer(x0)
+            rewards = scorer(x0, engine.mask(pop.state))
             if tilt.exact:
                 pop.reweight(tilt.lam * rewards - pop.carry["log_prod"])
             else:
@@ -258,6 +258,7 @@ def fk_sample(
         pick = gumbel_choice(log_w, generator) if final == "sample" else key.argmax(-1)
         index = pick + k * torch.arange(groups, device=dev)
         out_rewards = rewards[index] if rewards is not None else torch.full((groups,), float("nan"))
+        mask_out = engine.mask(pop.state)
     info = {"resamples": int(pop.resamples.sum()), "groups": groups, "particles": k,
             "ess_mean": float(torch.stack(ess_trace).mean()) if ess_trace else float(k),
             "log_evidence_mean": float(pop.log_evidence().mean())}
@@ -265,6 +266,7 @@ def fk_sample(
         samples=x0[index], rewards=out_rewards, model_calls=engine.rows, model_batches=engine.batches,
         reward_calls=scorer.calls if scorer else 0, seconds=timer.seconds,
         particles=x0, log_weights=log_w, particle_rewards=rewards, info=info,
+        mask=None if mask_out is None else mask_out[index],
     )
 
 

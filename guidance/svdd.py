@@ -4,7 +4,8 @@ At every transition i -> i + 1 each particle draws M children from the model's o
 p(x_{i+1} | x_i), scores each child by a soft value v(x_{i+1}) and keeps one child, drawn with probabilities
 softmax(v / alpha) over its M children (alpha = 0: the argmax; alpha -> inf: a uniform pick, which leaves
 the model's distribution unchanged). SVDD-PM uses v = r(D(x_{i+1}, t_{i+1})), the reward of the child's
-denoised estimate; SVDD-MC passes ``value(x_t, t, x0) -> [B]``, e.g. a learned value network.
+denoised estimate; SVDD-MC passes ``value(x_t, t, x0, mask) -> [B]``, e.g. a learned value network
+(``guidance.value.as_value``; ``mask`` is the padding mask or None).
 
 The chosen child's denoiser output is kept in ``state.x0``, so the next transition reuses it: a run costs
 1 + M (n_steps - 1) model evaluations per particle (the first denoising, then M per transition; the last
@@ -47,13 +48,13 @@ def svdd_sample(
     mask: Tensor | None = None,
     cond: Mapping[str, Tensor] | None = None,
     decode: Callable[[Tensor], Any] | None = None,
-    value: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+    value: Callable[..., Tensor] | None = None,
 ) -> GuidanceResult:
     """SVDD from ``x_T`` [B, ...] with M = ``candidates`` children per particle and step.
 
     ``sampler``: a stochastic continuous ``Sampler`` (ddpm_ancestral, euler_maruyama, dpmpp_2m_sde) or a
     masked-diffusion ``DiscreteSampler``. ``reward`` scores the final samples (and, for SVDD-PM, each
-    child's denoised estimate); ``value(x_t, t, x0)`` replaces the child score for SVDD-MC."""
+    child's denoised estimate); ``value(x_t, t, x0, mask)`` replaces the child score for SVDD-MC."""
     m = check_count("candidates", candidates)
     if not (alpha >= 0 and not math.isnan(alpha)):
         raise ValueError(f"alpha must be >= 0 (0 = argmax, inf = no guidance), got {alpha}")
@@ -71,16 +72,16 @@ def svdd_sample(
             kids = engine.step(engine.select(state, spread), i, generator)
             kids, x0 = engine.estimate(kids, i + 1)
             if value is None:
-                v = scorer(x0)
+                v = scorer(x0, engine.mask(kids))
             else:
-                v = value(kids.x, engine.time(kids, i + 1), x0).double()
+                v = value(kids.x, engine.time(kids, i + 1), x0, engine.mask(kids)).double()
                 value_calls += x0.shape[0]
             pick = base + choose(v.reshape(b, m), alpha, generator)
             state, chosen = engine.select(kids, pick), v[pick]
         samples = engine.finish(state)  # the cached estimate of the chosen children: no model call
-        rewards = chosen if value is None and chosen is not None else scorer(samples)
+        rewards = chosen if value is None and chosen is not None else scorer(samples, engine.mask(state))
     return GuidanceResult(
         samples=samples, rewards=rewards, model_calls=engine.rows, model_batches=engine.batches,
         reward_calls=scorer.calls, seconds=timer.seconds,
-        info={"candidates": m, "alpha": alpha, "value_calls": value_calls},
+        info={"candidates": m, "alpha": alpha, "value_calls": value_calls}, mask=engine.mask(state),
     )

@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
             add(sub, modality)
             sub.set_defaults(run=getattr(module, f"run_{verb}"))
     _add_generate(commands)
+    _add_campaign(commands)
     bench = commands.add_parser("bench", help="run a benchmark script from benchmarks/")
     bench.add_argument("name", help="samplers, molecules, sequences, structure, guidance, generation, gpu")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
@@ -81,6 +82,10 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     gen.add_argument("--steps", type=int)
     gen.add_argument("--length", type=int, help="sequence / backbone length (default: drawn from the data)")
     gen.add_argument("--checkpoint", help="model checkpoint (default: the shipped one)")
+    gen.add_argument("--reward", help="steer toward this reward, NAME[:ARGS] (guidance.rewards), e.g. rna_mfe")
+    gen.add_argument("--guide", help="guidance method with --reward: svdd (default), fk, bon, dps, unguided")
+    gen.add_argument("--candidates", type=int, help="SVDD's M / best-of-N's N (default 4)")
+    gen.add_argument("--particles", type=int, help="FK particles per sample (default 4)")
     gen.add_argument("--out")
     gen.add_argument("--accelerator", default="cpu", help="cpu, gpu or auto")
     gen.add_argument("--devices", default="1", help="devices per node (an integer or 'auto')")
@@ -94,7 +99,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     values = dict(iter_config_file(args.config)) if args.config else {}
     where = args.config or "command line"
-    for key in ("modality", "n", "shard_size", "seed", "solver", "steps", "length", "checkpoint", "out"):
+    for key in ("modality", "n", "shard_size", "seed", "solver", "steps", "length", "checkpoint", "reward", "guide",
+                "candidates", "particles", "out"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     for key in ("modality", "n"):
@@ -106,6 +112,62 @@ def _run_generate(args: argparse.Namespace) -> int:
                            overwrite=args.overwrite)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
         print(f"{config.n} {config.modality} samples in {config.n_shards} shards under {store.root}")
+    return 0
+
+
+def _add_campaign(commands: argparse._SubParsersAction) -> None:
+    camp = commands.add_parser("campaign", help="design campaigns: rounds of generate -> score -> select")
+    verbs = camp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    run = verbs.add_parser("run", help="run (or resume) a campaign from a YAML config, then write its report")
+    run.add_argument("config", help="campaign YAML (see examples/campaign_rna.yaml)")
+    run.add_argument("--dir", help="campaign folder (default: runs/campaigns/<config file stem>)")
+    run.add_argument("--overwrite", action="store_true", help="discard what the folder holds and start again")
+    run.add_argument("--no-report", dest="report", action="store_false", help="do not write DIR/report.html")
+    run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    run.set_defaults(run=_run_campaign)
+    status = verbs.add_parser("status", help="rounds, counts and best scores of a campaign folder")
+    status.add_argument("dir")
+    status.set_defaults(run=_run_campaign_status)
+    report = commands.add_parser("report", help="write a campaign's self-contained HTML report")
+    report.add_argument("dir", help="campaign folder")
+    report.add_argument("--out", help="HTML file (default: DIR/report.html)")
+    report.set_defaults(run=_run_report)
+
+
+def _run_campaign(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from molgen.campaign import Campaign, CampaignConfig
+    from molgen.campaign.report import write_report
+
+    config = CampaignConfig.from_yaml(args.config)
+    folder = Path(args.dir or Path("runs") / "campaigns" / Path(args.config).stem)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    campaign = Campaign(config, folder, overwrite=args.overwrite)
+    pending = campaign.pending_rounds()
+    print(f"campaign {config.name!r}: {len(pending)} round(s) to run in {folder}", flush=True)
+    campaign.run(verbose=True)
+    if args.report:
+        print(f"report: {write_report(campaign).resolve()}")
+    return 0
+
+
+def _run_campaign_status(args: argparse.Namespace) -> int:
+    from molgen.campaign import Campaign
+    from molgen.campaign.runner import status_text
+
+    print(status_text(Campaign.open(args.dir)))
+    return 0
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from molgen.campaign import Campaign
+    from molgen.campaign.report import write_report
+
+    print(f"report: {write_report(Campaign.open(args.dir), args.out).resolve()}")
     return 0
 
 

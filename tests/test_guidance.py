@@ -451,3 +451,136 @@ def test_value_network_regresses_the_soft_value_and_guides():
     plain = best_of_n(smp, x_T, reward, candidates=1, generator=gen(3))
     assert guided.info["value_calls"] == 200 * 4 * (smp.n_steps - 1) and guided.reward_calls == 200
     assert float(guided.rewards.mean()) > float(plain.rewards.mean()) + 0.1
+
+
+# ---------------------------------------------------------------------------------------------- molgen guide
+def molgen_guide(capsys, tmp_path, *argv: str, out: str = "o"):
+    from molgen.cli import main
+
+    code = main(["guide", *argv, "--out", str(tmp_path / out), "--json", str(tmp_path / "s.json")])
+    return code, capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["rna", "--reward", "nope"], "unknown reward 'nope'"),
+    (["rna", "--reward", "rna_target:((.."], "unmatched '('"),
+    (["rna", "--reward", "rna_target:(x)"], "position 1"),
+    (["dna", "--reward", "jaspar:MA9999.9"], "unknown JASPAR matrix ID 'MA9999.9'"),
+    (["dna", "--reward", "jaspar"], "bad arguments"),
+    (["dna", "--reward", "gc", "--candidates", "0"], "--candidates must be >= 1"),
+    (["dna", "--reward", "gc", "--method", "fk", "--particles", "0"], "--particles must be >= 1"),
+    (["dna", "--reward", "gc", "--alpha", "nan"], "--alpha must be >= 0"),
+    (["molecules", "--reward", "rna_mfe"], "reward 'rna_mfe' scores rna, not molecules"),
+    (["dna", "--reward", "gc", "--method", "fk", "--value", "v.pt"], "needs --method svdd"),
+    (["dna", "--reward", "gc", "--method", "dps", "--n", "1", "--steps", "2"], "dps needs a differentiable reward"),
+    (["dna", "--reward", "gc", "--length", "999"], "--length must lie in 1..200"),
+    (["molecules", "--reward", "qed", "--checkpoint", "missing.pt"], "no molecules checkpoint at missing.pt"),
+])
+def test_molgen_guide_bad_input_is_a_clear_error(tmp_path, capsys, argv, message):
+    code, cap = molgen_guide(capsys, tmp_path, *argv)
+    assert code == 2 and message in cap.err, cap.err
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_molgen_guide_nan_rewards_cost_a_counted_penalty(tmp_path, capsys):
+    import json
+
+    code, _ = molgen_guide(capsys, tmp_path, "dna", "--reward", "gc:target=nan", "--method", "bon", "--candidates",
+                           "2", "--n", "3", "--steps", "2", "--length", "12", out="g.fasta")
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert code == 0 and summary["reward_stats"]["nonfinite"] == 6 and summary["reward_stats"]["samples"] == 6
+    assert summary["reward_median"] == -1.0  # gc's declared penalty, not NaN
+    assert len((tmp_path / "g.fasta").read_text().split()) == 3 * 3  # the batch is kept
+
+
+def test_molgen_guide_molecules_svdd_and_fk_account_model_calls(tmp_path, capsys):
+    import json
+
+    from molgen.molecules.io import read_molecules
+
+    code, _ = molgen_guide(capsys, tmp_path, "molecules", "--reward", "qed", "--method", "svdd", "--candidates",
+                           "2", "--steps", "3", "--n", "3", out="g.sdf")
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert code == 0 and s["model_calls"] == 3 * (1 + 2 * 2) and s["reward_calls"] == 3 * 2 * 2
+    assert 0.0 <= s["validity"] <= 1.0 and 0.0 <= s["atom_stability"] <= 1.0 and len(s["model_sha256"]) == 64
+    assert len(read_molecules(tmp_path / "g.sdf")[0]) == 3
+    code, _ = molgen_guide(capsys, tmp_path, "molecules", "--reward", "qed", "--method", "fk", "--particles", "2",
+                           "--steps", "3", "--n", "2", out="f.sdf")
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert code == 0 and s["model_calls"] == 2 * 2 * 3 and s["reward_calls"] == 2 * 2 * 3
+
+
+def test_molecule_problem_chunks_pair_sizes_across_methods():
+    """Outputs are drawn per seed only (same atom counts for every method), chunked by size, merged in order."""
+    from guidance.tasks import get_problem, guide
+
+    problem = get_problem("molecules", steps=3, chunk=2)
+    reward = parse_reward("qed")
+    plain = guide(problem, "unguided", reward, 5, seed=3)
+    bon = guide(problem, "bon", reward, 5, candidates=2, seed=3)
+    sizes = plain.mask.sum(1)
+    assert plain.samples.shape[0] == 5 and (sizes == bon.mask.sum(1)).all() and (sizes.diff() >= 0).all()
+    assert plain.model_calls == 5 * 3 and bon.model_calls == 5 * 2 * 3 and plain.model_batches == 3 * 3
+    pad = ~plain.mask
+    assert (plain.samples[pad] == 0).all()  # padding stays exactly zero through chunking and merging
+    with pytest.raises(ValueError, match="dps needs a differentiable reward"):
+        guide(problem, "dps", reward, 2)
+    with pytest.raises(ValueError, match="svdd_mc needs a value network"):
+        guide(problem, "svdd_mc", reward, 2)
+
+
+# ---------------------------------------------------------------------------------------------- value nets
+def test_point_value_net_is_invariant_and_ignores_padding():
+    from guidance.value import PointValueNet
+    from structure.geometry import random_rotation
+
+    torch.manual_seed(0)
+    net = PointValueNet(3, SCHED, sigma_data=1.5)
+    x = torch.randn(4, 7, 6)
+    mask = torch.arange(7)[None] < torch.tensor([7, 5, 3, 6])[:, None]
+    t = torch.tensor([0.1, 0.4, 0.7, 0.95])
+    base = net(x, t, mask)
+    rot = random_rotation(gen(0))
+    moved = torch.cat([x[..., :3] @ rot.T + torch.tensor([1.0, -2.0, 0.5]), x[..., 3:]], -1)
+    assert torch.allclose(net(moved, t, mask), base, atol=1e-4)
+    perm = torch.randperm(3)
+    x_p = x.clone()
+    x_p[2, :3] = x[2, perm]
+    assert torch.allclose(net(x_p, t, mask)[2], base[2], atol=1e-5)
+    junk = torch.where(mask[..., None], x, 100 * torch.randn_like(x))
+    assert torch.allclose(net(junk, t, mask), base, atol=1e-5)
+
+
+def test_train_value_records_its_recipe_and_refuses_other_models(tmp_path):
+    from guidance.tasks import get_problem, guide
+    from guidance.train_value import load_value, main
+
+    out = tmp_path / "v.pt"
+    assert main(["dna", "--reward", "gc", "--steps", "2", "--length", "16", "--samples", "4", "--fit-steps", "3",
+                 "--batch", "4", "--out", str(out)]) == 0
+    problem = get_problem("dna", steps=2, length=16)
+    value, card = load_value(out, problem, "gc")
+    prov = card["provenance"]
+    assert prov["command"].startswith("python -m guidance.train_value dna --reward gc")
+    assert prov["model_calls"] == 4 * 2 and prov["samples"] == 4 and prov["model_sha256"] == problem.sha256
+    res = guide(problem, "svdd_mc", parse_reward("gc"), 3, candidates=2, value=value)
+    assert res.info["value_calls"] == 3 * 2 * 2 and res.reward_calls == 3  # no reward inside the loop
+    with pytest.raises(ValueError, match="trained for dna / 'gc'"):
+        load_value(out, problem, "gc:target=0.5")
+    problem.sha256 = "0" * 64
+    with pytest.raises(ValueError, match="another version"):
+        load_value(out, problem, "gc")
+
+
+def test_molgen_guide_backbones_dps_and_svdd(tmp_path, capsys):
+    import json
+
+    code, _ = molgen_guide(capsys, tmp_path, "backbones", "--reward", "rg", "--method", "dps", "--n", "2", "--steps",
+                           "3", "--length", "40", out="dps")
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert code == 0 and s["model_calls"] == 2 * 3 and s["backward_calls"] == 2 * 3 and s["bad_gradients"] == 0
+    assert 0.0 <= s["ca_ca_valid"] <= 1.0 and len(list((tmp_path / "dps").glob("*.pdb"))) == 2
+    code, _ = molgen_guide(capsys, tmp_path, "backbones", "--reward", "rg+helix", "--method", "svdd", "--candidates",
+                           "2", "--n", "2", "--steps", "3", "--length", "40", out="svdd")
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert code == 0 and s["model_calls"] == 2 * (1 + 2 * 2) and s["reward_stats"]["failures"] == 0

@@ -82,3 +82,28 @@ def test_weighted_sum_of_rewards():
     assert r.penalty == pytest.approx(-1.5)
     with pytest.raises(ValueError, match="unknown reward"):
         parse_reward("gc+2*nope")
+
+
+def test_backbone_rewards_known_values():
+    from guidance.rewards.structure import rg_ratio
+
+    n = 12
+    ang = torch.arange(n, dtype=torch.float64) * (2 * torch.pi / n)
+    ring = torch.stack([5.0 * ang.cos(), 5.0 * ang.sin(), torch.zeros(n, dtype=torch.float64)], -1)[None]
+    assert rg_ratio(ring).item() == pytest.approx(5.0 / (3.3 * n**0.31))  # every point at radius 5: Rg = 5
+    rg = parse_reward("rg:target=1.0")
+    x = ring.clone().requires_grad_(True)
+    rg.grad_fn(x).sum().backward()
+    assert rg.differentiable and torch.isfinite(x.grad).all()
+    assert rg(ring).item() == pytest.approx(-abs(5.0 / (3.3 * n**0.31) - 1.0))
+    pytest.importorskip("pydssp")
+    k = torch.arange(30, dtype=torch.float64)  # ideal alpha helix: radius 2.3 A, 100 degrees and 1.5 A per residue
+    theta = k * (100.0 * torch.pi / 180.0)
+    helix_ca = torch.stack([2.3 * theta.cos(), 2.3 * theta.sin(), 1.5 * k], -1)
+    line = torch.stack([3.8 * k, torch.zeros_like(k), torch.zeros_like(k)], -1)
+    helix = parse_reward("helix")
+    out = helix(torch.stack([helix_ca, line]))
+    assert out[0].item() > 0.7 and out[1].item() == 0.0
+    assert parse_reward("strand")(line[None]).item() == 0.0  # a lone strand has no partner: coil
+    bad = helix([torch.full((5, 3), float("nan"))])
+    assert bad.item() == 0.0 and helix.stats.failures == 1

@@ -50,7 +50,9 @@ class MolReward(Reward):
 
     def score_one(self, sample: Any) -> float:
         from rdkit.Chem import QED, Crippen
+        from rdkit.rdBase import BlockLogs
 
+        _quiet = BlockLogs()  # silences RDKit per-molecule warnings while this call runs
         mol = to_mol(sample)
         if self.kind == "validity":
             return 1.0

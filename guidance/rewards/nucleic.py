@@ -142,7 +142,9 @@ register("rna_mfe", "rna", "-MFE (kcal/mol) of the ViennaRNA fold")(lambda: RNAM
 register("rna_target", "rna", "-(bp distance of the MFE structure to a target dot-bracket) / length")(
     lambda target: RNATarget(target=str(target))
 )
-register("gc", "dna", "GC fraction, or -|GC - target| with target=")(lambda target=None: GC(target=target))
+register("gc", "sequence", "GC fraction (RNA or DNA), or -|GC - target| with target=")(
+    lambda target=None: GC(target=target)
+)
 register("jaspar", "dna", "best JASPAR PWM window on either strand, scaled to [0, 1] (arg: matrix ID)")(
     lambda matrix_id: Jaspar(matrix_id=str(matrix_id))
 )

@@ -117,7 +117,7 @@ def fit(
     """Train for ``max_minutes`` (total over resumes) or ``max_steps``; resumes from ``out_dir/last.ckpt``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=out_dir, save_last=True, every_n_train_steps=100, save_top_k=0
+        dirpath=out_dir, save_last=True, every_n_train_steps=100, save_top_k=0, enable_version_counter=False
     )
     trainer = L.Trainer(
         accelerator="cpu",

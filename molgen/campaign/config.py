@@ -1,0 +1,264 @@
+"""Campaign configuration: nested frozen dataclasses read from YAML, unknown keys and bad values refused.
+
+    name: rna_demo                     # free text
+    modality: rna                      # molecules | rna | dna | backbones
+    checkpoint: null                   # null = the shipped default model
+    seed: 0
+    rounds: 3
+    n_per_round: 64
+    length: 40                         # sequence / backbone length (null = drawn from the data; backbones: 100)
+    sampler: {solver: ancestral, steps: 16}
+    rewards:                           # guidance.rewards.parse_reward specs; score = sum_k weight_k r_k
+      - {name: stability, spec: rna_mfe, weight: 0.1}
+      - {name: hairpin, spec: "rna_target:((((((....))))))", weight: 1.0}
+    guidance: {method: svdd, candidates: 4}        # none | bon | svdd | fk | dps (+ alpha, particles, lam, ...)
+    selection: {rule: top_k, k: 16, min_distance: 0.3}   # top_k | pareto; objectives: rewards | rewards+naturalness
+    refine: {fraction: 0.5, t: 0.5}    # rounds >= 2: this share of n refines the selection, re-noised to t
+    database: null                     # null = sqlite:///DIR/campaign.sqlite; or a SQLAlchemy URL
+
+``identity()`` is what decides the designs: a folder holding a campaign of another identity is refused.
+``rounds`` and ``database`` are left out, so raising ``rounds`` continues a finished campaign.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODALITIES = ("molecules", "rna", "dna", "backbones")
+METHODS = ("none", "bon", "svdd", "fk", "dps")
+RULES = ("top_k", "pareto")
+OBJECTIVES = ("rewards", "rewards+naturalness")
+POTENTIALS = ("difference", "max", "sum")
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """One reward: a column ``name`` in the scores table, a ``parse_reward`` spec and its weight in the score."""
+
+    name: str
+    spec: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """The model's sampler (null = guidance's defaults: rna/dna ancestral, 16 steps; molecules ddpm_ancestral,
+    10 steps; backbones ddpm_ancestral, 20 steps). SVDD and FK need a stochastic sampler."""
+
+    solver: str | None = None
+    steps: int | None = None
+
+
+@dataclass(frozen=True)
+class GuidanceSpec:
+    """A guidance method of the ``guidance`` package steering toward the weighted score."""
+
+    method: str = "none"
+    candidates: int = 4  # SVDD's M, best-of-N's N
+    particles: int = 4  # FK population per output
+    alpha: float = 0.0  # SVDD temperature
+    lam: float = 10.0  # FK tilt strength
+    potential: str = "difference"
+    scale: float = 1.0  # DPS guidance scale (a differentiable reward on a continuous state: backbones' rg)
+
+
+@dataclass(frozen=True)
+class SelectionSpec:
+    """Which designs of the portfolio (all rounds so far) are selected after each round."""
+
+    rule: str = "top_k"
+    k: int = 16
+    objectives: str = "rewards"  # Pareto objectives: the reward columns, optionally with naturalness
+    min_distance: float | None = None  # diversity filter: keep a design only this far from every kept one
+
+
+@dataclass(frozen=True)
+class RefineSpec:
+    """SDEdit-style refinement: in rounds >= 2, ``fraction`` of ``n_per_round`` designs start from the
+    previous selection noised to time ``t`` (masked diffusion: each token masked with probability 1 - alpha(t);
+    continuous: x_t = alpha(t) x0 + sigma(t) eps) and are denoised from there."""
+
+    fraction: float = 0.0
+    t: float = 0.5
+
+
+@dataclass(frozen=True)
+class CampaignConfig:
+    modality: str
+    rewards: tuple[RewardSpec, ...]
+    name: str = "campaign"
+    checkpoint: str | None = None
+    seed: int = 0
+    rounds: int = 3
+    n_per_round: int = 32
+    length: int | None = None
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    guidance: GuidanceSpec = field(default_factory=GuidanceSpec)
+    selection: SelectionSpec = field(default_factory=SelectionSpec)
+    refine: RefineSpec = field(default_factory=RefineSpec)
+    database: str | None = None
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # ------------------------------------------------------------------------------------------ reading
+    @classmethod
+    def from_mapping(cls, values: Any, where: str = "config") -> CampaignConfig:
+        """Build from a nested mapping; an unknown key or a bad value raises ValueError naming it and ``where``."""
+        try:
+            return _build(cls, values, where, "")
+        except ValueError as err:
+            msg = str(err)
+            raise ValueError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> CampaignConfig:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no campaign config at {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML ({err})") from None
+        return cls.from_mapping(data, str(path))
+
+    # ------------------------------------------------------------------------------------------ identity
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        d = self.to_dict()
+        d.pop("rounds")
+        d.pop("database")
+        return d
+
+    def identity_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
+
+    @property
+    def reward_names(self) -> list[str]:
+        return [r.name for r in self.rewards]
+
+
+_NESTED = {"sampler": SamplerSpec, "guidance": GuidanceSpec, "selection": SelectionSpec, "refine": RefineSpec}
+
+
+def _build(cls: type, values: Any, where: str, prefix: str) -> Any:
+    label = prefix.rstrip(".") or "the top level"
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: {label} must be a mapping of keys to values, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in values if k not in known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {[prefix + k for k in unknown]}; known keys at {label}: "
+                         f"{sorted(known)}")
+    missing = [k for k, f in known.items() if k not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {[prefix + k for k in missing]}")
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if cls is CampaignConfig and key in _NESTED:
+            kwargs[key] = _build(_NESTED[key], value or {}, where, f"{key}.")
+        elif cls is CampaignConfig and key == "rewards":
+            if not isinstance(value, list) or not value:
+                raise ValueError(f"{where}: rewards must be a non-empty list of {{name, spec, weight}}")
+            kwargs[key] = tuple(_build(RewardSpec, v, where, f"rewards[{i}].") for i, v in enumerate(value))
+        else:
+            kwargs[key] = _typed(known[key], value, where, prefix + key)
+    return cls(**kwargs)
+
+
+def _typed(f: dataclasses.Field, value: Any, where: str, key: str) -> Any:
+    """Check a scalar against the field's annotation (str, int, float, or one of them | None)."""
+    kinds = str(f.type).replace(" ", "").split("|")
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise ValueError(f"{where}: {key} may not be null")
+    if "int" in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if "float" in kinds and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if "str" in kinds and isinstance(value, str):
+        return value
+    want = " or ".join(k for k in kinds if k != "None")
+    raise ValueError(f"{where}: {key} must be {want}, got {value!r}")
+
+
+def validate(cfg: CampaignConfig) -> None:
+    """Value checks; the error names the key."""
+    if cfg.modality not in MODALITIES:
+        raise ValueError(f"modality {cfg.modality!r} is not one of {MODALITIES}")
+    for key in ("rounds", "n_per_round"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.length is not None and cfg.length < 1:
+        raise ValueError(f"length must be >= 1, got {cfg.length}")
+    rewards = cfg.rewards
+    names = [r.name for r in rewards]
+    if len(set(names)) != len(names):
+        raise ValueError(f"rewards: names must be unique, got {names}")
+    for i, r in enumerate(rewards):
+        _check_reward(r, i, cfg.modality)
+    s = cfg.sampler
+    if s.steps is not None and s.steps < 1:
+        raise ValueError(f"sampler.steps must be >= 1, got {s.steps}")
+    g = cfg.guidance
+    if g.method not in METHODS:
+        raise ValueError(f"guidance.method {g.method!r} is not one of {METHODS}")
+    if g.potential not in POTENTIALS:
+        raise ValueError(f"guidance.potential {g.potential!r} is not one of {POTENTIALS}")
+    for key in ("candidates", "particles"):
+        if getattr(g, key) < 1:
+            raise ValueError(f"guidance.{key} must be >= 1, got {getattr(g, key)}")
+    if not (g.alpha >= 0 and math.isfinite(g.alpha)):
+        raise ValueError(f"guidance.alpha must be a finite number >= 0, got {g.alpha}")
+    if not (math.isfinite(g.lam) and math.isfinite(g.scale)):
+        raise ValueError(f"guidance.lam and guidance.scale must be finite, got {g.lam} and {g.scale}")
+    sel = cfg.selection
+    if sel.rule not in RULES:
+        raise ValueError(f"selection.rule {sel.rule!r} is not one of {RULES}")
+    if sel.objectives not in OBJECTIVES:
+        raise ValueError(f"selection.objectives {sel.objectives!r} is not one of {OBJECTIVES}")
+    if sel.k < 1:
+        raise ValueError(f"selection.k must be >= 1, got {sel.k}")
+    if sel.min_distance is not None and not 0 <= sel.min_distance <= 1:
+        raise ValueError(f"selection.min_distance must be in [0, 1], got {sel.min_distance}")
+    ref = cfg.refine
+    if not 0 <= ref.fraction <= 1:
+        raise ValueError(f"refine.fraction must be in [0, 1], got {ref.fraction}")
+    if not 0 < ref.t <= 1:
+        raise ValueError(f"refine.t must be in (0, 1], got {ref.t}")
+
+
+def _check_reward(r: RewardSpec, i: int, modality: str) -> None:
+    """A parseable spec whose every term scores this modality's designs (``any`` rewards score raw tensor
+    states, which only backbones hand to rewards; ``sequence`` rewards score RNA and DNA)."""
+    from guidance.rewards import REWARDS, parse_reward
+
+    if not r.name or not r.name.replace("_", "").isalnum():
+        raise ValueError(f"rewards[{i}].name must be a non-empty identifier, got {r.name!r}")
+    if r.name in ("score", "naturalness"):
+        raise ValueError(f"rewards[{i}].name {r.name!r} is reserved")
+    if not math.isfinite(r.weight):
+        raise ValueError(f"rewards[{i}].weight must be finite, got {r.weight}")
+    try:
+        parse_reward(r.spec)
+    except ValueError as err:
+        raise ValueError(f"rewards[{i}].spec {r.spec!r}: {err}") from None
+    for term in r.spec.split("+"):
+        name = term.strip().rpartition("*")[2].partition(":")[0].strip()
+        kind = REWARDS[name].modality
+        fits = kind == modality or (kind == "any" and modality == "backbones") or (
+            kind == "sequence" and modality in ("rna", "dna"))
+        if not fits:
+            raise ValueError(f"rewards[{i}].spec {r.spec!r}: reward {name!r} scores {kind} designs, not {modality}")

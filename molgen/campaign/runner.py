@@ -1,0 +1,280 @@
+"""A design campaign: rounds of generate -> score -> select over the portfolio of all designs so far.
+
+    from molgen.campaign import Campaign, CampaignConfig
+    c = Campaign(CampaignConfig.from_yaml("examples/campaign_rna.yaml"), "runs/c1")
+    c.run()
+    c.samples_frame()          # pandas: one row per design, one column per reward, score, naturalness
+    c.selected()               # the current selection, best first
+
+Round r draws its designs with the seed ``round_seed(seed, r)`` (a function of the campaign seed and r only)
+and, when ``refine.fraction > 0``, re-noises part of the selection of round r - 1. Its score is
+sum_k w_k r_k; the guidance methods steer toward that weighted sum. Selection ranks the whole portfolio:
+``top_k`` by score, ``pareto`` by non-dominated front over the reward columns (and naturalness when asked),
+score breaking ties; ``min_distance`` then drops designs too close to a better one already kept.
+Everything goes into the SQL store; re-running continues after the last finished round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from molgen import __version__
+from molgen.campaign import selection as sel
+from molgen.campaign.config import CampaignConfig
+from molgen.campaign.modalities import Design, Modality, checkpoint_path, load_modality
+from molgen.campaign.store import Store, database_url, json_text, sample_id
+
+CONFIG_FILE = "campaign.json"
+
+
+class Campaign:
+    """A campaign folder ``root`` (config copy, SQLite file, report) bound to one configuration."""
+
+    def __init__(self, config: CampaignConfig, root: str | Path, *, overwrite: bool = False) -> None:
+        self.config = config
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.store = Store(database_url(self.root, config.database))
+        self._modality: Modality | None = None
+        self._rewards: list[Any] | None = None
+        self._bind(overwrite)
+
+    @classmethod
+    def open(cls, root: str | Path) -> Campaign:
+        """An existing campaign folder, with the configuration it was run with."""
+        path = Path(root) / CONFIG_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{root} is not a campaign folder (no {CONFIG_FILE}); run `molgen campaign run`")
+        return cls(CampaignConfig.from_mapping(json.loads(path.read_text()), str(path)), root)
+
+    # ------------------------------------------------------------------------------------------ identity
+    def _bind(self, overwrite: bool) -> None:
+        cfg = self.config
+        existing = self.store.campaign()
+        if existing is not None and existing["identity"] != cfg.identity_hash():
+            if not overwrite:
+                old = json.loads(existing["config"])
+                diff = _differences(old, cfg.to_dict())
+                raise ValueError(f"{self.root} holds a campaign with a different configuration (differs in "
+                                 f"{diff}); use another directory or pass --overwrite")
+        ckpt = checkpoint_path(cfg)
+        digest = sha256_file(ckpt) if ckpt.exists() else None
+        if existing is not None and existing["checkpoint_sha256"] != digest and not overwrite:
+            raise ValueError(f"the model checkpoint {ckpt} changed since this campaign started (sha256 "
+                             f"{str(existing['checkpoint_sha256'])[:12]}... -> {str(digest)[:12]}...); "
+                             "use another directory or pass --overwrite")
+        if overwrite:
+            self.store.reset()
+            existing = None
+        row = {"name": cfg.name, "modality": cfg.modality, "config": json_text(cfg.to_dict()),
+               "identity": cfg.identity_hash(), "checkpoint": str(ckpt),
+               "checkpoint_sha256": digest,
+               "sampler": json_text(cfg.to_dict()["sampler"]), "guidance": json_text(cfg.to_dict()["guidance"]),
+               "seed": cfg.seed, "molgen_version": __version__}
+        if existing is None or any(existing.get(k) != v for k, v in row.items()):
+            self.store.write_campaign(row)
+        (self.root / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    # ------------------------------------------------------------------------------------------ running
+    @property
+    def modality(self) -> Modality:
+        if self._modality is None:
+            self._modality = load_modality(self.config)
+        return self._modality
+
+    @property
+    def rewards(self) -> list[Any]:
+        from guidance.rewards import parse_reward
+
+        if self._rewards is None:
+            self._rewards = [parse_reward(r.spec) for r in self.config.rewards]
+        return self._rewards
+
+    def guide_reward(self) -> Any:
+        """The scalar the guidance methods steer toward: sum_k w_k r_k (guidance's own SumReward)."""
+        from guidance.rewards import SumReward
+
+        weights = [r.weight for r in self.config.rewards]
+        if len(weights) == 1 and weights[0] == 1.0:
+            return self.rewards[0]
+        return SumReward(name="score", parts=self.rewards, weights=weights,
+                         penalty=sum(w * r.penalty for w, r in zip(weights, self.rewards)))
+
+    def pending_rounds(self) -> list[int]:
+        done = set(self.store.done_rounds())
+        return [r for r in range(1, self.config.rounds + 1) if r not in done]
+
+    def run(self, verbose: bool = False) -> Campaign:
+        """Run every round not yet finished (a crashed round is redone from scratch)."""
+        torch.set_grad_enabled(False)
+        try:
+            for r in self.pending_rounds():
+                stats = self.run_round(r)
+                if verbose:
+                    print(f"round {r}/{self.config.rounds}: {stats['n']} designs, best score "
+                          f"{stats['best']:.4g}, selected {stats['selected']}, {stats['seconds']:.1f} s", flush=True)
+        finally:
+            torch.set_grad_enabled(True)
+        return self
+
+    def run_round(self, r: int) -> dict[str, Any]:
+        cfg = self.config
+        seed = round_seed(cfg.seed, r)
+        self.store.start_round(r, seed)
+        t0 = time.perf_counter()
+        out = self.modality.generate(cfg.n_per_round, seed, self.guide_reward(), self._parents(r))
+        if len(out.designs) != cfg.n_per_round:
+            raise RuntimeError(f"round {r}: generated {len(out.designs)} of {cfg.n_per_round} designs")
+        t1 = time.perf_counter()
+        inputs = self.modality.reward_inputs(out.designs)
+        values = {spec.name: reward(inputs).double().cpu().numpy() for spec, reward in zip(cfg.rewards, self.rewards)}
+        score = sum(spec.weight * values[spec.name] for spec in cfg.rewards)
+        t2 = time.perf_counter()
+        ids = [sample_id(r, i) for i in range(len(out.designs))]
+        samples = [
+            {"id": sid, "round": r, "idx": i, "origin": d.origin, "parent": d.parent, "sequence": d.sequence,
+             "smiles": d.smiles, "structure": d.structure, "naturalness": _finite(d.naturalness),
+             "score": float(score[i])}
+            for i, (sid, d) in enumerate(zip(ids, out.designs))
+        ]
+        scores = [{"sample_id": sid, "reward": name, "value": float(v[i])} for name, v in values.items()
+                  for i, sid in enumerate(ids)]
+        chosen = self._select(pd.concat([self.samples_frame(), _new_frame(samples, values)], ignore_index=True))
+        t3 = time.perf_counter()
+        self.store.commit_round(r, samples, scores, chosen, {
+            "model_calls": int(out.model_calls), "seconds_generate": t1 - t0, "seconds_score": t2 - t1,
+            "seconds_select": t3 - t2})
+        return {"n": len(samples), "best": float(np.max(score)), "selected": len(chosen), "seconds": t3 - t0}
+
+    def _parents(self, r: int) -> list[tuple[str, Design]]:
+        if r == 1 or self.config.refine.fraction == 0:
+            return []
+        frame = self.samples_frame().set_index("id")
+        return [(sid, design_of(frame.loc[sid])) for sid in self.store.selection(r - 1)]
+
+    def _select(self, portfolio: pd.DataFrame) -> list[str]:
+        spec = self.config.selection
+        objectives = None
+        if spec.rule == "pareto":
+            cols = self.config.reward_names + (["naturalness"] if spec.objectives == "rewards+naturalness" else [])
+            objectives = portfolio[cols].to_numpy(dtype=np.float64)
+        distance = None
+        if spec.min_distance is not None:
+            distance = self.modality.distance([design_of(row) for _, row in portfolio.iterrows()])
+        index = sel.select(portfolio["score"].to_numpy(dtype=np.float64), spec.k, objectives=objectives,
+                           distance=distance, min_distance=spec.min_distance)
+        return portfolio["id"].iloc[index].tolist()
+
+    # ------------------------------------------------------------------------------------------ queries
+    def samples_frame(self) -> pd.DataFrame:
+        """Every design of the finished rounds: id, round, origin, parent, payload, naturalness, score and
+        one column per reward."""
+        return self.store.samples_frame(self.config.reward_names)
+
+    def rounds_frame(self) -> pd.DataFrame:
+        return self.store.rounds_frame()
+
+    def selections_frame(self) -> pd.DataFrame:
+        return self.store.selections_frame()
+
+    def scores_frame(self) -> pd.DataFrame:
+        return self.store.scores_frame()
+
+    def selected(self, round_: int | None = None) -> pd.DataFrame:
+        """The selection after ``round_`` (default: the last finished round), best first."""
+        done = self.store.done_rounds()
+        if not done:
+            return self.samples_frame().iloc[:0]
+        ids = self.store.selection(done[-1] if round_ is None else round_)
+        frame = self.samples_frame().set_index("id")
+        return frame.loc[ids].reset_index()
+
+    def info(self) -> dict[str, Any]:
+        return self.store.campaign() or {}
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def status_text(campaign: Campaign) -> str:
+    """Rounds (status, designs, model calls, seconds), counts and the best designs, as plain text."""
+    cfg = campaign.config
+    rounds, samples = campaign.rounds_frame(), campaign.samples_frame()
+    lines = [f"campaign {cfg.name!r} ({cfg.modality}) in {campaign.root}: "
+             f"{len(campaign.store.done_rounds())} of {cfg.rounds} rounds done, {len(samples)} designs"]
+    for _, r in rounds.iterrows():
+        secs = sum(float(r[c] or 0) for c in ("seconds_generate", "seconds_score", "seconds_select"))
+        part = samples[samples["round"] == r["round"]]
+        chosen = samples["id"].isin(set(campaign.store.selection(int(r["round"]))))
+        best = (f", best score {part['score'].max():.4g}, "
+                f"selection mean score {samples.loc[chosen, 'score'].mean():.4g}" if len(part) else "")
+        lines.append(f"  round {int(r['round'])}: {r['status']}, {len(part)} designs, "
+                     f"{int(r['model_calls'] or 0)} model calls, {secs:.1f} s{best}")
+    if len(samples):
+        cols = ["score", *cfg.reward_names, "naturalness"]
+        lines.append("best per column: " + ", ".join(f"{c} {samples[c].max():.4g}" for c in cols))
+        top = campaign.selected().head(5)
+        payload = "sequence" if cfg.modality in ("rna", "dna") else "smiles" if cfg.modality == "molecules" else None
+        lines.append(f"selected ({len(campaign.selected())}), best first:")
+        for _, row in top.iterrows():
+            extra = f"  {row[payload]}" if payload else ""
+            lines.append(f"  {row['id']}  score {row['score']:.4g}" + "".join(
+                f"  {c} {row[c]:.4g}" for c in cfg.reward_names) + extra)
+    return "\n".join(lines)
+
+
+def round_seed(seed: int, round_: int) -> int:
+    """A 62-bit seed from (campaign seed, round) alone."""
+    digest = hashlib.sha256(f"molgen-campaign:{seed}:{round_}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**62 - 1)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def design_of(row: pd.Series) -> Design:
+    def text(key: str) -> str | None:
+        v = row.get(key)
+        return None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+
+    return Design(sequence=text("sequence"), smiles=text("smiles"), structure=text("structure"),
+                  parent=text("parent"), origin=str(row.get("origin", "sample")),
+                  naturalness=float(row.get("naturalness", np.nan)))
+
+
+def _new_frame(samples: list[dict[str, Any]], values: dict[str, np.ndarray]) -> pd.DataFrame:
+    frame = pd.DataFrame(samples)
+    for name, v in values.items():
+        frame[name] = v
+    return frame
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    out: list[str] = []
+    for k in keys:
+        if k in ("rounds", "database") and not prefix:
+            continue
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(prefix + k)
+    return out

@@ -1,0 +1,302 @@
+"""Design campaigns: selection rules on hand-built cases, strict configs, the SQL store, resume after a crash,
+refusal of another configuration, SDEdit-style refinement, the command line."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from molgen.campaign import Campaign, CampaignConfig
+from molgen.campaign import selection as sel
+from molgen.campaign.modalities import Design, Sequences, partial_discrete, renoise
+from molgen.cli import main
+
+TARGET = "((((....))))"  # 12 nt
+TIMING = ["seconds_generate", "seconds_score", "seconds_select", "started", "finished"]
+
+
+def tiny(**over) -> dict:
+    cfg = {
+        "name": "tiny", "modality": "rna", "seed": 3, "rounds": 3, "n_per_round": 6, "length": 12,
+        "sampler": {"steps": 4},
+        "rewards": [{"name": "target", "spec": f"rna_target:{TARGET}"}, {"name": "mfe", "spec": "rna_mfe",
+                                                                          "weight": 0.05}],
+        "guidance": {"method": "svdd", "candidates": 2},
+        "selection": {"rule": "pareto", "k": 4, "min_distance": 0.2},
+        "refine": {"fraction": 0.5, "t": 0.5},
+    }
+    cfg.update(over)
+    return cfg
+
+
+def write_yaml(path: Path, values: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ selection
+def test_pareto_front_exact():
+    pts = np.array([[1, 5], [2, 4], [3, 3], [2, 2], [1, 1], [3, 3], [0, 6], [4, 0], [4, -1]], float)
+    front = sel.pareto_front(pts)
+    assert front.tolist() == [True, True, True, False, False, True, True, True, False]
+    assert sel.pareto_ranks(pts).tolist() == [0, 0, 0, 1, 2, 0, 0, 0, 1]
+    # three objectives: (1,1,1) is dominated only by (1,1,2); (2,0,0) and (0,2,0) trade off
+    pts3 = np.array([[1, 1, 1], [1, 1, 2], [2, 0, 0], [0, 2, 0], [0, 0, 0]], float)
+    assert sel.pareto_front(pts3).tolist() == [False, True, True, True, False]
+    assert sel.pareto_ranks(pts3).tolist() == [1, 0, 0, 0, 2]
+    # NaN never dominates
+    assert sel.pareto_front(np.array([[np.nan, 9.0], [1.0, 1.0]])).tolist() == [True, True]
+
+
+def test_select_top_k_pareto_and_diversity():
+    score = np.array([4.0, 3.0, 2.0, 1.0])
+    assert sel.select(score, 2) == [0, 1]
+    seqs = ["AAAA", "AAAT", "TTTT", "AATT"]
+    dist = lambda i, j: sel.hamming(seqs[i], seqs[j])  # noqa: E731
+    # AAAT is 0.25 from AAAA; AATT is exactly 0.5 from both AAAA and TTTT (kept: >= threshold)
+    assert sel.select(score, 3, distance=dist, min_distance=0.5) == [0, 2, 3]
+    assert sel.select(score, 4, distance=dist, min_distance=0.6) == [0, 2]
+    # Pareto: points 2 and 3 form the front, ties inside a front go by score
+    obj = np.array([[0, 0], [1, 0], [5, 1], [1, 5]], float)
+    assert sel.select(score, 4, objectives=obj) == [2, 3, 1, 0]
+    assert sel.hamming("ACGU", "ACG") == 0.25 and sel.hamming("", "") == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ config
+def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
+    ok = CampaignConfig.from_yaml(write_yaml(tmp_path / "ok.yaml", tiny()))
+    assert ok.selection.k == 4 and ok.rewards[1].weight == 0.05
+    cases = [
+        (tiny(colour="red"), "colour"),
+        (tiny(selection={"rule": "top_k", "kk": 3}), "selection.kk"),
+        (tiny(rewards=[{"name": "a", "spec": "rna_mfe", "wieght": 2}]), "rewards[0].wieght"),
+        (tiny(guidance={"method": "magic"}), "guidance.method"),
+        (tiny(selection={"rule": "best"}), "selection.rule"),
+        (tiny(rewards=[{"name": "a", "spec": "no_such_reward"}]), "rewards[0].spec"),
+        (tiny(n_per_round="many"), "n_per_round"),
+        (tiny(rounds=0), "rounds"),
+        (tiny(refine={"t": 0.0}), "refine.t"),
+        (tiny(rewards=[{"name": "q", "spec": "qed"}]), "rewards[0].spec"),  # a molecule reward for RNA
+        (tiny(guidance={"method": "svdd", "lam": float("inf")}), "guidance.lam"),
+        (tiny(modality="dna", rewards=[{"name": "g", "spec": "gc"}], refine={"fraction": 0.5, "t": 0.5}), None),
+    ]
+    for i, (values, key) in enumerate(cases):
+        path = write_yaml(tmp_path / f"bad{i}.yaml", values)
+        if key is None:  # a valid neighbour of the bad cases
+            assert CampaignConfig.from_yaml(path).refine.fraction == 0.5
+            continue
+        with pytest.raises(ValueError) as err:
+            CampaignConfig.from_yaml(path)
+        assert key in str(err.value) and str(path) in str(err.value), (key, str(err.value))
+    with pytest.raises(ValueError, match="missing key"):
+        CampaignConfig.from_mapping({"modality": "rna"}, "x.yaml")
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def frames(c: Campaign) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    return c.samples_frame(), c.selections_frame(), c.rounds_frame().drop(columns=TIMING)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Campaign:
+    return Campaign(CampaignConfig.from_mapping(tiny()), tmp_path_factory.mktemp("full")).run()
+
+
+def test_resume_after_crash_equals_uninterrupted_run(tmp_path, monkeypatch, uninterrupted):
+    cfg = CampaignConfig.from_mapping(tiny())
+    full = uninterrupted
+    s_full, sel_full, r_full = frames(full)
+    assert len(s_full) == 18 and s_full["id"].is_unique
+    assert set(s_full.loc[s_full["round"] > 1, "origin"]) == {"sample", "refine"}
+    # refined designs descend from the previous round's selection
+    for r in (2, 3):
+        parents = set(full.store.selection(r - 1))
+        assert set(s_full.loc[(s_full["round"] == r) & (s_full["origin"] == "refine"), "parent"]) <= parents
+
+    crashed = Campaign(cfg, tmp_path / "crash")
+    original = Sequences.generate
+
+    def fail_in_round_2(self, n, seed, reward, parents):
+        if parents:  # round 2 is the first round with parents
+            raise RuntimeError("worker died")
+        return original(self, n, seed, reward, parents)
+
+    monkeypatch.setattr(Sequences, "generate", fail_in_round_2)
+    with pytest.raises(RuntimeError, match="worker died"):
+        crashed.run()
+    monkeypatch.setattr(Sequences, "generate", original)
+    rounds = crashed.rounds_frame()
+    assert rounds["status"].tolist() == ["done", "running"]
+    assert crashed.samples_frame()["round"].tolist() == [1] * 6
+
+    resumed = Campaign(cfg, tmp_path / "crash").run()
+    s_res, sel_res, r_res = frames(resumed)
+    pd.testing.assert_frame_equal(s_res, s_full)
+    pd.testing.assert_frame_equal(sel_res, sel_full)
+    pd.testing.assert_frame_equal(r_res, r_full)
+    # re-running a finished campaign adds nothing; raising `rounds` continues it
+    assert Campaign(cfg, tmp_path / "crash").pending_rounds() == []
+    more = Campaign(CampaignConfig.from_mapping(tiny(rounds=4)), tmp_path / "crash")
+    assert more.pending_rounds() == [4]
+    # plain SQL sees the same store
+    with sqlite3.connect(tmp_path / "crash" / "campaign.sqlite") as con:
+        assert con.execute("select count(*), count(distinct id) from samples").fetchone() == (18, 18)
+        assert con.execute("select count(*) from scores").fetchone() == (36,)
+        row = con.execute("select modality, checkpoint_sha256, molgen_version from campaign").fetchone()
+    assert row[0] == "rna" and len(row[1]) == 64 and row[2]
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, uninterrupted):
+    """SIGKILL the command-line run while round 2 is running; the resumed campaign equals the uninterrupted one."""
+    cfg = write_yaml(tmp_path / "c.yaml", tiny())
+    folder = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "molgen.cli", "campaign", "run", str(cfg), "--dir", str(folder),
+                             "--no-report"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    db = folder / "campaign.sqlite"
+    deadline = time.monotonic() + 120
+    status = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                with sqlite3.connect(db, timeout=0.1) as con:
+                    status = con.execute("select status from rounds where round = 2").fetchone()
+            except sqlite3.OperationalError:  # tables not created yet, or locked by a commit
+                status = None
+            if status == ("running",):
+                proc.kill()
+                break
+        time.sleep(0.01)
+    proc.wait(timeout=30)
+    assert status == ("running",), f"never saw round 2 running (rc {proc.returncode}): {proc.stderr.read()[-500:]}"
+    assert proc.returncode == -signal.SIGKILL
+    killed = Campaign.open(folder)
+    assert killed.store.done_rounds() == [1] and len(killed.samples_frame()) == 6
+    resumed = Campaign.open(folder).run()
+    for a, b in zip(frames(resumed), frames(uninterrupted)):
+        pd.testing.assert_frame_equal(a, b)
+
+
+def test_other_config_is_refused_unless_overwrite(tmp_path):
+    Campaign(CampaignConfig.from_mapping(tiny(rounds=1, n_per_round=2)), tmp_path).run()
+    other = CampaignConfig.from_mapping(tiny(rounds=1, n_per_round=2, seed=4,
+                                             guidance={"method": "bon", "candidates": 2}))
+    with pytest.raises(ValueError, match=r"different configuration.*guidance\.method.*seed"):
+        Campaign(other, tmp_path)
+    c = Campaign(other, tmp_path, overwrite=True)
+    assert c.samples_frame().empty and c.pending_rounds() == [1]
+    c.run()
+    assert len(c.samples_frame()) == 2 and c.info()["seed"] == 4
+
+
+def test_changed_checkpoint_is_refused(tmp_path):
+    from molgen.sequences.pretrained import default_checkpoint
+
+    ckpt = tmp_path / "rna.pt"
+    shutil.copyfile(default_checkpoint("rna"), ckpt)
+    shutil.copyfile(default_checkpoint("rna").with_suffix(".json"), ckpt.with_suffix(".json"))
+    cfg = CampaignConfig.from_mapping(tiny(rounds=1, n_per_round=2, checkpoint=str(ckpt)))
+    Campaign(cfg, tmp_path / "c").run()
+    assert Campaign(cfg, tmp_path / "c").pending_rounds() == []
+    with open(ckpt, "ab") as f:  # a training run replaced the weights
+        f.write(b"\0")
+    with pytest.raises(ValueError, match="checkpoint .* changed since this campaign started"):
+        Campaign(cfg, tmp_path / "c")
+
+
+def test_refinement_keeps_every_unmasked_token():
+    """SDEdit for masked diffusion: the re-noised state is q(x_t | x_0), and the reverse chain only fills masks."""
+    from guidance.baselines import run_unguided
+    from molgen.diffusion.discrete import DiscreteSampler
+
+    cfg = CampaignConfig.from_mapping(tiny())
+    mod = Sequences(cfg)
+    pre = mod.problem.sampler
+    parents = ["GGGGAAACCCCA", "ACGUACGUACGU", "GCGCGCAUAUAU"]
+    x0, _ = mod.encode([Design(sequence=s) for s in parents])
+    g = torch.Generator().manual_seed(0)
+    fractions = []
+    for t in (0.25, 0.75):
+        x_t = renoise(pre.process, x0, t, g)
+        masked = x_t == pre.process.mask_id
+        fractions.append(float(masked.float().mean()))
+        smp = partial_discrete(DiscreteSampler(pre.model, pre.process, "ancestral", 8), t)
+        assert smp.n_steps == round(8 * t) + 1 and float(smp.grid[0]) == t
+        with torch.no_grad():
+            child, _, _ = run_unguided(smp, x_t, g)
+        assert torch.equal(child[~masked], x0[~masked])
+        assert not (child == pre.process.mask_id).any()
+    assert fractions[0] < fractions[1]  # about 1 - alpha(t) = t of the tokens are re-masked
+
+
+def test_cli_run_status_report(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'elsewhere.sqlite'}"  # a database outside the folder, by URL
+    cfg = write_yaml(tmp_path / "c.yaml", tiny(rounds=2, n_per_round=3, guidance={"method": "none"},
+                                              selection={"rule": "top_k", "k": 2}, refine={"fraction": 0.0},
+                                              database=url))
+    assert main(["campaign", "run", str(cfg), "--dir", str(tmp_path / "c"), "--no-report"]) == 0
+    assert main(["campaign", "status", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 2 rounds done, 6 designs" in out and "round 2: done, 3 designs" in out
+    assert (tmp_path / "elsewhere.sqlite").exists() and not (tmp_path / "c" / "campaign.sqlite").exists()
+    assert main(["report", str(tmp_path / "c"), "--out", str(tmp_path / "r.html")]) == 0
+    assert (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")
+    bad = write_yaml(tmp_path / "bad.yaml", tiny(sampler={"stpes": 4}))
+    assert main(["campaign", "run", str(bad), "--dir", str(tmp_path / "b")]) == 2
+    assert "sampler.stpes" in capsys.readouterr().err
+    assert main(["campaign", "status", str(tmp_path / "nothing")]) == 2
+
+
+def test_molecule_and_backbone_campaigns_guided_and_refined(tmp_path):
+    mol = CampaignConfig.from_mapping({
+        "modality": "molecules", "rounds": 2, "n_per_round": 4, "sampler": {"steps": 4},
+        "rewards": [{"name": "qed", "spec": "qed"}, {"name": "valid", "spec": "validity"}],
+        "guidance": {"method": "bon", "candidates": 2}, "refine": {"fraction": 0.5, "t": 0.3},
+        "selection": {"rule": "top_k", "k": 3, "min_distance": 0.4}})
+    c = Campaign(mol, tmp_path / "mol").run()
+    s = c.samples_frame()
+    assert len(s) == 8 and s["naturalness"].between(0, 1).all()
+    assert ((s["valid"] == 1) == (s["smiles"] != "")).all()
+    assert len(c.selected()) <= 3
+    from rdkit import Chem
+
+    def atoms(block: str) -> int:
+        return Chem.MolFromMolBlock(block, sanitize=False, removeHs=False).GetNumAtoms()
+
+    refined = s[s["origin"] == "refine"]
+    assert len(refined) == 2
+    by_id = s.set_index("id")
+    for _, row in refined.iterrows():  # refinement keeps the parent's atoms (SDEdit from t = 0.3)
+        assert row["parent"] in set(c.store.selection(1))
+        assert atoms(row["structure"]) == atoms(by_id.loc[row["parent"], "structure"])
+
+    bb = CampaignConfig.from_mapping({
+        "modality": "backbones", "rounds": 2, "n_per_round": 2, "length": 40, "sampler": {"steps": 4},
+        "rewards": [{"name": "compact", "spec": "quadratic:c=0,tau=10"}],
+        "guidance": {"method": "svdd", "candidates": 2}, "refine": {"fraction": 0.5, "t": 0.1},
+        "selection": {"rule": "top_k", "k": 2, "min_distance": 0.05}})
+    c = Campaign(bb, tmp_path / "bb").run()
+    s = c.samples_frame()
+    assert len(s) == 4 and all(t.count(" CA ") == 40 for t in s["structure"])
+    from molgen.campaign.modalities import ca_from_pdb
+
+    # compactness reward = -sum |x|^2 / (2 tau^2) over zero-centred CA coordinates
+    ca = ca_from_pdb(s["structure"][0])
+    assert s["compact"][0] == pytest.approx(-(ca**2).sum() / 200.0, rel=1e-3)
+    # a refined backbone from t = 0.1 stays close to its parent; fresh ones do not
+    child = s[s["origin"] == "refine"].iloc[0]
+    parent = ca_from_pdb(s.set_index("id").loc[child["parent"], "structure"])
+    rmsd_parent = np.sqrt(((ca_from_pdb(child["structure"]) - parent) ** 2).sum(-1).mean())
+    fresh = ca_from_pdb(s[(s["round"] == 2) & (s["origin"] == "sample")].iloc[0]["structure"])
+    assert rmsd_parent < 0.5 * np.sqrt(((fresh - parent) ** 2).sum(-1).mean())
