@@ -20,6 +20,23 @@ def add_train(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--every", type=int, default=100, help="checkpoint and export every N steps")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", type=Path, default=None, help="new run: start from these exported weights")
+    parser.add_argument("--fine-rbf", type=int, default=25, help="new run: narrow 2-8 A radial features (0 = off)")
+    parser.add_argument("--local-coord", type=int, default=3, help="new run: neighbour coordinate head (0 = off)")
+    parser.add_argument("--p-mean", type=float, default=-1.2, help="ln sigma ~ N(ln sigma_data + p_mean, p_std^2)")
+    parser.add_argument("--p-std", type=float, default=1.5)
+
+
+def train_config(args: argparse.Namespace) -> dict:
+    """Model config of a new run: the ``--init`` checkpoint's (or the defaults) with the extension options."""
+    from structure.model import ModelConfig
+
+    base = ModelConfig().to_dict()
+    if args.init is not None:
+        from molgen.checkpoints import load_checkpoint
+
+        base.update({k: v for k, v in load_checkpoint(args.init)[1]["config"].items() if k in base})
+    return {**base, "fine_rbf": args.fine_rbf, "local_coord": args.local_coord}
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -40,6 +57,10 @@ def run_train(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         edge_budget=args.edge_budget,
         every=args.every,
+        init=args.init,
+        config=train_config(args),
+        p_mean=args.p_mean,
+        p_std=args.p_std,
     )
     print(f"exported EMA weights to {path}")
     return 0
@@ -48,9 +69,18 @@ def run_train(args: argparse.Namespace) -> int:
 def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--n", type=int, default=8, help="number of backbones")
     parser.add_argument("--length", type=int, default=100, help="residues per backbone (model range 40-256)")
-    parser.add_argument("--solver", default="dpmpp_2m", help="engine solver (any ODE solver, or af3)")
+    parser.add_argument("--solver", default="unipc", help="engine solver (any ODE solver, or af3)")
     parser.add_argument("--steps", type=int, default=10, help="grid points = model calls of multistep solvers")
     parser.add_argument("--grid", default="karras", help="time grid (karras, logsnr, time_uniform, ...)")
+    parser.add_argument(
+        "--sigma-last",
+        type=float,
+        default=None,
+        help="noise level (A) of the last model call (default: ODE solvers 0.5 at <= 5 steps, 0.1 at <= 10, else 0.02)",
+    )
+    parser.add_argument(
+        "--ideal-bonds", action="store_true", help="project CA traces onto CA-CA = 3.80 A (SHAKE) before writing"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--format", choices=("pdb", "cif"), default="pdb")
@@ -77,12 +107,14 @@ def run_sample(args: argparse.Namespace) -> int:
     import torch
 
     from structure.io import backbone_from_ca, write_backbone
-    from structure.sampling import load_model, sample_ca, scaffold_from_file
+    from structure.sampling import default_sigma_last, load_model, sample_ca, scaffold_from_file
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if (args.motif_pdb is None) != (args.contig is None):
         raise ValueError("motif scaffolding needs both --motif-pdb and --contig")
+    if args.contig and args.ideal_bonds:
+        raise ValueError("--ideal-bonds is not applied to motif scaffolding (it would move the fixed motif)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = load_model(args.checkpoint)
     opts = _solver_options(args)
@@ -98,6 +130,7 @@ def run_sample(args: argparse.Namespace) -> int:
             steps=args.steps,
             grid=args.grid,
             solver_options=opts,
+            sigma_last=args.sigma_last,
         )
         extra = {
             "contig": args.contig,
@@ -117,6 +150,8 @@ def run_sample(args: argparse.Namespace) -> int:
                 seed=args.seed + start,
                 grid=args.grid,
                 solver_options=opts,
+                sigma_last=args.sigma_last,
+                ideal_bonds=args.ideal_bonds,
             )
             bbs += [backbone_from_ca(c.numpy(), name=f"sample_{start + j:04d}") for j, c in enumerate(ca)]
         extra = {}
@@ -131,6 +166,8 @@ def run_sample(args: argparse.Namespace) -> int:
         "grid": args.grid,
         "seed": args.seed,
         "solver_options": opts,
+        "sigma_last": default_sigma_last(args.solver, args.steps) if args.sigma_last is None else args.sigma_last,
+        "ideal_bonds": args.ideal_bonds,
         "checkpoint": str(args.checkpoint),
         "seconds_per_backbone": wall / len(bbs),
         **extra,

@@ -116,6 +116,32 @@ def rebuild_backbone(ca: np.ndarray, coeffs: dict[str, np.ndarray] | None = None
     return out.astype(np.float32)
 
 
+def project_ca_bonds(ca: torch.Tensor, bond: float = 3.80, tol: float = 1e-3, max_sweeps: int = 500) -> torch.Tensor:
+    """SHAKE projection (Ryckaert et al. 1977, equal masses) of CA traces [..., L, 3] onto |CA_i+1 - CA_i| = bond.
+
+    Each bond k moves its two atoms by -/+ (d_k - bond)/2 along its own direction; even and odd bonds share no
+    atom, so they are corrected alternately (block Gauss-Seidel) until every |d_k - bond| < ``tol``. Moves are
+    along bond vectors and equal and opposite: the projection is rotation/translation equivariant and keeps the
+    centre of mass. Raises when ``max_sweeps`` sweeps do not converge (e.g. coincident consecutive atoms).
+    """
+    x = ca.clone()
+    if x.shape[-2] < 2:
+        return x
+    for _ in range(max_sweeps):
+        for parity in (0, 1):
+            r = x[..., parity + 1 :: 2, :] - x[..., parity:-1:2, :]  # bonds parity, parity+2, ...
+            n = r.shape[-2]
+            d = r.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            corr = 0.5 * (d - bond) * r / d
+            x[..., parity : parity + 2 * n : 2, :] += corr
+            x[..., parity + 1 : parity + 1 + 2 * n : 2, :] -= corr
+        dev = ((x[..., 1:, :] - x[..., :-1, :]).norm(dim=-1) - bond).abs()
+        if float(dev.max()) < tol:
+            return x
+    worst = float(dev.max())
+    raise ValueError(f"CA-CA bond projection did not converge in {max_sweeps} sweeps (max deviation {worst:.3g} A)")
+
+
 def radius_of_gyration(ca: np.ndarray) -> float:
     """Rg = sqrt(mean_i |x_i - mean x|^2) in Angstrom."""
     ca = np.asarray(ca, dtype=np.float64)

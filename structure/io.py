@@ -127,7 +127,13 @@ def _parse_structure(path: Path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PDBConstructionWarning)
             structure = parser.get_structure(path.stem, handle)
-    except (PDBConstructionException, ValueError, KeyError, IndexError) as err:
+    except KeyError as err:  # MMCIFParser: a required data item is absent
+        kind = "mmCIF" if _is_cif(path) else "PDB"
+        raise ValueError(f"{path}: malformed {kind} file (required field {err.args[0]} is missing)") from err
+    except IndexError as err:  # MMCIFParser: a loop row with fewer values than the loop declares
+        kind = "mmCIF" if _is_cif(path) else "PDB"
+        raise ValueError(f"{path}: malformed {kind} file (a record has fewer fields than its header; {err})") from err
+    except (PDBConstructionException, ValueError) as err:
         raise ValueError(f"{path}: malformed {'mmCIF' if _is_cif(path) else 'PDB'} file ({err})") from err
     models = list(structure)
     if not models:

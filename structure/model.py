@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+FINE_RANGE = (2.0, 8.0)  # Angstrom: consecutive CA-CA 3.8, i..i+2 5-7.2, helix i..i+3 5.0
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -36,6 +38,8 @@ class ModelConfig:
     rbf_max: float = 20.0
     max_offset: int = 32
     sigma_data: float = 10.0
+    fine_rbf: int = 0
+    local_coord: int = 0
     min_length: int = 40
     max_length: int = 256
 
@@ -78,10 +82,21 @@ class EGNNLayer(nn.Module):
         h = cfg.hidden
         self.src, self.dst = nn.Linear(h, h), nn.Linear(h, h, bias=False)
         self.offset = nn.Embedding(2 * cfg.max_offset + 1, h)  # residue-index offset j - i, clipped
+        self.max_offset = cfg.max_offset
         self.rbf = nn.Linear(cfg.rbf, h, bias=False)
+        self.fine = None
+        if cfg.fine_rbf:  # narrow radial basis over 2-8 A, zero-initialised (warm starts keep their function)
+            self.fine = nn.Linear(cfg.fine_rbf, h, bias=False)
+            nn.init.zeros_(self.fine.weight)
+            self.register_buffer("fine_centers", torch.linspace(*FINE_RANGE, cfg.fine_rbf), persistent=False)
+            self.fine_width = (FINE_RANGE[1] - FINE_RANGE[0]) / (cfg.fine_rbf - 1)
         self.msg = nn.Sequential(nn.SiLU(), nn.Linear(h, h), nn.SiLU())
         self.coord = nn.Linear(h, 1, bias=False)
         nn.init.xavier_uniform_(self.coord.weight, gain=1e-3)
+        self.local_coord = cfg.local_coord
+        if cfg.local_coord:  # un-normalised updates from sequence neighbours |i - j| <= local_coord, zero-initialised
+            self.coord_local = nn.Linear(h, 1, bias=False)
+            nn.init.zeros_(self.coord_local.weight)
         self.node = nn.Sequential(nn.Linear(2 * h + 2, h), nn.SiLU(), nn.Linear(h, h))
         self.norm = nn.LayerNorm(h)
         self.register_buffer("centers", torch.linspace(0.0, cfg.rbf_max, cfg.rbf), persistent=False)
@@ -93,10 +108,18 @@ class EGNNLayer(nn.Module):
         diff = x[:, :, None] - x[:, None, :]  # [B, N, N, 3]
         d = safe_norm(diff)
         rbf = torch.exp(-(((d[..., None] - self.centers) / self.width) ** 2))
-        m = self.msg(self.src(h)[:, :, None] + self.dst(h)[:, None, :] + self.offset(offset) + self.rbf(rbf))
+        pre = self.src(h)[:, :, None] + self.dst(h)[:, None, :] + self.offset(offset) + self.rbf(rbf)
+        if self.fine is not None:
+            pre = pre + self.fine(torch.exp(-(((d[..., None] - self.fine_centers) / self.fine_width) ** 2)))
+        m = self.msg(pre)
         m = m * pair[..., None]
         count = pair.sum(-1, keepdim=True).clamp_min(1.0)  # [B, N, 1]
-        x = x + (diff / (d[..., None] + 1.0) * self.coord(m)).sum(2) / torch.sqrt(count)
+        direction = diff / (d[..., None] + 1.0)
+        update = (direction * self.coord(m)).sum(2) / torch.sqrt(count)
+        if self.local_coord:
+            near = ((offset - self.max_offset).abs() <= self.local_coord).to(x.dtype)[..., None] * pair[..., None]
+            update = update + (direction * self.coord_local(m) * near).sum(2)
+        x = x + update
         agg = m.sum(2) / count
         h = h + self.node(torch.cat([self.norm(h), agg, ca_dihedral_features(x, mask)], dim=-1))
         return h, x

@@ -12,6 +12,7 @@ whole backbone is moved into the input file's frame.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,10 +21,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from structure.geometry import project_ca_bonds
 from structure.io import Backbone, backbone_from_ca, read_backbone
 from structure.model import BackboneDenoiser, ModelConfig
 
 SIGMA_MIN, SIGMA_MAX = 0.02, 80.0
+SIGMA_LAST = ((5, 0.5), (10, 0.1))  # (at most this many ODE model calls, last call's sigma in A)
 AF3_DEFAULTS = {"gamma_0": 0.8, "gamma_min": 1.0, "noise_scale": 1.003, "step_scale": 1.5}
 
 
@@ -53,13 +56,46 @@ def check_length(model: BackboneDenoiser, length: int) -> None:
         raise ValueError(f"backbone length {length} is outside the model's range {lo}-{hi}")
 
 
+def default_sigma_last(solver: str, steps: int) -> float:
+    """Noise level (Angstrom) of the last model call, whose denoised estimate is the output (the final step to
+    sigma = 0 is the denoiser's x0): the schedule's end (0.02 A) for AF3 and for ODE runs of more than 10
+    calls, 0.1 A for 6-10 calls and 0.5 A for <= 5 (``SIGMA_LAST``). A Karras grid ending at 0.02 A puts a
+    5-call solver's last two calls at 0.47 and 0.02 A, where it can no longer move the chain, and
+    multistep solvers extrapolate the collapsed high-noise estimates across the last tiny interval. Measured
+    on the shipped model (16 backbones of 80 residues, UniPC, CA-CA validity): 5 calls 0.28 / 0.49 / 0.34 at
+    0.3 / 0.5 / 1.0 A; 10 calls 0.56 / 0.49 at 0.1 / 0.5 A."""
+    if solver == "af3":
+        return SIGMA_MIN
+    return next((sigma for most, sigma in SIGMA_LAST if steps <= most), SIGMA_MIN)
+
+
 def make_sampler(
-    model: BackboneDenoiser, solver: str, steps: int, grid: str = "karras", solver_options: dict | None = None
+    model: BackboneDenoiser,
+    solver: str,
+    steps: int,
+    grid: str = "karras",
+    solver_options: dict | None = None,
+    sigma_last: float | None = None,
 ):
+    """Engine sampler on the model's schedule in ZeroCoM(3); the grid ends at ``sigma_last`` (default
+    ``default_sigma_last``)."""
     from molgen.diffusion import Sampler, ZeroCoM
 
+    sigma_last = default_sigma_last(solver, steps) if sigma_last is None else sigma_last
+    sched = model.schedule
+    lo, hi = float(sched.rho(torch.tensor(sched.t_min))), float(sched.rho(torch.tensor(sched.t_max)))
+    if not lo <= sigma_last < hi:
+        raise ValueError(f"sigma_last {sigma_last} A is outside the schedule's noise range [{lo:.3g}, {hi:.3g}) A")
+    t_last = float(sched.t_of_lam(torch.tensor(-2.0 * math.log(sigma_last), dtype=torch.float64)))
     return Sampler(
-        model, model.schedule, solver, steps=steps, grid=grid, space=ZeroCoM(3), solver_options=solver_options
+        model,
+        sched,
+        solver,
+        steps=steps,
+        grid=grid,
+        space=ZeroCoM(3),
+        solver_options=solver_options,
+        grid_options={"t_min": max(t_last, sched.t_min)},
     )
 
 
@@ -80,13 +116,17 @@ def sample_ca(
     grid: str = "karras",
     solver_options: dict | None = None,
     x_T: Tensor | None = None,
+    sigma_last: float | None = None,
+    ideal_bonds: bool = False,
 ) -> Tensor:
-    """``n`` CA traces [n, length, 3] (Angstrom) from one seeded generator."""
+    """``n`` CA traces [n, length, 3] (Angstrom) from one seeded generator; ``ideal_bonds`` projects each
+    trace onto CA-CA = 3.80 A (``structure.geometry.project_ca_bonds``)."""
     check_length(model, length)
     g = torch.Generator().manual_seed(seed)
     x_T = initial_noise(model, n, length, g) if x_T is None else x_T
-    sampler = make_sampler(model, solver, steps, grid, solver_options)
-    return sampler.finish(sampler.run(sampler.init(x_T), g))
+    sampler = make_sampler(model, solver, steps, grid, solver_options, sigma_last)
+    x0 = sampler.finish(sampler.run(sampler.init(x_T), g))
+    return project_ca_bonds(x0) if ideal_bonds else x0
 
 
 # ---------------------------------------------------------------------------------------------- motifs
@@ -200,11 +240,12 @@ def scaffold_ca(
     seed: int = 0,
     grid: str = "karras",
     solver_options: dict | None = None,
+    sigma_last: float | None = None,
 ) -> ScaffoldResult:
     """``n`` backbones of ``length`` residues whose CA at ``positions`` reproduce ``motif`` [M, 3]."""
     check_length(model, length)
     g = torch.Generator().manual_seed(seed)
-    sampler = make_sampler(model, solver, steps, grid, solver_options)
+    sampler = make_sampler(model, solver, steps, grid, solver_options, sigma_last)
     sched, space = model.schedule, sampler.space
     ref = motif.to(torch.float32)[None].expand(n, -1, -1)
     state = sampler.init(initial_noise(model, n, length, g))
@@ -238,6 +279,10 @@ def scaffold_from_file(
     motif = np.concatenate([bbs[s.chain].ca[i] for s, i in zip(motif_segs, idx)])
     seq_motif = "".join(bbs[s.chain].sequence[j] for s, i in zip(motif_segs, idx) for j in i)
     positions, length = layout(segments, np.random.default_rng(seed))
+    try:
+        check_length(model, length)
+    except ValueError as err:
+        raise ValueError(f"contig {contig!r} (seed {seed}) lays out {length} residues: {err}") from None
     res = scaffold_ca(model, torch.from_numpy(motif), positions, length, n, seed=seed, **kwargs)
     seq = ["G"] * length
     for p, aa in zip(positions, seq_motif):

@@ -3,7 +3,14 @@
 Loss (Karras et al. 2022): ln sigma ~ N(ln s_d + p_mean, p_std^2), x = x0 + sigma eps (eps zero-centred),
 L = lambda(sigma) |D(x; sigma) - x0|^2 / (3 n) with lambda = (sigma^2 + s_d^2) / (sigma s_d)^2, plus, at
 sigma < s_d / 2, the squared error of the predicted CA-CA distances for sequence neighbours |i - j| <= 4
-(Angstrom^2), which keeps few-step samples' bonds near 3.8 A.
+weighted by max(lambda(sigma), 1 A^-2). With weight 1 (``local_weight="flat"``, the first shipped runs) the
+distance term vanishes next to the coordinate term as sigma -> 0 (its errors scale as sigma^2 while lambda
+scales as 1 / sigma^2), exactly where the final bond lengths are set; max(lambda, 1) gives it the coordinate
+term's weighting below sigma ~ 1 A and keeps weight 1 between 1 A and s_d / 2.
+
+Warm start (``init``): a new run can start from exported weights whose config lacks the zero-initialised
+extensions of ``structure.model`` (``fine_rbf``, ``local_coord``); the extended model computes the same
+function at step 0.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ def edm_loss(
     p_mean: float = -1.2,
     p_std: float = 1.5,
     generator: torch.Generator | None = None,
+    local_weight: str = "edm",
 ) -> tuple[Tensor, dict[str, float]]:
     """EDM denoising loss plus local-distance loss (see module docstring); returns (loss, parts)."""
     b = x0.shape[0]
@@ -44,7 +52,10 @@ def edm_loss(
     n = m.sum(1)
     weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
     denoise = (weight * ((pred - x0) ** 2).sum(-1).mul(m).sum(1) / (3 * n)).mean()
-    local, low = x0.new_zeros(()), (sigma < sd / 2).to(x0.dtype)
+    if local_weight not in ("edm", "flat"):
+        raise ValueError(f"local_weight must be 'edm' or 'flat', got {local_weight!r}")
+    low = (sigma < sd / 2).to(x0.dtype) * (weight.clamp_min(1.0) if local_weight == "edm" else 1.0)
+    local = x0.new_zeros(())
     for k in LOCAL_OFFSETS:
         pair = m[:, k:] * m[:, :-k]
         d_pred = safe_norm(pred[:, k:] - pred[:, :-k])
@@ -52,6 +63,22 @@ def edm_loss(
         local = local + (low * ((d_pred - d_true) ** 2 * pair).sum(1) / pair.sum(1).clamp_min(1)).mean()
     local = local / len(LOCAL_OFFSETS)
     return denoise + local, {"denoise": float(denoise.detach()), "local": float(local.detach())}
+
+
+def warm_start(module: BackboneDiffusion, path: Path) -> None:
+    """Load exported weights into the model and its EMA copy; only zero-initialised extension weights
+    (``fine``, ``coord_local``) may be absent from the file, and the file may hold nothing the model lacks."""
+    from molgen.checkpoints import load_checkpoint
+
+    state, _ = load_checkpoint(path)
+    for net in (module.model, module.ema):
+        try:
+            missing, unexpected = net.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatch
+            raise ValueError(f"{path}: weights do not fit the model config ({str(err).splitlines()[-1]})") from err
+        bad = [k for k in missing if k.split(".")[-2] not in ("fine", "coord_local")] + list(unexpected)
+        if bad:
+            raise ValueError(f"{path}: weights do not fit the model config (mismatched keys {bad[:4]})")
 
 
 class CropStream(torch.utils.data.IterableDataset):
@@ -78,6 +105,7 @@ class BackboneDiffusion(L.LightningModule):
         warmup: int = 200,
         p_mean: float = -1.2,
         p_std: float = 1.5,
+        local_weight: str = "edm",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -86,7 +114,8 @@ class BackboneDiffusion(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, mask = batch
-        loss, parts = edm_loss(self.model, x, mask, self.hparams.p_mean, self.hparams.p_std)
+        hp = self.hparams
+        loss, parts = edm_loss(self.model, x, mask, hp.p_mean, hp.p_std, local_weight=hp.local_weight)
         self.log_dict({"loss": loss.detach(), **parts, "length": float(x.shape[1])}, prog_bar=True)
         return loss
 
@@ -138,6 +167,18 @@ class ExportEMA(L.Callback):
         self._export(trainer, module)
 
 
+def checkpoint_step(path: Path) -> int:
+    """Optimiser step stored in a Lightning checkpoint."""
+    return int(torch.load(path, weights_only=False, map_location="cpu")["global_step"])
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The ``last*.ckpt`` in ``out`` with the highest step (runs written before ``enable_version_counter=False``
+    left ``last-v1.ckpt`` beside an older ``last.ckpt``), or None."""
+    found = sorted(out.glob("last*.ckpt"))
+    return max(found, key=checkpoint_step) if found else None
+
+
 def train(
     out: Path,
     export: Path,
@@ -150,12 +191,16 @@ def train(
     max_length: int = 128,
     edge_budget: int = 40_000,
     every: int = 100,
+    init: Path | None = None,
+    p_mean: float = -1.2,
+    p_std: float = 1.5,
 ) -> Path:
-    """Train (or resume from ``out/last.ckpt``) and export EMA weights to ``export``; returns ``export``."""
+    """Train (or resume from the newest ``out/last*.ckpt``, keeping that run's model config) and export EMA
+    weights to ``export``; returns ``export``. A new run may start from exported weights (``init``)."""
     out.mkdir(parents=True, exist_ok=True)
     segments, names = load_segments(folders)
-    last = out / "last.ckpt"
-    start = int(torch.load(last, weights_only=False, map_location="cpu")["global_step"]) if last.exists() else 0
+    last = latest_checkpoint(out)
+    start = checkpoint_step(last) if last else 0
     provenance = {
         "command": " ".join(["molgen", *sys.argv[1:]]) if sys.argv else "",
         "data": [str(f) for f in folders],
@@ -165,11 +210,18 @@ def train(
         "resumed_from_step": start,
     }
     (out / "train_segments.txt").write_text("\n".join(names) + "\n")
+    if last is not None:  # a resumed run keeps the model config it was started with
+        config = torch.load(last, weights_only=False, map_location="cpu")["hyper_parameters"]["config"]
     L.seed_everything(seed + start, workers=True)
-    module = BackboneDiffusion(config or ModelConfig().to_dict(), lr=lr)
+    module = BackboneDiffusion(config or ModelConfig().to_dict(), lr=lr, p_mean=p_mean, p_std=p_std)
+    if init is not None and last is None:
+        warm_start(module, init)
+        provenance["init"] = str(init)
     stream = CropStream(segments, seed, start, max_length, edge_budget)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=0)
-    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=out, save_last=True, every_n_train_steps=every, save_top_k=0)
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=out, save_last=True, every_n_train_steps=every, save_top_k=0, enable_version_counter=False
+    )
     trainer = L.Trainer(
         max_steps=max_steps,
         accelerator="cpu",
@@ -181,5 +233,5 @@ def train(
         gradient_clip_val=1.0,
         logger=L.pytorch.loggers.CSVLogger(out, name="logs"),
     )
-    trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
+    trainer.fit(module, loader, ckpt_path=str(last) if last else None)
     return export

@@ -12,11 +12,19 @@ import pytest
 import torch
 
 from structure.data import TS50_DIR, crop_batch
-from structure.geometry import kabsch_rmsd, random_rotation, rebuild_backbone
+from structure.geometry import kabsch_rmsd, project_ca_bonds, random_rotation, rebuild_backbone
 from structure.io import Backbone, backbone_from_ca, list_structure_files, read_backbone, write_backbone
 from structure.metrics import backbone_metrics, dssp, evaluate, tm_score
 from structure.model import BackboneDenoiser, ModelConfig, masked_center
-from structure.sampling import kabsch, layout, motif_residues, parse_contig, sample_ca, scaffold_ca
+from structure.sampling import (
+    kabsch,
+    layout,
+    motif_residues,
+    parse_contig,
+    sample_ca,
+    scaffold_ca,
+    scaffold_from_file,
+)
 from structure.training import edm_loss
 
 TS50 = list_structure_files(TS50_DIR)
@@ -32,6 +40,7 @@ def one_thread():
 
 
 SMALL = ModelConfig(hidden=16, layers=2, rbf=8)
+EXTENDED = ModelConfig(hidden=16, layers=2, rbf=8, fine_rbf=9, local_coord=2)
 
 
 def _pdb_lines(path: Path) -> list[str]:
@@ -105,6 +114,27 @@ def test_malformed_files_give_clear_errors(tmp_path: Path) -> None:
         read_backbone(TS50[0], chain="Q")
 
 
+def test_malformed_mmcif_and_missing_ca_in_mmcif(tmp_path: Path) -> None:
+    bb = read_backbone(TS50[0])
+    text = write_backbone(bb, tmp_path / "ok.cif").read_text()
+    lines = text.splitlines()
+    atoms = [i for i, ln in enumerate(lines) if ln.startswith("ATOM")]
+    cases = {
+        "short.cif": [*lines[: atoms[5]], " ".join(lines[atoms[5]].split()[:8])],  # a truncated atom row
+        "coord.cif": [ln.replace(ln.split()[10], "x1.5") if i == atoms[2] else ln for i, ln in enumerate(lines)],
+        "nosite.cif": ["data_x", "_entry.id x"],
+        "quote.cif": ["data_x", "loop_", "_atom_site.id", "'open"],
+    }
+    for name, rows in cases.items():
+        with pytest.raises(ValueError, match=f"{name}: malformed mmCIF"):
+            read_backbone(_write(tmp_path, name, rows))
+    ca_row = lines[atoms[5]]  # the CA of the second residue (N, CA, C, O per residue)
+    assert ca_row.split()[3] == "CA"
+    label = f"A:{bb.residue_numbers[1]} {bb.label(1).split()[1]}"
+    with pytest.raises(ValueError, match=f"residue {label} has no CA"):
+        read_backbone(_write(tmp_path, "noca.cif", [ln for ln in lines if ln is not ca_row]))
+
+
 # ------------------------------------------------------------------------------------------------ geometry
 def test_rebuild_is_accurate_and_equivariant() -> None:
     bb = read_backbone(TS50[3])
@@ -113,6 +143,24 @@ def test_rebuild_is_accurate_and_equivariant() -> None:
     assert rmsd[1] == 0 and rmsd[0] < 0.4 and rmsd[2] < 0.4 and rmsd[3] < 1.0
     r = random_rotation(torch.Generator().manual_seed(0), torch.float64).numpy()
     np.testing.assert_allclose(rebuild_backbone(bb.ca @ r.T + 5.0), rebuilt @ r.T + 5.0, atol=1e-3)
+
+
+def test_ca_bond_projection_is_exact_equivariant_and_minimal() -> None:
+    ca = torch.from_numpy(read_backbone(TS50[1]).ca.astype(np.float64))
+    g = torch.Generator().manual_seed(5)
+    noisy = ca + 0.3 * torch.randn(ca.shape, generator=g, dtype=torch.float64)
+    out = project_ca_bonds(noisy, tol=1e-6)
+    bonds = (out[1:] - out[:-1]).norm(dim=-1)
+    assert (bonds - 3.80).abs().max() < 1e-6
+    torch.testing.assert_close(out.mean(0), noisy.mean(0))  # equal and opposite moves keep the centre
+    r = random_rotation(g, torch.float64)
+    torch.testing.assert_close(project_ca_bonds(noisy @ r.T + 7.0, tol=1e-6), out @ r.T + 7.0)
+    # a near-nearest point: closer to the input than the natural chain (whose bonds are 3.80 +- 0.05 A) is,
+    # and a chain already at 3.80 A does not move
+    assert (out - noisy).norm(dim=-1).mean() < 0.7 * (noisy - ca).norm(dim=-1).mean()
+    torch.testing.assert_close(project_ca_bonds(out, tol=1e-6), out)
+    batch = project_ca_bonds(torch.stack([noisy, noisy @ r.T]), tol=1e-6)
+    torch.testing.assert_close(batch[1], out @ r.T)
 
 
 def test_dssp_matches_reference_files() -> None:
@@ -156,9 +204,13 @@ def test_tm_scores() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ model
-def test_denoiser_is_rotation_equivariant_translation_invariant_and_ignores_padding() -> None:
+@pytest.mark.parametrize("cfg", [SMALL, EXTENDED])
+def test_denoiser_is_rotation_equivariant_translation_invariant_and_ignores_padding(cfg: ModelConfig) -> None:
     torch.manual_seed(0)
-    model = BackboneDenoiser(SMALL)
+    model = BackboneDenoiser(cfg)
+    for p in model.parameters():  # the extensions start at zero; make them act
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.1)
     mask = torch.ones(2, 30, dtype=torch.bool)
     mask[1, 24:] = False
     x = masked_center(torch.randn(2, 30, 3) * 8, mask)
@@ -208,6 +260,21 @@ def test_rotated_noise_gives_rotated_backbones(solver: str) -> None:
         sample_ca(model, 1, 300, solver, 5)
 
 
+def test_few_step_grids_end_at_sigma_last() -> None:
+    from structure.sampling import SIGMA_MIN, default_sigma_last, make_sampler
+
+    model = _model_with_schedule()
+    assert default_sigma_last("dpmpp_3m", 5) == 0.5 and default_sigma_last("unipc", 10) == 0.1
+    assert default_sigma_last("af3", 5) == SIGMA_MIN and default_sigma_last("euler", 50) == SIGMA_MIN
+    for solver, steps, last in [("euler", 5, 0.5), ("af3", 200, SIGMA_MIN), ("heun", 7, 1.5)]:
+        sampler = make_sampler(model, solver, steps, sigma_last=last if solver == "heun" else None)
+        rho = model.schedule.rho(sampler.t_grid[0])
+        assert float(rho[0]) == pytest.approx(80.0) and float(rho[-1]) == pytest.approx(last)
+        assert bool((rho[1:] < rho[:-1]).all())
+    with pytest.raises(ValueError, match="outside the schedule's noise range"):
+        make_sampler(model, "euler", 5, sigma_last=0.001)
+
+
 # ------------------------------------------------------------------------------------------------ motifs
 def test_contig_parsing_and_errors() -> None:
     segs = parse_contig("A10-25,40-60,A40-52")
@@ -230,6 +297,9 @@ def test_contig_parsing_and_errors() -> None:
         motif_residues(parse_contig(f"A{last - 2}-{last + 3},10"), {"A": bb})
     with pytest.raises(ValueError, match="no chain B"):
         motif_residues(parse_contig("B1-4,10"), {"A": bb})
+    first = bb.residue_numbers[0]
+    with pytest.raises(ValueError, match="lays out 305 residues: backbone length 305 is outside"):
+        scaffold_from_file(_model_with_schedule(), TS50[0], f"A{first}-{first + 4},300", 1)
 
 
 def test_kabsch_and_scaffold_keep_the_motif() -> None:
@@ -270,6 +340,12 @@ def test_cli_sample_and_evaluate(tmp_path: Path) -> None:
     assert main(args) == 0
     assert len(list_structure_files(out)) == 2
     assert main([*args[:-2], "--solver", "euler", "--gamma-0", "0"]) == 2  # af3 option on an ODE solver
+    assert main([*args, "--sigma-last", "500"]) == 2  # beyond the schedule's sigma_max
+    ideal = tmp_path / "ideal"
+    assert main([*args[:9], str(ideal), *args[10:], "--ideal-bonds"]) == 0
+    for path in list_structure_files(ideal):
+        ca = read_backbone(path).ca
+        np.testing.assert_allclose(np.linalg.norm(np.diff(ca, axis=0), axis=-1), 3.80, atol=3e-3)
     assert main([*args[:6], "--length", "20", *args[8:]]) == 2  # below the model's range
     motif = [
         "--motif-pdb",
@@ -278,6 +354,7 @@ def test_cli_sample_and_evaluate(tmp_path: Path) -> None:
         f"5,A{read_backbone(TS50[0]).residue_numbers[3]}-{read_backbone(TS50[0]).residue_numbers[14]},30",
     ]
     assert main([*args[:4], "--steps", "3", "--out", str(tmp_path / "motif"), "--checkpoint", str(ckpt), *motif]) == 0
+    assert main([*args[:4], "--out", str(tmp_path / "m2"), "--checkpoint", str(ckpt), *motif, "--ideal-bonds"]) == 2
     meta = json.loads((tmp_path / "motif" / "sampling.json").read_text())
     assert meta["motif_positions"][0] == 5 and len(meta["motif_positions"]) == 12
     report = tmp_path / "m.json"
@@ -315,3 +392,33 @@ def test_training_exports_and_resumes(tmp_path: Path) -> None:
     state2, card2 = load_checkpoint(export)
     assert card2["provenance"]["steps"] == 3 and card2["provenance"]["resumed_from_step"] == 2
     assert any(not torch.equal(state[k], state2[k]) for k in state)
+    # a third session resumes from step 3 (Lightning's version counter once wrote last-v1.ckpt beside last.ckpt
+    # and the next session restarted from the older file); the run keeps its config whatever is passed
+    train(tmp_path / "run", export, [TS50_DIR], max_steps=4, max_minutes=5, **{**kwargs, "config": EXTENDED.to_dict()})
+    _, card3 = load_checkpoint(export)
+    assert card3["provenance"]["resumed_from_step"] == 3 and card3["provenance"]["steps"] == 4
+    assert sorted(p.name for p in (tmp_path / "run").glob("*.ckpt")) == ["last.ckpt"]
+    assert card3["config"]["fine_rbf"] == 0
+    # a new run warm-started from the export with the extended architecture
+    warm = {**kwargs, "config": EXTENDED.to_dict(), "init": export}
+    _, card4 = load_checkpoint(train(tmp_path / "warm", tmp_path / "w.pt", [TS50_DIR], 1, 5, **warm))
+    assert card4["provenance"]["init"] == str(export) and card4["config"]["fine_rbf"] == EXTENDED.fine_rbf
+
+
+def test_zero_initialised_extensions_reproduce_the_base_model(tmp_path: Path) -> None:
+    """A warm start of the extended architecture from base weights computes the same denoiser at step 0."""
+    from molgen.checkpoints import save_checkpoint
+    from structure.training import BackboneDiffusion, warm_start
+
+    torch.manual_seed(0)
+    base = BackboneDenoiser(SMALL)
+    path = save_checkpoint(tmp_path / "b.pt", base.state_dict(), SMALL.to_dict(), provenance={})
+    module = BackboneDiffusion(EXTENDED.to_dict())
+    warm_start(module, path)
+    x = masked_center(torch.randn(2, 30, 3) * 5, torch.ones(2, 30, dtype=torch.bool))
+    sigma = torch.tensor([0.3, 12.0])
+    torch.testing.assert_close(module.model.denoise(x, sigma), base.denoise(x, sigma))
+    torch.testing.assert_close(module.ema.denoise(x, sigma), base.denoise(x, sigma))
+    other = BackboneDiffusion(ModelConfig(hidden=8, layers=2, rbf=8).to_dict())
+    with pytest.raises(ValueError, match="do not fit the model config"):
+        warm_start(other, path)
