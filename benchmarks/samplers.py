@@ -4,9 +4,19 @@ Every sampler is driven by the same exact denoiser (molgen.diffusion.analytic) o
 linear VP, given to diffusers as ``trained_betas`` so that its discrete table is the same schedule) from the
 same initial noise. Error = RMS over samples of the distance to the exact probability-flow ODE solution (an
 independent adaptive DOP853 solve); sliced_w = sliced 2-Wasserstein distance to exact samples of the target;
-overhead_s_per_step = the sampler's own time per model call with a free model. Writes JSON rows
+overhead_s_per_step = the sampler's own CPU time per model call with a free model (measured interleaved with
+diffusers' in one process, median of repeats). Writes JSON rows
     {"target", "impl", "solver", "grid", "nfe", "error", "sliced_w", "overhead_s_per_step"}
 plus a summary (best per target and NFE, ratios) that the README table is made from.
+
+Configurations, fixed in advance and the same for every target. diffusers: each scheduler with each of its
+spacing options (linspace, trailing, karras, exponential and beta sigmas, lu_lambdas, where it has them).
+molgen: each solver on five grids x five last-evaluation levels rho_min, each started cold at t_max and
+warm-started (``warm_start=GaussianMoments``: x_T carried in closed form along the flow of the data's Gaussian
+approximation to rho = 5 n / 4 sigma_data for n calls, ``analytic.warm_start_ends``, a rule fitted on other
+problems).
+The warm start uses the data's mean and covariance (the mixture's, the 742 molecules'), which diffusers'
+schedulers cannot take; the summary also gives molgen's best without it ("cold").
 
     python benchmarks/samplers.py --json results/samplers.json [--quick]
 """
@@ -51,6 +61,8 @@ DIFFUSERS_GRIDS = {
     "linspace": {"timestep_spacing": "linspace"},
     "trailing": {"timestep_spacing": "trailing"},
     "karras": {"use_karras_sigmas": True},
+    "exponential": {"use_exponential_sigmas": True},
+    "beta": {"use_beta_sigmas": True},
     "lu_lambdas": {"use_lu_lambdas": True},
 }
 
@@ -68,7 +80,7 @@ def mixture_64d(seed: int = 0) -> GaussianMixtureDenoiser:
     g = torch.Generator().manual_seed(seed)
     means = torch.randn(16, 64, generator=g, dtype=torch.float64)
     stds = 0.2 + 0.4 * torch.rand(16, generator=g, dtype=torch.float64)
-    weights = torch.distributions.Dirichlet(torch.ones(16, dtype=torch.float64)).sample()
+    weights = -torch.log(torch.rand(16, generator=g, dtype=torch.float64))  # Exp(1), normalised: Dirichlet(1)
     return GaussianMixtureDenoiser(means, stds, weights / weights.sum(), SCHEDULE)
 
 
@@ -95,6 +107,11 @@ def sliced_w2(a: torch.Tensor, b: torch.Tensor, n_proj: int = 128, seed: int = 0
     pa = (a.to(torch.float64) @ proj).sort(0).values
     pb = (b.to(torch.float64) @ proj).sort(0).values
     return float(((pa - pb) ** 2).mean().sqrt())
+
+
+def t_of_rho(rho: float) -> float:
+    """Schedule time where sigma / alpha = rho."""
+    return float(SCHEDULE.t_of_lam(torch.tensor(-2 * math.log(rho), dtype=torch.float64)))
 
 
 def rms_distance(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -145,7 +162,8 @@ def diffusers_sample(scheduler, denoiser, x_T: torch.Tensor, steps: int) -> tupl
     return x, calls, start_t
 
 
-def diffusers_overhead(name: str, kwargs: dict, x: torch.Tensor, steps: int, repeats: int) -> float:
+def diffusers_runner(name: str, kwargs: dict, x: torch.Tensor, steps: int):
+    """One diffusers run with a free model (it returns a fixed zero tensor); returns its model calls."""
     scheduler = make_scheduler(name, kwargs, "linspace")
     zeros = torch.zeros_like(x)
 
@@ -153,14 +171,16 @@ def diffusers_overhead(name: str, kwargs: dict, x: torch.Tensor, steps: int, rep
         scheduler.set_timesteps(steps)
         y, calls = x.clone(), 0
         for t in scheduler.timesteps:
-            y = scheduler.step(zeros + 0.0 * scheduler.scale_model_input(y, t)[:1, :1], t, y).prev_sample
+            scheduler.scale_model_input(y, t)  # part of the scheduler's work; the free model ignores it
+            y = scheduler.step(zeros, t, y).prev_sample
             calls += 1
         return calls
 
-    return _time_per_call(run, repeats)
+    return run
 
 
-def molgen_overhead(solver: str, x: torch.Tensor, steps: int, repeats: int) -> float:
+def molgen_runner(solver: str, x: torch.Tensor, calls: int):
+    """One molgen run with the same free model (eps prediction); returns its model calls."""
     zeros = torch.zeros_like(x)
 
     class Free:
@@ -170,19 +190,27 @@ def molgen_overhead(solver: str, x: torch.Tensor, steps: int, repeats: int) -> f
             return zeros
 
     free = Free()
-    if SOLVERS[solver].kind == "singlestep":
-        return _time_per_call(lambda: (sample(free, SCHEDULE, x, solver=solver, nfe=steps), steps)[1], repeats)
-    return _time_per_call(lambda: (sample(free, SCHEDULE, x, solver=solver, steps=steps), steps)[1], repeats)
+    budget = {"nfe": calls} if SOLVERS[solver].kind == "singlestep" else {"steps": calls}
+
+    def run() -> int:
+        sample(free, SCHEDULE, x, solver=solver, **budget)
+        return calls
+
+    return run
 
 
-def _time_per_call(run, repeats: int) -> float:
-    run()  # warm-up
-    times = []
+def overhead_pair(runs: tuple, repeats: int) -> list[float]:
+    """Median CPU time per model call of each run, measured interleaved (A B A B ...) in one process, so that
+    both see the same machine load; thread CPU time is insensitive to time spent descheduled."""
+    for run in runs:
+        run()  # warm-up
+    times: list[list[float]] = [[] for _ in runs]
     for _ in range(repeats):
-        start = time.perf_counter()
-        calls = run()
-        times.append((time.perf_counter() - start) / calls)
-    return float(np.median(times))
+        for run, acc in zip(runs, times):
+            start = time.thread_time()
+            calls = run()
+            acc.append((time.thread_time() - start) / calls)
+    return [float(np.median(t)) for t in times]
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -203,17 +231,24 @@ def run_target(name: str, denoiser, n: int, nfes, quick: bool, seed: int = 0) ->
 
     rows = []
     grids = ("logsnr", "time_uniform", "karras") if quick else GRIDS
+    moments = denoiser.moments()  # the data's mean and covariance (the training set's, for the empirical one)
     for solver, spec in SOLVERS.items():
         if solver == "af3":
             continue
         for nfe in nfes:
             for grid in grids:
-                for rho_min in RHO_MIN[1:] if quick else RHO_MIN:
-                    t_min = float(SCHEDULE.t_of_lam(torch.tensor(-2 * math.log(rho_min), dtype=torch.float64)))
-                    x = sample(denoiser, SCHEDULE, x_T, solver=solver, nfe=nfe, grid=grid,
-                               grid_options={"t_min": t_min}, generator=torch.Generator().manual_seed(seed + 2))
+                # the same configurations for every target: each last-evaluation level, from t_max (cold) and
+                # warm-started at the first point of analytic.warm_start_ends (a rule fitted on other problems)
+                configs = [
+                    (f"{grid}@{r:g}{'+warm' if warm else ''}", {"t_min": t_of_rho(r)}, warm)
+                    for r in (RHO_MIN[1:] if quick else RHO_MIN) for warm in (None, moments)
+                ]
+                for label, grid_options, warm in configs:
+                    x = sample(denoiser, SCHEDULE, x_T, solver=solver, nfe=nfe, grid=grid, grid_options=grid_options,
+                               warm_start=warm, generator=torch.Generator().manual_seed(seed + 2))
                     rows.append({
-                        "target": name, "impl": "molgen", "solver": solver, "grid": f"{grid}@{rho_min:g}", "nfe": nfe,
+                        "target": name, "impl": "molgen", "solver": solver, "grid": label, "nfe": nfe,
+                        "warm_start": warm is not None,
                         "error": None if spec.stochastic else rms_distance(x, reference(SCHEDULE.t_max)),
                         "sliced_w": sliced_w2(x, exact),
                     })
@@ -234,24 +269,31 @@ def run_target(name: str, denoiser, n: int, nfes, quick: bool, seed: int = 0) ->
 
 
 def summarise(rows: list[dict]) -> dict:
+    """Best error per (target, NFE) of each side; molgen's best over all its configurations and over those
+    without the warm start ("cold", the same information diffusers gets)."""
     best: dict = {}
     for r in rows:
         if r["error"] is None:
             continue
-        key = (r["target"], r["nfe"], r["impl"])
-        if key not in best or r["error"] < best[key]["error"]:
-            best[key] = r
+        keys = [(r["target"], r["nfe"], r["impl"])]
+        if r["impl"] == "molgen" and not r.get("warm_start"):
+            keys.append((r["target"], r["nfe"], "molgen_cold"))
+        for key in keys:
+            if key not in best or r["error"] < best[key]["error"]:
+                best[key] = r
     table = []
     for (target, nfe, impl), r in sorted(best.items()):
         if impl != "molgen":
             continue
-        d = best.get((target, nfe, "diffusers"))
+        d, c = best.get((target, nfe, "diffusers")), best[(target, nfe, "molgen_cold")]
         table.append({
             "target": target, "nfe": nfe,
             "molgen_best": f"{r['solver']}/{r['grid']}", "molgen_error": r["error"],
+            "molgen_cold_best": f"{c['solver']}/{c['grid']}", "molgen_cold_error": c["error"],
             "diffusers_best": f"{d['solver']}/{d['grid']}" if d else None,
             "diffusers_error": d["error"] if d else None,
             "ratio": r["error"] / d["error"] if d else None,
+            "cold_ratio": c["error"] / d["error"] if d else None,
         })
     return {"best": table}
 
@@ -272,8 +314,8 @@ def main() -> None:
         rows += run_target(name, denoiser, count, NFES, args.quick)
     x = torch.randn(1024, 64, dtype=torch.float64)
     for solver, (cls_name, kwargs) in PAIRS.items():
-        ours = molgen_overhead(solver, x, 9, 5 if args.quick else 20)
-        theirs = diffusers_overhead(cls_name, kwargs, x, 5 if solver == "heun" else 9, 5 if args.quick else 20)
+        runs = (molgen_runner(solver, x, 9), diffusers_runner(cls_name, kwargs, x, 5 if solver == "heun" else 9))
+        ours, theirs = overhead_pair(runs, 10 if args.quick else 60)
         rows.append({"target": "overhead", "impl": "molgen", "solver": solver, "grid": "logsnr", "nfe": 9,
                      "error": None, "sliced_w": None, "overhead_s_per_step": ours})
         rows.append({"target": "overhead", "impl": "diffusers", "solver": solver, "grid": "linspace", "nfe": 9,
@@ -283,7 +325,9 @@ def main() -> None:
     args.json.write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
     for r in summary["best"]:
         print(f"{r['target']:>14} nfe {r['nfe']:>2}: molgen {r['molgen_error']:.4f} ({r['molgen_best']})  "
-              f"diffusers {r['diffusers_error']:.4f} ({r['diffusers_best']})  ratio {r['ratio']:.2f}")
+              f"cold {r['molgen_cold_error']:.4f} ({r['molgen_cold_best']})  "
+              f"diffusers {r['diffusers_error']:.4f} ({r['diffusers_best']})  "
+              f"ratio {r['ratio']:.2f} (cold {r['cold_ratio']:.2f})")
     for r in rows:
         if r["target"] == "overhead" and r["impl"] == "diffusers":
             print(f"overhead {r['solver']:>9}: molgen/diffusers per step = {r['ratio']:.2f}")

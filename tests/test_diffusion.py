@@ -11,6 +11,7 @@ from molgen.diffusion import (
     GRIDS,
     SCHEDULES,
     SOLVERS,
+    Euclidean,
     Sampler,
     ZeroCoM,
     get_grid,
@@ -18,7 +19,13 @@ from molgen.diffusion import (
     sample,
     select,
 )
-from molgen.diffusion.analytic import EmpiricalDenoiser, GaussianMixtureDenoiser, exact_ode_solution
+from molgen.diffusion.analytic import (
+    EmpiricalDenoiser,
+    GaussianMixtureDenoiser,
+    GaussianMoments,
+    exact_ode_solution,
+    warm_start_ends,
+)
 from molgen.diffusion.parameterization import PREDICTIONS, from_x0, to_x0
 
 F64 = torch.float64
@@ -393,3 +400,110 @@ def test_bad_input_is_named():
         sample(model, sch, x_T, solver="ddim", steps=5, solver_options={"eta": 1.0})
     with pytest.raises(ValueError, match="declares no prediction"):
         sample(lambda x, t: x, sch, x_T, solver="ddim", steps=5)
+
+
+# ---------------------------------------------------------------------------------------------- fast path
+class Plain(Euclidean):
+    """R^d by another name: the sampler cannot tell it is Euclidean, so every step takes the general path."""
+
+
+@pytest.mark.parametrize("prediction", ["x0", "eps", "v"])
+def test_affine_fast_path_equals_the_general_path(prediction):
+    sch = get_schedule("vp_cosine")
+    model = Gaussian(sch, mu=0.2, s=0.6)
+
+    def wrapped(x, t):
+        a, s = sch.alpha(t)[:, None], sch.sigma(t)[:, None]
+        x0 = model(x, t)
+        return from_x0(prediction, x0, (x - a * x0) / s, a, s)
+
+    x_T = noise(8, 3)
+    for solver in [name for name in SOLVERS if name != "af3"]:
+        fast, slow = (
+            sample(wrapped, sch, x_T, solver=solver, nfe=7, prediction=prediction, space=space,
+                   generator=torch.Generator().manual_seed(1))
+            for space in (None, Plain())
+        )
+        assert torch.allclose(fast, slow, rtol=1e-12, atol=1e-12), solver
+
+
+def test_nan_in_the_last_model_call_is_reported():
+    sch = get_schedule("vp_cosine")
+    model = Gaussian(sch)
+    calls = [0]
+
+    def broken(x, t):
+        calls[0] += 1
+        out = model(x, t)
+        return out.masked_fill(torch.arange(len(out))[:, None] == 0, float("inf")) if calls[0] == 4 else out
+
+    with pytest.raises(FloatingPointError, match=r"1 of 3 samples \(first at step 3 of 4"):
+        sample(broken, sch, noise(3, 2), solver="ddim", steps=4, prediction="x0")
+
+
+# ---------------------------------------------------------------------------------------------- warm start
+def random_moments(d: int = 5, seed: int = 0) -> GaussianMoments:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, d, generator=g, dtype=F64)
+    return GaussianMoments.from_covariance(torch.randn(d, generator=g, dtype=F64), a @ a.T / d + 0.1 * torch.eye(d))
+
+
+def test_gaussian_flow_solves_the_probability_flow_ode():
+    """The closed-form flow of N(m, C) composes and its time derivative is the PF-ODE velocity
+    dx/dt = (alpha'/alpha) x + (sigma' - alpha' sigma / alpha) (x - alpha D) / sigma,
+    with D = m + C (C + rho^2)^-1 (y - m) the exact denoiser of N(m, C)."""
+    sch = get_schedule("vp_cosine")
+    mom = random_moments()
+    x = noise(6, 5)
+    direct = mom.flow(x, sch, 0.9, 0.3)
+    assert torch.allclose(mom.flow(mom.flow(x, sch, 0.9, 0.6), sch, 0.6, 0.3), direct, atol=1e-12)
+    t, h = torch.tensor(0.5, dtype=F64), 1e-6
+    dx = (mom.flow(x, sch, 0.9, t + h) - mom.flow(x, sch, 0.9, t - h)) / (2 * h)
+    xt = mom.flow(x, sch, 0.9, t)
+    a, s, rho = sch.alpha(t), sch.sigma(t), sch.rho(t)
+    d_alpha, d_sigma = sch.d_alpha_sigma(t)
+    cov = mom.eigvecs @ torch.diag(mom.eigvals) @ mom.eigvecs.T
+    denoised = mom.mean + (xt / a - mom.mean) @ torch.linalg.solve(cov + rho**2 * torch.eye(5, dtype=F64), cov)
+    velocity = d_alpha / a * xt + (d_sigma - d_alpha * s / a) * (xt - a * denoised) / s
+    assert torch.allclose(dx, velocity, rtol=1e-6, atol=1e-6)
+
+
+def test_moments_from_data_and_low_rank_residual():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=F64))[0]
+    scales = torch.tensor([3.0, 2.0] + [0.5] * 6, dtype=F64)  # two strong directions, isotropic rest
+    data = 1.5 + (torch.randn(20000, 8, generator=g, dtype=F64) * scales) @ basis.T
+    full, low = GaussianMoments.from_data(data), GaussianMoments.from_data(data, rank=2)
+    assert torch.allclose(full.mean, torch.full((8,), 1.5, dtype=F64), atol=0.05)
+    assert torch.allclose(full.eigvals.flip(0)[:2], scales[:2] ** 2, rtol=0.05)
+    assert math.isclose(low.residual, 0.25, rel_tol=0.05)
+    assert math.isclose(low.sigma_data, full.sigma_data, rel_tol=1e-6)
+    sch = get_schedule("vp_linear")
+    x = noise(16, 8, scale=sch.prior_std)
+    assert torch.allclose(low.flow(x, sch, sch.t_max, 0.3), full.flow(x, sch, sch.t_max, 0.3), atol=0.05)
+    mixture = GaussianMixtureDenoiser(torch.randn(3, 2, dtype=F64), torch.tensor([0.2, 0.4, 0.3]), None, sch)
+    sampled = GaussianMoments.from_data(mixture.sample_data(100000, torch.Generator().manual_seed(1)))
+    cov = lambda m: m.eigvecs @ torch.diag(m.eigvals) @ m.eigvecs.T  # noqa: E731
+    assert torch.allclose(cov(mixture.moments()), cov(sampled), atol=0.03)
+
+
+def test_warm_start_is_exact_for_gaussian_data_and_follows_the_named_ends():
+    sch = get_schedule("vp_linear")
+    model = Gaussian(sch, mu=0.5, s=0.3)
+    mom = GaussianMoments.from_covariance(torch.full((2,), 0.5, dtype=F64), 0.09 * torch.eye(2, dtype=F64))
+    x_T = noise(64, 2, scale=sch.prior_std)
+    exact = model.ode_solution(x_T, sch.t_max, 0.0)
+    s = Sampler(model, sch, "dpmpp_2m", steps=3, warm_start=mom)
+    first, last = warm_start_ends(3)
+    assert torch.allclose(sch.rho(s.t_grid[0, [0, -1]]), torch.tensor([first, last], dtype=F64) * 0.3, rtol=1e-6)
+    state = s.init(x_T)
+    assert torch.allclose(state.x, model.ode_solution(x_T, sch.t_max, float(s.t_grid[0, 0])), atol=1e-10)
+    warm = s.finish(s.run(state))
+    cold = sample(model, sch, x_T, solver="dpmpp_2m", steps=3)
+    err = lambda x: float(((x - exact) ** 2).sum(1).mean().sqrt())  # noqa: E731
+    assert err(warm) < 0.5 * err(cold)
+    assert all(0 < warm_start_ends(n)[1] < warm_start_ends(n)[0] for n in range(1, 50))
+    with pytest.raises(ValueError, match="no padding mask"):
+        s.init(x_T, mask=torch.ones(64, dtype=torch.bool))
+    with pytest.raises(ValueError, match="states of shape"):
+        sample(model, sch, noise(4, 3), solver="ddim", steps=3, warm_start=mom)

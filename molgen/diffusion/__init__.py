@@ -1,8 +1,10 @@
 """The modality-free sampling engine: schedules, time grids, parameterisations, ODE/SDE solvers.
 
     x = sample(model, get_schedule("vp_cosine"), x_T, solver="dpmpp_3m", steps=10)
+    x = sample(model, schedule, x_T, solver="unipc", steps=5, warm_start=GaussianMoments.from_data(train_x))
 """
 
+from molgen.diffusion.analytic import GaussianMoments
 from molgen.diffusion.grids import GRIDS, get_grid
 from molgen.diffusion.parameterization import PREDICTIONS, to_x0
 from molgen.diffusion.sampling import Sampler, State, sample, select
@@ -11,6 +13,7 @@ from molgen.diffusion.solvers import SOLVERS, get_solver
 from molgen.diffusion.spaces import Euclidean, ZeroCoM
 
 __all__ = [
-    "GRIDS", "PREDICTIONS", "SCHEDULES", "SOLVERS", "Euclidean", "Sampler", "Schedule", "State", "ZeroCoM",
+    "GRIDS", "PREDICTIONS", "SCHEDULES", "SOLVERS", "Euclidean", "GaussianMoments", "Sampler", "Schedule", "State",
+    "ZeroCoM",
     "get_grid", "get_schedule", "get_solver", "sample", "select", "to_x0",
 ]

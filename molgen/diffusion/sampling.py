@@ -5,7 +5,10 @@ at the last one, so the step into sigma = 0 is always first order. Everything th
 (state, multistep history, mask, conditioning, coefficient tables) lives in a ``State`` with a leading batch
 dimension: guidance can resample or replicate particles with ``select(state, index)`` between steps.
 All coefficients are precomputed in float64 before the loop; the loop itself never synchronises with the host
-(non-finite model outputs are recorded per sample and reported once, after the loop).
+(non-finite model outputs are recorded per sample and reported once, after the loop). Plans (grid, tables,
+parameterisation and fused step coefficients) are memoised, and so are their copies in a state's device, dtype
+and rank. On plain R^d without a mask the steps take an affine fast path: each transition is a few fused
+multiply-adds of the state, the raw model output and the history, with no projection or masking work.
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ class State:
     keep: Tensor  # the input x_T: padded entries are returned as they came in
     cond: dict[str, Tensor]
     tab: dict[str, Tensor]  # coefficient tables [B or 1, ...], float64
-    nan_step: Tensor  # [B] long: first step whose model output was not finite, -1 if none
+    # finiteness record: per model call (step, [B] row sums of its output), reduced once after the loop
+    # (``first_nan_step``); NaN and inf propagate through a sum, so one reduction per call is the whole check
+    nan_step: tuple[tuple[int, Tensor], ...]
 
     @property
     def batch(self) -> int:
@@ -61,6 +66,16 @@ def select(state: State, index: Tensor) -> State:
 
     fields = {f: tree_map(pick, getattr(state, f)) for f in State.__dataclass_fields__}
     return State(**fields)
+
+
+def first_nan_step(state: State) -> Tensor:
+    """[B] long: the first step whose model output was not finite, per sample, -1 if none."""
+    if not state.nan_step:
+        return torch.full((state.batch,), -1, dtype=torch.long, device=state.x.device)
+    steps = torch.tensor([s for s, _ in state.nan_step], dtype=torch.long, device=state.x.device)
+    bad = ~torch.isfinite(torch.stack([v for _, v in state.nan_step]))  # [calls, B]
+    first = torch.where(bad, steps[:, None], torch.iinfo(torch.long).max).amin(0)
+    return torch.where(bad.any(0), first, -1)
 
 
 def bcast(v: Tensor, x: Tensor) -> Tensor:
@@ -114,6 +129,7 @@ class Sampler:
     dynamic_threshold: float | None = None
     autocast: torch.dtype | None = None  # e.g. torch.bfloat16: the model runs under autocast, the state does not
     compile: bool | str = False  # torch.compile the model (True: inductor, or a backend name); the loop stays eager
+    warm_start: Any = None  # GaussianMoments of the data: x_T is carried to the first grid point in closed form
     n_steps: int = field(init=False)
     orders: list[int] = field(init=False)
 
@@ -131,27 +147,39 @@ class Sampler:
         if self.compile:
             backend = self.compile if isinstance(self.compile, str) else "inductor"
             self.model = torch.compile(self.model, backend=backend)
+        if self.clip_x0 is not None and self.dynamic_threshold is not None:
+            raise ValueError("choose one of clip_x0 and dynamic_threshold")
+        grid_options = dict(self.grid_options or {})
         if isinstance(self.grid, Tensor):
             grid = self.grid.to(torch.float64)
-            self.t_grid = grid.reshape(grid.shape[0], -1).T.contiguous()  # [n] or [n, B] -> [1 or B, n]
-            n = self.t_grid.shape[1]
+            t_grid = grid.reshape(grid.shape[0], -1).T.contiguous()  # [n] or [n, B] -> [1 or B, n]
+            n = t_grid.shape[1]
             if (self.steps is None and self.nfe is None) or self.steps == n:
                 self.steps, self.nfe = n, None
             self.n_steps, self.orders = plan_orders(self.spec.kind, self.options["order"], self.steps, self.nfe)
             if self.n_steps != n:
                 raise ValueError(f"the explicit time grid has {n} points but the plan needs {self.n_steps}")
-            if not bool((self.t_grid[:, 1:] < self.t_grid[:, :-1]).all()):
+            if not bool((t_grid[:, 1:] < t_grid[:, :-1]).all()):
                 raise ValueError("an explicit time grid must be strictly decreasing (noise first)")
+            grid_key = tuple(t_grid.flatten().tolist()) if t_grid.numel() <= 2048 else None
+            grid_key = None if grid_key is None else (t_grid.shape, grid_key)
         else:
             self.n_steps, self.orders = plan_orders(self.spec.kind, self.options["order"], self.steps, self.nfe)
-            self.t_grid = get_grid(self.grid, self.schedule, self.n_steps, **(self.grid_options or {}))[None]
-        if self.clip_x0 is not None and self.dynamic_threshold is not None:
-            raise ValueError("choose one of clip_x0 and dynamic_threshold")
-        self.tables = _tables(self.spec.name, self.schedule, self.t_grid, tuple(self.orders), self.options)
-        for prefix in {k[: -len("d_alpha")] for k in self.tables if k.endswith("d_alpha")}:
-            p = {n: self.tables[prefix + n] for n in ("alpha", "sigma", "d_alpha", "d_sigma")}
-            c_x, c_out = x0_coefficients(self.prediction, **p)
-            self.tables.update({prefix + "c_x": c_x, prefix + "c_out": c_out})
+            if self.warm_start is not None:
+                grid_options = {**self.warm_start.grid_ends(self.schedule, self.model_calls), **grid_options}
+            t_grid, grid_key = None, (self.grid, tuple(sorted(grid_options.items())))
+        key = None if grid_key is None else (
+            self.spec.name, self.schedule, grid_key, tuple(self.orders), tuple(sorted(self.options.items())),
+            self.prediction,
+        )
+        try:
+            hash(key)
+        except TypeError:  # unhashable grid options: plan without memoising
+            key = None
+        self._plan = _plan(key, self, t_grid, grid_options)
+        self.t_grid, self.tables = self._plan.t_grid, dict(self._plan.tables)
+        # plain R^d, no thresholding: steps may take the affine fast path (states without a mask)
+        self._affine = type(self.space) is Euclidean and self.clip_x0 is None and self.dynamic_threshold is None
 
     @property
     def model_calls(self) -> int:
@@ -165,14 +193,16 @@ class Sampler:
         batch = x_T.shape[0]
         if self.t_grid.shape[0] not in (1, batch):
             raise ValueError(f"per-sample time grid has {self.t_grid.shape[0]} rows for a batch of {batch}")
-        # tables in the state's dtype, shaped [B or 1, T, (K,) 1, ...] to broadcast against x without copies
-        trailing = [1] * (x_T.ndim - 1)
-        tab = {k: v.to(x_T.device, x_T.dtype).reshape(*v.shape, *trailing) for k, v in self.tables.items()}
+        tab = self._plan.tables_for(x_T)
         x = self.space.project(x_T, mask)
+        if self.warm_start is not None:
+            if mask is not None:
+                raise ValueError("warm_start needs fixed-size states (no padding mask)")
+            x = self.space.project(self.warm_start.flow(x, self.schedule, self.schedule.t_max, self.t_grid[:, 0]), mask)
         return State(
             x=self._keep(x, mask, x_T), x0=None, hist=(), extra=(), mask=mask, keep=x_T,
             cond=dict(cond or {}), tab=tab,
-            nan_step=torch.full((batch,), -1, dtype=torch.long, device=x_T.device),
+            nan_step=(),
         )
 
     def step(self, state: State, i: int, generator: torch.Generator | None = None) -> State:
@@ -181,11 +211,17 @@ class Sampler:
         return self.spec.step(self, state, i, generator)
 
     def finish(self, state: State) -> Tensor:
-        x0 = state.x0 if state.x0 is not None else self.denoise_at(state, state.x, "", self.n_steps - 1)[0]
+        if state.x0 is None:
+            x0, record = self.denoise_at(state, state.x, "", self.n_steps - 1)
+            state = replace(state, nan_step=record)
+        else:
+            x0 = state.x0
         x0 = self._keep(x0, state.mask, state.keep)
-        bad = state.nan_step >= 0
-        if bool(bad.any()):  # the one host synchronisation, after the loop
-            first = int(state.nan_step[bad].min())
+        sums = torch.cat([v for _, v in state.nan_step]) if state.nan_step else x0.new_zeros(1)
+        if not bool(torch.isfinite(sums).all()):  # the one host synchronisation, after the loop
+            nan_step = first_nan_step(state)
+            bad = nan_step >= 0
+            first = int(nan_step[bad].min())
             raise FloatingPointError(
                 f"the model returned NaN/inf for {int(bad.sum())} of {state.batch} samples "
                 f"(first at step {first} of {self.n_steps}, t={float(self.t_grid[0, first]):.4g})"
@@ -203,34 +239,58 @@ class Sampler:
         return state
 
     # ---- helpers used by the solver steps -----------------------------------------------------------------
-    def denoise_at(
-        self, state: State, x: Tensor, prefix: str, j: int, step: int | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """x0 estimate at table point ``prefix + name`` column j (grid point when prefix == "").
+    def affine(self, state: State) -> bool:
+        """Whether ``state`` may take the affine fast path (plain R^d, no mask, no thresholding)."""
+        return self._affine and state.mask is None
 
-        Returns (x0, nan_step) with non-finite outputs recorded against ``step`` (default j)."""
-        tab = state.tab
-        t = tab[prefix + "t"][:, j].reshape(-1).expand(x.shape[0])
+    def _call(self, state: State, x: Tensor, prefix: str, j: int) -> Tensor:
+        t = state.tab[prefix + "t"][:, j].reshape(-1).expand(x.shape[0])
         if self.autocast is None:
             out = self.model(x, t, **state.cond)
         else:
             with torch.autocast(x.device.type, dtype=self.autocast):
                 out = self.model(x, t, **state.cond)
-        out = out.to(x.dtype)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def _record(state: State, values: Tensor, step: int) -> tuple[tuple[int, Tensor], ...]:
+        """The finiteness record with this call's row sums appended (one reduction, no host synchronisation)."""
+        return (*state.nan_step, (step, values.flatten(1).sum(1)))
+
+    def model_out(
+        self, state: State, x: Tensor, prefix: str, j: int, step: int | None = None
+    ) -> tuple[Tensor, tuple]:
+        """The raw model output at table point ``prefix`` column j, in x's dtype, and the updated record.
+        For the affine fast path: x0 = c_x x + c_out out and eps = e_x x + e_out out are read from the tables."""
+        out = self._call(state, x, prefix, j)
+        return out, self._record(state, out, j if step is None else step)
+
+    def denoise_at(
+        self, state: State, x: Tensor, prefix: str, j: int, step: int | None = None
+    ) -> tuple[Tensor, tuple]:
+        """x0 estimate at table point ``prefix + name`` column j (grid point when prefix == "").
+
+        Returns (x0, nan_step) with non-finite outputs recorded against ``step`` (default j)."""
+        tab = state.tab
+        out = self._call(state, x, prefix, j)
         c_out = tab[prefix + "c_out"][:, j]
-        x0 = out * c_out if self.prediction == "x0" else torch.addcmul(tab[prefix + "c_x"][:, j] * x, c_out, out)
-        x0 = self._threshold(x0)
-        m = expand_mask(state.mask, x0)
-        if m is not None:
-            x0 = torch.where(m, x0, torch.zeros_like(x0))
-        x0 = self.space.project(x0, state.mask)
-        bad = ~torch.isfinite(x0.flatten(1).sum(1))  # one pass; NaN and inf propagate through the sum
-        nan_step = torch.where(bad & (state.nan_step < 0), step if step is not None else j, state.nan_step)
-        return x0, nan_step
+        if self.prediction == "x0":
+            x0 = out * c_out
+        else:
+            x0 = torch.mul(x, tab[prefix + "c_x"][:, j])
+            x0.addcmul_(c_out, out)
+        if not self.affine(state):
+            x0 = self._threshold(x0)
+            m = expand_mask(state.mask, x0)
+            if m is not None:
+                x0 = torch.where(m, x0, torch.zeros_like(x0))
+            x0 = self.space.project(x0, state.mask)
+        return x0, self._record(state, x0, j if step is None else step)
 
     def advance(self, state: State, x_next: Tensor, **changes: Any) -> State:
         """New state at the next grid point: projected, padding kept, cached x0 dropped unless given."""
-        x_next = self._keep(self.space.project(x_next, state.mask), state.mask, state.keep)
+        if not self.affine(state):
+            x_next = self._keep(self.space.project(x_next, state.mask), state.mask, state.keep)
         changes.setdefault("x0", None)
         return replace(state, x=x_next, **changes)
 
@@ -252,24 +312,55 @@ class Sampler:
         return x0
 
 
-_PLANS: dict[tuple, dict[str, Tensor]] = {}
+@dataclass
+class Plan:
+    """A sampler's precomputed part: time grid [B or 1, n] and float64 tables, plus the tables' copies per
+    (device, dtype, state rank), shaped [B or 1, T, (K,) 1, ...] to broadcast against the state."""
+
+    t_grid: Tensor
+    tables: dict[str, Tensor]
+    copies: dict[tuple, dict[str, Tensor]] = field(default_factory=dict)
+
+    def tables_for(self, x: Tensor) -> dict[str, Tensor]:
+        key = (x.device, x.dtype, x.ndim)
+        if key not in self.copies:
+            trailing = [1] * (x.ndim - 1)
+            self.copies[key] = {k: v.to(x.device, x.dtype).reshape(*v.shape, *trailing) for k, v in self.tables.items()}
+        return dict(self.copies[key])
 
 
-def _tables(solver: str, schedule: Schedule, t_grid: Tensor, orders: tuple[int, ...], options: Mapping) -> dict:
-    """Coefficient tables of a plan, memoised for shared grids (plans are pure functions of their inputs)."""
-    from molgen.diffusion.solvers import get_solver, points
+_PLANS: dict[tuple, Plan] = {}
 
-    key = (solver, schedule, tuple(t_grid.flatten().tolist()), orders, tuple(sorted(options.items())))
-    if t_grid.shape[0] > 1 or t_grid.numel() > 2048:
-        key = None
+
+def _plan(key: tuple | None, sampler: Sampler, t_grid: Tensor | None, grid_options: Mapping[str, Any]) -> Plan:
+    """The plan of ``sampler`` (memoised under ``key``; plans are pure functions of their inputs):
+    grid, solver tables, the linear parameterisation per table point (x0 = c_x x + c_out out and
+    eps = e_x x + e_out out) and the solver's fused step coefficients."""
+    from molgen.diffusion.solvers import points
+
     if key is not None and key in _PLANS:
-        return dict(_PLANS[key])
-    tables = get_solver(solver).tables(schedule, t_grid, list(orders), options) if orders else points(schedule, t_grid)
+        return _PLANS[key]
+    if t_grid is None:
+        t_grid = get_grid(sampler.grid, sampler.schedule, sampler.n_steps, **grid_options)[None]
+    spec, orders = sampler.spec, sampler.orders
+    tables = spec.tables(sampler.schedule, t_grid, list(orders), sampler.options) if orders else points(
+        sampler.schedule, t_grid
+    )
+    for prefix in {k[: -len("d_alpha")] for k in tables if k.endswith("d_alpha")}:
+        p = {n: tables[prefix + n] for n in ("alpha", "sigma", "d_alpha", "d_sigma")}
+        c_x, c_out = x0_coefficients(sampler.prediction, **p)
+        tables.update({
+            prefix + "c_x": c_x, prefix + "c_out": c_out,
+            prefix + "e_x": (1.0 - p["alpha"] * c_x) / p["sigma"], prefix + "e_out": -p["alpha"] * c_out / p["sigma"],
+        })
+    if orders and spec.fuse is not None:
+        tables.update(spec.fuse(tables))
+    plan = Plan(t_grid, tables)
     if key is not None:
         if len(_PLANS) > 256:
             _PLANS.clear()
-        _PLANS[key] = tables
-    return dict(tables)
+        _PLANS[key] = plan
+    return plan
 
 
 def sample(
@@ -293,17 +384,21 @@ def sample(
     dynamic_threshold: float | None = None,
     autocast: torch.dtype | None = None,
     compile: bool | str = False,
+    warm_start: Any = None,
 ) -> Tensor:
     """Denoise ``x_T`` (drawn at the schedule's ``t_max``) with ``solver`` on a time ``grid``.
 
     ``steps`` is the number of grid points (= model calls for multistep solvers); ``nfe`` instead gives a model
     call budget that singlestep solvers spread over mixed orders. ``grid`` is a name or an explicit
-    decreasing tensor of times, [n] or [n, B] for per-sample times. Returns the x0 estimate at the last point.
+    decreasing tensor of times, [n] or [n, B] for per-sample times. ``warm_start`` (``GaussianMoments`` of the
+    data) carries x_T from ``t_max`` to the first grid point along the exact flow of the data's Gaussian
+    approximation, with no model call; named grids then default to the ends of ``GaussianMoments.grid_ends``.
+    Returns the x0 estimate at the last point.
     """
     sampler = Sampler(
         model, schedule, solver, steps=steps, nfe=nfe, grid=grid, space=space, prediction=prediction,
         solver_options=solver_options, grid_options=grid_options, clip_x0=clip_x0,
-        dynamic_threshold=dynamic_threshold, autocast=autocast, compile=compile,
+        dynamic_threshold=dynamic_threshold, autocast=autocast, compile=compile, warm_start=warm_start,
     )
     state = sampler.run(sampler.init(x_T, mask=mask, cond=cond), generator, callback)
     return sampler.finish(state)

@@ -147,22 +147,52 @@ def euler_maruyama_tables(schedule: Schedule, t: Tensor, orders: list[int], opti
 
 
 def linear_step(feature: str, stochastic: bool):
-    """x_{i+1} = a_i x_i + sum_m w_{i,m} F_{i-m} (+ c_i z), F = D (x0) or eps."""
+    """x_{i+1} = a_i x_i + sum_m w_{i,m} F_{i-m} (+ c_i z), F = D (x0) or eps.
+
+    Affine fast path (plain R^d, no mask, nothing cached): F_i = f_x x_i + f_out out_i is linear in the raw
+    model output, so x_{i+1} = A_i x_i + B_i out_i + sum_{m>=1} w_{i,m} F_{i-m} with A = a + w_0 f_x and
+    B = w_0 f_out precomputed (``linear_fuse``): one multiply and one multiply-add per term, F_i itself only
+    formed when a later step needs it."""
+    fx, fo = ("c_x", "c_out") if feature == "x0" else ("e_x", "e_out")
 
     def step(sampler: Sampler, state: State, i: int, generator: torch.Generator | None) -> State:
         x, tab = state.x, state.tab
-        d, nan_step = _denoised(sampler, state, i)
-        f = d if feature == "x0" else _eps(tab, i, x, d)
-        hist = (f, *state.hist)
-        w = tab["w"][:, i]
-        x_next = _col(tab, "a", i) * x  # a fresh tensor: the in-place updates below touch nothing else
-        for m in range(min(w.shape[1], len(hist))):
-            x_next.addcmul_(w[:, m], hist[m])
+        width = tab["w"].shape[2]
+        if state.x0 is None and sampler.affine(state):
+            out, nan_step = sampler.model_out(state, x, "", i)
+            x_next = torch.mul(x, _col(tab, "A", i))
+            x_next.addcmul_(_col(tab, "B", i), out)
+            hist: tuple[Tensor, ...] = ()
+            if width > 1:
+                w = tab["w"][:, i]
+                for m in range(1, min(width, len(state.hist) + 1)):
+                    x_next.addcmul_(w[:, m], state.hist[m - 1])
+                f = torch.mul(x, _col(tab, fx, i))
+                hist = (f.addcmul_(_col(tab, fo, i), out), *state.hist)
+        else:
+            w = tab["w"][:, i]
+            d, nan_step = _denoised(sampler, state, i)
+            f = d if feature == "x0" else _eps(tab, i, x, d)
+            hist = (f, *state.hist)
+            x_next = _col(tab, "a", i) * x  # a fresh tensor: the in-place updates below touch nothing else
+            for m in range(min(width, len(hist))):
+                x_next.addcmul_(w[:, m], hist[m])
         if stochastic:
             x_next.addcmul_(_col(tab, "c", i), sampler.noise(state, generator))
-        return sampler.advance(state, x_next, hist=hist[: w.shape[1] - 1], nan_step=nan_step)
+        return sampler.advance(state, x_next, hist=hist[: width - 1], nan_step=nan_step)
 
     return step
+
+
+def linear_fuse(feature: str) -> Callable[[Tables], Tables]:
+    """Fused coefficients of ``linear_step``'s fast path: A = a + w_0 f_x, B = w_0 f_out."""
+    fx, fo = ("c_x", "c_out") if feature == "x0" else ("e_x", "e_out")
+
+    def fuse(tab: Tables) -> Tables:
+        w0 = tab["w"][..., 0]
+        return {"A": tab["a"] + w0 * tab[fx][:, :-1], "B": w0 * tab[fo][:, :-1]}
+
+    return fuse
 
 
 def _eps(tab: Tables, i: int, x: Tensor, d: Tensor) -> Tensor:
@@ -171,7 +201,7 @@ def _eps(tab: Tables, i: int, x: Tensor, d: Tensor) -> Tensor:
     return torch.addcmul(x / sigma, d, -alpha / sigma)
 
 
-def _denoised(sampler: Sampler, state: State, i: int) -> tuple[Tensor, Tensor]:
+def _denoised(sampler: Sampler, state: State, i: int) -> tuple[Tensor, tuple]:
     """x0 at the current grid point: the cached one if a previous step (or guidance) computed it."""
     if state.x0 is not None:
         return state.x0, state.nan_step
@@ -276,11 +306,31 @@ def heun_tables(schedule: Schedule, t: Tensor, orders: list[int], options: Mappi
     return tab
 
 
+def heun_fuse(tab: Tables) -> Tables:
+    """Heun's fast path: with eps_i = e_x x + e_out out, the Euler point is x_e = (a + H e_x) x + H e_out out
+    and x_{i+1} = a x + H (eps_i + eps_e) / 2 = (1/2 + H e_x' / 2) x_e + (a / 2) x + (H e_out' / 2) out_e."""
+    h, half_h = tab["H"], 0.5 * tab["H"]
+    return {
+        "A": tab["a"] + h * tab["e_x"][:, :-1], "B": h * tab["e_out"][:, :-1],
+        "k_e": 0.5 + half_h * tab["e_x"][:, 1:], "k_x": 0.5 * tab["a"], "k_out": half_h * tab["e_out"][:, 1:],
+    }
+
+
 def heun_step(sampler: Sampler, state: State, i: int, generator: torch.Generator | None) -> State:
     x, tab = state.x, state.tab
+    if state.x0 is None and sampler.affine(state):
+        out, nan_step = sampler.model_out(state, x, "", i)
+        x_euler = torch.mul(x, _col(tab, "A", i))
+        x_euler.addcmul_(_col(tab, "B", i), out)
+        if sampler.orders[i] == 1:
+            return sampler.advance(state, x_euler, nan_step=nan_step)
+        out, nan_step = sampler.model_out(_with_nan(state, nan_step), x_euler, "", i + 1, step=i)
+        x_next = torch.mul(x_euler, _col(tab, "k_e", i))
+        x_next.addcmul_(_col(tab, "k_x", i), x).addcmul_(_col(tab, "k_out", i), out)
+        return sampler.advance(state, x_next, nan_step=nan_step)
+    a, step = _col(tab, "a", i), _col(tab, "H", i)
     d, nan_step = _denoised(sampler, state, i)
     eps = _eps(tab, i, x, d)
-    a, step = _col(tab, "a", i), _col(tab, "H", i)
     x_euler = a * x + step * eps
     if sampler.orders[i] == 1:
         return sampler.advance(state, x_euler, nan_step=nan_step)
@@ -295,7 +345,7 @@ def _inner(sampler: Sampler, state: State, x: Tensor) -> Tensor:
     return sampler._keep(sampler.space.project(x, state.mask), state.mask, state.keep)
 
 
-def _with_nan(state: State, nan_step: Tensor) -> State:
+def _with_nan(state: State, nan_step: tuple) -> State:
     return replace(state, nan_step=nan_step)
 
 
@@ -343,12 +393,17 @@ def unipc_step(sampler: Sampler, state: State, i: int, generator: torch.Generato
     x, tab = state.x, state.tab
     d, nan_step = _denoised(sampler, state, i)
     hist = (d, *state.hist)
-    wp, wc = tab["wp"][:, i], tab["wc"][:, i]
-    a = _col(tab, "a", i) * x
-    x_pred = a + sum(wp[:, m] * hist[m] for m in range(min(wp.shape[1], len(hist))))
-    d_new, nan_step = sampler.denoise_at(_with_nan(state, nan_step), _inner(sampler, state, x_pred), "", i + 1)
-    x_next = a + wc[:, 0] * d_new
-    x_next = x_next + sum(wc[:, m + 1] * hist[m] for m in range(min(wc.shape[1] - 1, len(hist))))
+    wp, wc, a = tab["wp"][:, i], tab["wc"][:, i], _col(tab, "a", i)
+    x_pred = torch.mul(x, a)  # fresh tensors, updated in place
+    for m in range(min(wp.shape[1], len(hist))):
+        x_pred.addcmul_(wp[:, m], hist[m])
+    if not sampler.affine(state):
+        x_pred = _inner(sampler, state, x_pred)
+    d_new, nan_step = sampler.denoise_at(_with_nan(state, nan_step), x_pred, "", i + 1)
+    x_next = torch.mul(x, a)
+    x_next.addcmul_(wc[:, 0], d_new)
+    for m in range(min(wc.shape[1] - 1, len(hist))):
+        x_next.addcmul_(wc[:, m + 1], hist[m])
     return sampler.advance(state, x_next, x0=d_new, hist=hist[: wp.shape[1] - 1], nan_step=nan_step)
 
 
@@ -397,6 +452,7 @@ class SolverSpec:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     max_order: float = 1  # the highest ``order`` option the tables support
     fractional_order: bool = False  # whether ``order`` may lie between integers (ghvb)
+    fuse: Callable[[Tables], Tables] | None = None  # fused coefficients of the affine fast path, from the tables
 
     @property
     def calls_per_step(self) -> int:
@@ -424,32 +480,37 @@ SOLVERS: dict[str, SolverSpec] = {
     s.name: s
     for s in [
         SolverSpec("euler", "multistep", ab_rho_tables, linear_step("eps", False), False,
-                   "Euler in (x/alpha, sigma/alpha); algebraically identical to DDIM", {"order": 1}, max_order=1),
+                   "Euler in (x/alpha, sigma/alpha); algebraically identical to DDIM", {"order": 1}, max_order=1,
+                   fuse=linear_fuse("eps")),
         SolverSpec("heun", "singlestep", heun_tables, heun_step, False,
-                   "EDM's Heun (2nd order, 2 calls per step)", {"order": 2}, max_order=2),
+                   "EDM's Heun (2nd order, 2 calls per step)", {"order": 2}, max_order=2, fuse=heun_fuse),
         SolverSpec("ddim", "multistep", exp_multistep_tables(1.0, False), linear_step("x0", False), False,
-                   "DDIM = first-order exponential integrator", {"order": 1}, max_order=1),
+                   "DDIM = first-order exponential integrator", {"order": 1}, max_order=1, fuse=linear_fuse("x0")),
         SolverSpec("dpm_solver_2", "singlestep", dpm_singlestep_tables, dpm_singlestep_step, False,
                    "DPM-Solver-2, singlestep, data prediction", {"order": 2}, max_order=2),
         SolverSpec("dpm_solver_3", "singlestep", dpm_singlestep_tables, dpm_singlestep_step, False,
                    "DPM-Solver-3, singlestep, data prediction", {"order": 3}, max_order=3),
         SolverSpec("dpmpp_2m", "multistep", exp_multistep_tables(1.0, False), linear_step("x0", False), False,
-                   "DPM-Solver++(2M), exact integration of the linear interpolant", {"order": 2}, max_order=2),
+                   "DPM-Solver++(2M), exact integration of the linear interpolant", {"order": 2}, max_order=2,
+                   fuse=linear_fuse("x0")),
         SolverSpec("dpmpp_3m", "multistep", exp_multistep_tables(1.0, False), linear_step("x0", False), False,
-                   "DPM-Solver++(3M), exact integration of the quadratic interpolant", {"order": 3}, max_order=3),
+                   "DPM-Solver++(3M), exact integration of the quadratic interpolant", {"order": 3}, max_order=3,
+                   fuse=linear_fuse("x0")),
         SolverSpec("unipc", "multistep", unipc_tables, unipc_step, False,
                    "UniPC bh2 predictor-corrector (order 2 predictor + corrector)", {"order": 2}, max_order=3),
         SolverSpec("deis", "multistep", ab_rho_tables, linear_step("eps", False), False,
-                   "DEIS rho-AB: Adams-Bashforth on eps in rho (order 3)", {"order": 3}, max_order=4),
+                   "DEIS rho-AB: Adams-Bashforth on eps in rho (order 3)", {"order": 3}, max_order=4,
+                   fuse=linear_fuse("eps")),
         SolverSpec("ghvb", "multistep", ghvb_tables, ghvb_step, False,
                    "Generalised heavy-ball momentum on rho-AB (fractional order)", {"order": 1.5},
                    max_order=2, fractional_order=True),
         SolverSpec("euler_maruyama", "multistep", euler_maruyama_tables, linear_step("x0", True), True,
-                   "Euler-Maruyama on the reverse SDE in t", {"order": 1}, max_order=1),
+                   "Euler-Maruyama on the reverse SDE in t", {"order": 1}, max_order=1, fuse=linear_fuse("x0")),
         SolverSpec("ddpm_ancestral", "multistep", exp_multistep_tables(2.0, True), linear_step("x0", True), True,
-                   "DDPM ancestral sampling (= first-order SDE exponential integrator)", {"order": 1}, max_order=1),
+                   "DDPM ancestral sampling (= first-order SDE exponential integrator)", {"order": 1}, max_order=1,
+                   fuse=linear_fuse("x0")),
         SolverSpec("dpmpp_2m_sde", "multistep", exp_multistep_tables(2.0, True), linear_step("x0", True), True,
-                   "DPM-Solver++(2M) SDE", {"order": 2}, max_order=2),
+                   "DPM-Solver++(2M) SDE", {"order": 2}, max_order=2, fuse=linear_fuse("x0")),
         SolverSpec("af3", "multistep", af3_tables, af3_step, True,
                    "AlphaFold 3 / EDM stochastic sampler (churn gamma_0, gamma_min, noise_scale, step_scale)", _AF3,
                    max_order=1),
