@@ -207,6 +207,23 @@ def test_size_buckets_cover_everything_once() -> None:
     assert list(iter(sampler)) != batches or len(batches) < 3
 
 
+def test_size_buckets_resume_inside_an_epoch() -> None:
+    """A sampler restored from a mid-epoch state continues that epoch (no replay of its first batches)."""
+    n_atoms = torch.tensor([5, 7, 5, 9, 7, 7, 5, 9, 3, 5, 7, 9])
+    straight = SizeBucketBatches(n_atoms, batch_size=2, seed=3)
+    straight.set_epoch(2)
+    full = list(iter(straight))
+    first = SizeBucketBatches(n_atoms, batch_size=2, seed=3)
+    first.set_epoch(2)
+    it = iter(first)
+    head = [next(it) for _ in range(3)]
+    resumed = SizeBucketBatches(n_atoms, batch_size=2, seed=3)
+    resumed.load_state_dict(first.state_dict())
+    resumed.set_epoch(2)
+    assert head + list(iter(resumed)) == full
+    assert list(iter(resumed)) == full  # the next pass over the same epoch is whole again
+
+
 # -------------------------------------------------------------------------------------------------- I/O
 def subset_molecules(k: int) -> list[Molecule]:
     data = subset()
@@ -265,6 +282,47 @@ def test_bad_records_are_named_and_skipped(tmp_path) -> None:
         read_molecules(tmp_path / "x.pdb")
 
 
+def test_bad_sdf_records_are_named_and_skipped(tmp_path) -> None:
+    """Blank coordinate fields (RDKit would read 0), a cut atom block, an unknown element, too many atoms."""
+    water = Molecule(("O", "H", "H"), np.array([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.1]]), "water")
+    good = write_sdf(tmp_path / "good.sdf", [water]).read_text()
+    lines = good.split("$$$$")[0].splitlines()
+    blank = [*lines[:5], " " * 31 + "H   0  0", *lines[6:]]
+    cut = [*lines[:5], *lines[7:]]
+    alien = [*lines[:4], lines[4].replace(" O ", " Q "), *lines[5:]]
+    records = [["blank", *blank[1:]], ["cut", *cut[1:]], lines, ["alien", *alien[1:]]]
+    path = tmp_path / "mixed.sdf"
+    path.write_text("".join("\n".join(r) + "\n$$$$\n" for r in records))
+    mols, errors = read_sdf(path)
+    assert [m.name for m in mols] == ["water"] and np.allclose(mols[0].positions, water.positions)
+    assert len(errors) == 3
+    assert "record 1 (blank)" in errors[0] and "atom 2 (record line 6) has no x y z coordinates" in errors[0]
+    assert "record 2 (cut)" in errors[1] and "atom 2" in errors[1]
+    assert "record 4 (alien)" in errors[2] and "unknown element" in errors[2] and "Q" in errors[2]
+    with pytest.raises(ValueError, match=r"record 1 \(blank\)"):
+        read_sdf(path, strict=True)
+    with pytest.raises(ValueError, match=r"good.sdf record 1 \(water\): 3 atoms, more than the 2 supported"):
+        read_sdf(tmp_path / "good.sdf", strict=True, max_atoms=2)
+    empty = tmp_path / "empty.xyz"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="empty file"):
+        read_xyz(empty)
+
+
+def test_evaluate_cli_fails_clearly_when_every_record_is_broken(tmp_path, capsys) -> None:
+    from molgen.cli import main
+
+    path = tmp_path / "aliens.xyz"
+    path.write_text("2\nalien\nXx 0 0 0\nH 1 0 0\n")
+    assert main(["evaluate", "molecules", str(path), "--reference", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "record 1 (alien" in err and "no usable molecules" in err
+    empty = tmp_path / "empty.sdf"
+    empty.write_text("")
+    assert main(["evaluate", "molecules", str(empty), "--reference", "none"]) == 2
+    assert "empty file" in capsys.readouterr().err
+
+
 def test_evaluate_cli_skips_broken_records(tmp_path) -> None:
     from molgen.cli import main
 
@@ -300,6 +358,23 @@ def test_sampling_is_seeded_and_respects_counts(tiny: MoleculeDenoiser) -> None:
         sample_molecules(model, config, 2, atoms=4, condition={"alpha": 70.0})
     with pytest.raises(ValueError, match="atom counts must be in"):
         sample_molecules(model, config, 2, atoms=40)
+
+
+def test_size_chunks_bound_padding_and_cover_every_molecule_once() -> None:
+    from molgen.molecules.sampling import size_chunks
+
+    counts = torch.multinomial(torch.ones(30), 500, replacement=True, generator=torch.Generator().manual_seed(0))
+    for batch, slack in ((64, 1.25), (7, 1.0), (1000, 1.5)):
+        chunks = size_chunks(counts, batch, slack)
+        assert sorted(torch.cat(chunks).tolist()) == list(range(500))
+        for c in chunks:
+            n = counts[c]
+            assert len(c) <= batch and len(c) * int(n.max()) ** 2 <= slack * int((n**2).sum()) + 1e-9
+        if slack == 1.0:
+            assert all(len(set(counts[c].tolist())) == 1 for c in chunks)
+    assert len(size_chunks(torch.tensor([5, 5, 5, 29]), 10)) == 2  # 29 atoms never pads the 5-atom molecules
+    with pytest.raises(ValueError, match="batch_size"):
+        size_chunks(counts, 0)
 
 
 def test_sample_cli_writes_sdf_from_a_checkpoint(tmp_path, tiny: MoleculeDenoiser) -> None:
@@ -366,7 +441,28 @@ def test_training_resumes_from_its_checkpoint(tmp_path) -> None:
     train(build_parser().parse_args([*common, "--max-steps", "4"]))
     _, card = load_checkpoint(tmp_path / "run" / "ema.pt")
     assert card["provenance"]["global_step"] == 4
+    last = tmp_path / "run" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["served"] == 4  # position in the epoch
+    # a checkpoint without the loader state (older code) still continues the epoch: 4 -> 6, not 0 -> 2
+    del ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    torch.save(ckpt, last)
+    train(build_parser().parse_args([*common, "--max-steps", "6"]))
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["served"] == 6
     assert card["provenance"]["train_wall_s"] > 0
+
+
+def test_lightning_reshuffles_size_buckets_every_epoch(tmp_path) -> None:
+    """Lightning sets the epoch on ``batch_sampler.sampler``: each epoch gets its own batch order."""
+    from molgen.checkpoints import load_checkpoint
+    from molgen.molecules.train import build_parser, train
+
+    args = ["--data", "subset", "--run-dir", str(tmp_path), "--hidden", "8", "--edge-hidden", "4", "--layers", "1"]
+    train(build_parser().parse_args([*args, "--batch-size", "1024", "--max-steps", "30", "--print-every", "1000"]))
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert load_checkpoint(tmp_path / "ema.pt")[1]["provenance"]["epoch"] >= 1
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["epoch"] == 1  # was stuck at 0
 
 
 def test_tiny_model_overfits_water_and_regenerates_it() -> None:

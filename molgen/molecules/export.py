@@ -14,6 +14,7 @@ import argparse
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--solver", default="dpmpp_2m")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--note", default=None, help="free text for the card (hardware sharing, run status)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     src = Path(args.source) if args.source else Path(args.run_dir) / "ema.pt"
@@ -65,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics = measure(frozen, args.n, args.steps, args.solver, args.seed) if args.n > 0 else {}
     provenance = {**card["provenance"], "metrics": {**card["provenance"].get("metrics", {}), **metrics}}
     provenance.setdefault("exported_from", str(src))
+    provenance["exported_at_utc"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
+    if args.note:
+        provenance["note"] = args.note
     save_checkpoint(args.out, state, card["config"], provenance=provenance)
     print(f"wrote {args.out} (step {provenance.get('global_step')})")
     return 0

@@ -115,6 +115,27 @@ def read_xyz(
     return mols, errors
 
 
+def _v2000_symbols(lines: Sequence[str], where: str) -> list[str] | None:
+    """Element symbols of a V2000 atom block (columns 32-34, as written: RDKit turns unknown ones into ``*``),
+    checking that every atom has numeric x, y, z (columns 1-30: RDKit reads blank fields as 0, which would
+    silently move the atom to the origin). None for V3000 blocks."""
+    if len(lines) < 4 or "V3000" in lines[3]:
+        return None
+    try:
+        n = int(lines[3][:3])
+    except ValueError:
+        raise ValueError(f"{where}: counts line (record line 4) has no atom count: {lines[3][:40]!r}") from None
+    for k in range(n):
+        line = lines[4 + k] if 4 + k < len(lines) else ""
+        try:
+            np.asarray([line[i : i + 10] for i in (0, 10, 20)], dtype=np.float64)
+        except ValueError:
+            raise ValueError(
+                f"{where}: atom {k + 1} (record line {5 + k}) has no x y z coordinates: {line[:40]!r}"
+            ) from None
+    return [lines[4 + k][31:34].strip() for k in range(n)]
+
+
 def read_sdf(
     path: str | Path,
     *,
@@ -137,6 +158,7 @@ def read_sdf(
             title = block.lstrip("\r\n").splitlines()[0].strip() if block.strip() else ""
             where = f"{path.name} record {record} ({title or 'untitled'})"
             try:
+                raw = _v2000_symbols(block.lstrip("\r\n").splitlines(), where)
                 mol = Chem.MolFromMolBlock(block.lstrip("\r\n"), sanitize=False, removeHs=False, strictParsing=False)
                 if mol is None:
                     raise ValueError(f"{where}: not a readable MOL block")
@@ -146,7 +168,7 @@ def read_sdf(
                 pos = np.asarray(conf.GetPositions(), dtype=np.float64)
                 if not conf.Is3D() and np.allclose(pos[:, 2], 0.0):
                     raise ValueError(f"{where}: coordinates are 2D, 3D needed")
-                symbols = tuple(a.GetSymbol() for a in mol.GetAtoms())
+                symbols = tuple(raw if raw is not None else (a.GetSymbol() for a in mol.GetAtoms()))
                 _check(symbols, pos, where, elements, max_atoms)
                 mols.append(Molecule(symbols, pos, title))
             except ValueError as err:

@@ -51,10 +51,14 @@ MODEL_KEYS = (
 
 class SizeBucketBatches(torch.utils.data.Sampler):
     """Batches of molecules with the same atom count (no padding), shuffled per epoch with a seeded
-    generator: epoch e uses seed ``seed + e``."""
+    generator: epoch e uses seed ``seed + e``. Resumable: ``state_dict`` records the epoch and how many of its
+    batches were handed out, and after ``load_state_dict`` that epoch continues where it stopped instead of
+    replaying its first batches."""
 
     def __init__(self, n_atoms: Tensor, batch_size: int, seed: int = 0) -> None:
         self.n_atoms, self.batch_size, self.seed, self.epoch = n_atoms, batch_size, seed, 0
+        self.served = 0  # batches of the current epoch handed out so far
+        self._resume: int | None = None
 
     def _batches(self) -> list[Tensor]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -66,16 +70,46 @@ class SizeBucketBatches(torch.utils.data.Sampler):
         order = torch.randperm(len(out), generator=g).tolist()
         return [out[i] for i in order]
 
+    @property
+    def sampler(self) -> SizeBucketBatches:
+        """Lightning calls ``set_epoch`` on ``batch_sampler.sampler`` (not on the batch sampler itself) at each
+        epoch start: that is this object."""
+        return self
+
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at each epoch start (also after resuming)."""
         self.epoch = epoch
 
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "served": self.served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """The next epoch iterated starts at batch ``served`` (Lightning's view of which epoch that is can
+        differ from the saved ``epoch`` after a checkpoint written when ``max_steps`` stopped the run; its batch
+        count inside the epoch continues from ``served`` either way)."""
+        self._resume = int(state["served"])
+
     def __iter__(self):
-        return iter(b.tolist() for b in self._batches())
+        batches = self._batches()
+        start = min(self._resume or 0, len(batches))
+        self._resume = None
+        for k in range(start, len(batches)):
+            self.served = k + 1
+            yield batches[k].tolist()
 
     def __len__(self) -> int:
         counts = torch.bincount(self.n_atoms)
         return int(sum(math.ceil(c / self.batch_size) for c in counts.tolist() if c))
+
+
+class ResumableLoader(torch.utils.data.DataLoader):
+    """DataLoader whose position inside an epoch is saved in Lightning checkpoints (via its batch sampler)."""
+
+    def state_dict(self) -> dict[str, int]:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.load_state_dict(state)
 
 
 class MoleculeSet(torch.utils.data.Dataset):
@@ -245,6 +279,15 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
+def legacy_batches_done(ckpt_path: Path) -> int | None:
+    """Batches of the interrupted epoch done by a Lightning checkpoint written before the loader was resumable
+    (it has no loader state); None when it has one (Lightning restores that)."""
+    fit = torch.load(ckpt_path, map_location="cpu", weights_only=True)["loops"]["fit_loop"]
+    if fit["state_dict"].get("combined_loader"):
+        return None
+    return int(fit["epoch_loop.batch_progress"]["current"]["ready"])
+
+
 def train(args: argparse.Namespace) -> Path:
     """Train (or resume) and return the run directory."""
     torch.set_num_threads(args.threads)
@@ -271,7 +314,7 @@ def train(args: argparse.Namespace) -> Path:
     )
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     dataset = MoleculeSet(data, prop_idx, mean, std)
-    loader = torch.utils.data.DataLoader(
+    loader = ResumableLoader(
         dataset,
         batch_sampler=SizeBucketBatches(data["n_atoms"], config["batch_size"], config["seed"]),
         collate_fn=collate,
@@ -300,6 +343,8 @@ def train(args: argparse.Namespace) -> Path:
         log_every_n_steps=50,
     )
     last = run_dir / "last.ckpt"
+    if last.exists() and (done := legacy_batches_done(last)) and done < len(loader.batch_sampler):
+        loader.batch_sampler.load_state_dict({"served": done})
     trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
     trainer.save_checkpoint(last)
     return run_dir
