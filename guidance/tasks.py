@@ -39,6 +39,7 @@ from guidance.svdd import svdd_sample
 from guidance.value import Noise, PointValueNet, TokenValueNet, gaussian_noise, masking_noise
 
 MODALITIES = ("molecules", "rna", "dna", "backbones")
+DEFAULT_STEPS = {"rna": 16, "dna": 16, "molecules": 10, "backbones": 20}  # guided runs when steps are not given
 METHODS = ("unguided", "bon", "dps", "fk", "svdd", "svdd_mc")
 
 
@@ -65,6 +66,21 @@ class Problem:
     clean: Callable[[GuidanceResult], tuple[Tensor, Tensor | None]]  # value-training targets (x0, mask)
     sha256: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
+
+
+def default_checkpoint(modality: str) -> Path:
+    """The shipped checkpoint of a modality."""
+    if modality in ("rna", "dna"):
+        from molgen.sequences.pretrained import default_checkpoint as sequences_checkpoint
+
+        return sequences_checkpoint(modality)
+    if modality == "molecules":
+        from molgen.molecules.sampling import DEFAULT_CHECKPOINT
+
+        return DEFAULT_CHECKPOINT
+    from structure.cli import DEFAULT_CHECKPOINT
+
+    return DEFAULT_CHECKPOINT
 
 
 def get_problem(modality: str, *, steps: int, checkpoint: str | Path | None = None, length: int | None = None,
@@ -129,9 +145,9 @@ def _molecules(steps: int, checkpoint: str | Path | None, solver: str, chunk: in
     from molgen.diffusion import Sampler, ZeroCoM
     from molgen.molecules.io import Molecule, write_molecules
     from molgen.molecules.metrics import evaluate, valid_smiles
-    from molgen.molecules.sampling import DEFAULT_CHECKPOINT, load_model, sample_atom_counts
+    from molgen.molecules.sampling import load_model, sample_atom_counts
 
-    path = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
+    path = Path(checkpoint) if checkpoint else default_checkpoint("molecules")
     with snapshot(path, "molecules") as (copy, digest):
         model, config = load_model(copy)
     model.requires_grad_(False)
@@ -209,7 +225,7 @@ def _sequences(modality: str, steps: int, checkpoint: str | Path | None, length:
     from molgen.sequences.evaluate import load_reference
     from molgen.sequences.io import Record, write_fasta
     from molgen.sequences.metrics import kmer_frequencies, pearson
-    from molgen.sequences.pretrained import default_checkpoint, load_pretrained
+    from molgen.sequences.pretrained import load_pretrained
 
     path = Path(checkpoint) if checkpoint else default_checkpoint(modality)
     with snapshot(path, modality) as (copy, digest):
@@ -267,7 +283,7 @@ def _backbones(steps: int, checkpoint: str | Path | None, length: int, solver: s
     from structure.metrics import ca_ca_stats, clash_fraction
     from structure.sampling import check_length, initial_noise, load_model, make_sampler
 
-    path = Path(checkpoint) if checkpoint else Path(__file__).resolve().parents[1] / "data/structure/backbone_egnn.pt"
+    path = Path(checkpoint) if checkpoint else default_checkpoint("backbones")
     with snapshot(path, "backbones") as (copy, digest):
         model = load_model(copy)
     check_length(model, length)

@@ -223,9 +223,10 @@ class GuidedAdapter:
 
     def load(self, config: GenerationConfig, device: torch.device) -> Any:
         from guidance.rewards import parse_reward
-        from guidance.tasks import get_problem
+        from guidance.tasks import DEFAULT_STEPS, get_problem
 
-        problem = get_problem(config.modality, steps=config.steps or 16, checkpoint=config.checkpoint,
+        steps = config.steps or DEFAULT_STEPS[config.modality]
+        problem = get_problem(config.modality, steps=steps, checkpoint=config.checkpoint,
                               length=config.length, solver=config.solver)
         return problem, parse_reward(config.reward)
 

@@ -104,8 +104,6 @@ def run_sample(args: argparse.Namespace) -> int:
     import json
     import time
 
-    import torch
-
     from structure.io import backbone_from_ca, write_backbone
     from structure.sampling import default_sigma_last, load_model, sample_ca, scaffold_from_file
 
@@ -115,7 +113,6 @@ def run_sample(args: argparse.Namespace) -> int:
         raise ValueError("motif scaffolding needs both --motif-pdb and --contig")
     if args.contig and args.ideal_bonds:
         raise ValueError("--ideal-bonds is not applied to motif scaffolding (it would move the fixed motif)")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model = load_model(args.checkpoint)
     opts = _solver_options(args)
     t0 = time.time()

@@ -34,7 +34,6 @@ NATURALNESS_LABEL = {
     "molecules": "atom stability",
     "backbones": "CA-CA valid fraction",
 }
-DEFAULT_STEPS = {"rna": 16, "dna": 16, "molecules": 10, "backbones": 20}
 DEFAULT_LENGTH = {"backbones": 64}
 METHOD_NAMES = {"none": "unguided"}  # campaign name -> guidance.tasks name (the others are the same)
 
@@ -59,21 +58,16 @@ class RoundOutput:
 
 def checkpoint_path(cfg: CampaignConfig) -> Path:
     """The checkpoint file the campaign's model comes from (the shipped default when none is given)."""
-    if cfg.checkpoint:
-        return Path(cfg.checkpoint)
-    if cfg.modality in ("rna", "dna"):
-        from molgen.sequences.pretrained import default_checkpoint
+    from guidance.tasks import default_checkpoint
 
-        return default_checkpoint(cfg.modality)
-    root = Path(__file__).resolve().parents[2] / "data"
-    return root / ("molecules/qm9_egnn.pt" if cfg.modality == "molecules" else "structure/backbone_egnn.pt")
+    return Path(cfg.checkpoint) if cfg.checkpoint else default_checkpoint(cfg.modality)
 
 
 class Modality:
     """A ``guidance.tasks.Problem`` plus the conversions between its states and stored designs."""
 
     def __init__(self, cfg: CampaignConfig) -> None:
-        from guidance.tasks import get_problem
+        from guidance.tasks import DEFAULT_STEPS, get_problem
 
         self.cfg = cfg
         self.problem = get_problem(cfg.modality, steps=cfg.sampler.steps or DEFAULT_STEPS[cfg.modality],
