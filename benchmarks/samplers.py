@@ -14,11 +14,12 @@ spacing options (linspace, trailing, karras, exponential and beta sigmas, lu_lam
 molgen: each solver on five grids x five last-evaluation levels rho_min, each started cold at t_max and
 warm-started (``warm_start=GaussianMoments``: x_T carried in closed form along the flow of the data's Gaussian
 approximation to rho = 5 n / 4 sigma_data for n calls, ``analytic.warm_start_ends``, a rule fitted on other
-problems).
-The warm start uses the data's mean and covariance (the mixture's, the 742 molecules'), which diffusers'
-schedulers cannot take; the summary also gives molgen's best without it ("cold").
+problems), and, for the solvers that have the form, warm-started with the Gaussian flow also integrated exactly at
+every step ("+lin": ``linear_part=GaussianMoments`` too, the solver's polynomial acts on the residual D - D_G only).
+Both use the data's mean and covariance (the mixture's, the 742 molecules'), which diffusers' schedulers cannot
+take; the summary also gives molgen's best without them ("cold") and with the warm start only ("warm").
 
-    python benchmarks/samplers.py --json results/samplers.json [--quick]
+    python benchmarks/samplers.py --json results/samplers.json [--quick] [--targets mixture_64d,...]
 """
 
 from __future__ import annotations
@@ -215,6 +216,7 @@ def overhead_pair(runs: tuple, repeats: int) -> list[float]:
 
 # ------------------------------------------------------------------------------------------------- main
 SCHEDULE = get_schedule("vp_linear")
+TARGETS = {"mixture_2d": mixture_2d, "mixture_64d": mixture_64d, "qm9_empirical": None}  # qm9: from --qm9
 
 
 def run_target(name: str, denoiser, n: int, nfes, quick: bool, seed: int = 0) -> list[dict]:
@@ -239,16 +241,19 @@ def run_target(name: str, denoiser, n: int, nfes, quick: bool, seed: int = 0) ->
             for grid in grids:
                 # the same configurations for every target: each last-evaluation level, from t_max (cold) and
                 # warm-started at the first point of analytic.warm_start_ends (a rule fitted on other problems)
+                # and, where the solver has the form, with the Gaussian part exact at every step ("+lin")
+                modes = [("", {}), ("+warm", {"warm_start": moments})]
+                modes += [("+lin", {"warm_start": moments, "linear_part": moments})] if spec.linear_part else []
                 configs = [
-                    (f"{grid}@{r:g}{'+warm' if warm else ''}", {"t_min": t_of_rho(r)}, warm)
-                    for r in (RHO_MIN[1:] if quick else RHO_MIN) for warm in (None, moments)
+                    (f"{grid}@{r:g}{suffix}", {"t_min": t_of_rho(r)}, extra)
+                    for r in (RHO_MIN[1:] if quick else RHO_MIN) for suffix, extra in modes
                 ]
-                for label, grid_options, warm in configs:
+                for label, grid_options, extra in configs:
                     x = sample(denoiser, SCHEDULE, x_T, solver=solver, nfe=nfe, grid=grid, grid_options=grid_options,
-                               warm_start=warm, generator=torch.Generator().manual_seed(seed + 2))
+                               generator=torch.Generator().manual_seed(seed + 2), **extra)
                     rows.append({
                         "target": name, "impl": "molgen", "solver": solver, "grid": label, "nfe": nfe,
-                        "warm_start": warm is not None,
+                        "warm_start": bool(extra), "linear_part": "linear_part" in extra,
                         "error": None if spec.stochastic else rms_distance(x, reference(SCHEDULE.t_max)),
                         "sliced_w": sliced_w2(x, exact),
                     })
@@ -269,8 +274,9 @@ def run_target(name: str, denoiser, n: int, nfes, quick: bool, seed: int = 0) ->
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Best error per (target, NFE) of each side; molgen's best over all its configurations and over those
-    without the warm start ("cold", the same information diffusers gets)."""
+    """Best error per (target, NFE) of each side; molgen's best over all its configurations, over those
+    without the data's moments ("cold", the same information diffusers gets) and over those with at most the
+    warm start ("warm", no ``linear_part``)."""
     best: dict = {}
     for r in rows:
         if r["error"] is None:
@@ -278,6 +284,8 @@ def summarise(rows: list[dict]) -> dict:
         keys = [(r["target"], r["nfe"], r["impl"])]
         if r["impl"] == "molgen" and not r.get("warm_start"):
             keys.append((r["target"], r["nfe"], "molgen_cold"))
+        if r["impl"] == "molgen" and not r.get("linear_part"):
+            keys.append((r["target"], r["nfe"], "molgen_warm"))
         for key in keys:
             if key not in best or r["error"] < best[key]["error"]:
                 best[key] = r
@@ -286,13 +294,16 @@ def summarise(rows: list[dict]) -> dict:
         if impl != "molgen":
             continue
         d, c = best.get((target, nfe, "diffusers")), best[(target, nfe, "molgen_cold")]
+        w = best[(target, nfe, "molgen_warm")]
         table.append({
             "target": target, "nfe": nfe,
             "molgen_best": f"{r['solver']}/{r['grid']}", "molgen_error": r["error"],
+            "molgen_warm_best": f"{w['solver']}/{w['grid']}", "molgen_warm_error": w["error"],
             "molgen_cold_best": f"{c['solver']}/{c['grid']}", "molgen_cold_error": c["error"],
             "diffusers_best": f"{d['solver']}/{d['grid']}" if d else None,
             "diffusers_error": d["error"] if d else None,
             "ratio": r["error"] / d["error"] if d else None,
+            "warm_ratio": w["error"] / d["error"] if d else None,
             "cold_ratio": c["error"] / d["error"] if d else None,
         })
     return {"best": table}
@@ -303,17 +314,30 @@ def main() -> None:
     parser.add_argument("--json", required=True, type=Path)
     parser.add_argument("--quick", action="store_true", help="fewer samples and grids (the README's main job)")
     parser.add_argument("--qm9", type=Path, default=QM9_SUBSET)
+    parser.add_argument("--targets", default=",".join(TARGETS),
+                        help=f"comma-separated subset of {', '.join(TARGETS)} (default: all)")
+    parser.add_argument("--nfe", default=",".join(map(str, NFES)), help="comma-separated model-call budgets")
+    parser.add_argument("--no-overhead", action="store_true", help="skip the overhead measurement")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    names = [t for t in args.targets.split(",") if t]
+    unknown = sorted(set(names) - set(TARGETS))
+    if unknown:
+        raise SystemExit(f"unknown target(s) {unknown}; choose from {list(TARGETS)}")
+    try:
+        nfes = tuple(int(v) for v in args.nfe.split(","))
+    except ValueError:
+        raise SystemExit(f"--nfe must be comma-separated integers, got {args.nfe!r}") from None
     n = 200 if args.quick else 1000
-    targets = [("mixture_2d", mixture_2d(), n), ("mixture_64d", mixture_64d(), n)]
-    if args.qm9.exists():
-        targets.append(("qm9_empirical", EmpiricalDenoiser(qm9_points(args.qm9), SCHEDULE), n))
     rows = []
-    for name, denoiser, count in targets:
-        rows += run_target(name, denoiser, count, NFES, args.quick)
+    for name in names:
+        if name == "qm9_empirical" and not args.qm9.exists():
+            print(f"qm9_empirical skipped: {args.qm9} not found", file=sys.stderr)
+            continue
+        denoiser = EmpiricalDenoiser(qm9_points(args.qm9), SCHEDULE) if name == "qm9_empirical" else TARGETS[name]()
+        rows += run_target(name, denoiser, n, nfes, args.quick)
     x = torch.randn(1024, 64, dtype=torch.float64)
-    for solver, (cls_name, kwargs) in PAIRS.items():
+    for solver, (cls_name, kwargs) in PAIRS.items() if not args.no_overhead else ():
         runs = (molgen_runner(solver, x, 9), diffusers_runner(cls_name, kwargs, x, 5 if solver == "heun" else 9))
         ours, theirs = overhead_pair(runs, 10 if args.quick else 60)
         rows.append({"target": "overhead", "impl": "molgen", "solver": solver, "grid": "logsnr", "nfe": 9,
@@ -325,6 +349,7 @@ def main() -> None:
     args.json.write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
     for r in summary["best"]:
         print(f"{r['target']:>14} nfe {r['nfe']:>2}: molgen {r['molgen_error']:.4f} ({r['molgen_best']})  "
+              f"warm {r['molgen_warm_error']:.4f} ({r['molgen_warm_best']})  "
               f"cold {r['molgen_cold_error']:.4f} ({r['molgen_cold_best']})  "
               f"diffusers {r['diffusers_error']:.4f} ({r['diffusers_best']})  "
               f"ratio {r['ratio']:.2f} (cold {r['cold_ratio']:.2f})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -500,3 +501,130 @@ def test_warm_start_is_exact_for_gaussian_data_and_follows_the_named_ends():
         s.init(x_T, mask=torch.ones(64, dtype=torch.bool))
     with pytest.raises(ValueError, match="states of shape"):
         sample(model, sch, noise(4, 3), solver="ddim", steps=3, warm_start=mom)
+
+
+# ---------------------------------------------------------------------------------------------- exact linear part
+LINEAR_PART_SOLVERS = [name for name, spec in SOLVERS.items() if spec.linear_part]
+
+
+class GaussianData:
+    """The exact denoiser of N(m, C) for the moments' C (the complement of a low-rank basis has ``residual``)."""
+
+    prediction = "eps"
+
+    def __init__(self, schedule, moments: GaussianMoments) -> None:
+        self.schedule, self.moments = schedule, moments
+
+    def __call__(self, x, t):
+        a, rho = self.schedule.alpha(t)[:, None], self.schedule.rho(t)[:, None]
+        mom = self.moments
+        z = x / a - mom.mean
+        gain = mom.gain(-torch.log(rho[:, 0]))  # [B, k + 1]
+        d = mom.mean + gain[:, -1:] * z + ((z @ mom.eigvecs) * (gain[:, :-1] - gain[:, -1:])) @ mom.eigvecs.T
+        return (x - a * d) / (a * rho)
+
+
+def low_rank_moments(d: int = 6, k: int = 2) -> GaussianMoments:
+    basis = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(3), dtype=F64))[0][:, :k]
+    return GaussianMoments(torch.linspace(-1.0, 1.0, d, dtype=F64), torch.tensor([2.0, 0.5], dtype=F64), basis, 0.04)
+
+
+@pytest.mark.parametrize("solver", LINEAR_PART_SOLVERS)
+@pytest.mark.parametrize("moments", [random_moments(), low_rank_moments()], ids=["full", "low_rank"])
+def test_linear_part_solves_gaussian_data_exactly_in_any_number_of_steps(solver, moments):
+    """For Gaussian data the residual D - D_G vanishes: every grid point is on the exact flow, even with 2 steps
+    (from t_max, or warm-started at the rule's first point)."""
+    sch = get_schedule("vp_cosine")
+    model = GaussianData(sch, moments)
+    x_T = noise(16, moments.mean.numel(), seed=1, scale=sch.prior_std)
+    for steps, warm in ((2, None), (3, moments), (5, None)):
+        s = Sampler(model, sch, solver, steps=steps, grid="time_uniform", linear_part=moments, warm_start=warm)
+        state = s.init(x_T)
+        for i in range(s.n_steps - 1):
+            state = s.step(state, i)
+            exact = moments.flow(x_T, sch, sch.t_max, s.t_grid[0, i + 1])
+            assert torch.allclose(state.x, exact, atol=1e-10), (steps, i)
+        x0 = s.finish(state)
+        t_last = s.t_grid[0, -1].expand(16)
+        a = sch.alpha(t_last)[:, None]
+        assert torch.allclose(x0, (exact - sch.sigma(t_last)[:, None] * model(exact, t_last)) / a, atol=1e-9)
+
+
+@pytest.mark.parametrize("solver", LINEAR_PART_SOLVERS)
+def test_linear_part_reduces_to_the_plain_solver(solver):
+    """With N(0, 0) (D_G = 0, R = D) the kernel is e^{-(l_t - l)}: exactly the data-prediction exponential
+    integrators. The rho-Adams-Bashforth family treats D_G = y exactly, the limit C = c I, c -> infinity."""
+    sch = get_schedule("vp_cosine")
+    mixture = GaussianMixtureDenoiser(noise(3, 4, seed=2), torch.tensor([0.2, 0.3, 0.4]), None, sch)
+    x_T = noise(32, 4, seed=3, scale=sch.prior_std)
+    rho_family = SOLVERS[solver].linear_part == "rho"
+    scale = 1e12 if rho_family else 0.0
+    moments = GaussianMoments.from_covariance(torch.zeros(4, dtype=F64), scale * torch.eye(4, dtype=F64))
+    ends = {"t_max": sch.t_max, "t_min": sch.t_min}
+    plain = sample(mixture, sch, x_T, solver=solver, steps=6, grid_options=ends)
+    lin = sample(mixture, sch, x_T, solver=solver, steps=6, grid_options=ends, linear_part=moments)
+    assert torch.allclose(lin, plain, atol=1e-6 if rho_family else 1e-12)
+
+
+LINEAR_PART_ORDERS = {"ddim": 1, "euler": 1, "dpmpp_2m": 2, "dpmpp_3m": 3, "unipc": 3, "deis": 3}
+
+
+@functools.cache
+def mixture_problem(t_min: float = 0.05):
+    """A 3-component 2-D mixture, noise, and the exact denoised ODE solution at t_min (computed once)."""
+    sch = get_schedule("vp_cosine")
+    mixture = GaussianMixtureDenoiser(noise(3, 2, seed=4), torch.tensor([0.3, 0.5, 0.4]), None, sch)
+    x_T = noise(32, 2, seed=5, scale=sch.prior_std)
+    rho_end = float(sch.rho(torch.tensor(t_min, dtype=F64)))
+    return sch, mixture, x_T, exact_ode_solution(mixture, x_T, sch, rho_end=rho_end, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", sorted(LINEAR_PART_ORDERS))
+def test_linear_part_keeps_the_convergence_order(solver):
+    """On a (non-Gaussian) mixture the residual is extrapolated by the solver's polynomial: same order (the
+    denoised estimate at t_min against the exact one)."""
+    t_min = 0.05
+    sch, mixture, x_T, exact = mixture_problem(t_min)
+    errors = []
+    for steps in (40, 80, 160):
+        x = sample(mixture, sch, x_T, solver=solver, steps=steps, grid_options={"t_max": sch.t_max, "t_min": t_min},
+                   linear_part=mixture.moments())
+        errors.append(float(((x - exact) ** 2).mean().sqrt()))
+    slope = math.log(errors[1] / errors[2]) / math.log(2)
+    order = LINEAR_PART_ORDERS[solver]
+    assert order - 0.25 < slope < order + 0.6, (errors, slope)
+
+
+@pytest.mark.parametrize("solver", ["unipc", "dpmpp_3m", "deis"])
+def test_linear_part_with_per_sample_grids_and_resampled_particles(solver):
+    sch = get_schedule("vp_cosine")
+    mixture = GaussianMixtureDenoiser(noise(3, 4, seed=6), 0.3, None, sch)
+    mom = mixture.moments()
+    x_T = noise(3, 4, seed=7, scale=sch.prior_std)
+    grid_a, grid_b = get_grid("logsnr", sch, 6, t_max=0.9), get_grid("karras", sch, 6, t_max=0.95, t_min=0.01)
+    both = sample(mixture, sch, x_T[:2], solver=solver, grid=torch.stack([grid_a, grid_b], 1), linear_part=mom)
+    assert torch.allclose(both[:1], sample(mixture, sch, x_T[:1], solver=solver, grid=grid_a, linear_part=mom))
+    assert torch.allclose(both[1:], sample(mixture, sch, x_T[1:2], solver=solver, grid=grid_b, linear_part=mom))
+    s = Sampler(mixture, sch, solver, steps=6, linear_part=mom)
+    state = s.run(s.init(x_T))
+    index = torch.tensor([2, 0, 0])
+    part = s.init(x_T)
+    for i in range(s.n_steps - 1):  # resample half-way: the residual history follows its particle
+        part = select(part, index) if i == 2 else part
+        part = s.step(part, i)
+    assert torch.allclose(s.finish(part), s.finish(select(state, index)), atol=1e-12)
+
+
+def test_linear_part_errors_are_named():
+    sch = get_schedule("vp_linear")
+    mom = random_moments(3)
+    model = GaussianData(sch, mom)
+    with pytest.raises(ValueError, match="solver 'heun' has no exact-linear-part form"):
+        sample(model, sch, noise(4, 3), solver="heun", steps=3, linear_part=mom)
+    with pytest.raises(ValueError, match="linear_part needs fixed-size states"):
+        sample(model, sch, noise(4, 3), solver="unipc", steps=3, linear_part=mom, mask=torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"linear_part moments are for states of shape \(3,\), got \(2,\)"):
+        sample(model, sch, noise(4, 2), solver="unipc", steps=3, linear_part=mom)
+    zero = GaussianMoments.from_covariance(torch.zeros(3, dtype=F64), torch.zeros(3, 3, dtype=F64))
+    with pytest.raises(ValueError, match="zero covariance give no scale"):
+        sample(model, sch, noise(4, 3), solver="unipc", steps=3, warm_start=zero, linear_part=zero)

@@ -1,7 +1,9 @@
 """The modality-free sampling engine: schedules, time grids, parameterisations, ODE/SDE solvers.
 
     x = sample(model, get_schedule("vp_cosine"), x_T, solver="dpmpp_3m", steps=10)
-    x = sample(model, schedule, x_T, solver="unipc", steps=5, warm_start=GaussianMoments.from_data(train_x))
+    moments = GaussianMoments.from_data(train_x)  # the data's mean and covariance
+    x = sample(model, schedule, x_T, solver="unipc", steps=5, warm_start=moments)  # closed-form start
+    x = sample(model, schedule, x_T, solver="unipc", steps=5, warm_start=moments, linear_part=moments)  # + every step
 """
 
 from molgen.diffusion.analytic import GaussianMoments

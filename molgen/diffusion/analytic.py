@@ -7,7 +7,8 @@ A finite data set is the limit s_k -> 0 with equal weights (the ideal denoiser o
 Both are computed in float64 and returned in the dtype of x_t.
 
 ``GaussianMoments`` is the Gaussian approximation N(m, C) of any data set, whose probability-flow ODE has a
-closed-form solution: the engine's ``warm_start`` uses it to skip the high-noise part of a sampling run.
+closed-form solution: the engine's ``warm_start`` uses it to skip the high-noise part of a sampling run, and its
+``linear_part`` to integrate that linear flow exactly at every step (the solver extrapolates only D - D_G).
 """
 
 from __future__ import annotations
@@ -169,24 +170,42 @@ class GaussianMoments:
         d = self.mean.numel()
         return math.sqrt((float(self.eigvals.sum()) + self.residual * (d - self.eigvals.numel())) / d)
 
+    @property
+    def variances(self) -> Tensor:
+        """[k + 1]: the eigenvalues, then the variance of the complement of the eigenvectors (float64)."""
+        return torch.cat([self.eigvals.to(torch.float64), torch.tensor([float(self.residual)], dtype=torch.float64)])
+
+    def gain(self, ell: Tensor) -> Tensor:
+        """[..., k + 1] diagonal of the linear denoiser's slope dD/dy = C (C + rho^2)^{-1} at ell = -log rho [...]."""
+        lam = self.variances.to(ell.device)
+        return lam / (lam + torch.exp(-2.0 * ell)[..., None])
+
+    def log_phi(self, ell: Tensor) -> Tensor:
+        """[..., k + 1] log Phi with Phi = sqrt(lam + rho^2): per direction, z = y - m moves as Phi along the flow
+        of the linear part (d log Phi / d ell = gain - 1)."""
+        lam = self.variances.to(ell.device)
+        return 0.5 * torch.log(lam + torch.exp(-2.0 * ell)[..., None])
+
     def flow(self, x: Tensor, schedule: Schedule, t_from: Tensor | float, t_to: Tensor | float) -> Tensor:
-        """Carry x [B, *event] from time ``t_from`` to ``t_to`` (scalars or [B]) along the exact PF-ODE of N(m, C)."""
+        """Carry x [B, *event] from time ``t_from`` to ``t_to`` (scalars or [B]) along the exact PF-ODE of the
+        linear part (for N(m, C): each eigen-coordinate of y - m scales by Phi(t_to) / Phi(t_from))."""
         if x.shape[1:] != self.mean.shape:
             raise ValueError(
                 f"warm start moments are for states of shape {tuple(self.mean.shape)}, got {tuple(x.shape[1:])}"
             )
         f64 = {"dtype": torch.float64, "device": x.device}
-        t0, t1 = (torch.as_tensor(t, **f64).reshape(-1, 1) for t in (t_from, t_to))
-        mean, vals, vecs = (v.to(**f64) for v in (self.mean.flatten(), self.eigvals, self.eigvecs))
-        r0, r1 = schedule.rho(t0) ** 2, schedule.rho(t1) ** 2
-        z = x.to(torch.float64).flatten(1) / schedule.alpha(t0) - mean
-        keep = ((self.residual + r1) / (self.residual + r0)).sqrt()  # [B or 1, 1]
-        scale = ((vals + r1) / (vals + r0)).sqrt() - keep  # [B or 1, k]
-        out = schedule.alpha(t1) * (keep * z + ((z @ vecs) * scale) @ vecs.T + mean)
+        t0, t1 = (torch.as_tensor(t, **f64).reshape(-1) for t in (t_from, t_to))
+        mean, vecs = (v.to(**f64) for v in (self.mean.flatten(), self.eigvecs))
+        ratio = torch.exp(self.log_phi(0.5 * schedule.lam(t1)) - self.log_phi(0.5 * schedule.lam(t0)))  # [B or 1, k+1]
+        z = x.to(torch.float64).flatten(1) / schedule.alpha(t0)[:, None] - mean
+        keep = ratio[:, -1:]
+        out = schedule.alpha(t1)[:, None] * (keep * z + ((z @ vecs) * (ratio[:, :-1] - keep)) @ vecs.T + mean)
         return out.reshape(x.shape).to(x.dtype)
 
     def grid_ends(self, schedule: Schedule, nfe: int) -> dict[str, float]:
         """Grid options {t_max, t_min} of a warm-started run of ``nfe`` model calls (``warm_start_ends``)."""
+        if not self.sigma_data > 0:
+            raise ValueError("moments with zero covariance give no scale for the grid ends: pass t_max, t_min")
         first, last = (self.sigma_data * r for r in warm_start_ends(nfe))
         to_t = [float(schedule.t_of_lam(torch.tensor(-2.0 * math.log(r), dtype=torch.float64))) for r in (first, last)]
         return {"t_max": min(to_t[0], schedule.t_max), "t_min": max(to_t[1], schedule.t_min)}

@@ -130,6 +130,7 @@ class Sampler:
     autocast: torch.dtype | None = None  # e.g. torch.bfloat16: the model runs under autocast, the state does not
     compile: bool | str = False  # torch.compile the model (True: inductor, or a backend name); the loop stays eager
     warm_start: Any = None  # GaussianMoments of the data: x_T is carried to the first grid point in closed form
+    linear_part: Any = None  # GaussianMoments: every step integrates their flow exactly, extrapolates the residual
     n_steps: int = field(init=False)
     orders: list[int] = field(init=False)
 
@@ -149,6 +150,14 @@ class Sampler:
             self.model = torch.compile(self.model, backend=backend)
         if self.clip_x0 is not None and self.dynamic_threshold is not None:
             raise ValueError("choose one of clip_x0 and dynamic_threshold")
+        if self.linear_part is not None:
+            if self.spec.linear_part is None:
+                from molgen.diffusion.solvers import SOLVERS
+
+                raise ValueError(
+                    f"solver {self.spec.name!r} has no exact-linear-part form; linear_part works with "
+                    f"{sorted(n for n, s in SOLVERS.items() if s.linear_part)}"
+                )
         grid_options = dict(self.grid_options or {})
         if isinstance(self.grid, Tensor):
             grid = self.grid.to(torch.float64)
@@ -165,12 +174,12 @@ class Sampler:
             grid_key = None if grid_key is None else (t_grid.shape, grid_key)
         else:
             self.n_steps, self.orders = plan_orders(self.spec.kind, self.options["order"], self.steps, self.nfe)
-            if self.warm_start is not None:
+            if self.warm_start is not None and not {"t_max", "t_min"} <= grid_options.keys():
                 grid_options = {**self.warm_start.grid_ends(self.schedule, self.model_calls), **grid_options}
             t_grid, grid_key = None, (self.grid, tuple(sorted(grid_options.items())))
         key = None if grid_key is None else (
             self.spec.name, self.schedule, grid_key, tuple(self.orders), tuple(sorted(self.options.items())),
-            self.prediction,
+            self.prediction, self.linear_part,
         )
         try:
             hash(key)
@@ -178,6 +187,7 @@ class Sampler:
             key = None
         self._plan = _plan(key, self, t_grid, grid_options)
         self.t_grid, self.tables = self._plan.t_grid, dict(self._plan.tables)
+        self._step = self.spec.step if self.linear_part is None else self.spec.linear_step
         # plain R^d, no thresholding: steps may take the affine fast path (states without a mask)
         self._affine = type(self.space) is Euclidean and self.clip_x0 is None and self.dynamic_threshold is None
 
@@ -194,6 +204,12 @@ class Sampler:
         if self.t_grid.shape[0] not in (1, batch):
             raise ValueError(f"per-sample time grid has {self.t_grid.shape[0]} rows for a batch of {batch}")
         tab = self._plan.tables_for(x_T)
+        if self.linear_part is not None:
+            if mask is not None:
+                raise ValueError("linear_part needs fixed-size states (no padding mask)")
+            if x_T.shape[1:] != self.linear_part.mean.shape:
+                raise ValueError(f"linear_part moments are for states of shape {tuple(self.linear_part.mean.shape)}, "
+                                 f"got {tuple(x_T.shape[1:])}")
         x = self.space.project(x_T, mask)
         if self.warm_start is not None:
             if mask is not None:
@@ -208,7 +224,7 @@ class Sampler:
     def step(self, state: State, i: int, generator: torch.Generator | None = None) -> State:
         if not 0 <= i < self.n_steps - 1:
             raise IndexError(f"step {i} outside 0..{self.n_steps - 2}")
-        return self.spec.step(self, state, i, generator)
+        return self._step(self, state, i, generator)
 
     def finish(self, state: State) -> Tensor:
         if state.x0 is None:
@@ -239,6 +255,10 @@ class Sampler:
         return state
 
     # ---- helpers used by the solver steps -----------------------------------------------------------------
+    def basis(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean [d], eigenvectors [d, E]) of ``linear_part`` in x's device and dtype."""
+        return self._plan.basis_for(x)
+
     def affine(self, state: State) -> bool:
         """Whether ``state`` may take the affine fast path (plain R^d, no mask, no thresholding)."""
         return self._affine and state.mask is None
@@ -319,14 +339,26 @@ class Plan:
 
     t_grid: Tensor
     tables: dict[str, Tensor]
+    basis: tuple[Tensor, Tensor] | None = None  # linear part: (mean [d], eigenvectors [d, E]), float64
     copies: dict[tuple, dict[str, Tensor]] = field(default_factory=dict)
 
     def tables_for(self, x: Tensor) -> dict[str, Tensor]:
+        """Tables in x's device and dtype; ``lin_*`` tables act on flattened [B, d] states and keep their shape."""
         key = (x.device, x.dtype, x.ndim)
         if key not in self.copies:
             trailing = [1] * (x.ndim - 1)
-            self.copies[key] = {k: v.to(x.device, x.dtype).reshape(*v.shape, *trailing) for k, v in self.tables.items()}
+            self.copies[key] = {
+                k: v.to(x.device, x.dtype).reshape(*v.shape, *([] if k.startswith("lin_") else trailing))
+                for k, v in self.tables.items()
+            }
         return dict(self.copies[key])
+
+    def basis_for(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        key = ("basis", x.device, x.dtype)
+        if key not in self.copies:
+            mean, vecs = (v.to(x.device, x.dtype) for v in self.basis)
+            self.copies[key] = {"mean": mean, "vecs": vecs}
+        return self.copies[key]["mean"], self.copies[key]["vecs"]
 
 
 _PLANS: dict[tuple, Plan] = {}
@@ -336,7 +368,7 @@ def _plan(key: tuple | None, sampler: Sampler, t_grid: Tensor | None, grid_optio
     """The plan of ``sampler`` (memoised under ``key``; plans are pure functions of their inputs):
     grid, solver tables, the linear parameterisation per table point (x0 = c_x x + c_out out and
     eps = e_x x + e_out out) and the solver's fused step coefficients."""
-    from molgen.diffusion.solvers import points
+    from molgen.diffusion.solvers import gaussian_tables, points
 
     if key is not None and key in _PLANS:
         return _PLANS[key]
@@ -355,7 +387,11 @@ def _plan(key: tuple | None, sampler: Sampler, t_grid: Tensor | None, grid_optio
         })
     if orders and spec.fuse is not None:
         tables.update(spec.fuse(tables))
-    plan = Plan(t_grid, tables)
+    basis, lin = None, sampler.linear_part
+    if lin is not None:
+        tables.update(gaussian_tables(sampler.schedule, t_grid, list(orders), sampler.options, lin, spec.linear_part))
+        basis = (lin.mean.to(torch.float64).flatten(), lin.eigvecs.to(torch.float64))
+    plan = Plan(t_grid, tables, basis)
     if key is not None:
         if len(_PLANS) > 256:
             _PLANS.clear()
@@ -385,6 +421,7 @@ def sample(
     autocast: torch.dtype | None = None,
     compile: bool | str = False,
     warm_start: Any = None,
+    linear_part: Any = None,
 ) -> Tensor:
     """Denoise ``x_T`` (drawn at the schedule's ``t_max``) with ``solver`` on a time ``grid``.
 
@@ -393,12 +430,16 @@ def sample(
     decreasing tensor of times, [n] or [n, B] for per-sample times. ``warm_start`` (``GaussianMoments`` of the
     data) carries x_T from ``t_max`` to the first grid point along the exact flow of the data's Gaussian
     approximation, with no model call; named grids then default to the ends of ``GaussianMoments.grid_ends``.
-    Returns the x0 estimate at the last point.
+    ``linear_part`` (the same kind of moments, for ddim, dpmpp_2m/3m, unipc, euler, deis) changes the steps:
+    each integrates the flow of N(m, C) exactly and extrapolates only the residual D - D_G. The two are
+    independent; with both (the same moments) the whole run, start included, follows the Gaussian flow exactly
+    where the model adds nothing. Returns the x0 estimate at the last point.
     """
     sampler = Sampler(
         model, schedule, solver, steps=steps, nfe=nfe, grid=grid, space=space, prediction=prediction,
         solver_options=solver_options, grid_options=grid_options, clip_x0=clip_x0,
         dynamic_threshold=dynamic_threshold, autocast=autocast, compile=compile, warm_start=warm_start,
+        linear_part=linear_part,
     )
     state = sampler.run(sampler.init(x_T, mask=mask, cond=cond), generator, callback)
     return sampler.finish(state)

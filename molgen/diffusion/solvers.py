@@ -19,15 +19,20 @@ Four families, each derived once:
 * Heun in rho (EDM's second-order method), Euler-Maruyama in t (reverse SDE), and the AF3 / EDM stochastic
   sampler (churn to rho_hat = rho_i (1 + gamma), then a scaled Euler step).
 
+With ``linear_part`` (data moments N(m, C)), ddim, dpmpp_2m/3m, unipc, euler and deis integrate the flow of
+N(m, C) exactly and extrapolate only the residual D - D_G (``gaussian_tables``, below).
+
 All tables are float64, batch-first ([B or 1, ...]); steps only read them.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -407,6 +412,140 @@ def unipc_step(sampler: Sampler, state: State, i: int, generator: torch.Generato
     return sampler.advance(state, x_next, x0=d_new, hist=hist[: wp.shape[1] - 1], nan_step=nan_step)
 
 
+# ---------------------------------------------------------------------------------------------- Gaussian linear part
+# With moments N(m, C), C = sum_k lam_k u_k u_k^T (+ lam_perp off span U), write y = x / alpha, z = y - m and the
+# denoiser D = D_G + R with D_G = m + C (C + rho^2)^{-1} z, the exact denoiser of N(m, C). In l = log(alpha/sigma)
+# the probability-flow ODE dy/dl = D - y reads, per eigen-direction k,
+#     dz_k/dl = -rho^2 / (lam_k + rho^2) z_k + R_k,   solved by variation of constants with Phi_k = sqrt(lam_k + rho^2):
+#     z_k(t) = Phi_k(t) / Phi_k(s) z_k(s) + int_{l_s}^{l_t} Phi_k(t) / Phi_k(l) R_k(l) dl.
+# The Gaussian part is integrated exactly; the multistep polynomial acts on the residual R only, with weights
+# from the moments of the kernel Phi_k(t) / Phi_k(l) (Gauss-Legendre in l, float64, once per plan). With
+# lam = 0 and m = 0 the kernel is e^{-(l_t - l)} and R = D: exactly the data-prediction exponential integrators
+# (ddim, dpmpp_2m/3m, unipc). The rho-Adams-Bashforth family (euler, deis) extrapolates eps_R = -R / rho as a
+# polynomial in rho instead; its kernel tends to 1 as lam -> infinity (D_G -> y), where it is exactly deis.
+GAUSS_LEGENDRE_NODES = 64
+
+
+@functools.cache
+def _legendre(n: int) -> tuple[Tensor, Tensor]:
+    return tuple(torch.from_numpy(v) for v in np.polynomial.legendre.leggauss(n))
+
+
+def _quadrature(lo: Tensor, hi: Tensor, n: int = GAUSS_LEGENDRE_NODES) -> tuple[Tensor, Tensor]:
+    """Gauss-Legendre nodes and weights [..., n] on [lo, hi] (lo, hi: [...])."""
+    x, w = (v.to(lo) for v in _legendre(n))
+    half = 0.5 * (hi - lo)[..., None]
+    return lo[..., None] + half * (x + 1.0), half * w
+
+
+def gaussian_tables(
+    schedule: Schedule, t: Tensor, orders: list[int], options: Mapping[str, Any], moments: Any, variable: str
+) -> Tables:
+    """Tables of the exact-linear-part solvers (keys ``lin_*``, per direction [.., E + 1], the last entry
+    for the complement of the eigenvectors): gain = lam / (lam + rho^2) (D_G = m + gain z), ratio =
+    alpha_t Phi(t) / Phi(s), and residual weights (times alpha_t) ``lin_w`` [B, T, E + 1, width], or
+    ``lin_wp`` / ``lin_wc`` for UniPC's predictor and corrector. ``variable``: "l" (residual polynomial in l),
+    "rho" (eps_R = -R / rho polynomial in rho) or "unipc"."""
+    ell, alpha = half_lam(schedule, t), schedule.alpha(t)
+    log_phi = moments.log_phi(ell)  # [B, n, E + 1]
+    tab = {
+        "lin_gain": moments.gain(ell), "lin_ratio": alpha[:, 1:, None] * torch.exp(log_phi[:, 1:] - log_phi[:, :-1]),
+        "lin_alpha": alpha, "lin_inv_alpha": 1.0 / alpha,
+    }
+    g = torch.exp(-ell) if variable == "rho" else ell  # the polynomial's variable at the grid points
+    width = max(orders, default=1)
+    w, wp, wc = [], [], []
+    for i, order in enumerate(orders):
+        k = min(order, i + 1)
+        lq, wq = _quadrature(ell[:, i], ell[:, i + 1])  # [B, Q]
+        kernel = torch.exp(log_phi[:, i + 1, None, :] - moments.log_phi(lq))  # [B, Q, E + 1]
+        gq = torch.exp(-lq) if variable == "rho" else lq
+        span = g[:, i + 1] - g[:, i]
+        v = (gq - g[:, i, None]) / span[:, None]
+        density = kernel * (wq * gq if variable == "rho" else wq)[..., None]
+        n_mom = k + 1 if variable == "unipc" else k
+        mom = torch.stack([(density * (v**j)[..., None]).sum(-2) for j in range(n_mom)], -1)  # [B, E + 1, n_mom]
+        r = [((g[:, i - m] - g[:, i]) / span)[:, None].expand_as(mom[..., 0]) for m in range(k)]
+        scale = alpha[:, i + 1, None, None]
+        if variable == "unipc":
+            wp.append(scale * _unipc_weights(r[1:], mom, new=False))
+            wc.append(scale * _unipc_weights(r[1:], mom, new=True))
+            continue
+        weights = vandermonde_weights(torch.stack(r, -1), mom)
+        if variable == "rho":  # weights on R_m = -rho_m eps_R,m
+            weights = weights / torch.stack([g[:, i - m] for m in range(k)], -1)[:, None, :]
+        w.append(scale * weights)
+    if variable == "unipc":
+        tab.update(lin_wp=_stack(wp, width), lin_wc=_stack(wc, width + 1))
+    else:
+        tab["lin_w"] = _stack(w, width)
+    return tab
+
+
+def _compose(offset: Tensor, terms: list[tuple[Tensor, Tensor, Tensor]], eigvecs: Tensor) -> Tensor:
+    """offset + sum_j c_j (.) v_j for maps diagonal in the eigenbasis: c_j [B, E + 1] (last: the complement),
+    v_j [B, d] with eigen-coordinates v_j U [B, E]."""
+    out = offset + sum(c[:, -1:] * v for c, v, _ in terms)
+    return out + sum((c[:, :-1] - c[:, -1:]) * ve for c, _, ve in terms) @ eigvecs.T
+
+
+def _residual(tab: Tables, basis: tuple[Tensor, Tensor], x: Tensor, d: Tensor, i: int) -> tuple[Tensor, ...]:
+    """(z, z U, R, R U) at grid point i: z = x / alpha_i - m and R = D - D_G(x), flattened to [B, d]."""
+    mean, vecs = basis
+    z = x.flatten(1) * tab["lin_inv_alpha"][:, i, None] - mean
+    ze, dm = z @ vecs, d.flatten(1) - mean
+    gain = tab["lin_gain"][:, i]
+    r = dm - _compose(torch.zeros_like(z), [(gain, z, ze)], vecs)
+    return z, ze, r, dm @ vecs - gain[:, :-1] * ze
+
+
+def _denoised_at(tab: Tables, basis: tuple[Tensor, Tensor], x: Tensor, r: Tensor, re: Tensor, i: int) -> Tensor:
+    """D_G(x) + R at grid point i, shaped like x."""
+    mean, vecs = basis
+    z = x.flatten(1) * tab["lin_inv_alpha"][:, i, None] - mean
+    gain = tab["lin_gain"][:, i]
+    return _compose(mean + r, [(gain, z, z @ vecs)], vecs).reshape(x.shape)
+
+
+def gaussian_linear_step(sampler: Sampler, state: State, i: int, generator: torch.Generator | None) -> State:
+    """x_{i+1} = alpha_{i+1} (m + Phi(t)/Phi(s) z_i + sum_m w_m R_{i-m}), diagonal in the eigenbasis; the
+    history holds (R, R U) pairs, newest first."""
+    x, tab, basis = state.x, state.tab, sampler.basis(state.x)
+    d, nan_step = _denoised(sampler, state, i)
+    z, ze, r, re = _residual(tab, basis, x, d, i)
+    hist = (r, re, *state.hist)
+    w = tab["lin_w"][:, i]
+    width = w.shape[-1]
+    terms = [(tab["lin_ratio"][:, i], z, ze)]
+    terms += [(w[..., m], hist[2 * m], hist[2 * m + 1]) for m in range(min(width, len(hist) // 2))]
+    x_next = _compose(tab["lin_alpha"][:, i + 1, None] * basis[0], terms, basis[1]).reshape(x.shape)
+    return sampler.advance(state, x_next, hist=hist[: 2 * (width - 1)], nan_step=nan_step)
+
+
+def gaussian_unipc_step(sampler: Sampler, state: State, i: int, generator: torch.Generator | None) -> State:
+    """UniPC on the residual: predictor, one model call at the predicted point, corrector with its residual.
+    The cached denoised estimate at x_{i+1} is D_G(x_{i+1}) + R(predicted point), so the next step's residual
+    is the corrector's (as plain UniPC reuses D at the predicted point)."""
+    x, tab, basis = state.x, state.tab, sampler.basis(state.x)
+    d, nan_step = _denoised(sampler, state, i)
+    z, ze, r, re = _residual(tab, basis, x, d, i)
+    hist = (r, re, *state.hist)
+    wp, wc = tab["lin_wp"][:, i], tab["lin_wc"][:, i]
+    offset, base = tab["lin_alpha"][:, i + 1, None] * basis[0], [(tab["lin_ratio"][:, i], z, ze)]
+    past = [(m, hist[2 * m], hist[2 * m + 1]) for m in range(len(hist) // 2)]
+    x_pred = _compose(offset, base + [(wp[..., m], v, ve) for m, v, ve in past if m < wp.shape[-1]], basis[1])
+    x_pred = x_pred.reshape(x.shape)
+    if not sampler.affine(state):
+        x_pred = _inner(sampler, state, x_pred)
+    d_new, nan_step = sampler.denoise_at(_with_nan(state, nan_step), x_pred, "", i + 1)
+    _, _, r_new, re_new = _residual(tab, basis, x_pred, d_new, i + 1)
+    terms = base + [(wc[..., 0], r_new, re_new)]
+    terms += [(wc[..., m + 1], v, ve) for m, v, ve in past if m + 1 < wc.shape[-1]]
+    x_next = _compose(offset, terms, basis[1]).reshape(x.shape)
+    x0 = _denoised_at(tab, basis, x_next, r_new, re_new, i + 1)
+    return sampler.advance(state, x_next, x0=x0, hist=hist[: 2 * (wp.shape[-1] - 1)], nan_step=nan_step)
+
+
 # ---------------------------------------------------------------------------------------------- AF3 / EDM churn
 def af3_tables(schedule: Schedule, t: Tensor, orders: list[int], options: Mapping[str, Any]) -> Tables:
     """AF3 / EDM stochastic sampler in rho: gamma_i = gamma_0 if rho_i > gamma_min else 0,
@@ -453,6 +592,12 @@ class SolverSpec:
     max_order: float = 1  # the highest ``order`` option the tables support
     fractional_order: bool = False  # whether ``order`` may lie between integers (ghvb)
     fuse: Callable[[Tables], Tables] | None = None  # fused coefficients of the affine fast path, from the tables
+    linear_part: str | None = None  # with an exact Gaussian part: the residual polynomial's variable (gaussian_tables)
+
+    @property
+    def linear_step(self) -> Callable[[Sampler, State, int, torch.Generator | None], State]:
+        """The step of the exact-linear-part form (``Sampler(linear_part=...)``)."""
+        return gaussian_unipc_step if self.linear_part == "unipc" else gaussian_linear_step
 
     @property
     def calls_per_step(self) -> int:
@@ -481,26 +626,28 @@ SOLVERS: dict[str, SolverSpec] = {
     for s in [
         SolverSpec("euler", "multistep", ab_rho_tables, linear_step("eps", False), False,
                    "Euler in (x/alpha, sigma/alpha); algebraically identical to DDIM", {"order": 1}, max_order=1,
-                   fuse=linear_fuse("eps")),
+                   fuse=linear_fuse("eps"), linear_part="rho"),
         SolverSpec("heun", "singlestep", heun_tables, heun_step, False,
                    "EDM's Heun (2nd order, 2 calls per step)", {"order": 2}, max_order=2, fuse=heun_fuse),
         SolverSpec("ddim", "multistep", exp_multistep_tables(1.0, False), linear_step("x0", False), False,
-                   "DDIM = first-order exponential integrator", {"order": 1}, max_order=1, fuse=linear_fuse("x0")),
+                   "DDIM = first-order exponential integrator", {"order": 1}, max_order=1, fuse=linear_fuse("x0"),
+                   linear_part="l"),
         SolverSpec("dpm_solver_2", "singlestep", dpm_singlestep_tables, dpm_singlestep_step, False,
                    "DPM-Solver-2, singlestep, data prediction", {"order": 2}, max_order=2),
         SolverSpec("dpm_solver_3", "singlestep", dpm_singlestep_tables, dpm_singlestep_step, False,
                    "DPM-Solver-3, singlestep, data prediction", {"order": 3}, max_order=3),
         SolverSpec("dpmpp_2m", "multistep", exp_multistep_tables(1.0, False), linear_step("x0", False), False,
                    "DPM-Solver++(2M), exact integration of the linear interpolant", {"order": 2}, max_order=2,
-                   fuse=linear_fuse("x0")),
+                   fuse=linear_fuse("x0"), linear_part="l"),
         SolverSpec("dpmpp_3m", "multistep", exp_multistep_tables(1.0, False), linear_step("x0", False), False,
                    "DPM-Solver++(3M), exact integration of the quadratic interpolant", {"order": 3}, max_order=3,
-                   fuse=linear_fuse("x0")),
+                   fuse=linear_fuse("x0"), linear_part="l"),
         SolverSpec("unipc", "multistep", unipc_tables, unipc_step, False,
-                   "UniPC bh2 predictor-corrector (order 2 predictor + corrector)", {"order": 2}, max_order=3),
+                   "UniPC bh2 predictor-corrector (order 2 predictor + corrector)", {"order": 2}, max_order=3,
+                   linear_part="unipc"),
         SolverSpec("deis", "multistep", ab_rho_tables, linear_step("eps", False), False,
                    "DEIS rho-AB: Adams-Bashforth on eps in rho (order 3)", {"order": 3}, max_order=4,
-                   fuse=linear_fuse("eps")),
+                   fuse=linear_fuse("eps"), linear_part="rho"),
         SolverSpec("ghvb", "multistep", ghvb_tables, ghvb_step, False,
                    "Generalised heavy-ball momentum on rho-AB (fractional order)", {"order": 1.5},
                    max_order=2, fractional_order=True),
