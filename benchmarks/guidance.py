@@ -28,6 +28,22 @@ mean pairwise Tanimoto distance (Morgan r = 2) of the valid ones, backbones mean
 distance matrices (Angstrom). Each reward figure is the median (and top-10 % mean) over the outputs.
 Dev seed 1 was used to choose lambda, the ESS threshold, the molecule step count and the DPS scale of
 backbones_rg (100: scale 1 left the reward unchanged, 1000 broke the chains); the reported figures use seed 0.
+Molecules (snapshot e75511d8): FK lambda 30 (10 / 30 / 100 gave medians 0.455 / 0.463 / 0.463 on seed 1, 30 the
+higher atom stability) and SVDD's selection temperature alpha = 0.01 (0 / 0.01 / 0.02 / 0.05: 0.428 / 0.463 /
+0.461 / 0.437; argmax over near-tied children of an under-trained model is a poor choice).
+
+``svdd_late_M`` (molecules): SVDD with M children only at times t <= branch_below (one child above it), at most
+SVDD-PM's budget: on molecules neither the denoised estimate nor 2-step completions carry any information about
+the final QED while t > 0.5 (every value is 0 on 64 unguided seed-1 trajectories); the Spearman correlation of
+the denoised estimate's QED with the trajectory's final QED is <= 0.28 above t = 0.03, that of a 4-copy 2-step
+completion value 0.38 / 0.55 at t = 0.08 / 0.05. So the calls go where the values rank children (M = 8 below
+t = 0.15: 76 calls per output against best-of-4's 80; chosen on seed 1 over t* = 0.15 / 0.25 / 0.4 and argmax
+vs alpha = 0.01).
+
+Completion values (``svdd_c_M`` / ``fk_c_K`` rows, a task's ``completions`` spec or ``--completions
+TASK=completions:K:STEPS``): each child / particle is valued by K sampled completions (``guidance.completions``)
+instead of its denoised estimate; every completion call is counted, and each such row is paired with
+``best_of_N`` at its own measured budget (N = round(calls / one trajectory's calls)).
 """
 
 from __future__ import annotations
@@ -46,6 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from guidance.baselines import best_of_n, dps_sample  # noqa: E402
+from guidance.completions import parse_value  # noqa: E402
 from guidance.core import prior  # noqa: E402
 from guidance.fk import Tilt, fk_sample  # noqa: E402
 from guidance.rewards import parse_reward, quadratic  # noqa: E402
@@ -67,7 +84,8 @@ TASKS = {
     "dna_jaspar": {"modality": "dna", "reward": "jaspar:MA0099.3", "length": 200, "condition": "enhancer",
                    "n": 32, "steps": 16, "lam": 30.0, "value_samples": 256},
     "molecules_qed": {"modality": "molecules", "reward": "qed", "solver": "dpmpp_2m_sde", "n": 64, "steps": 20,
-                      "lam": 100.0, "value_samples": 256},
+                      "lam": 30.0, "alpha": 0.01, "value_samples": 256, "completions": "completions:1:2",
+                      "late": {"candidates": 8, "branch_below": 0.15}},
     "backbones_helix": {"modality": "backbones", "reward": "helix", "length": 64, "n": 16, "steps": 10,
                         "lam": 30.0, "value_samples": 64},
     "backbones_rg": {"modality": "backbones", "reward": "rg", "length": 64, "n": 16, "steps": 10, "lam": 30.0,
@@ -106,12 +124,20 @@ def gmm_task(args: argparse.Namespace) -> dict:
     }
     # SVDD-MC: a value net fitted on 2000 unguided samples (their cost is a one-off, reported separately)
     train = best_of_n(smp, prior(smp, 2000, (2,), g, torch.float64), reward, candidates=1, generator=g)
+    torch.manual_seed(args.seed)  # the net's initial weights
     net = VectorValueNet(2, hidden=64)
     fit_value(net, train.samples, train.rewards, gaussian_noise(sched), steps=1500, batch=256, generator=g)
     res = svdd_sample(smp, prior(smp, n, (2,), g, torch.float64), reward, candidates=m, alpha=0.0,
                       value=as_value(net), generator=g)
     res.info["value_training_model_calls"] = train.model_calls
     runs[f"svdd_mc_{m}"] = res
+    # SVDD valued by sampled completions (after SVDD-MC: the earlier rows keep their random stream)
+    value = parse_value(args.completions.get("gmm", "completions:1:2"))
+    runs[f"svdd_c_{m}"] = svdd_sample(smp, prior(smp, n, (2,), g, torch.float64), reward, candidates=m, alpha=0.0,
+                                      value=value, generator=g)
+    per_c = max(1, round(runs[f"svdd_c_{m}"].model_calls / (n * steps)))
+    runs[f"best_of_{per_c}"] = best_of_n(smp, prior(smp, n * per_c, (2,), g, torch.float64), reward,
+                                         candidates=per_c, generator=g)
     out: dict = {"config": {"n": n, "steps": steps, "candidates": m, "seed": args.seed}}
     return out | {name: {**res.summary(), **natural(res.samples)} for name, res in runs.items()}
 
@@ -152,7 +178,7 @@ def model_task(args: argparse.Namespace, task: str) -> dict:
     out: dict = {"config": {**spec, "candidates": m, "seed": args.seed, "model_checkpoint": str(problem.checkpoint),
                             "model_sha256": problem.sha256, **problem.settings}}
     runs = {"unguided": guide(problem, "unguided", reward, n, **common),
-            f"svdd_pm_{m}": guide(problem, "svdd", reward, n, candidates=m, **common)}
+            f"svdd_pm_{m}": guide(problem, "svdd", reward, n, candidates=m, alpha=spec.get("alpha", 0.0), **common)}
     per = max(1, round(runs[f"svdd_pm_{m}"].model_calls / runs["unguided"].model_calls))
     runs[f"best_of_{per}"] = guide(problem, "bon", reward, n, candidates=per, **common)
     if reward.differentiable:
@@ -161,6 +187,27 @@ def model_task(args: argparse.Namespace, task: str) -> dict:
         out["dps"] = "n/a (reward not differentiable)"
     runs[f"fk_{per}"] = guide(problem, "fk", reward, n, particles=per, lam=spec["lam"],
                               ess_threshold=args.ess_threshold, **common)
+    if spec.get("late"):  # SVDD that branches only at t <= branch_below, where the values say something
+        late = spec["late"]
+        name = f"svdd_late_{late['candidates']}"
+        runs[name] = guide(problem, "svdd", reward, n, candidates=late["candidates"], alpha=spec.get("alpha", 0.0),
+                           branch_below=late["branch_below"], **common)
+        matched = max(1, round(runs[name].model_calls / runs["unguided"].model_calls))
+        if f"best_of_{matched}" not in runs:
+            runs[f"best_of_{matched}"] = guide(problem, "bon", reward, n, candidates=matched, **common)
+    completions = args.completions.get(task, spec.get("completions"))
+    if completions:  # SVDD and FK valued by sampled completions, each against best-of-N at its own budget
+        value = parse_value(completions)
+        mc, kc = spec.get("completion_candidates", m), spec.get("completion_particles", per)
+        runs[f"svdd_c_{mc}"] = guide(problem, "svdd", reward, n, candidates=mc, value=value,
+                                     alpha=spec.get("alpha", 0.0), **common)
+        runs[f"fk_c_{kc}"] = guide(problem, "fk", reward, n, particles=kc, lam=spec["lam"], value=value,
+                                   ess_threshold=args.ess_threshold, **common)
+        out["completions"] = completions
+        for name in (f"svdd_c_{mc}", f"fk_c_{kc}"):
+            matched = max(1, round(runs[name].model_calls / runs["unguided"].model_calls))
+            if f"best_of_{matched}" not in runs:
+                runs[f"best_of_{matched}"] = guide(problem, "bon", reward, n, candidates=matched, **common)
     value, card = value_hook(args, task, spec, problem)
     runs[f"svdd_mc_{m}"] = guide(problem, "svdd_mc", reward, n, candidates=m, value=value, **common)
     runs[f"svdd_mc_{m}"].info.update({"value_training_model_calls": card["model_calls"],
@@ -174,6 +221,29 @@ def model_task(args: argparse.Namespace, task: str) -> dict:
     return out
 
 
+def margin_task(args: argparse.Namespace, task: str) -> dict:
+    """``--margin``: is FK's lead over best-of-N real? Unguided, best-of-K and FK with K = 4 particles (equal
+    model calls) at ``--n`` outputs, with the bootstrap standard error of the medians' difference."""
+    spec = {**TASKS[task], "n": args.n or TASKS[task]["n"], **({"lam": args.lam[task]} if task in args.lam else {})}
+    problem = get_problem(spec["modality"], steps=args.steps or spec["steps"], length=spec.get("length"),
+                          condition=spec.get("condition"), solver=spec.get("solver"))
+    reward, n, k = parse_reward(spec["reward"]), spec["n"], args.candidates
+    runs = {"unguided": guide(problem, "unguided", reward, n, seed=args.seed),
+            f"best_of_{k}": guide(problem, "bon", reward, n, candidates=k, seed=args.seed),
+            f"fk_{k}": guide(problem, "fk", reward, n, particles=k, lam=spec["lam"], ess_threshold=args.ess_threshold,
+                             seed=args.seed)}
+    out: dict = {"config": {**spec, "margin": True, "seed": args.seed, "model_sha256": problem.sha256}}
+    with torch.no_grad():
+        for name, res in runs.items():
+            out[name] = {**res.summary(), **problem.natural(res)}
+    fk, bon = (runs[name].rewards.double() for name in (f"fk_{k}", f"best_of_{k}"))
+    gen = torch.Generator().manual_seed(0)
+    boot = torch.stack([fk[torch.randint(0, n, (n,), generator=gen)].median()
+                        - bon[torch.randint(0, n, (n,), generator=gen)].median() for _ in range(2000)])
+    out["fk_minus_best_of_n_median"] = {"value": float(fk.median() - bon.median()), "se": float(boot.std())}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default="gmm,rna_mfe,rna_target,dna_jaspar,molecules_qed,backbones_helix,backbones_rg")
@@ -182,25 +252,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: per task)")
     p.add_argument("--lam", default="", help="FK tilt strengths per task, e.g. molecules_qed=30,dna_jaspar=20")
     p.add_argument("--ess-threshold", dest="ess_threshold", type=float, default=0.5)
+    p.add_argument("--completions", default="",
+                   help="completion values per task, e.g. molecules_qed=completions:1:2 (default: the task's own)")
     p.add_argument("--fit-steps", dest="fit_steps", type=int, default=400, help="value-net training steps")
     p.add_argument("--value-dir", dest="value_dir", type=Path, default=ROOT / "runs" / "guidance" / "values")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="results file (tasks are merged into an existing one)")
+    p.add_argument("--margin", action="store_true",
+                   help="only unguided, best-of-M and FK-M with a bootstrap SE of FK's median lead (use a larger --n)")
     args = p.parse_args(argv)
     args.lam = {k: float(v) for k, v in (item.split("=") for item in args.lam.split(",") if item)}
+    args.completions = dict(item.split("=", 1) for item in args.completions.split(",") if item)
     torch.set_num_threads(1)
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in tasks if t != "gmm" and t not in TASKS]
     if unknown:
         raise SystemExit(f"unknown task(s) {unknown}; choose from gmm, {', '.join(TASKS)}")
+    if args.margin and "gmm" in tasks:
+        raise SystemExit("--margin compares FK and best-of-N on the model tasks, not on gmm")
     out: dict = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
     out.pop("config", None)  # each task carries its own
     for task in tasks:
         t0 = time.perf_counter()
-        out[task] = gmm_task(args) if task == "gmm" else model_task(args, task)
-        out[task]["wall_s"] = round(time.perf_counter() - t0, 1)
-        print(f"== {task} ({out[task]['wall_s']} s)", flush=True)
-        for name, row in out[task].items():
+        key = f"{task}_margin" if args.margin else task
+        if args.margin:
+            out[key] = margin_task(args, task)
+        elif task == "gmm":
+            out[key] = gmm_task(args)
+        else:
+            out[key] = model_task(args, task)
+        out[key]["wall_s"] = round(time.perf_counter() - t0, 1)
+        print(f"== {key} ({out[key]['wall_s']} s)", flush=True)
+        for name, row in out[key].items():
             if isinstance(row, dict) and "reward_median" in row:
                 cols = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
                 print(f"  {name:14s} {cols}", flush=True)

@@ -8,11 +8,15 @@ on the engine's step-level interface (``molgen.diffusion.Sampler`` or the masked
     from guidance.baselines import best_of_n, dps_sample
     from guidance.rewards import parse_reward      # "qed", "rna_mfe", "rna_target:((..))", "jaspar:MA0114.4"
 
+    from guidance.completions import Completions   # value of a noisy state from K sampled completions
+
     res = svdd_sample(sampler, x_T, parse_reward("quadratic:c=1"), candidates=4, alpha=0.0)
+    res = svdd_sample(sampler, x_T, reward, candidates=4, value=Completions(copies=2, steps=2))  # calls counted
     res.samples, res.rewards, res.model_calls, res.summary()
 
 Modules: ``smc`` (weights, ESS, resampling), ``engine`` (continuous / discrete step adapter), ``fk``,
 ``svdd``, ``baselines``, ``rewards``, ``core`` (accounting, results), ``value`` (SVDD-MC value nets),
+``completions`` (values from sampled completions, for SVDD and FK tilting),
 ``tasks`` (molecules, RNA, DNA and backbones as guidance problems: ``guide(problem, method, reward, n)``),
 ``train_value`` (``python -m guidance.train_value``: the recorded value-net recipe), ``cli`` (``molgen guide``).
 """

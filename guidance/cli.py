@@ -4,9 +4,13 @@
     molgen guide molecules --reward qed --method fk --particles 4 --steps 10 --n 16 --out g.sdf
     molgen guide dna --reward jaspar:MA0099.3 --condition enhancer --method svdd --value runs/v.pt --out g.fasta
     molgen guide backbones --reward rg --method dps --length 64 --steps 20 --out guided/
+    molgen guide molecules --reward qed --method svdd --candidates 2 --value completions:1:1 --out g.sdf
 
 ``--candidates`` is SVDD's M and best-of-N's N per output; ``--particles`` is FK's population per output;
-``--value`` turns SVDD into SVDD-MC with a value net from ``python -m guidance.train_value``. The summary JSON
+``--value`` chooses how SVDD (and FK's intermediate rewards) value a noisy state: ``denoised`` (default, the
+reward of the denoised estimate), ``completions:K[:STEPS[:ALPHA]]`` (K sampled completions of STEPS transitions
+each, mean reward, or the soft value at ALPHA > 0; their model calls are counted) or a value-net checkpoint
+from ``python -m guidance.train_value`` (SVDD-MC, svdd only). The summary JSON
 holds reward_mean / reward_median / reward_top10, model_calls (every particle and candidate counted),
 reward_calls, seconds, the reward's failure counts and the modality's naturalness (molecules: validity and
 stability; sequences: NLL in bits per token under the model and 3-mer r; backbones: CA-CA validity).
@@ -28,7 +32,11 @@ def add_guide(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--candidates", type=int, default=4, help="SVDD's M / best-of-N's N")
     parser.add_argument("--particles", type=int, default=4, help="FK population per output")
     parser.add_argument("--alpha", type=float, default=0.0, help="SVDD temperature (0 = argmax)")
-    parser.add_argument("--value", default=None, help="SVDD-MC: value net checkpoint (python -m guidance.train_value)")
+    parser.add_argument("--value", default=None,
+                        help="value of a noisy state: denoised (default), completions:K[:STEPS[:ALPHA]] (svdd, fk) "
+                             "or a value net checkpoint (SVDD-MC, python -m guidance.train_value)")
+    parser.add_argument("--branch-below", dest="branch_below", type=float, default=None,
+                        help="SVDD: branch into M children only at times t <= this (one child above it)")
     parser.add_argument("--lam", type=float, default=10.0, help="FK tilt strength lambda")
     parser.add_argument("--potential", default="difference", choices=("difference", "max", "sum"))
     parser.add_argument("--scale", type=float, default=1.0, help="DPS guidance scale")
@@ -51,30 +59,43 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--alpha must be >= 0, got {args.alpha}")
     if not math.isfinite(args.lam) or not math.isfinite(args.scale):
         raise ValueError(f"--lam and --scale must be finite, got {args.lam} and {args.scale}")
-    if args.value is not None and args.method != "svdd":
-        raise ValueError("--value is SVDD-MC's value net; it needs --method svdd")
+    if args.branch_below is not None and not (args.method == "svdd" and 0.0 <= args.branch_below <= 1.0):
+        raise ValueError(f"--branch-below is a time in [0, 1] for --method svdd, got {args.branch_below} "
+                         f"with --method {args.method}")
+    if args.value is not None and args.value.startswith("completions"):
+        if args.method not in ("svdd", "fk"):
+            raise ValueError(f"--value {args.value} steers svdd or fk, not --method {args.method}")
+    elif args.value not in (None, "denoised") and args.method != "svdd":
+        raise ValueError("--value NET.pt is SVDD-MC's value net; it needs --method svdd")
 
 
 def run_guide(args: argparse.Namespace) -> int:
+    from guidance.completions import parse_value
     from guidance.rewards import REWARDS, parse_reward
     from guidance.tasks import get_problem, guide
 
     _check(args)
+    if args.value is not None and args.value.startswith("completions"):
+        parse_value(args.value)  # a malformed spec fails before any model is loaded
     reward = parse_reward(args.reward)  # bad names / arguments fail before any model is loaded
     _check_modality(args.reward, args.modality, REWARDS)
     problem = get_problem(args.modality, steps=args.steps, checkpoint=args.checkpoint, length=args.length,
                           condition=args.condition, solver=args.solver)
-    value = None
-    if args.value is not None:
+    value, net = None, False
+    if args.value is not None and args.value.startswith("completions"):
+        value = parse_value(args.value)
+    elif args.value not in (None, "denoised"):
         from guidance.train_value import load_value
 
-        value, _ = load_value(args.value, problem, args.reward)
-    method = {"svdd": "svdd_mc" if value is not None else "svdd"}.get(args.method, args.method)
+        (value, _), net = load_value(args.value, problem, args.reward), True
+    method = {"svdd": "svdd_mc" if net else "svdd"}.get(args.method, args.method)
     res = guide(problem, method, reward, args.n, candidates=args.candidates, particles=args.particles,
                 alpha=args.alpha, lam=args.lam, potential=args.potential, dps_scale=args.scale, value=value,
+                branch_below=args.branch_below,
                 seed=args.seed)
     problem.write(args.out, res)
-    summary = {**res.summary(), "method": method, "reward": args.reward, **problem.natural(res),
+    summary = {**res.summary(), "method": method, "reward": args.reward, "value": args.value or "denoised",
+               **problem.natural(res),
                "reward_stats": reward.stats.as_dict(), "model_checkpoint": str(problem.checkpoint),
                "model_sha256": problem.sha256}
     text = json.dumps(summary, indent=2)

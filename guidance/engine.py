@@ -7,9 +7,16 @@
     st = engine.select(st, index)            # resampling / replication
     x = engine.finish(st)                    # the cached estimate at the last grid point (or one more call)
     engine.mask(st)                          # the padding mask (continuous states) or None
+    x0 = engine.complete(st, i, copies, steps, generator)  # sampled completions of x_i to the end of the grid
 
 ``engine.rows`` counts model evaluations per sample row. For masked diffusion the denoised estimate is the
 argmax of p(x0 | x_t) at masked positions (unmasked tokens kept), and the cache is ``log p(x0 | x_t)``.
+
+Completions (``complete``) run the model's own transition from grid point i to the last one on ``steps``
+transitions over a subset of the remaining grid points (``completion_points``), starting from the cached
+estimate at i: a continuous completion costs ``steps`` model calls per copy (one at each later point, the
+last included), a masked one ``steps - 1`` (its last point is t = 0, where every token is a letter). All are
+counted in ``engine.rows``.
 """
 
 from __future__ import annotations
@@ -23,6 +30,20 @@ from torch import Tensor
 
 from guidance.core import CACHE_SOLVERS, counted
 from molgen.diffusion import Sampler, select
+
+
+def completion_points(i: int, n_steps: int, steps: int) -> list[int]:
+    """Grid indices of a completion from point i to the last point n_steps - 1 with ``steps`` transitions,
+    evenly spread over the remaining points (all of them when fewer remain)."""
+    if not 0 <= i < n_steps:
+        raise IndexError(f"grid point {i} outside 0..{n_steps - 1}")
+    left = n_steps - 1 - i
+    return sorted({i + round(left * k / steps) for k in range(steps + 1)}) if left else [i]
+
+
+def _replicate(batch: int, copies: int, device: torch.device) -> Tensor:
+    """Row p -> rows p * copies .. p * copies + copies - 1."""
+    return torch.arange(batch, device=device).repeat_interleave(copies)
 
 
 class ContinuousEngine:
@@ -63,8 +84,28 @@ class ContinuousEngine:
     def finish(self, st: Any) -> Tensor:
         return self.run.finish(st)
 
+    @property
+    def times(self) -> Tensor:
+        """The time grid [n_steps] (the first row of a per-sample grid)."""
+        return self.run.t_grid[0]
+
     def time(self, st: Any, i: int) -> Tensor:
         return st.tab["t"][:, i].reshape(-1).expand(st.batch)
+
+    def complete(self, st: Any, i: int, copies: int, steps: int, generator: torch.Generator | None) -> Tensor:
+        """``copies`` sampled completions per row of ``st`` (at grid point i, estimate cached), rows grouped
+        per source row: the solver's own steps on the remaining grid points ``completion_points``."""
+        if st.x0 is None:
+            raise ValueError("complete needs the denoised estimate at the state (call estimate first)")
+        idx = completion_points(i, self.n_steps, steps)
+        rep = select(st, _replicate(st.batch, copies, st.x.device))
+        if len(idx) == 1:
+            return rep.x0
+        t = self.run.t_grid[:, idx]  # [1 or B, J + 1]
+        grid = t[0] if t.shape[0] == 1 else t.repeat_interleave(copies, 0).T
+        run = replace(self.run, grid=grid, steps=None, nfe=None, warm_start=None)
+        sub = replace(run.init(rep.x, mask=rep.mask, cond=rep.cond), x0=rep.x0)
+        return run.finish(run.run(sub, generator))
 
     def mask(self, st: Any) -> Tensor | None:
         return st.mask
@@ -93,13 +134,16 @@ class DiscreteEngine:
     def estimate(self, st: Any, i: int) -> tuple[Any, Tensor]:
         if i == self.n_steps - 1:  # t = 0: every token is a letter, the estimate is the state itself
             return st, st.x
-        proc = self.sampler.process
+        st = self._denoise(st)
+        return st, self.denoised(st)
+
+    def _denoise(self, st: Any) -> Any:
+        """log p(x0 | x_t) at the state's own times: one counted model call per row."""
         self.rows += st.x.shape[0]
         self.batches += 1
-        log_p0 = proc.log_probs(self.sampler.model(st.x, st.t, **st.cond), st.x)
-        st = replace(st, log_p0=log_p0, stale=torch.zeros(st.x.shape[0], dtype=torch.bool, device=st.x.device),
-                     nfe=st.nfe + 1, rows_evaluated=st.rows_evaluated + st.x.shape[0])
-        return st, self.denoised(st)
+        log_p0 = self.sampler.process.log_probs(self.sampler.model(st.x, st.t, **st.cond), st.x)
+        return replace(st, log_p0=log_p0, stale=torch.zeros(st.x.shape[0], dtype=torch.bool, device=st.x.device),
+                       nfe=st.nfe + 1, rows_evaluated=st.rows_evaluated + st.x.shape[0])
 
     def denoised(self, st: Any) -> Tensor:
         best = st.log_p0.argmax(-1)
@@ -124,8 +168,29 @@ class DiscreteEngine:
     def finish(self, st: Any) -> Tensor:
         return self.sampler.finish(st)
 
+    @property
+    def times(self) -> Tensor:
+        """The time grid [n_steps], from 1 to 0."""
+        return self.sampler.grid
+
     def time(self, st: Any, i: int) -> Tensor:
         return st.t
+
+    def complete(self, st: Any, i: int, copies: int, steps: int, generator: torch.Generator | None) -> Tensor:
+        """``copies`` sampled completions per row (grouped per row) by the sampler's own transition over the
+        remaining grid points ``completion_points``; ``steps = 1`` draws every masked token at once from the
+        cached p(x0 | x_t) (no model call)."""
+        idx = completion_points(i, self.n_steps, steps)
+        if len(idx) > 1 and (st.log_p0 is None or bool(st.stale.any())):
+            raise ValueError("complete needs log p(x0 | x_t) at the state (call estimate first)")
+        sub = self.select(st, _replicate(st.x.shape[0], copies, st.x.device))
+        for j, k in enumerate(idx[1:]):
+            if j:
+                sub = self._denoise(sub)
+            s = torch.full_like(sub.t, float(self.sampler.grid[k]))
+            sub = replace(sub, x=self.sampler.spec.transition(self.sampler.process, sub, s, generator,
+                                                              self.sampler.options), t=s)
+        return self.finish(sub)
 
     def mask(self, st: Any) -> None:
         return None  # padding is a token

@@ -2,7 +2,9 @@
 
 **Reward tilting** (Singhal et al. 2025). Target p(x_0) exp(lambda r(x_0)). Particles move with the model's own
 stochastic transition; at step i the value of a noisy state is the reward of its denoised estimate,
-r_i = r(D(x_i, t_i)), and particles are weighted by potentials G_i:
+r_i = r(D(x_i, t_i)), or with ``Tilt(value=Completions(K, steps, alpha))`` the mean (soft) reward of K sampled
+completions of x_i (``guidance.completions``, their model calls counted), and particles are weighted by
+potentials G_i:
 
     difference: log G_i = lambda (r_i - r_{i-1})      (r_{-1} = 0; the product telescopes to lambda r_last)
     max:        log G_i = lambda max_{j <= i} r_j
@@ -38,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from guidance.completions import Completions
 from guidance.core import GuidanceResult, Scorer, Timer, check_count, gumbel_choice
 from guidance.engine import as_engine
 from guidance.smc import Particles, ResamplePolicy, ess, normalise
@@ -52,8 +55,9 @@ POTENTIALS = ("difference", "max", "sum")
 # -------------------------------------------------------------------------------------------- reward tilting
 @dataclass
 class Tilt:
-    """p(x) exp(lambda r(x)): the reward, its temperature, the FK-steering potential and how often
-    intermediate rewards are taken (every ``every``-th step; the final reward always)."""
+    """p(x) exp(lambda r(x)): the reward, its temperature, the FK-steering potential, how often
+    intermediate rewards are taken (every ``every``-th step; the final reward always) and how (``value``:
+    None = the reward of the denoised estimate, or sampled ``Completions``)."""
 
     reward: Callable[[Any], Tensor]
     lam: float = 1.0
@@ -61,6 +65,7 @@ class Tilt:
     every: int = 1
     exact: bool = True
     decode: Callable[[Tensor], Any] | None = None
+    value: Completions | None = None
 
     def __post_init__(self) -> None:
         if self.potential not in POTENTIALS:
@@ -237,7 +242,9 @@ def fk_sample(
             if composition is not None:
                 pop.reweight(_corrector(composition, pop.state, i, sampler))
             if tilt is not None and (i + 1) % tilt.every == 0:
-                pop.reweight(potential_step(tilt.potential, tilt.lam, scorer(x0, engine.mask(pop.state)), pop.carry))
+                r = (scorer(x0, engine.mask(pop.state)) if tilt.value is None
+                     else tilt.value.estimate(engine, pop.state, i, scorer, generator))
+                pop.reweight(potential_step(tilt.potential, tilt.lam, r, pop.carry))
             ess_trace.append(ess(pop.log_w))
             if policy.due(i):
                 pop.resample(policy, generator)
@@ -260,6 +267,7 @@ def fk_sample(
         out_rewards = rewards[index] if rewards is not None else torch.full((groups,), float("nan"))
         mask_out = engine.mask(pop.state)
     info = {"resamples": int(pop.resamples.sum()), "groups": groups, "particles": k,
+            **({"value": tilt.value.spec} if tilt is not None and tilt.value is not None else {}),
             "ess_mean": float(torch.stack(ess_trace).mean()) if ess_trace else float(k),
             "log_evidence_mean": float(pop.log_evidence().mean())}
     return GuidanceResult(

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from guidance.baselines import best_of_n, dps_sample
+from guidance.completions import Completions
 from guidance.core import GuidanceResult, check_count, merge
 from guidance.fk import Tilt, fk_sample
 from guidance.rewards import Reward, TensorReward
@@ -103,9 +104,13 @@ def rows_per_output(method: str, candidates: int, particles: int) -> int:
 
 def guide(problem: Problem, method: str, reward: Reward, n: int, *, candidates: int = 4, particles: int = 4,
           alpha: float = 0.0, lam: float = 10.0, potential: str = "difference", ess_threshold: float = 0.5,
-          dps_scale: float = 1.0, value: Callable[..., Tensor] | None = None, seed: int = 0) -> GuidanceResult:
+          dps_scale: float = 1.0, value: Callable[..., Tensor] | Completions | None = None,
+          branch_below: float | None = None, seed: int = 0) -> GuidanceResult:
     """``n`` outputs of ``method``: unguided, bon (best of ``candidates``), dps, fk (``particles`` per output,
     tilt exp(lam r), the best final particle), svdd (M = ``candidates``, alpha) or svdd_mc (with ``value``).
+    ``value=Completions(K, steps, alpha)`` makes svdd and fk score noisy states by K sampled completions
+    instead of the denoised estimate (``guidance.completions``; their model calls are counted).
+    ``branch_below``: svdd branches only into children at times t <= branch_below (``svdd.branch_schedule``).
     The prior draw depends on ``seed`` only, so methods see the same sizes / lengths per output."""
     if method not in METHODS:
         raise ValueError(f"unknown guidance method {method!r}; choose one of {METHODS}")
@@ -115,8 +120,10 @@ def guide(problem: Problem, method: str, reward: Reward, n: int, *, candidates: 
     if method == "dps" and not (isinstance(reward, TensorReward) and reward.differentiable):
         raise ValueError(f"dps needs a differentiable reward on the {problem.modality} state; "
                          f"{reward.name!r} is not (use svdd, fk or bon)")
-    if method == "svdd_mc" and value is None:
+    if method == "svdd_mc" and (value is None or isinstance(value, Completions)):
         raise ValueError("svdd_mc needs a value network (train one with python -m guidance.train_value)")
+    if isinstance(value, Completions) and method not in ("svdd", "fk"):
+        raise ValueError(f"completion values steer svdd and fk, not {method!r}")
     per = rows_per_output(method, candidates, particles)
     g = torch.Generator().manual_seed(seed)
     chunks = problem.draw(n, per, g)
@@ -130,12 +137,14 @@ def guide(problem: Problem, method: str, reward: Reward, n: int, *, candidates: 
             elif method == "dps":
                 res = dps_sample(smp, d.x_T, reward, scale=dps_scale, **kw)
             elif method == "fk":
-                res = fk_sample(smp, d.x_T, particles=per, tilt=Tilt(reward, lam=lam, potential=potential,
-                                                                     decode=dec),
+                tilt = Tilt(reward, lam=lam, potential=potential, decode=dec,
+                            value=value if isinstance(value, Completions) else None)
+                res = fk_sample(smp, d.x_T, particles=per, tilt=tilt,
                                 policy=ResamplePolicy("systematic", 1, ess_threshold), final="best", **kw)
             else:
                 res = svdd_sample(smp, d.x_T, reward, candidates=candidates, alpha=alpha, decode=dec,
-                                  value=value if method == "svdd_mc" else None, **kw)
+                                  value=value if method == "svdd_mc" or isinstance(value, Completions) else None,
+                                  branch_below=branch_below, **kw)
             out.append(res)
     return merge(out)
 

@@ -261,6 +261,30 @@ def test_svdd_argmax_beats_best_of_n_at_equal_calls_and_is_deterministic():
     assert float(bon.rewards.median()) > float(reward(smp.finish(smp.run(smp.init(x), gen(4)))).median())
 
 
+def test_svdd_late_branching_counts_calls_and_keeps_the_unguided_law_above_the_threshold():
+    """branch_below = t*: one child per particle (no value, no reward call) above t*, M below; alpha = inf
+    still gives the unguided chain's law."""
+    from guidance.svdd import branch_schedule
+
+    mu, s, m = 0.5, 0.6, 3
+    smp = Sampler(gaussian(mu, s), SCHED, "ddpm_ancestral", steps=12)
+    times = smp.t_grid[0]
+    cut = float(times[6])
+    schedule = branch_schedule(times, m, cut)
+    assert schedule == [1] * 5 + [m] * 6 and branch_schedule(times, m) == [m] * 11
+    n = 2000
+    res = svdd_sample(smp, prior(smp, n, (1,), gen(0), F64), quadratic(2.0, 0.3), candidates=m,
+                      alpha=float("inf"), generator=gen(1), branch_below=cut)
+    assert res.model_calls == n * (1 + sum(schedule)) and res.reward_calls == n * m * 6
+    mean, var = chain_law(smp, mu, s)
+    x = res.samples[:, 0]
+    assert abs(float(x.mean()) - mean) < 4.5 * math.sqrt(var / n)
+    assert abs(float(x.var()) - var) < 4.5 * var * math.sqrt(2.0 / n)
+    greedy = svdd_sample(smp, prior(smp, 200, (1,), gen(2), F64), quadratic(2.0, 0.3), candidates=m,
+                         generator=gen(3), branch_below=cut)
+    assert float(greedy.rewards.mean()) > float(quadratic(2.0, 0.3)(res.samples[:200]).mean()) + 0.5
+
+
 def test_svdd_selection_law_and_checks():
     values = torch.tensor([[0.0, math.log(3.0)]], dtype=F64).repeat(20000, 1)
     picks = choose(values, 1.0, gen(0))
@@ -423,6 +447,12 @@ def test_guide_cli_rna_and_bad_input(tmp_path):
     assert summary["reward_calls"] == 3 * 2 * 3 and math.isfinite(summary["nll_bits_per_token"])
     lines = (tmp_path / "g.fasta").read_text().split()
     assert len(lines) == 6 + 3 and all(len(s) == 20 for s in lines[2::3])
+    args = guide_args(tmp_path, "--reward", "gc", "--method", "svdd", "--candidates", "2", "--steps", "3",
+                      "--n", "3", "--length", "20", "--value", "completions:2:2")
+    assert run_guide(args) == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
+    # grid points 0..3: children at point 1 complete over {1, 2, 3} (one call per copy), at point 2 over {2, 3}
+    assert summary["model_calls"] == 3 * (1 + 2 * 2 + 2 * 2 * 1) and summary["value"] == "completions:2:2"
 
 
 # ---------------------------------------------------------------------------------------------- SVDD-MC
@@ -472,6 +502,10 @@ def molgen_guide(capsys, tmp_path, *argv: str, out: str = "o"):
     (["dna", "--reward", "gc", "--alpha", "nan"], "--alpha must be >= 0"),
     (["molecules", "--reward", "rna_mfe"], "reward 'rna_mfe' scores rna, not molecules"),
     (["dna", "--reward", "gc", "--method", "fk", "--value", "v.pt"], "needs --method svdd"),
+    (["dna", "--reward", "gc", "--method", "bon", "--value", "completions:2"], "steers svdd or fk"),
+    (["dna", "--reward", "gc", "--value", "completions:0"], "completion copies must be an integer >= 1"),
+    (["dna", "--reward", "gc", "--value", "completions:2:x"], "bad value spec"),
+    (["dna", "--reward", "gc", "--method", "fk", "--branch-below", "0.5"], "--branch-below is a time in [0, 1]"),
     (["dna", "--reward", "gc", "--method", "dps", "--n", "1", "--steps", "2"], "dps needs a differentiable reward"),
     (["dna", "--reward", "gc", "--length", "999"], "--length must lie in 1..200"),
     (["molecules", "--reward", "qed", "--checkpoint", "missing.pt"], "no molecules checkpoint at missing.pt"),
@@ -584,3 +618,118 @@ def test_molgen_guide_backbones_dps_and_svdd(tmp_path, capsys):
                            "2", "--n", "2", "--steps", "3", "--length", "40", out="svdd")
     s = json.loads((tmp_path / "s.json").read_text())
     assert code == 0 and s["model_calls"] == 2 * (1 + 2 * 2) and s["reward_stats"]["failures"] == 0
+
+
+# ---------------------------------------------------------------------------------------------- completion values
+def walk_to(engine, x_T, i, generator):
+    """The engine's state at grid point i (estimate cached), reached by its own steps from x_T."""
+    st = engine.init(x_T)
+    for j in range(i):
+        st, _ = engine.estimate(st, j)
+        st = engine.step(st, j, generator)
+    return engine.estimate(st, i)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10])
+def test_completion_value_matches_the_samplers_closed_form(steps):
+    """Data N(mu, s^2) with the exact denoiser: from x_i the completion chain is linear-Gaussian, so its output
+    law is N(m, v) in closed form (the ``chain_law`` recursion started at the point mass x_i on the completion's
+    grid) and E[r] = -((m - c)^2 + v) / (2 tau^2) for r = -(x - c)^2 / (2 tau^2). The Monte-Carlo estimate must
+    match it; the reward of the denoised estimate misses v (a one-jump completion adds only the last point's
+    noise: it is the denoised estimate refined by one call)."""
+    from guidance.completions import Completions
+    from guidance.core import Scorer
+    from guidance.engine import as_engine, completion_points
+
+    mu, s, c, tau, copies, i = 1.0, 0.5, 1.0, 0.5, 4000, 3
+    smp = Sampler(gaussian(mu, s), SCHED, "ddpm_ancestral", steps=8)
+    engine = as_engine(smp)
+    st, x0 = walk_to(engine, torch.tensor([[0.3], [-1.0], [2.0]], dtype=F64), i, gen(0))
+    rows = engine.rows
+    scorer = Scorer.of(quadratic(c, tau))
+    got = Completions(copies, steps).estimate(engine, st, i, scorer, gen(1))
+    idx = completion_points(i, smp.n_steps, steps)
+    assert engine.rows - rows == 3 * copies * (len(idx) - 1) and scorer.calls == 3 * copies
+    sub = Sampler(gaussian(mu, s), SCHED, "ddpm_ancestral", grid=smp.t_grid[0, idx])
+    tab = sub.tables
+    alpha, sigma = tab["alpha"][0], tab["sigma"][0]
+    gain = alpha * s**2 / (alpha**2 * s**2 + sigma**2)
+    m, v = st.x[:, 0].clone(), torch.zeros(3, dtype=F64)
+    for j in range(sub.n_steps - 1):
+        a, w, cc = tab["a"][0, j], tab["w"][0, j, 0], tab["c"][0, j]
+        m = a * m + w * (mu + gain[j] * (m - alpha[j] * mu))
+        v = (a + w * gain[j]) ** 2 * v + cc**2
+    j = sub.n_steps - 1
+    m, v = mu + gain[j] * (m - alpha[j] * mu), gain[j] ** 2 * v
+    want = -((m - c) ** 2 + v) / (2 * tau**2)
+    se = torch.sqrt(2 * v**2 + 4 * v * (m - c) ** 2) / (2 * tau**2) / math.sqrt(copies)
+    assert ((got - want).abs() <= 4.5 * se).all(), (got, want, se)
+    if steps > 1:  # the denoised estimate's reward is a different (biased) value
+        assert ((scorer(x0) - want).abs() > 10 * se).all()
+
+
+def test_completion_value_of_masked_diffusion_is_exact_and_counts_calls():
+    """I.i.d. letters with probabilities pi: E[#zeros(x_0) | x_t] = #zeros unmasked + #masked * pi_0, whatever
+    the completion's steps; steps = 1 draws from the cached p(x0 | x_t) without a model call."""
+    from guidance.completions import Completions, reduce
+    from guidance.core import Scorer
+    from guidance.engine import as_engine, completion_points
+
+    pi, proc, smp = discrete_setup(steps=8)
+    engine = as_engine(smp)
+    st, _ = walk_to(engine, torch.full((4, 10), proc.mask_id), 3, gen(0))
+    zeros = TensorReward(name="zeros", fn=lambda x: (x == 0).double().sum(-1))
+    want = (st.x == 0).double().sum(-1) + (st.x == proc.mask_id).double().sum(-1) * pi[0]
+    assert (st.x == proc.mask_id).any(-1).all()
+    copies = 3000
+    for steps in (1, 3):
+        rows, scorer = engine.rows, Scorer.of(zeros)
+        got = Completions(copies, steps).estimate(engine, st, 3, scorer, gen(steps))
+        n_masked = (st.x == proc.mask_id).double().sum(-1)
+        se = torch.sqrt(n_masked * pi[0] * (1 - pi[0]) / copies)
+        assert ((got - want).abs() <= 4.5 * se).all(), (steps, got, want)
+        assert engine.rows - rows == 4 * copies * (len(completion_points(3, smp.n_steps, steps)) - 2)
+    r = torch.tensor([[0.0, 1.0, 2.0]], dtype=F64)
+    assert torch.allclose(reduce(r, 0.0), torch.tensor([1.0], dtype=F64))
+    assert torch.allclose(reduce(r, 0.5), 0.5 * torch.log(torch.exp(r / 0.5).mean(-1)))
+    assert float(reduce(r, 1e-3)) == pytest.approx(2.0 - 1e-3 * math.log(3), abs=1e-9)  # alpha -> 0: the max
+
+
+def test_completion_guided_svdd_and_fk_count_every_call_and_are_deterministic():
+    from guidance.completions import Completions, parse_value
+    from guidance.engine import completion_points
+
+    smp = Sampler(gaussian(0.0, 1.0), SCHED, "ddpm_ancestral", steps=8)
+    n, m, k, steps = 20, 3, 2, 2
+    x_T = prior(smp, n, (1,), gen(0), F64)
+    reward = quadratic(c=1.5, tau=0.5)
+    value = Completions(k, steps)
+    per_copy = [len(completion_points(p, smp.n_steps, steps)) - 1 for p in range(1, smp.n_steps - 1)]
+    a = svdd_sample(smp, x_T, reward, candidates=m, value=value, generator=gen(1))
+    b = svdd_sample(smp, x_T, reward, candidates=m, value=value, generator=gen(1))
+    assert a.model_calls == n * (1 + m * (smp.n_steps - 1) + m * k * sum(per_copy))
+    assert a.reward_calls == n * m * (k * (smp.n_steps - 2) + 1)
+    assert torch.equal(a.samples, b.samples) and torch.equal(a.rewards, reward(a.samples))
+    assert not torch.equal(a.samples, svdd_sample(smp, x_T, reward, candidates=m, value=value,
+                                                  generator=gen(2)).samples)
+    plain = best_of_n(smp, x_T, reward, candidates=1, generator=gen(1))
+    assert float(a.rewards.mean()) > float(plain.rewards.mean()) + 0.3
+    particles = 4
+    fk = fk_sample(smp, prior(smp, n * particles, (1,), gen(3), F64), particles=particles,
+                   tilt=Tilt(reward, lam=1.0, value=value), generator=gen(4), final="best")
+    first = [len(completion_points(p, smp.n_steps, steps)) - 1 for p in range(smp.n_steps - 1)]
+    assert fk.model_calls == n * particles * (smp.n_steps + k * sum(first))
+    pi, proc, dsmp = discrete_setup(steps=6)
+    zeros = TensorReward(name="zeros", fn=lambda x: (x == 0).double().sum(-1))
+    d = svdd_sample(dsmp, torch.full((10, 6), proc.mask_id), zeros, candidates=2, value=parse_value("completions:2:2"),
+                    generator=gen(5))
+    per_copy = [len(completion_points(p, dsmp.n_steps, 2)) - 2 for p in range(1, dsmp.n_steps - 1)]
+    assert d.model_calls == 10 * (1 + 2 * (dsmp.n_steps - 2) + 2 * 2 * sum(per_copy))
+    assert parse_value("completions:4") == Completions(4, 1, 0.0)
+    assert parse_value("completions:4:3:0.5") == Completions(4, 3, 0.5) == parse_value(Completions(4, 3, 0.5).spec)
+    assert a.info["value"] == "completions:2:2:0" and fk.info["value"] == "completions:2:2:0"
+    for bad, message in [("completions", "expected completions:K"), ("completions:x", "integers"),
+                         ("completions:0", "copies must be an integer >= 1"), ("completions:2:1:-1", "alpha"),
+                         ("rollouts:2", "expected completions:K")]:
+        with pytest.raises(ValueError, match=message):
+            parse_value(bad)
