@@ -13,7 +13,6 @@ steered toward that reward by ``guide`` (svdd, fk, bon, dps), and each sample's 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -29,6 +28,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from torch.utils.data import DataLoader
 
 from molgen import __version__
+from molgen.seeds import derived_seed
 
 
 @dataclass(frozen=True)
@@ -87,9 +87,8 @@ class GenerationConfig:
 
 
 def shard_seed(seed: int, shard: int) -> int:
-    """A 63-bit seed from (seed, shard) alone."""
-    digest = hashlib.sha256(f"molgen-shard:{seed}:{shard}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    """The seed of shard ``shard`` of a job with seed ``seed`` (``molgen.seeds.derived_seed``)."""
+    return derived_seed("molgen-shard", seed, shard)
 
 
 def sample_id(seed: int, shard: int, index: int) -> str:

@@ -31,6 +31,7 @@ from molgen.campaign import selection as sel
 from molgen.campaign.config import CampaignConfig
 from molgen.campaign.modalities import Design, Modality, checkpoint_path, load_modality
 from molgen.campaign.store import Store, database_url, json_text, sample_id
+from molgen.seeds import derived_seed
 
 CONFIG_FILE = "campaign.json"
 
@@ -232,9 +233,8 @@ def status_text(campaign: Campaign) -> str:
 
 
 def round_seed(seed: int, round_: int) -> int:
-    """A 62-bit seed from (campaign seed, round) alone."""
-    digest = hashlib.sha256(f"molgen-campaign:{seed}:{round_}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**62 - 1)
+    """The seed of round ``round_`` of a campaign with seed ``seed`` (``molgen.seeds.derived_seed``)."""
+    return derived_seed("molgen-campaign", seed, round_)
 
 
 def sha256_file(path: Path) -> str:

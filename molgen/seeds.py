@@ -1,0 +1,13 @@
+"""Seeds derived from a user's seed, so that each unit of work (a generation shard, a campaign round) draws the
+same numbers however the work is split, resumed or distributed."""
+
+from __future__ import annotations
+
+import hashlib
+
+
+def derived_seed(namespace: str, seed: int, index: int) -> int:
+    """A 62-bit seed that depends on (namespace, seed, index) alone: the first 8 bytes of
+    SHA-256("namespace:seed:index")."""
+    digest = hashlib.sha256(f"{namespace}:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**62 - 1)
