@@ -27,6 +27,8 @@ METHODS = ("svdd", "fk", "bon", "dps")
 
 
 def add_guide(parser: argparse.ArgumentParser, modality: str) -> None:
+    from guidance.fk import POTENTIALS
+
     parser.add_argument("--reward", required=True, help="NAME[:ARGS], e.g. qed, rna_mfe, jaspar:MA0099.3, qed+0.5*sa")
     parser.add_argument("--method", choices=METHODS, default="svdd")
     parser.add_argument("--candidates", type=int, default=4, help="SVDD's M / best-of-N's N")
@@ -38,7 +40,7 @@ def add_guide(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--branch-below", dest="branch_below", type=float, default=None,
                         help="SVDD: branch into M children only at times t <= this (one child above it)")
     parser.add_argument("--lam", type=float, default=10.0, help="FK tilt strength lambda")
-    parser.add_argument("--potential", default="difference", choices=("difference", "max", "sum"))
+    parser.add_argument("--potential", default="difference", choices=POTENTIALS)
     parser.add_argument("--scale", type=float, default=1.0, help="DPS guidance scale")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--n", type=int, default=16, help="number of outputs")
@@ -75,16 +77,14 @@ def run_guide(args: argparse.Namespace) -> int:
     from guidance.tasks import get_problem, guide
 
     _check(args)
-    if args.value is not None and args.value.startswith("completions"):
-        parse_value(args.value)  # a malformed spec fails before any model is loaded
+    # a malformed value spec, reward name or argument fails here, before any model is loaded
+    completions = parse_value(args.value) if args.value and args.value.startswith("completions") else None
     reward = parse_reward(args.reward)  # bad names / arguments fail before any model is loaded
     _check_modality(args.reward, args.modality, REWARDS)
     problem = get_problem(args.modality, steps=args.steps, checkpoint=args.checkpoint, length=args.length,
                           condition=args.condition, solver=args.solver)
-    value, net = None, False
-    if args.value is not None and args.value.startswith("completions"):
-        value = parse_value(args.value)
-    elif args.value not in (None, "denoised"):
+    value, net = completions, False
+    if completions is None and args.value not in (None, "denoised"):
         from guidance.train_value import load_value
 
         (value, _), net = load_value(args.value, problem, args.reward), True

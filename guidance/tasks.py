@@ -191,7 +191,7 @@ def _molecules(steps: int, checkpoint: str | Path | None, solver: str, chunk: in
     def natural(res: GuidanceResult) -> dict[str, float]:
         mols = molecules(res.samples, res.mask)
         metrics = evaluate(mols).as_dict()
-        smiles = [s for s in decode(res.samples, res.mask) if s]
+        smiles = [s for s in (valid_smiles(sy, p) for sy, p in mols) if s]
         return {"validity": metrics["validity"], "atom_stability": metrics["atom_stability"],
                 "mol_stability": metrics["mol_stability"], "uniqueness": metrics["uniqueness"],
                 "diversity": tanimoto_diversity(smiles)}

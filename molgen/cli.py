@@ -72,9 +72,11 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _add_generate(commands: argparse._SubParsersAction) -> None:
+    from guidance.tasks import MODALITIES
+
     gen = commands.add_parser("generate", help="batch generation in resumable shards (Lightning, multi-GPU/node)")
     gen.add_argument("--config", help="YAML file with the keys below (command-line values win)")
-    gen.add_argument("--modality", choices=["molecules", "rna", "dna", "backbones"])
+    gen.add_argument("--modality", choices=MODALITIES)
     gen.add_argument("--n", type=int)
     gen.add_argument("--shard-size", dest="shard_size", type=int)
     gen.add_argument("--seed", type=int)

@@ -73,9 +73,13 @@ class GenerationConfig:
         return cls(**values)
 
     def identity(self) -> dict[str, Any]:
-        """The fields that decide the samples (not where they are written)."""
+        """The fields that decide the samples (not where they are written; the guidance settings only with a
+        reward)."""
         d = dataclasses.asdict(self)
         d.pop("out")
+        if self.reward is None:
+            for key in ("reward", "guide", "candidates", "particles"):
+                d.pop(key)
         return d
 
     @property
@@ -88,7 +92,7 @@ class GenerationConfig:
 
 def shard_seed(seed: int, shard: int) -> int:
     """The seed of shard ``shard`` of a job with seed ``seed`` (``molgen.seeds.derived_seed``)."""
-    return derived_seed("molgen-shard", seed, shard)
+    return derived_seed("molgen-shard", seed, shard, bits=63)  # 63 bits: the seeds of earlier releases
 
 
 def sample_id(seed: int, shard: int, index: int) -> str:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from guidance.rewards import Reward, TensorReward, register
+from structure.geometry import natural_rg
 
 
 @dataclass
@@ -36,7 +37,7 @@ def rg_ratio(x: Tensor) -> Tensor:
     """Rg / (3.3 N^0.31) per CA trace of x [B, N, 3] (differentiable)."""
     centred = x - x.mean(1, keepdim=True)
     rg = centred.pow(2).sum(-1).mean(-1).clamp_min(1e-12).sqrt()
-    return rg / (3.3 * x.shape[1] ** 0.31)
+    return rg / natural_rg(x.shape[1])
 
 
 def rg(target: float = 1.0) -> TensorReward:

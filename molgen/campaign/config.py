@@ -30,11 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MODALITIES = ("molecules", "rna", "dna", "backbones")
+from guidance.fk import POTENTIALS
+from guidance.tasks import MODALITIES
+
 METHODS = ("none", "bon", "svdd", "fk", "dps")
 RULES = ("top_k", "pareto")
 OBJECTIVES = ("rewards", "rewards+naturalness")
-POTENTIALS = ("difference", "max", "sum")
 
 
 @dataclass(frozen=True)
@@ -194,10 +195,14 @@ def _typed(f: dataclasses.Field, value: Any, where: str, key: str) -> Any:
     raise ValueError(f"{where}: {key} must be {want}, got {value!r}")
 
 
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key} {value!r} is not one of {allowed}")
+
+
 def validate(cfg: CampaignConfig) -> None:
     """Value checks; the error names the key."""
-    if cfg.modality not in MODALITIES:
-        raise ValueError(f"modality {cfg.modality!r} is not one of {MODALITIES}")
+    _one_of("modality", cfg.modality, MODALITIES)
     for key in ("rounds", "n_per_round"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
@@ -213,10 +218,8 @@ def validate(cfg: CampaignConfig) -> None:
     if s.steps is not None and s.steps < 1:
         raise ValueError(f"sampler.steps must be >= 1, got {s.steps}")
     g = cfg.guidance
-    if g.method not in METHODS:
-        raise ValueError(f"guidance.method {g.method!r} is not one of {METHODS}")
-    if g.potential not in POTENTIALS:
-        raise ValueError(f"guidance.potential {g.potential!r} is not one of {POTENTIALS}")
+    _one_of("guidance.method", g.method, METHODS)
+    _one_of("guidance.potential", g.potential, POTENTIALS)
     for key in ("candidates", "particles"):
         if getattr(g, key) < 1:
             raise ValueError(f"guidance.{key} must be >= 1, got {getattr(g, key)}")
@@ -225,10 +228,8 @@ def validate(cfg: CampaignConfig) -> None:
     if not (math.isfinite(g.lam) and math.isfinite(g.scale)):
         raise ValueError(f"guidance.lam and guidance.scale must be finite, got {g.lam} and {g.scale}")
     sel = cfg.selection
-    if sel.rule not in RULES:
-        raise ValueError(f"selection.rule {sel.rule!r} is not one of {RULES}")
-    if sel.objectives not in OBJECTIVES:
-        raise ValueError(f"selection.objectives {sel.objectives!r} is not one of {OBJECTIVES}")
+    _one_of("selection.rule", sel.rule, RULES)
+    _one_of("selection.objectives", sel.objectives, OBJECTIVES)
     if sel.k < 1:
         raise ValueError(f"selection.k must be >= 1, got {sel.k}")
     if sel.min_distance is not None and not 0 <= sel.min_distance <= 1:
