@@ -112,7 +112,7 @@ def sliced_w2(a: torch.Tensor, b: torch.Tensor, n_proj: int = 128, seed: int = 0
 
 def t_of_rho(rho: float) -> float:
     """Schedule time where sigma / alpha = rho."""
-    return float(SCHEDULE.t_of_lam(torch.tensor(-2 * math.log(rho), dtype=torch.float64)))
+    return float(SCHEDULE.t_of_rho(rho))
 
 
 def rms_distance(x: torch.Tensor, ref: torch.Tensor) -> float:

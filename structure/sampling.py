@@ -12,7 +12,6 @@ whole backbone is moved into the input file's frame.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -86,7 +85,7 @@ def make_sampler(
     lo, hi = float(sched.rho(torch.tensor(sched.t_min))), float(sched.rho(torch.tensor(sched.t_max)))
     if not lo <= sigma_last < hi:
         raise ValueError(f"sigma_last {sigma_last} A is outside the schedule's noise range [{lo:.3g}, {hi:.3g}) A")
-    t_last = float(sched.t_of_lam(torch.tensor(-2.0 * math.log(sigma_last), dtype=torch.float64)))
+    t_last = float(sched.t_of_rho(sigma_last))
     return Sampler(
         model,
         sched,

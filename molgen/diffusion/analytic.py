@@ -207,7 +207,7 @@ class GaussianMoments:
         if not self.sigma_data > 0:
             raise ValueError("moments with zero covariance give no scale for the grid ends: pass t_max, t_min")
         first, last = (self.sigma_data * r for r in warm_start_ends(nfe))
-        to_t = [float(schedule.t_of_lam(torch.tensor(-2.0 * math.log(r), dtype=torch.float64))) for r in (first, last)]
+        to_t = [float(schedule.t_of_rho(r)) for r in (first, last)]
         return {"t_max": min(to_t[0], schedule.t_max), "t_min": max(to_t[1], schedule.t_min)}
 
 

@@ -62,7 +62,7 @@ def karras(
         return hi.reshape(1)
     r_hi, r_lo = schedule.rho(hi) ** (1.0 / rho), schedule.rho(lo) ** (1.0 / rho)
     r = (r_hi + torch.linspace(0.0, 1.0, n, dtype=torch.float64) * (r_lo - r_hi)) ** rho
-    t = schedule.t_of_lam(-2.0 * torch.log(r))
+    t = schedule.t_of_rho(r)
     t[0], t[-1] = hi, lo
     return t
 

@@ -39,6 +39,10 @@ class Schedule:
         """sigma / alpha, the noise level of the variance-exploding view x / alpha."""
         return (self.log_sigma(t) - self.log_alpha(t)).exp()
 
+    def t_of_rho(self, rho: Tensor | float) -> Tensor:
+        """The time where sigma / alpha = rho (lambda = -2 log rho), float64."""
+        return self.t_of_lam(-2.0 * torch.log(torch.as_tensor(rho, dtype=torch.float64)))
+
     @property
     def prior_std(self) -> float:
         """Standard deviation of x at ``t_max`` for unit-variance data (VP: about 1, VE: sigma_max)."""

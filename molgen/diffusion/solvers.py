@@ -555,7 +555,7 @@ def af3_tables(schedule: Schedule, t: Tensor, orders: list[int], options: Mappin
     rho, alpha = schedule.rho(t)[:, :-1], tab["alpha"]
     gamma = torch.where(rho > options["gamma_min"], options["gamma_0"], 0.0)
     rho_hat = rho * (1.0 + gamma)
-    t_hat = schedule.t_of_lam(-2.0 * torch.log(rho_hat))
+    t_hat = schedule.t_of_rho(rho_hat)
     tab.update(points(schedule, t_hat, prefix="hat_"))
     tab["hat_t"] = torch.where(gamma > 0, t_hat, t[:, :-1])  # exact grid time when there is no churn
     k = options["step_scale"] * (schedule.rho(t)[:, 1:] - rho_hat) / rho_hat
