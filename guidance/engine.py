@@ -55,6 +55,7 @@ class ContinuousEngine:
             )
         self.sampler = sampler
         self.run, self.counter = counted(sampler)
+        self._completion_runs: dict[tuple[int, int], Sampler] = {}  # shared-grid completion samplers by (i, steps)
 
     @property
     def n_steps(self) -> int:
@@ -102,8 +103,12 @@ class ContinuousEngine:
         if len(idx) == 1:
             return rep.x0
         t = self.run.t_grid[:, idx]  # [1 or B, J + 1]
-        grid = t[0] if t.shape[0] == 1 else t.repeat_interleave(copies, 0).T
-        run = replace(self.run, grid=grid, steps=None, nfe=None, warm_start=None)
+        if t.shape[0] == 1:  # the same sub-grid for every row: build its sampler (plan, tables) once
+            if (i, steps) not in self._completion_runs:
+                self._completion_runs[i, steps] = replace(self.run, grid=t[0], steps=None, nfe=None, warm_start=None)
+            run = self._completion_runs[i, steps]
+        else:
+            run = replace(self.run, grid=t.repeat_interleave(copies, 0).T, steps=None, nfe=None, warm_start=None)
         sub = replace(run.init(rep.x, mask=rep.mask, cond=rep.cond), x0=rep.x0)
         return run.finish(run.run(sub, generator))
 
