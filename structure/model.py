@@ -82,7 +82,6 @@ class EGNNLayer(nn.Module):
         h = cfg.hidden
         self.src, self.dst = nn.Linear(h, h), nn.Linear(h, h, bias=False)
         self.offset = nn.Embedding(2 * cfg.max_offset + 1, h)  # residue-index offset j - i, clipped
-        self.max_offset = cfg.max_offset
         self.rbf = nn.Linear(cfg.rbf, h, bias=False)
         self.fine = None
         if cfg.fine_rbf:  # narrow radial basis over 2-8 A, zero-initialised (warm starts keep their function)
@@ -102,9 +101,10 @@ class EGNNLayer(nn.Module):
         self.register_buffer("centers", torch.linspace(0.0, cfg.rbf_max, cfg.rbf), persistent=False)
         self.width = cfg.rbf_max / cfg.rbf
 
-    def forward(self, h: Tensor, x: Tensor, offset: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        pair = (mask[:, :, None] & mask[:, None, :]).to(x.dtype)
-        pair = pair * (1 - torch.eye(x.shape[1], dtype=x.dtype, device=x.device))
+    def forward(self, h: Tensor, x: Tensor, offset: Tensor, mask: Tensor, pair: Tensor,
+                near: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``pair`` [B, N, N]: real pairs i != j; ``near`` [B, N, N, 1]: those with |i - j| <= local_coord (or
+        None); both are the same for every layer and built once by the model."""
         diff = x[:, :, None] - x[:, None, :]  # [B, N, N, 3]
         d = safe_norm(diff)
         rbf = torch.exp(-(((d[..., None] - self.centers) / self.width) ** 2))
@@ -116,8 +116,7 @@ class EGNNLayer(nn.Module):
         count = pair.sum(-1, keepdim=True).clamp_min(1.0)  # [B, N, 1]
         direction = diff / (d[..., None] + 1.0)
         update = (direction * self.coord(m)).sum(2) / torch.sqrt(count)
-        if self.local_coord:
-            near = ((offset - self.max_offset).abs() <= self.local_coord).to(x.dtype)[..., None] * pair[..., None]
+        if near is not None:
             update = update + (direction * self.coord_local(m) * near).sum(2)
         x = x + update
         agg = m.sum(2) / count
@@ -187,7 +186,12 @@ class BackboneDenoiser(nn.Module):
         rel = residue_index[:, None, :] - residue_index[:, :, None]
         off = self.cfg.max_offset
         offset = rel.clamp(-off, off) + off
+        pair = (mask[:, :, None] & mask[:, None, :]).to(x.dtype)
+        pair = pair * (1 - torch.eye(n, dtype=x.dtype, device=x.device))
+        near = None
+        if self.cfg.local_coord:
+            near = ((rel.abs() <= self.cfg.local_coord).to(x.dtype) * pair)[..., None]
         out = pos
         for layer in self.layers:
-            h, out = layer(h, out, offset, mask)
+            h, out = layer(h, out, offset, mask, pair, near)
         return masked_center(c_skip * x + c_out * (out - pos), mask)
