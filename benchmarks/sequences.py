@@ -142,9 +142,10 @@ def markov_bits(modality: str, data: str | None, orders: tuple[int, ...] = (3, 5
 
 
 def bench_modality(
-    modality: str, n: int, few_steps: list[int], ref_steps: int, seed: int, speed_n: int, data: str | None
+    modality: str, n: int, few_steps: list[int], ref_steps: int, seed: int, speed_n: int, data: str | None,
+    checkpoint: Path,
 ) -> dict:
-    pre = load_pretrained(default_checkpoint(modality))
+    pre = load_pretrained(checkpoint)
     ref = load_reference(modality)
     lengths = pre.lengths.sample(n, torch.Generator().manual_seed(seed))
     cond = {}
@@ -164,7 +165,7 @@ def bench_modality(
     for row in speed:
         print(json.dumps({"modality": modality, "timing": row}), flush=True)
     return {
-        "checkpoint": str(default_checkpoint(modality)),
+        "checkpoint": str(checkpoint),
         "n": n,
         "mean_length": float(lengths.float().mean()),
         "reference_steps": ref_steps,
@@ -201,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ref-steps", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--checkpoint", default=None, help="one --modality only: this model, not the shipped one")
     args = parser.parse_args(argv)
+    if args.checkpoint and len(args.modality) != 1:
+        parser.error("--checkpoint needs exactly one --modality")
     torch.set_num_threads(args.threads)
     out = {
         "hardware": f"{platform.processor() or platform.machine()} CPU, {args.threads} thread(s)",
@@ -209,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     for modality in args.modality:
         out[modality] = bench_modality(
-            modality, args.n, args.steps, args.ref_steps, args.seed, args.speed_n, args.data
+            modality, args.n, args.steps, args.ref_steps, args.seed, args.speed_n, args.data,
+            Path(args.checkpoint) if args.checkpoint else default_checkpoint(modality),
         )
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from molgen.ema import ema_update
 from structure.data import crop_batch, load_segments
 from structure.model import BackboneDenoiser, ModelConfig, masked_center, safe_norm
 
@@ -120,10 +121,7 @@ class BackboneDiffusion(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        decay = min(self.hparams.ema_decay, (1 + self.global_step) / (10 + self.global_step))
-        with torch.no_grad():
-            for e, p in zip(self.ema.parameters(), self.model.parameters()):
-                e.lerp_(p, 1 - decay)
+        ema_update(self.ema, self.model, self.global_step, self.hparams.ema_decay)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=1e-4)

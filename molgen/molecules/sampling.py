@@ -110,6 +110,7 @@ def sample_molecules(
     guidance: float = 1.0,
     batch_size: int = 256,
     grid: str = "logsnr",
+    grid_options: Mapping[str, Any] | None = None,
     solver_options: Mapping[str, Any] | None = None,
     device: str | torch.device = "cpu",
 ) -> list[Molecule]:
@@ -159,6 +160,7 @@ def sample_molecules(
             cond=cond,
             space=space,
             solver_options=solver_options,
+            grid_options=grid_options,
         )
         x0 = x0.cpu()
         types = model.decode_types(x0)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from molgen.checkpoints import hardware, save_checkpoint
+from molgen.ema import ema_update
 from molgen.molecules.data import (
     MAX_ATOMS,
     PROPERTY_NAMES,
@@ -184,10 +185,7 @@ class MoleculeDiffusion(L.LightningModule):
         return out["loss"]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        decay = min(self.config["ema_decay"], (1 + self.global_step) / (10 + self.global_step))
-        with torch.no_grad():
-            for e, p in zip(self.ema.parameters(), self.net.parameters()):
-                e.lerp_(p, 1.0 - decay)
+        ema_update(self.ema, self.net, self.global_step, self.config["ema_decay"])
 
     def configure_optimizers(self):
         cfg = self.config

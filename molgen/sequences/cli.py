@@ -37,6 +37,9 @@ def add_train(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--max-steps", type=int, default=100_000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument(
+        "--lr-decay-steps", type=int, default=0, help="cosine decay of the lr to lr/10 at this step (0: constant)"
+    )
     parser.add_argument("--d-model", type=int, default=96)
     parser.add_argument("--layers", type=int, default=1, help="attention layers after the convs")
     parser.add_argument("--heads", type=int, default=4)
@@ -76,7 +79,9 @@ def run_train(args: argparse.Namespace) -> int:
         n_classes=len(train.label_names) if conditional else 0,
         conv_dilations=tuple(int(d) for d in args.conv_dilations.split(",") if d),
     )
-    module = MaskedDiffusionModule(cfg.to_dict(), alphabet.mask_id, args.schedule, lr=args.lr)
+    module = MaskedDiffusionModule(
+        cfg.to_dict(), alphabet.mask_id, args.schedule, lr=args.lr, decay_steps=args.lr_decay_steps
+    )
     print(
         f"{modality}: {len(train)} train / {len(test)} held-out sequences; "
         f"{n_parameters(module.net)} parameters",
@@ -111,18 +116,20 @@ def run_train(args: argparse.Namespace) -> int:
     }
     x0 = test.tokens(max_len)
     cond = {"labels": torch.tensor(test.labels)} if conditional else {}
-    bits = {  # held-out NELBO of the EMA and the raw weights; the better one is shipped
+    # The EMA weights are shipped. The raw weights' NELBO can be a little lower, but under a constant lr their
+    # output biases drift step to step: the RNA model's raw weights at step 3,400 sampled 3-mers at r = 0.73
+    # against 0.95 for its EMA (512 sequences), from a marginal that is off by 2-3 points per letter.
+    bits = {
         name: heldout_bits_per_token(net.eval(), module.process, x0, cond, n_t=4)
         for name, net in (("ema", module.ema), ("raw", module.net))
     }
-    best = min(bits, key=bits.get)
-    provenance["weights"] = "EMA (decay 0.999)" if best == "ema" else "raw (last step)"
+    provenance["weights"] = f"EMA (decay {module.hparams.ema_decay})"
     provenance["metrics"] = {
-        "heldout_bits_per_token": round(bits[best], 4),
+        "heldout_bits_per_token": round(bits["ema"], 4),
         "heldout_nelbo_n_t": 4,
         "heldout_bits_per_token_ema_vs_raw": {k: round(v, 4) for k, v in bits.items()},
     }
-    weights = (module.ema if best == "ema" else module.net).state_dict()
+    weights = module.ema.state_dict()
     save_checkpoint(export, weights, config, provenance=provenance)
     load_pretrained(export)  # the shipped file loads
     print(json.dumps({"export": str(export), **provenance}, indent=1), flush=True)

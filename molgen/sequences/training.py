@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from molgen.diffusion.discrete import MaskedDiffusion, MaskingSchedule
+from molgen.ema import ema_update
 from molgen.sequences.model import DenoiserConfig, SequenceDenoiser
 
 
@@ -26,6 +28,8 @@ class MaskedDiffusionModule(L.LightningModule):
     """Trains ``SequenceDenoiser`` on the MDLM NELBO (per data token); keeps an EMA copy for evaluation.
 
     Classifier-free dropout: with probability ``p_uncond`` a label is replaced by the null label.
+    Learning rate: linear warm-up, then constant, or (``decay_steps`` > 0) cosine decay to lr / 10 at
+    ``decay_steps``, constant after.
     """
 
     def __init__(
@@ -37,6 +41,7 @@ class MaskedDiffusionModule(L.LightningModule):
         warmup: int = 200,
         p_uncond: float = 0.1,
         ema_decay: float = 0.999,
+        decay_steps: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -68,10 +73,7 @@ class MaskedDiffusionModule(L.LightningModule):
         return per_token
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        d = self.hparams.ema_decay
-        with torch.no_grad():
-            for pe, p in zip(self.ema.parameters(), self.net.parameters()):
-                pe.lerp_(p, 1.0 - d)
+        ema_update(self.ema, self.net, self.global_step, self.hparams.ema_decay)
 
     def validation_step(self, batch, batch_idx):
         x0, labels = batch if len(batch) == 2 else (batch[0], None)
@@ -89,9 +91,20 @@ class MaskedDiffusionModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.hparams.lr, weight_decay=0.01)
-        warm = max(1, self.hparams.warmup)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_factor(step, self.hparams.warmup, self.hparams.decay_steps)
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def lr_factor(step: int, warmup: int, decay_steps: int, floor: float = 0.1) -> float:
+    """min(1, (step + 1) / warmup), times floor + (1 - floor) (1 + cos(pi s)) / 2 with s = min(1, step /
+    decay_steps) when decay_steps > 0."""
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    if decay_steps <= 0:
+        return warm
+    s = min(1.0, step / decay_steps)
+    return warm * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * s)))
 
 
 def loaders(train_x, train_y, val_x, val_y, batch_size: int, seed: int) -> tuple[DataLoader, DataLoader]:
