@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from molgen.checkpoints import hardware
+from molgen.checkpoints import hardware, read_card
 from molgen.molecules.metrics import evaluate
 from molgen.molecules.reference import reference_smiles
 from molgen.molecules.sampling import DEFAULT_CHECKPOINT, load_model, sample_molecules
@@ -160,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def load_checkpoint_step(path: str) -> int | None:
     """Optimiser step recorded on the checkpoint's card, if any."""
-    card = Path(path).with_suffix(".json")
-    return json.loads(card.read_text())["provenance"].get("global_step") if card.exists() else None
+    return read_card(path)["provenance"].get("global_step") if Path(path).with_suffix(".json").exists() else None
 
 
 if __name__ == "__main__":

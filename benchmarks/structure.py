@@ -33,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from molgen.checkpoints import read_card  # noqa: E402
 from structure.cli import DEFAULT_CHECKPOINT  # noqa: E402
 from structure.data import TS50_DIR, default_data_path, default_sources, load_chains  # noqa: E402
 from structure.geometry import project_ca_bonds  # noqa: E402
@@ -143,7 +144,7 @@ def main() -> int:
     print(summary_line(af3), flush=True)
     goal = {row["solver"]: goal_check(row, af3) for row in rows[1:-1] if row["steps"] == 5}
     print(json.dumps(goal, indent=1), flush=True)
-    card = json.loads(Path(args.checkpoint).with_suffix(".json").read_text())
+    card = read_card(args.checkpoint)
     out = {
         "rows": rows,
         "goal_5_steps_vs_af3": goal,

@@ -73,14 +73,14 @@ def _check(args: argparse.Namespace) -> None:
 
 def run_guide(args: argparse.Namespace) -> int:
     from guidance.completions import parse_value
-    from guidance.rewards import REWARDS, parse_reward
+    from guidance.rewards import check_modality, parse_reward
     from guidance.tasks import get_problem, guide
 
     _check(args)
     # a malformed value spec, reward name or argument fails here, before any model is loaded
     completions = parse_value(args.value) if args.value and args.value.startswith("completions") else None
     reward = parse_reward(args.reward)  # bad names / arguments fail before any model is loaded
-    _check_modality(args.reward, args.modality, REWARDS)
+    check_modality(args.reward, args.modality)
     problem = get_problem(args.modality, steps=args.steps, checkpoint=args.checkpoint, length=args.length,
                           condition=args.condition, solver=args.solver)
     value, net = completions, False
@@ -104,15 +104,3 @@ def run_guide(args: argparse.Namespace) -> int:
         Path(args.json).write_text(text)
     print(text)
     return 0
-
-
-def _check_modality(spec: str, modality: str, registry: dict) -> None:
-    """Each named reward must score this modality's samples (``any`` rewards score raw tensor states, which
-    only backbones hand to rewards; ``sequence`` rewards score RNA and DNA)."""
-    for term in spec.split("+"):
-        name = term.split(":")[0].split("*")[-1].strip()
-        kind = registry[name].modality
-        fits = kind == modality or (kind == "any" and modality == "backbones") or (
-            kind == "sequence" and modality in ("rna", "dna"))
-        if not fits:
-            raise ValueError(f"reward {name!r} scores {kind}, not {modality}")

@@ -58,13 +58,18 @@ def save_checkpoint(
     return path
 
 
+def read_card(path: str | Path) -> dict:
+    """The JSON card (config and provenance) beside checkpoint ``path``."""
+    card_path = Path(path).with_suffix(".json")
+    if not card_path.exists():
+        raise FileNotFoundError(f"checkpoint {path} has no card {card_path} (config and provenance)")
+    return json.loads(card_path.read_text())
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
     """Return ``(state_dict, card)``; the weights are read with ``weights_only=True``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    card_path = path.with_suffix(".json")
-    if not card_path.exists():
-        raise FileNotFoundError(f"checkpoint {path} has no card {card_path} (config and provenance)")
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    return state, json.loads(card_path.read_text())
+    card = read_card(path)
+    return torch.load(path, map_location=map_location, weights_only=True), card

@@ -165,16 +165,11 @@ class ExportEMA(L.Callback):
         self._export(trainer, module)
 
 
-def checkpoint_step(path: Path) -> int:
-    """Optimiser step stored in a Lightning checkpoint."""
-    return int(torch.load(path, weights_only=False, map_location="cpu")["global_step"])
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The ``last*.ckpt`` in ``out`` with the highest step (runs written before ``enable_version_counter=False``
-    left ``last-v1.ckpt`` beside an older ``last.ckpt``), or None."""
-    found = sorted(out.glob("last*.ckpt"))
-    return max(found, key=checkpoint_step) if found else None
+def latest_checkpoint(out: Path) -> tuple[Path, dict] | None:
+    """The ``last*.ckpt`` in ``out`` with the highest step, with its contents (runs written before
+    ``enable_version_counter=False`` left ``last-v1.ckpt`` beside an older ``last.ckpt``), or None."""
+    found = [(p, torch.load(p, weights_only=False, map_location="cpu")) for p in sorted(out.glob("last*.ckpt"))]
+    return max(found, key=lambda f: int(f[1]["global_step"])) if found else None
 
 
 def train(
@@ -197,8 +192,8 @@ def train(
     weights to ``export``; returns ``export``. A new run may start from exported weights (``init``)."""
     out.mkdir(parents=True, exist_ok=True)
     segments, names = load_segments(folders)
-    last = latest_checkpoint(out)
-    start = checkpoint_step(last) if last else 0
+    last, saved = latest_checkpoint(out) or (None, None)
+    start = int(saved["global_step"]) if saved else 0
     provenance = {
         "command": " ".join(["molgen", *sys.argv[1:]]) if sys.argv else "",
         "data": [str(f) for f in folders],
@@ -208,8 +203,8 @@ def train(
         "resumed_from_step": start,
     }
     (out / "train_segments.txt").write_text("\n".join(names) + "\n")
-    if last is not None:  # a resumed run keeps the model config it was started with
-        config = torch.load(last, weights_only=False, map_location="cpu")["hyper_parameters"]["config"]
+    if saved is not None:  # a resumed run keeps the model config it was started with
+        config = saved["hyper_parameters"]["config"]
     L.seed_everything(seed + start, workers=True)
     module = BackboneDiffusion(config or ModelConfig().to_dict(), lr=lr, p_mean=p_mean, p_std=p_std)
     if init is not None and last is None:

@@ -220,6 +220,17 @@ def register(name: str, modality: str, help: str) -> Callable[[Callable[..., Rew
     return deco
 
 
+def check_modality(spec: str, modality: str) -> None:
+    """Every term of the reward ``spec`` must score this modality's samples (``any`` rewards score raw tensor
+    states, which only backbones hand to rewards; ``sequence`` rewards score RNA and DNA)."""
+    for term in spec.split("+"):
+        name = term.strip().rpartition("*")[2].partition(":")[0].strip()
+        kind = REWARDS[name].modality
+        if not (kind == modality or (kind == "any" and modality == "backbones")
+                or (kind == "sequence" and modality in ("rna", "dna"))):
+            raise ValueError(f"reward {name!r} scores {kind}, not {modality}")
+
+
 register("quadratic", "any", "-|x - c|^2 / (2 tau^2) on the sample tensor (args c, tau)")(quadratic)
 register("linear", "any", "a * sum(x) on the sample tensor (arg a)")(linear)
 

@@ -242,9 +242,8 @@ def validate(cfg: CampaignConfig) -> None:
 
 
 def _check_reward(r: RewardSpec, i: int, modality: str) -> None:
-    """A parseable spec whose every term scores this modality's designs (``any`` rewards score raw tensor
-    states, which only backbones hand to rewards; ``sequence`` rewards score RNA and DNA)."""
-    from guidance.rewards import REWARDS, parse_reward
+    """A parseable spec whose every term scores this modality's designs (``guidance.rewards.check_modality``)."""
+    from guidance.rewards import check_modality, parse_reward
 
     if not r.name or not r.name.replace("_", "").isalnum():
         raise ValueError(f"rewards[{i}].name must be a non-empty identifier, got {r.name!r}")
@@ -254,12 +253,6 @@ def _check_reward(r: RewardSpec, i: int, modality: str) -> None:
         raise ValueError(f"rewards[{i}].weight must be finite, got {r.weight}")
     try:
         parse_reward(r.spec)
+        check_modality(r.spec, modality)
     except ValueError as err:
         raise ValueError(f"rewards[{i}].spec {r.spec!r}: {err}") from None
-    for term in r.spec.split("+"):
-        name = term.strip().rpartition("*")[2].partition(":")[0].strip()
-        kind = REWARDS[name].modality
-        fits = kind == modality or (kind == "any" and modality == "backbones") or (
-            kind == "sequence" and modality in ("rna", "dna"))
-        if not fits:
-            raise ValueError(f"rewards[{i}].spec {r.spec!r}: reward {name!r} scores {kind} designs, not {modality}")
