@@ -39,7 +39,7 @@ from structure.data import TS50_DIR, default_data_path, default_sources, load_ch
 from structure.geometry import project_ca_bonds  # noqa: E402
 from structure.io import backbone_from_ca, list_structure_files, read_backbone  # noqa: E402
 from structure.metrics import evaluate, novelty  # noqa: E402
-from structure.sampling import AF3_DEFAULTS, default_sigma_last, load_model, sample_ca  # noqa: E402
+from structure.sampling import AF3_DEFAULTS, default_rho, default_sigma_last, load_model, sample_ca  # noqa: E402
 
 IDEAL_KEYS = ("ca_ca_valid", "clash_rate", "rg_ratio", "helix", "strand", "coil")
 
@@ -80,6 +80,7 @@ def model_row(
         "steps": steps,
         "solver_options": options,
         "sigma_last": default_sigma_last(solver, steps),
+        "karras_rho": default_rho(solver, steps),
         "length": length,
         **metrics,
         "s_per_backbone": wall / n,

@@ -16,7 +16,6 @@ weights used, so a newer snapshot exported during a session is picked up by the 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import shutil
 import tempfile
@@ -38,6 +37,7 @@ from guidance.rewards import Reward, TensorReward
 from guidance.smc import ResamplePolicy
 from guidance.svdd import svdd_sample
 from guidance.value import Noise, PointValueNet, TokenValueNet, gaussian_noise, masking_noise
+from molgen.checkpoints import sha256_file
 
 MODALITIES = ("molecules", "rna", "dna", "backbones")
 DEFAULT_STEPS = {"rna": 16, "dna": 16, "molecules": 10, "backbones": 20}  # guided runs when steps are not given
@@ -346,4 +346,4 @@ def snapshot(path: Path, modality: str) -> Iterator[tuple[Path, str]]:
         card = path.with_suffix(".json")
         if card.exists():
             shutil.copyfile(card, copy.with_suffix(".json"))
-        yield copy, hashlib.sha256(copy.read_bytes()).hexdigest()
+        yield copy, sha256_file(copy)

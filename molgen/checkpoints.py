@@ -6,6 +6,7 @@ provenance every shipped model must have: training command, data, code version, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import subprocess
@@ -56,6 +57,15 @@ def save_checkpoint(
     card_tmp.write_text(json.dumps(card, indent=2, sort_keys=True, default=str) + "\n")
     card_tmp.replace(card_path)
     return path
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_card(path: str | Path) -> dict:

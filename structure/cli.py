@@ -23,6 +23,8 @@ def add_train(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--init", type=Path, default=None, help="new run: start from these exported weights")
     parser.add_argument("--fine-rbf", type=int, default=25, help="new run: narrow 2-8 A radial features (0 = off)")
     parser.add_argument("--local-coord", type=int, default=3, help="new run: neighbour coordinate head (0 = off)")
+    parser.add_argument("--bond-feature", action="store_true",
+                        help="new run: CA-CA bond deviation in noise units as a message feature")
     parser.add_argument("--p-mean", type=float, default=-1.2, help="ln sigma ~ N(ln sigma_data + p_mean, p_std^2)")
     parser.add_argument("--p-std", type=float, default=1.5)
 
@@ -36,7 +38,7 @@ def train_config(args: argparse.Namespace) -> dict:
         from molgen.checkpoints import load_checkpoint
 
         base.update({k: v for k, v in load_checkpoint(args.init)[1]["config"].items() if k in base})
-    return {**base, "fine_rbf": args.fine_rbf, "local_coord": args.local_coord}
+    return {**base, "fine_rbf": args.fine_rbf, "local_coord": args.local_coord, "bond_feature": args.bond_feature}
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -105,7 +107,7 @@ def run_sample(args: argparse.Namespace) -> int:
     import time
 
     from structure.io import backbone_from_ca, write_backbone
-    from structure.sampling import default_sigma_last, load_model, sample_ca, scaffold_from_file
+    from structure.sampling import default_rho, default_sigma_last, load_model, sample_ca, scaffold_from_file
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
@@ -164,6 +166,7 @@ def run_sample(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "solver_options": opts,
         "sigma_last": default_sigma_last(args.solver, args.steps) if args.sigma_last is None else args.sigma_last,
+        "rho": default_rho(args.solver, args.steps) if args.grid == "karras" else None,
         "ideal_bonds": args.ideal_bonds,
         "checkpoint": str(args.checkpoint),
         "seconds_per_backbone": wall / len(bbs),

@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 
 FINE_RANGE = (2.0, 8.0)  # Angstrom: consecutive CA-CA 3.8, i..i+2 5-7.2, helix i..i+3 5.0
+CA_CA = 3.80  # Angstrom, the trans peptide's CA-CA distance
+BOND_NOISE_FLOOR = 0.05  # Angstrom: the bond feature (d - 3.8) / sqrt(sigma^2 + floor^2) stays finite at sigma 0
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class ModelConfig:
     sigma_data: float = 10.0
     fine_rbf: int = 0
     local_coord: int = 0
+    bond_feature: bool = False
     min_length: int = 40
     max_length: int = 256
 
@@ -96,21 +99,28 @@ class EGNNLayer(nn.Module):
         if cfg.local_coord:  # un-normalised updates from sequence neighbours |i - j| <= local_coord, zero-initialised
             self.coord_local = nn.Linear(h, 1, bias=False)
             nn.init.zeros_(self.coord_local.weight)
+        self.bond = None
+        if cfg.bond_feature:  # noise-scaled CA-CA bond deviation of sequence neighbours, zero-initialised
+            self.bond = nn.Linear(1, h, bias=False)
+            nn.init.zeros_(self.bond.weight)
         self.node = nn.Sequential(nn.Linear(2 * h + 2, h), nn.SiLU(), nn.Linear(h, h))
         self.norm = nn.LayerNorm(h)
         self.register_buffer("centers", torch.linspace(0.0, cfg.rbf_max, cfg.rbf), persistent=False)
         self.width = cfg.rbf_max / cfg.rbf
 
     def forward(self, h: Tensor, x: Tensor, offset: Tensor, mask: Tensor, pair: Tensor,
-                near: Tensor | None) -> tuple[Tensor, Tensor]:
+                near: Tensor | None, bonded: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``pair`` [B, N, N]: real pairs i != j; ``near`` [B, N, N, 1]: those with |i - j| <= local_coord (or
-        None); both are the same for every layer and built once by the model."""
+        None); ``bonded`` [B, N, N, 1]: 1 / sqrt(sigma^2 + floor^2) on sequence neighbours |i - j| = 1, else 0
+        (or None). All are the same for every layer and built once by the model."""
         diff = x[:, :, None] - x[:, None, :]  # [B, N, N, 3]
         d = safe_norm(diff)
         rbf = torch.exp(-(((d[..., None] - self.centers) / self.width) ** 2))
         pre = self.src(h)[:, :, None] + self.dst(h)[:, None, :] + self.offset(offset) + self.rbf(rbf)
         if self.fine is not None:
             pre = pre + self.fine(torch.exp(-(((d[..., None] - self.fine_centers) / self.fine_width) ** 2)))
+        if self.bond is not None:  # z = (d - 3.8) / sqrt(sigma^2 + floor^2): how far a bond is off, in noise units
+            pre = pre + self.bond(((d[..., None] - CA_CA) * bonded).clamp(-5.0, 5.0))
         m = self.msg(pre)
         m = m * pair[..., None]
         count = pair.sum(-1, keepdim=True).clamp_min(1.0)  # [B, N, 1]
@@ -191,7 +201,11 @@ class BackboneDenoiser(nn.Module):
         near = None
         if self.cfg.local_coord:
             near = ((rel.abs() <= self.cfg.local_coord).to(x.dtype) * pair)[..., None]
+        bonded = None
+        if self.cfg.bond_feature:
+            bonded = ((rel.abs() == 1).to(x.dtype) * pair)[..., None] / torch.sqrt(
+                sigma**2 + BOND_NOISE_FLOOR**2)[..., None]
         out = pos
         for layer in self.layers:
-            h, out = layer(h, out, offset, mask, pair, near)
+            h, out = layer(h, out, offset, mask, pair, near, bonded)
         return masked_center(c_skip * x + c_out * (out - pos), mask)

@@ -68,7 +68,7 @@ def edm_loss(
 
 def warm_start(module: BackboneDiffusion, path: Path) -> None:
     """Load exported weights into the model and its EMA copy; only zero-initialised extension weights
-    (``fine``, ``coord_local``) may be absent from the file, and the file may hold nothing the model lacks."""
+    (``fine``, ``coord_local``, ``bond``) may be absent from the file, and the file may hold nothing the model lacks."""
     from molgen.checkpoints import load_checkpoint
 
     state, _ = load_checkpoint(path)
@@ -77,7 +77,7 @@ def warm_start(module: BackboneDiffusion, path: Path) -> None:
             missing, unexpected = net.load_state_dict(state, strict=False)
         except RuntimeError as err:  # shape mismatch
             raise ValueError(f"{path}: weights do not fit the model config ({str(err).splitlines()[-1]})") from err
-        bad = [k for k in missing if k.split(".")[-2] not in ("fine", "coord_local")] + list(unexpected)
+        bad = [k for k in missing if k.split(".")[-2] not in ("fine", "coord_local", "bond")] + list(unexpected)
         if bad:
             raise ValueError(f"{path}: weights do not fit the model config (mismatched keys {bad[:4]})")
 
@@ -165,6 +165,14 @@ class ExportEMA(L.Callback):
         self._export(trainer, module)
 
 
+def init_record(path: Path) -> dict:
+    """What a warm start came from: path, SHA-256 and the provenance on its card (so the chain of training
+    commands survives the file being replaced, e.g. a shipped checkpoint re-exported from the new run)."""
+    from molgen.checkpoints import read_card, sha256_file
+
+    return {"path": str(path), "sha256": sha256_file(path), "provenance": read_card(path).get("provenance", {})}
+
+
 def latest_checkpoint(out: Path) -> tuple[Path, dict] | None:
     """The ``last*.ckpt`` in ``out`` with the highest step, with its contents (runs written before
     ``enable_version_counter=False`` left ``last-v1.ckpt`` beside an older ``last.ckpt``), or None."""
@@ -209,7 +217,7 @@ def train(
     module = BackboneDiffusion(config or ModelConfig().to_dict(), lr=lr, p_mean=p_mean, p_std=p_std)
     if init is not None and last is None:
         warm_start(module, init)
-        provenance["init"] = str(init)
+        provenance["init"] = init_record(init)
     stream = CropStream(segments, seed, start, max_length, edge_budget)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=0)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(

@@ -104,6 +104,12 @@ def test_logsnr_and_karras_spacing():
     rho = edm.rho(get_grid("karras", edm, 9, t_min=0.0, t_max=1.0)) ** (1 / 7)
     assert torch.allclose(rho.diff(), rho.diff()[0].expand(8), rtol=1e-6)
     assert math.isclose(float(edm.rho(torch.tensor(1.0, dtype=F64))), 80.0)
+    neg = edm.rho(get_grid("karras", edm, 5, rho=-4.0)) ** (-1 / 4)  # rho < 0: equal steps in sigma^(-1/4)
+    assert torch.allclose(neg.diff(), neg.diff()[0].expand(4), rtol=1e-6) and bool((neg.diff() > 0).all())
+    geo = edm.rho(get_grid("karras", edm, 5, rho=1e7)).log()  # rho -> infinity: geometric, the logSNR grid
+    assert torch.allclose(geo.diff(), geo.diff()[0].expand(4), rtol=1e-4)
+    with pytest.raises(ValueError, match="rho"):
+        get_grid("karras", edm, 5, rho=0.0)
 
 
 def test_grid_errors():

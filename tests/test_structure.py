@@ -40,7 +40,7 @@ def one_thread():
 
 
 SMALL = ModelConfig(hidden=16, layers=2, rbf=8)
-EXTENDED = ModelConfig(hidden=16, layers=2, rbf=8, fine_rbf=9, local_coord=2)
+EXTENDED = ModelConfig(hidden=16, layers=2, rbf=8, fine_rbf=9, local_coord=2, bond_feature=True)
 
 
 def _pdb_lines(path: Path) -> list[str]:
@@ -261,16 +261,19 @@ def test_rotated_noise_gives_rotated_backbones(solver: str) -> None:
 
 
 def test_few_step_grids_end_at_sigma_last() -> None:
-    from structure.sampling import SIGMA_MIN, default_sigma_last, make_sampler
+    from structure.sampling import SIGMA_MIN, default_rho, default_sigma_last, make_sampler
 
     model = _model_with_schedule()
-    assert default_sigma_last("dpmpp_3m", 5) == 0.5 and default_sigma_last("unipc", 10) == 0.1
-    assert default_sigma_last("af3", 5) == SIGMA_MIN and default_sigma_last("euler", 50) == SIGMA_MIN
-    for solver, steps, last in [("euler", 5, 0.5), ("af3", 200, SIGMA_MIN), ("heun", 7, 1.5)]:
+    assert default_sigma_last("dpmpp_3m", 5) == 0.1 and default_sigma_last("unipc", 10) == 0.1
+    assert default_sigma_last("af3", 5) == SIGMA_MIN and default_sigma_last("euler", 11) == SIGMA_MIN
+    assert default_rho("unipc", 5) == -4.0 and default_rho("af3", 5) == default_rho("unipc", 11) == 7.0
+    for solver, steps, last, rho in [("euler", 5, 0.1, -4.0), ("af3", 200, SIGMA_MIN, 7.0), ("heun", 7, 1.5, -4.0)]:
         sampler = make_sampler(model, solver, steps, sigma_last=last if solver == "heun" else None)
-        rho = model.schedule.rho(sampler.t_grid[0])
-        assert float(rho[0]) == pytest.approx(80.0) and float(rho[-1]) == pytest.approx(last)
-        assert bool((rho[1:] < rho[:-1]).all())
+        sigma = model.schedule.rho(sampler.t_grid[0])
+        assert float(sigma[0]) == pytest.approx(80.0) and float(sigma[-1]) == pytest.approx(last)
+        spacing = (sigma ** (1 / rho)).diff()  # Karras: equal steps in sigma^(1/rho)
+        assert torch.allclose(spacing, spacing[0].expand_as(spacing), rtol=1e-5)
+        assert bool((sigma[1:] < sigma[:-1]).all())
     with pytest.raises(ValueError, match="outside the schedule's noise range"):
         make_sampler(model, "euler", 5, sigma_last=0.001)
 
@@ -402,7 +405,9 @@ def test_training_exports_and_resumes(tmp_path: Path) -> None:
     # a new run warm-started from the export with the extended architecture
     warm = {**kwargs, "config": EXTENDED.to_dict(), "init": export}
     _, card4 = load_checkpoint(train(tmp_path / "warm", tmp_path / "w.pt", [TS50_DIR], 1, 5, **warm))
-    assert card4["provenance"]["init"] == str(export) and card4["config"]["fine_rbf"] == EXTENDED.fine_rbf
+    init = card4["provenance"]["init"]
+    assert init["path"] == str(export) and init["provenance"]["steps"] == 4 and len(init["sha256"]) == 64
+    assert card4["config"]["fine_rbf"] == EXTENDED.fine_rbf
 
 
 def test_zero_initialised_extensions_reproduce_the_base_model(tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ Everything goes into the SQL store; re-running continues after the last finished
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from molgen.campaign import selection as sel
 from molgen.campaign.config import CampaignConfig
 from molgen.campaign.modalities import Design, Modality, checkpoint_path, load_modality
 from molgen.campaign.store import Store, database_url, json_text, sample_id
+from molgen.checkpoints import sha256_file
 from molgen.seeds import derived_seed
 
 CONFIG_FILE = "campaign.json"
@@ -235,14 +235,6 @@ def status_text(campaign: Campaign) -> str:
 def round_seed(seed: int, round_: int) -> int:
     """The seed of round ``round_`` of a campaign with seed ``seed`` (``molgen.seeds.derived_seed``)."""
     return derived_seed("molgen-campaign", seed, round_)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def design_of(row: pd.Series) -> Design:

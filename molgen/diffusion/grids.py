@@ -56,7 +56,10 @@ def time_quadratic(schedule: Schedule, n: int, t_max: float | None = None, t_min
 def karras(
     schedule: Schedule, n: int, t_max: float | None = None, t_min: float | None = None, rho: float = 7.0
 ) -> Tensor:
-    """Karras et al. (2022): equal steps in (sigma/alpha)^(1/rho), rho = 7 by default."""
+    """Karras et al. (2022): equal steps in (sigma/alpha)^(1/rho), rho = 7 by default. Any rho != 0 works:
+    rho -> +-infinity is the logSNR (geometric) grid, rho < 0 puts more points at low noise than it."""
+    if rho == 0:
+        raise ValueError("the Karras grid needs rho != 0 (7 is EDM's; rho < 0 is denser at low noise)")
     hi, lo = _ends(schedule, t_max, t_min)
     if n == 1:
         return hi.reshape(1)
