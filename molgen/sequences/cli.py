@@ -123,7 +123,7 @@ def run_train(args: argparse.Namespace) -> int:
         name: heldout_bits_per_token(net.eval(), module.process, x0, cond, n_t=4)
         for name, net in (("ema", module.ema), ("raw", module.net))
     }
-    provenance["weights"] = f"EMA (decay {module.hparams.ema_decay})"
+    provenance["weights"] = f"EMA (molgen.ema: decay {module.hparams.ema_decay} after warm-up)"
     provenance["metrics"] = {
         "heldout_bits_per_token": round(bits["ema"], 4),
         "heldout_nelbo_n_t": 4,
