@@ -14,7 +14,9 @@ and at sigma >> 1 A the EGNN moves points by the Angstrom amounts it needs. (EDM
 unit F would ask the EGNN for s_d-times larger moves than the corrections it makes, which its
 distance-weighted updates learn slowly.) Messages see both nodes' features,
 radial basis functions of their distance and an embedding of the residue-index offset j - i (clipped to
-+-32). Node features include cos/sin of the virtual CA dihedral (i-1, i, i+1, i+2), a pseudo-scalar: the
++-32), and (``bond_feature``) for sequence neighbours the bond's deviation in noise units,
+z = (d - 3.80 A) / sqrt(sigma^2 + (0.05 A)^2), so that a correction proportional to it is easy to learn.
+Node features include cos/sin of the virtual CA dihedral (i-1, i, i+1, i+2), a pseudo-scalar: the
 network is equivariant to rotations and translations but not to reflections, so it can learn right-handed
 helices.
 """
