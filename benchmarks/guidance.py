@@ -65,9 +65,9 @@ from guidance.baselines import best_of_n, dps_sample  # noqa: E402
 from guidance.completions import parse_value  # noqa: E402
 from guidance.core import prior  # noqa: E402
 from guidance.fk import Tilt, fk_sample  # noqa: E402
-from guidance.rewards import parse_reward, quadratic  # noqa: E402
+from guidance.rewards import Reward, parse_reward, quadratic  # noqa: E402
 from guidance.svdd import svdd_calls, svdd_sample  # noqa: E402
-from guidance.tasks import get_problem, guide  # noqa: E402
+from guidance.tasks import Problem, get_problem, guide  # noqa: E402
 from guidance.train_value import load_value, save_value, train_value  # noqa: E402
 from guidance.value import VectorValueNet, as_value, fit_value, gaussian_noise  # noqa: E402
 from molgen.diffusion import Sampler, get_schedule  # noqa: E402
@@ -164,6 +164,14 @@ def value_hook(args: argparse.Namespace, task: str, spec: dict, problem) -> tupl
     return value, {**card["provenance"], "trained": str(path)}
 
 
+def add_matched_best_of_n(runs: dict, name: str, problem: Problem, reward: Reward, n: int, common: dict) -> None:
+    """Add best-of-N at run ``name``'s measured budget, N = round(its calls / one unguided trajectory's), unless
+    that row is already there."""
+    matched = max(1, round(runs[name].model_calls / runs["unguided"].model_calls))
+    if f"best_of_{matched}" not in runs:
+        runs[f"best_of_{matched}"] = guide(problem, "bon", reward, n, candidates=matched, **common)
+
+
 def model_task(args: argparse.Namespace, task: str) -> dict:
     spec = dict(TASKS[task])
     spec["n"] = args.n or spec["n"]
@@ -192,9 +200,7 @@ def model_task(args: argparse.Namespace, task: str) -> dict:
         name = f"svdd_late_{late['candidates']}"
         runs[name] = guide(problem, "svdd", reward, n, candidates=late["candidates"], alpha=spec.get("alpha", 0.0),
                            branch_below=late["branch_below"], **common)
-        matched = max(1, round(runs[name].model_calls / runs["unguided"].model_calls))
-        if f"best_of_{matched}" not in runs:
-            runs[f"best_of_{matched}"] = guide(problem, "bon", reward, n, candidates=matched, **common)
+        add_matched_best_of_n(runs, name, problem, reward, n, common)
     completions = args.completions.get(task, spec.get("completions"))
     if completions:  # SVDD and FK valued by sampled completions, each against best-of-N at its own budget
         value = parse_value(completions)
@@ -205,9 +211,7 @@ def model_task(args: argparse.Namespace, task: str) -> dict:
                                    ess_threshold=args.ess_threshold, **common)
         out["completions"] = completions
         for name in (f"svdd_c_{mc}", f"fk_c_{kc}"):
-            matched = max(1, round(runs[name].model_calls / runs["unguided"].model_calls))
-            if f"best_of_{matched}" not in runs:
-                runs[f"best_of_{matched}"] = guide(problem, "bon", reward, n, candidates=matched, **common)
+            add_matched_best_of_n(runs, name, problem, reward, n, common)
     value, card = value_hook(args, task, spec, problem)
     runs[f"svdd_mc_{m}"] = guide(problem, "svdd_mc", reward, n, candidates=m, value=value, **common)
     runs[f"svdd_mc_{m}"].info.update({"value_training_model_calls": card["model_calls"],
