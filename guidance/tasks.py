@@ -296,7 +296,7 @@ def _backbones(steps: int, checkpoint: str | Path | None, length: int, solver: s
     with snapshot(path, "backbones") as (copy, digest):
         model = load_model(copy)
     check_length(model, length)
-    sampler = make_sampler(model, solver, steps)
+    sampler = make_sampler(model, solver, steps, length)
 
     def draw(outputs: int, per: int, g: torch.Generator) -> list[Draw]:
         x_T = initial_noise(model, outputs * per, length, g)

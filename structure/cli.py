@@ -81,6 +81,12 @@ def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
         help="noise level (A) of the last model call (default: 0.1 for runs of <= 10 calls but AF3's, else 0.02)",
     )
     parser.add_argument(
+        "--warm-start",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start at 5 A from the chain-shaped Gaussian prior (default: on for runs of <= 10 calls but AF3's)",
+    )
+    parser.add_argument(
         "--ideal-bonds", action="store_true", help="project CA traces onto CA-CA = 3.80 A (SHAKE) before writing"
     )
     parser.add_argument("--seed", type=int, default=0)
@@ -107,7 +113,15 @@ def run_sample(args: argparse.Namespace) -> int:
     import time
 
     from structure.io import backbone_from_ca, write_backbone
-    from structure.sampling import default_rho, default_sigma_last, load_model, sample_ca, scaffold_from_file
+    from structure.sampling import (
+        WARM_START_SIGMA,
+        default_rho,
+        default_sigma_last,
+        is_few_step,
+        load_model,
+        sample_ca,
+        scaffold_from_file,
+    )
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
@@ -117,6 +131,7 @@ def run_sample(args: argparse.Namespace) -> int:
         raise ValueError("--ideal-bonds is not applied to motif scaffolding (it would move the fixed motif)")
     model = load_model(args.checkpoint)
     opts = _solver_options(args)
+    warm = is_few_step(args.solver, args.steps) if args.warm_start is None else args.warm_start
     t0 = time.time()
     if args.contig:
         bbs, res = scaffold_from_file(
@@ -130,6 +145,7 @@ def run_sample(args: argparse.Namespace) -> int:
             grid=args.grid,
             solver_options=opts,
             sigma_last=args.sigma_last,
+            warm_start=args.warm_start,
         )
         extra = {
             "contig": args.contig,
@@ -151,6 +167,7 @@ def run_sample(args: argparse.Namespace) -> int:
                 solver_options=opts,
                 sigma_last=args.sigma_last,
                 ideal_bonds=args.ideal_bonds,
+                warm_start=args.warm_start,
             )
             bbs += [backbone_from_ca(c.numpy(), name=f"sample_{start + j:04d}") for j, c in enumerate(ca)]
         extra = {}
@@ -167,6 +184,7 @@ def run_sample(args: argparse.Namespace) -> int:
         "solver_options": opts,
         "sigma_last": default_sigma_last(args.solver, args.steps) if args.sigma_last is None else args.sigma_last,
         "rho": default_rho(args.solver, args.steps) if args.grid == "karras" else None,
+        "warm_start_sigma": WARM_START_SIGMA if warm else None,
         "ideal_bonds": args.ideal_bonds,
         "checkpoint": str(args.checkpoint),
         "seconds_per_backbone": wall / len(bbs),

@@ -26,6 +26,7 @@ from structure.model import BackboneDenoiser, ModelConfig
 
 SIGMA_MIN, SIGMA_MAX = 0.02, 80.0
 FEW_STEPS, FEW_STEP_SIGMA_LAST, FEW_STEP_RHO = 10, 0.1, -4.0  # few-step runs: <= 10 calls, their grid's end and rho
+WARM_START_SIGMA = 5.0  # first model call (A) of a warm-started run
 AF3_DEFAULTS = {"gamma_0": 0.8, "gamma_min": 1.0, "noise_scale": 1.003, "step_scale": 1.5}
 
 
@@ -83,21 +84,39 @@ def make_sampler(
     model: BackboneDenoiser,
     solver: str,
     steps: int,
+    length: int | None = None,
     grid: str = "karras",
     solver_options: dict | None = None,
     sigma_last: float | None = None,
     rho: float | None = None,
+    warm_start: bool | None = None,
 ):
     """Engine sampler on the model's schedule in ZeroCoM(3); the grid ends at ``sigma_last`` (default
-    ``default_sigma_last``); a Karras grid takes ``rho`` (default ``default_rho``)."""
+    ``default_sigma_last``); a Karras grid takes ``rho`` (default ``default_rho``).
+
+    ``warm_start`` (default: few-step runs, ``is_few_step``) carries x_T along the exact flow of the chain
+    prior of ``length`` residues (``structure.prior``) to ``WARM_START_SIGMA`` = 5 A, where the grid starts.
+    Measured with UniPC, 5 calls to 0.1 A, on development seeds 1 and 2 (16 backbones of 80 residues each),
+    CA-CA validity: first call at 3 / 5 / 8 A 0.82 / 0.85 / 0.80, without the warm start 0.77; an isotropic
+    Gaussian of the same total variance from 5 A 0.43 (the chain's shape is what helps)."""
     from molgen.diffusion import Sampler, ZeroCoM
+    from structure.prior import chain_prior
 
     sigma_last = default_sigma_last(solver, steps) if sigma_last is None else sigma_last
+    warm_start = is_few_step(solver, steps) if warm_start is None else warm_start
     sched = model.schedule
     lo, hi = float(sched.rho(torch.tensor(sched.t_min))), float(sched.rho(torch.tensor(sched.t_max)))
+    hi = WARM_START_SIGMA if warm_start else hi
     if not lo <= sigma_last < hi:
-        raise ValueError(f"sigma_last {sigma_last} A is outside the schedule's noise range [{lo:.3g}, {hi:.3g}) A")
-    t_last = float(sched.t_of_rho(sigma_last))
+        raise ValueError(f"sigma_last {sigma_last} A is outside the {'warm-started run' if warm_start else 'schedule'}"
+                         f"'s noise range [{lo:.3g}, {hi:.3g}) A")
+    if warm_start and length is None:
+        raise ValueError("a warm-started sampler needs the chain length")
+    grid_options = {"t_min": max(float(sched.t_of_rho(sigma_last)), sched.t_min)}
+    if grid == "karras":
+        grid_options["rho"] = default_rho(solver, steps) if rho is None else rho
+    if warm_start:
+        grid_options["t_max"] = float(sched.t_of_rho(WARM_START_SIGMA))
     return Sampler(
         model,
         sched,
@@ -106,8 +125,8 @@ def make_sampler(
         grid=grid,
         space=ZeroCoM(3),
         solver_options=solver_options,
-        grid_options={"t_min": max(t_last, sched.t_min),
-                      **({"rho": default_rho(solver, steps) if rho is None else rho} if grid == "karras" else {})},
+        grid_options=grid_options,
+        warm_start=chain_prior(length) if warm_start else None,
     )
 
 
@@ -130,13 +149,14 @@ def sample_ca(
     x_T: Tensor | None = None,
     sigma_last: float | None = None,
     ideal_bonds: bool = False,
+    warm_start: bool | None = None,
 ) -> Tensor:
     """``n`` CA traces [n, length, 3] (Angstrom) from one seeded generator; ``ideal_bonds`` projects each
-    trace onto CA-CA = 3.80 A (``structure.geometry.project_ca_bonds``)."""
+    trace onto CA-CA = 3.80 A (``structure.geometry.project_ca_bonds``); ``warm_start`` as in ``make_sampler``."""
     check_length(model, length)
     g = torch.Generator().manual_seed(seed)
     x_T = initial_noise(model, n, length, g) if x_T is None else x_T
-    sampler = make_sampler(model, solver, steps, grid, solver_options, sigma_last)
+    sampler = make_sampler(model, solver, steps, length, grid, solver_options, sigma_last, warm_start=warm_start)
     x0 = sampler.finish(sampler.run(sampler.init(x_T), g))
     return project_ca_bonds(x0) if ideal_bonds else x0
 
@@ -253,11 +273,12 @@ def scaffold_ca(
     grid: str = "karras",
     solver_options: dict | None = None,
     sigma_last: float | None = None,
+    warm_start: bool | None = None,
 ) -> ScaffoldResult:
     """``n`` backbones of ``length`` residues whose CA at ``positions`` reproduce ``motif`` [M, 3]."""
     check_length(model, length)
     g = torch.Generator().manual_seed(seed)
-    sampler = make_sampler(model, solver, steps, grid, solver_options, sigma_last)
+    sampler = make_sampler(model, solver, steps, length, grid, solver_options, sigma_last, warm_start=warm_start)
     sched, space = model.schedule, sampler.space
     ref = motif.to(torch.float32)[None].expand(n, -1, -1)
     state = sampler.init(initial_noise(model, n, length, g))

@@ -260,22 +260,59 @@ def test_rotated_noise_gives_rotated_backbones(solver: str) -> None:
         sample_ca(model, 1, 300, solver, 5)
 
 
-def test_few_step_grids_end_at_sigma_last() -> None:
-    from structure.sampling import SIGMA_MIN, default_rho, default_sigma_last, make_sampler
+def test_few_step_grids_start_warm_and_end_at_sigma_last() -> None:
+    from structure.sampling import SIGMA_MIN, WARM_START_SIGMA, default_rho, default_sigma_last, make_sampler
 
     model = _model_with_schedule()
     assert default_sigma_last("dpmpp_3m", 5) == 0.1 and default_sigma_last("unipc", 10) == 0.1
     assert default_sigma_last("af3", 5) == SIGMA_MIN and default_sigma_last("euler", 11) == SIGMA_MIN
     assert default_rho("unipc", 5) == -4.0 and default_rho("af3", 5) == default_rho("unipc", 11) == 7.0
-    for solver, steps, last, rho in [("euler", 5, 0.1, -4.0), ("af3", 200, SIGMA_MIN, 7.0), ("heun", 7, 1.5, -4.0)]:
-        sampler = make_sampler(model, solver, steps, sigma_last=last if solver == "heun" else None)
+    cases = [("euler", 5, None, 0.1, -4.0, WARM_START_SIGMA), ("euler", 5, False, 0.1, -4.0, 80.0),
+             ("af3", 200, None, SIGMA_MIN, 7.0, 80.0), ("heun", 7, None, 1.5, -4.0, WARM_START_SIGMA)]
+    for solver, steps, warm, last, rho, first in cases:
+        sampler = make_sampler(model, solver, steps, 40, sigma_last=last if solver == "heun" else None,
+                               warm_start=warm)
+        assert (sampler.warm_start is not None) == (first == WARM_START_SIGMA)
         sigma = model.schedule.rho(sampler.t_grid[0])
-        assert float(sigma[0]) == pytest.approx(80.0) and float(sigma[-1]) == pytest.approx(last)
+        assert float(sigma[0]) == pytest.approx(first) and float(sigma[-1]) == pytest.approx(last)
         spacing = (sigma ** (1 / rho)).diff()  # Karras: equal steps in sigma^(1/rho)
         assert torch.allclose(spacing, spacing[0].expand_as(spacing), rtol=1e-5)
         assert bool((sigma[1:] < sigma[:-1]).all())
     with pytest.raises(ValueError, match="outside the schedule's noise range"):
-        make_sampler(model, "euler", 5, sigma_last=0.001)
+        make_sampler(model, "euler", 5, 40, sigma_last=0.001, warm_start=False)
+    with pytest.raises(ValueError, match="warm-started run's noise range"):
+        make_sampler(model, "euler", 5, 40, sigma_last=6.0)
+    with pytest.raises(ValueError, match="needs the chain length"):
+        make_sampler(model, "euler", 5)
+
+
+def test_distance_law_and_chain_prior() -> None:
+    from structure.prior import chain_covariance, chain_prior, distance_law
+
+    line = np.arange(50)[:, None] * np.array([[3.8, 0.0, 0.0]])  # straight chain: d_k = 3.8 k
+    np.testing.assert_allclose(distance_law([line, line[:30]], 20), (3.8 * np.arange(21)) ** 2)
+    with pytest.raises(ValueError, match="no residue pairs"):
+        distance_law([line[:10]], 20)
+    # A random walk's law (d2_k = b^2 k) is Euclidean: C reproduces every D_ij and is centred.
+    walk = 14.44 * np.arange(60.0)
+    c = chain_covariance(60, walk).numpy()
+    k = np.abs(np.arange(60)[:, None] - np.arange(60)[None])
+    np.testing.assert_allclose(3 * (np.diag(c)[:, None] + np.diag(c)[None] - 2 * c), walk[k], atol=1e-8)
+    np.testing.assert_allclose(c.sum(1), 0.0, atol=1e-9)
+    # The shipped law: samples of the prior keep the measured spacings (clamping C changes them by < 5 %).
+    prior = chain_prior(80)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4000, prior.eigvals.numel(), generator=g, dtype=torch.float64)
+    x = ((z * prior.eigvals.sqrt()) @ prior.eigvecs.T).reshape(4000, 80, 3)
+    from structure._chain_law import CA_D2
+
+    for sep in (1, 4, 16):
+        d2 = ((x[:, sep:] - x[:, :-sep]) ** 2).sum(-1).mean()
+        assert float(d2) == pytest.approx(CA_D2[sep], rel=0.05)
+    centre = torch.zeros(4000, 3, dtype=torch.float64)
+    torch.testing.assert_close(x.mean(1), centre, atol=1e-6, rtol=0)  # zero centre of mass
+    with pytest.raises(ValueError, match="covers lengths"):
+        chain_covariance(300)
 
 
 # ------------------------------------------------------------------------------------------------ motifs
