@@ -48,6 +48,7 @@ from structure.sampling import (  # noqa: E402
     is_few_step,
     load_model,
     sample_ca,
+    starts_warm,
 )
 
 IDEAL_KEYS = ("ca_ca_valid", "clash_rate", "rg_ratio", "helix", "strand", "coil")
@@ -76,7 +77,7 @@ def model_row(
     warm_start: bool | None = None,
 ) -> dict:
     """One sampler configuration: metrics of ``n`` backbones, then of the same traces with ideal CA-CA bonds."""
-    warm = is_few_step(solver, steps) if warm_start is None else warm_start
+    warm = starts_warm(solver, steps, warm_start)
     t0 = time.time()
     ca = sample_ca(model, n, length, solver, steps, seed=seed, solver_options=options, warm_start=warm)
     wall = time.time() - t0

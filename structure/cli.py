@@ -117,10 +117,10 @@ def run_sample(args: argparse.Namespace) -> int:
         WARM_START_SIGMA,
         default_rho,
         default_sigma_last,
-        is_few_step,
         load_model,
         sample_ca,
         scaffold_from_file,
+        starts_warm,
     )
 
     if args.n < 1:
@@ -131,7 +131,7 @@ def run_sample(args: argparse.Namespace) -> int:
         raise ValueError("--ideal-bonds is not applied to motif scaffolding (it would move the fixed motif)")
     model = load_model(args.checkpoint)
     opts = _solver_options(args)
-    warm = is_few_step(args.solver, args.steps) if args.warm_start is None else args.warm_start
+    warm = starts_warm(args.solver, args.steps, args.warm_start)
     t0 = time.time()
     if args.contig:
         bbs, res = scaffold_from_file(

@@ -2,7 +2,8 @@
 
 The CA state lives in ZeroCoM(3) on the engine's ``edm`` schedule (alpha = 1, sigma in Angstrom) on a Karras
 grid; the denoiser predicts x0. ``af3`` is the AlphaFold 3 sampler (200 steps, gamma_0 0.8); with
-``gamma_0 = 0, step_scale = 1`` it is the Protenix-Mini few-step ODE form.
+``gamma_0 = 0, step_scale = 1`` it is the Protenix-Mini few-step ODE form. Runs of <= 10 calls start warm:
+x_T is carried to 5 A along the exact flow of the chain-shaped Gaussian prior (``structure.prior``).
 
 Motif scaffolding: after every solver step the motif's CA atoms are replaced by the reference motif, rigidly
 superimposed (Kabsch) on the current motif estimate and noised to the next grid level,
@@ -61,6 +62,12 @@ def is_few_step(solver: str, steps: int) -> bool:
     return solver != "af3" and steps <= FEW_STEPS
 
 
+def starts_warm(solver: str, steps: int, warm_start: bool | None = None) -> bool:
+    """Whether a run starts from the chain prior at ``WARM_START_SIGMA``: ``warm_start`` when given, else
+    few-step runs (``is_few_step``)."""
+    return is_few_step(solver, steps) if warm_start is None else warm_start
+
+
 def default_sigma_last(solver: str, steps: int) -> float:
     """Noise level (Angstrom) of the last model call, whose denoised estimate is the output (the final step to
     sigma = 0 is the denoiser's x0): ``FEW_STEP_SIGMA_LAST`` (0.1 A) for few-step runs, else the schedule's
@@ -103,7 +110,7 @@ def make_sampler(
     from structure.prior import chain_prior
 
     sigma_last = default_sigma_last(solver, steps) if sigma_last is None else sigma_last
-    warm_start = is_few_step(solver, steps) if warm_start is None else warm_start
+    warm_start = starts_warm(solver, steps, warm_start)
     sched = model.schedule
     lo, hi = float(sched.rho(torch.tensor(sched.t_min))), float(sched.rho(torch.tensor(sched.t_max)))
     hi = WARM_START_SIGMA if warm_start else hi
