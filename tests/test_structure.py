@@ -379,6 +379,10 @@ def test_cli_sample_and_evaluate(tmp_path: Path) -> None:
     ]
     assert main(args) == 0
     assert len(list_structure_files(out)) == 2
+    assert json.loads((out / "sampling.json").read_text())["warm_start_sigma"] == 5.0  # 3 calls: few-step
+    cold = tmp_path / "cold"
+    assert main([*args[:9], str(cold), *args[10:], "--no-warm-start"]) == 0
+    assert json.loads((cold / "sampling.json").read_text())["warm_start_sigma"] is None
     assert main([*args[:-2], "--solver", "euler", "--gamma-0", "0"]) == 2  # af3 option on an ODE solver
     assert main([*args, "--sigma-last", "500"]) == 2  # beyond the schedule's sigma_max
     ideal = tmp_path / "ideal"
