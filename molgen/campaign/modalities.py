@@ -137,12 +137,14 @@ class Modality:
 
     def partial_sampler(self, t: float) -> Any:
         """The continuous sampler on a grid from t down, with ceil(steps * t) + 1 points (at least 2); when t
-        lies below the sampler's last time (few-step grids stop early), the grid runs down to the schedule's end."""
+        lies below the sampler's last time (few-step grids stop early), the grid runs down to the schedule's end.
+        It starts from the given noisy states, so without the sampler's warm start (which carries pure noise)."""
         smp = self.problem.sampler
         options = {**(smp.grid_options or {}), "t_max": float(t)}
         if options.get("t_min", smp.schedule.t_min) >= t:
             options["t_min"] = smp.schedule.t_min
-        return dataclasses.replace(smp, steps=max(2, math.ceil(smp.steps * t) + 1), nfe=None, grid_options=options)
+        return dataclasses.replace(smp, steps=max(2, math.ceil(smp.steps * t) + 1), nfe=None, grid_options=options,
+                                   warm_start=None)
 
     def reward_inputs(self, designs: Sequence[Design]) -> Any:
         raise NotImplementedError
