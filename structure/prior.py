@@ -36,8 +36,8 @@ def distance_law(chains: list[np.ndarray], max_separation: int = 255) -> np.ndar
     return np.concatenate([[0.0], total[1:] / count[1:]])
 
 
-def chain_covariance(length: int, law: np.ndarray | None = None) -> torch.Tensor:
-    """[length, length] per-coordinate covariance C = -1/2 J (D / 3) J (negative eigenvalues set to zero)."""
+def chain_eigen(length: int, law: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs (lam [L], vecs [L, L]) of C = -1/2 J (D / 3) J, negative eigenvalues set to zero."""
     if law is None:
         from structure._chain_law import CA_D2
 
@@ -47,19 +47,21 @@ def chain_covariance(length: int, law: np.ndarray | None = None) -> torch.Tensor
     k = np.abs(np.arange(length)[:, None] - np.arange(length)[None])
     centre = np.eye(length) - 1.0 / length
     lam, vecs = np.linalg.eigh(-0.5 * centre @ (law[k] / 3.0) @ centre)
-    return torch.from_numpy((vecs * lam.clip(min=0.0)) @ vecs.T)
+    return torch.from_numpy(lam.clip(min=0.0)), torch.from_numpy(np.ascontiguousarray(vecs))
+
+
+def chain_covariance(length: int, law: np.ndarray | None = None) -> torch.Tensor:
+    """[length, length] per-coordinate covariance C (``chain_eigen``)."""
+    lam, vecs = chain_eigen(length, law)
+    return (vecs * lam) @ vecs.T
 
 
 @lru_cache(maxsize=16)
 def chain_prior(length: int) -> GaussianMoments:
     """``GaussianMoments`` of x [length, 3] with covariance C (x) I_3 (eigenpairs of C, each taken per axis)."""
-    lam, vecs = torch.linalg.eigh(chain_covariance(length))
+    lam, vecs = chain_eigen(length)
     eye = torch.eye(3, dtype=torch.float64)
-    return GaussianMoments(
-        torch.zeros(length, 3, dtype=torch.float64),
-        lam.clamp_min(0.0).repeat_interleave(3),
-        torch.kron(vecs.contiguous(), eye),
-    )
+    return GaussianMoments(torch.zeros(length, 3, dtype=torch.float64), lam.repeat_interleave(3), torch.kron(vecs, eye))
 
 
 def _write_law(data_path: str | None, target: Path) -> None:
