@@ -17,6 +17,9 @@ def add_train(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--max-length", type=int, default=128, help="longest training crop")
     parser.add_argument("--edge-budget", type=int, default=40_000, help="batch size ~ budget / length^2")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--decay-steps", type=int, default=0,
+                        help="cosine cool-down of the learning rate to lr/10 over this many steps (0 = constant)")
+    parser.add_argument("--decay-start", type=int, default=0, help="step at which the cool-down begins")
     parser.add_argument("--every", type=int, default=100, help="checkpoint and export every N steps")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
@@ -56,6 +59,7 @@ def run_train(args: argparse.Namespace) -> int:
         args.max_minutes,
         seed=args.seed,
         lr=args.lr,
+        decay=(args.decay_start, args.decay_steps),
         max_length=args.max_length,
         edge_budget=args.edge_budget,
         every=args.every,

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from molgen.ema import ema_update
+from molgen.optim import lr_factor
 from structure.data import crop_batch, load_segments
 from structure.model import BackboneDenoiser, ModelConfig, masked_center, safe_norm
 
@@ -96,7 +97,8 @@ class CropStream(torch.utils.data.IterableDataset):
 
 
 class BackboneDiffusion(L.LightningModule):
-    """Lightning module: the denoiser, its EMA copy (the shipped weights) and AdamW with warm-up."""
+    """Lightning module: the denoiser, its EMA copy (the shipped weights) and AdamW with warm-up and an optional
+    cosine cool-down (``decay`` = (first step, steps), see ``molgen.optim.lr_factor``)."""
 
     def __init__(
         self,
@@ -104,6 +106,7 @@ class BackboneDiffusion(L.LightningModule):
         lr: float = 5e-4,
         ema_decay: float = 0.999,
         warmup: int = 200,
+        decay: tuple[int, int] = (0, 0),
         p_mean: float = -1.2,
         p_std: float = 1.5,
         local_weight: str = "edm",
@@ -125,8 +128,9 @@ class BackboneDiffusion(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=1e-4)
-        warm = self.hparams.warmup
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        hp = self.hparams
+        start, steps = hp.decay
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, hp.warmup, steps, decay_start=start))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -189,6 +193,7 @@ def train(
     seed: int = 0,
     config: dict | None = None,
     lr: float = 5e-4,
+    decay: tuple[int, int] = (0, 0),
     max_length: int = 128,
     edge_budget: int = 40_000,
     every: int = 100,
@@ -214,7 +219,7 @@ def train(
     if saved is not None:  # a resumed run keeps the model config it was started with
         config = saved["hyper_parameters"]["config"]
     L.seed_everything(seed + start, workers=True)
-    module = BackboneDiffusion(config or ModelConfig().to_dict(), lr=lr, p_mean=p_mean, p_std=p_std)
+    module = BackboneDiffusion(config or ModelConfig().to_dict(), lr=lr, decay=decay, p_mean=p_mean, p_std=p_std)
     if init is not None and last is None:
         warm_start(module, init)
         provenance["init"] = init_record(init)

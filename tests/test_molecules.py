@@ -6,6 +6,7 @@ import copy
 import functools
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -451,6 +452,16 @@ def test_training_resumes_from_its_checkpoint(tmp_path) -> None:
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["served"] == 6
     assert card["provenance"]["train_wall_s"] > 0
+    # a cool-down branched off a copy of the run: it resumes there, writes last.ckpt (not last-v1.ckpt) and ends
+    # at lr * warm-up (9 / 500) * floor 0.1
+    branch = tmp_path / "branch"
+    shutil.copytree(tmp_path / "run", branch)
+    cool = ["--run-dir", str(branch), "--decay-start", "6", "--decay-steps", "2", "--max-steps", "8"]
+    train(build_parser().parse_args([*common[:2], *common[4:], *cool]))
+    assert sorted(p.name for p in branch.glob("last*.ckpt")) == ["last.ckpt"]
+    ckpt = torch.load(branch / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 8
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 9 / 500 * 0.1)
 
 
 def test_lightning_reshuffles_size_buckets_every_epoch(tmp_path) -> None:

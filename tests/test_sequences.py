@@ -19,7 +19,7 @@ from molgen.sequences.metrics import kmer_frequencies, motif_hits, pearson
 from molgen.sequences.model import DenoiserConfig, SequenceDenoiser
 from molgen.sequences.pretrained import load_pretrained
 from molgen.sequences.sampling import generate
-from molgen.sequences.training import MaskedDiffusionModule, lr_factor
+from molgen.sequences.training import MaskedDiffusionModule
 
 
 def test_alphabets_round_trip_and_tokens():
@@ -125,11 +125,7 @@ def test_training_reduces_the_nelbo():
     assert after < before - 2.0  # nats per sequence; uniform is 8 log 4 = 11.1
 
 
-def test_lr_factor_warms_up_then_decays_by_cosine_to_a_tenth():
-    assert [lr_factor(s, 4, 0) for s in (0, 3, 1000)] == [0.25, 1.0, 1.0]  # no decay: constant after warm-up
-    assert lr_factor(3, 4, 100) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 0.03)))
-    assert lr_factor(50, 4, 100) == pytest.approx(0.55)  # half-way: the mean of 1 and 0.1
-    assert lr_factor(100, 4, 100) == lr_factor(5000, 4, 100) == pytest.approx(0.1)
+def test_sequence_training_cools_the_learning_rate_down_to_a_tenth():
     module = MaskedDiffusionModule(tiny_config().to_dict(), mask_id=5, lr=1e-3, warmup=1, decay_steps=10)
     sched = module.configure_optimizers()["lr_scheduler"]["scheduler"]
     for _ in range(10):

@@ -437,11 +437,15 @@ def test_training_exports_and_resumes(tmp_path: Path) -> None:
     assert card2["provenance"]["steps"] == 3 and card2["provenance"]["resumed_from_step"] == 2
     assert any(not torch.equal(state[k], state2[k]) for k in state)
     # a third session resumes from step 3 (Lightning's version counter once wrote last-v1.ckpt beside last.ckpt
-    # and the next session restarted from the older file); the run keeps its config whatever is passed
-    train(tmp_path / "run", export, [TS50_DIR], max_steps=4, max_minutes=5, **{**kwargs, "config": EXTENDED.to_dict()})
+    # and the next session restarted from the older file); the run keeps its config whatever is passed; its
+    # cool-down from step 3 over 1 step ends at lr * warm-up (5 / 200) * floor 0.1
+    third = {**kwargs, "config": EXTENDED.to_dict(), "decay": (3, 1)}
+    train(tmp_path / "run", export, [TS50_DIR], max_steps=4, max_minutes=5, **third)
     _, card3 = load_checkpoint(export)
     assert card3["provenance"]["resumed_from_step"] == 3 and card3["provenance"]["steps"] == 4
     assert sorted(p.name for p in (tmp_path / "run").glob("*.ckpt")) == ["last.ckpt"]
+    opt = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)["optimizer_states"][0]
+    assert opt["param_groups"][0]["lr"] == pytest.approx(5e-4 * 5 / 200 * 0.1)
     assert card3["config"]["fine_rbf"] == 0
     # a new run warm-started from the export with the extended architecture
     warm = {**kwargs, "config": EXTENDED.to_dict(), "init": export}

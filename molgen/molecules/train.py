@@ -34,6 +34,7 @@ from molgen.molecules.data import (
     property_stats,
 )
 from molgen.molecules.model import MoleculeDenoiser, centre
+from molgen.optim import lr_factor
 
 MODEL_KEYS = (
     "hidden",
@@ -190,8 +191,9 @@ class MoleculeDiffusion(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.config
         opt = torch.optim.AdamW(self.net.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        warm = max(cfg["warmup_steps"], 1)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, cfg["warmup_steps"], cfg["decay_steps"], decay_start=cfg["decay_start"])
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def train_seconds(self) -> float:
@@ -251,12 +253,17 @@ DEFAULTS: dict[str, Any] = {
     "lr": 1e-3,
     "weight_decay": 1e-12,
     "warmup_steps": 500,
+    "decay_start": 0,
+    "decay_steps": 0,
     "ema_decay": 0.999,
     "batch_size": 64,
     "grad_clip": 1.0,
     "seed": 0,
     "print_every": 50,
 }
+
+
+COOL_DOWN_KEYS = ("decay_start", "decay_steps")  # may be set when resuming: branch a cool-down off any checkpoint
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -272,6 +279,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         flag = "--" + key.replace("_", "-")
         if isinstance(value, list):
             p.add_argument(flag, nargs="*", default=value, choices=list(PROPERTY_NAMES))
+        elif key in COOL_DOWN_KEYS:  # None: keep the run's stored value (or the default)
+            p.add_argument(flag, type=int, default=None, help=f"given again on resume, overrides (default {value})")
         else:
             p.add_argument(flag, type=type(value), default=value)
     return p
@@ -293,9 +302,11 @@ def train(args: argparse.Namespace) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {k: getattr(args, k) for k in DEFAULTS}
     config_path = run_dir / "config.json"
-    if config_path.exists():  # resuming: the stored config wins over the command line
+    if config_path.exists():  # resuming: the stored config wins, except a cool-down given on this command line
         stored = json.loads(config_path.read_text())
-        config.update({k: stored[k] for k in DEFAULTS if k in stored})
+        keep = [k for k in DEFAULTS if k in stored and (k not in COOL_DOWN_KEYS or config[k] is None)]
+        config.update({k: stored[k] for k in keep})
+    config.update({k: DEFAULTS[k] for k in COOL_DOWN_KEYS if config[k] is None})
     L.seed_everything(config["seed"], workers=True)
     data = load_dataset(args.data, "train")
     prop_idx = [PROPERTY_NAMES.index(p) for p in config["properties"]]
@@ -324,6 +335,7 @@ def train(args: argparse.Namespace) -> Path:
         save_last=True,
         save_top_k=0,
         train_time_interval=timedelta(minutes=args.ckpt_minutes),
+        enable_version_counter=False,  # always last.ckpt, also in a copied (branched) run directory
     )
     trainer = L.Trainer(
         default_root_dir=run_dir,

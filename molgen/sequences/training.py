@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from molgen.diffusion.discrete import MaskedDiffusion, MaskingSchedule
 from molgen.ema import ema_update
+from molgen.optim import lr_factor
 from molgen.sequences.model import DenoiserConfig, SequenceDenoiser
 
 
@@ -95,16 +95,6 @@ class MaskedDiffusionModule(L.LightningModule):
             opt, lambda step: lr_factor(step, self.hparams.warmup, self.hparams.decay_steps)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-def lr_factor(step: int, warmup: int, decay_steps: int, floor: float = 0.1) -> float:
-    """min(1, (step + 1) / warmup), times floor + (1 - floor) (1 + cos(pi s)) / 2 with s = min(1, step /
-    decay_steps) when decay_steps > 0."""
-    warm = min(1.0, (step + 1) / max(1, warmup))
-    if decay_steps <= 0:
-        return warm
-    s = min(1.0, step / decay_steps)
-    return warm * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * s)))
 
 
 def loaders(train_x, train_y, val_x, val_y, batch_size: int, seed: int) -> tuple[DataLoader, DataLoader]:
