@@ -100,15 +100,16 @@ def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--motif-pdb", type=Path, default=None, help="PDB/mmCIF with the motif residues")
     parser.add_argument("--contig", default=None, help="motif scaffolding spec, e.g. A10-25,40-60,A40-52")
-    for name, value in (("gamma-0", 0.8), ("gamma-min", 1.0), ("noise-scale", 1.003), ("step-scale", 1.5)):
+    for name, value in (("gamma-0", 0.8), ("gamma-min", 1.0), ("noise-scale", 1.003)):
         parser.add_argument(f"--{name}", type=float, default=None, help=f"af3 option (default {value})")
+    parser.add_argument("--step-scale", type=float, default=None,
+                        help="AF3's step scale eta, for af3 and every ODE solver (default 1.5; 1 = plain ODE)")
 
 
 def _solver_options(args: argparse.Namespace) -> dict | None:
-    opts = {k: getattr(args, k) for k in ("gamma_0", "gamma_min", "noise_scale", "step_scale")}
-    opts = {k: v for k, v in opts.items() if v is not None}
+    opts = {k: v for k in ("gamma_0", "gamma_min", "noise_scale") if (v := getattr(args, k)) is not None}
     if opts and args.solver != "af3":
-        raise ValueError(f"--gamma-0/--gamma-min/--noise-scale/--step-scale apply to --solver af3, not {args.solver}")
+        raise ValueError(f"--gamma-0/--gamma-min/--noise-scale apply to --solver af3, not {args.solver}")
     return opts or None
 
 
@@ -121,6 +122,7 @@ def run_sample(args: argparse.Namespace) -> int:
         WARM_START_SIGMA,
         default_rho,
         default_sigma_last,
+        default_step_scale,
         load_model,
         sample_ca,
         scaffold_from_file,
@@ -136,6 +138,7 @@ def run_sample(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint)
     opts = _solver_options(args)
     warm = starts_warm(args.solver, args.steps, args.warm_start)
+    step_scale = default_step_scale(args.solver) if args.step_scale is None else args.step_scale
     t0 = time.time()
     if args.contig:
         bbs, res = scaffold_from_file(
@@ -150,6 +153,7 @@ def run_sample(args: argparse.Namespace) -> int:
             solver_options=opts,
             sigma_last=args.sigma_last,
             warm_start=args.warm_start,
+            step_scale=step_scale,
         )
         extra = {
             "contig": args.contig,
@@ -172,6 +176,7 @@ def run_sample(args: argparse.Namespace) -> int:
                 sigma_last=args.sigma_last,
                 ideal_bonds=args.ideal_bonds,
                 warm_start=args.warm_start,
+                step_scale=step_scale,
             )
             bbs += [backbone_from_ca(c.numpy(), name=f"sample_{start + j:04d}") for j, c in enumerate(ca)]
         extra = {}
@@ -189,6 +194,7 @@ def run_sample(args: argparse.Namespace) -> int:
         "sigma_last": default_sigma_last(args.solver, args.steps) if args.sigma_last is None else args.sigma_last,
         "rho": default_rho(args.solver, args.steps) if args.grid == "karras" else None,
         "warm_start_sigma": WARM_START_SIGMA if warm else None,
+        "step_scale": step_scale,
         "ideal_bonds": args.ideal_bonds,
         "checkpoint": str(args.checkpoint),
         "seconds_per_backbone": wall / len(bbs),

@@ -28,7 +28,8 @@ from structure.model import BackboneDenoiser, ModelConfig
 SIGMA_MIN, SIGMA_MAX = 0.02, 80.0
 FEW_STEPS, FEW_STEP_SIGMA_LAST, FEW_STEP_RHO = 10, 0.1, -4.0  # few-step runs: <= 10 calls, their grid's end and rho
 WARM_START_SIGMA = 5.0  # first model call (A) of a warm-started run
-AF3_DEFAULTS = {"gamma_0": 0.8, "gamma_min": 1.0, "noise_scale": 1.003, "step_scale": 1.5}
+STEP_SCALE = 1.5  # AF3's step scale eta, used by every ODE solver too (molgen.diffusion.step_scale)
+AF3_DEFAULTS = {"gamma_0": 0.8, "gamma_min": 1.0, "noise_scale": 1.003, "step_scale": STEP_SCALE}
 
 
 def ode_solvers() -> list[str]:
@@ -68,6 +69,17 @@ def starts_warm(solver: str, steps: int, warm_start: bool | None = None) -> bool
     return is_few_step(solver, steps) if warm_start is None else warm_start
 
 
+def default_step_scale(solver: str) -> float:
+    """``STEP_SCALE`` for af3 and the engine's ODE solvers, 1 for the other stochastic ones.
+
+    eta = 1.5 integrates dy/drho = 1.5 (y - D) / rho, AF3's step-scaled ODE, to the solver's order: the chain
+    keeps less noise than the denoiser is told, which tightens the CA-CA bonds. Measured with UniPC on
+    development seeds 1 and 2 (16 backbones of 80 residues, step-20,750 model), CA-CA validity: 5 calls eta 1 /
+    1.25 / 1.5 / 1.75 / 2 give 0.87 / 0.92 / 0.93 / 0.93 / 0.93; 10 calls 0.90 -> 0.94; 50 calls (seed 1) 0.90 ->
+    0.95. AF3's own Euler step with eta = 1.5 and no churn reaches 0.96 in 100 steps."""
+    return STEP_SCALE if solver == "af3" or solver in ode_solvers() else 1.0
+
+
 def default_sigma_last(solver: str, steps: int) -> float:
     """Noise level (Angstrom) of the last model call, whose denoised estimate is the output (the final step to
     sigma = 0 is the denoiser's x0): ``FEW_STEP_SIGMA_LAST`` (0.1 A) for few-step runs, else the schedule's
@@ -97,9 +109,12 @@ def make_sampler(
     sigma_last: float | None = None,
     rho: float | None = None,
     warm_start: bool | None = None,
+    step_scale: float | None = None,
 ):
     """Engine sampler on the model's schedule in ZeroCoM(3); the grid ends at ``sigma_last`` (default
-    ``default_sigma_last``); a Karras grid takes ``rho`` (default ``default_rho``).
+    ``default_sigma_last``); a Karras grid takes ``rho`` (default ``default_rho``); ``step_scale`` (default
+    ``default_step_scale``) is AF3's eta: af3's option, and for ODE solvers the step-scaled ODE of the engine
+    (its grid is the noise levels the denoiser is told).
 
     ``warm_start`` (default: few-step runs, ``is_few_step``) carries x_T along the exact flow of the chain
     prior of ``length`` residues (``structure.prior``) to ``WARM_START_SIGMA`` = 5 A, where the grid starts.
@@ -111,6 +126,9 @@ def make_sampler(
 
     sigma_last = default_sigma_last(solver, steps) if sigma_last is None else sigma_last
     warm_start = starts_warm(solver, steps, warm_start)
+    step_scale = default_step_scale(solver) if step_scale is None else step_scale
+    if solver == "af3":  # its own Euler step takes the scale
+        solver_options, step_scale = {"step_scale": step_scale, **(solver_options or {})}, 1.0
     sched = model.schedule
     lo, hi = float(sched.rho(torch.tensor(sched.t_min))), float(sched.rho(torch.tensor(sched.t_max)))
     hi = WARM_START_SIGMA if warm_start else hi
@@ -134,6 +152,7 @@ def make_sampler(
         solver_options=solver_options,
         grid_options=grid_options,
         warm_start=chain_prior(length) if warm_start else None,
+        step_scale=step_scale,
     )
 
 
@@ -157,13 +176,16 @@ def sample_ca(
     sigma_last: float | None = None,
     ideal_bonds: bool = False,
     warm_start: bool | None = None,
+    step_scale: float | None = None,
 ) -> Tensor:
     """``n`` CA traces [n, length, 3] (Angstrom) from one seeded generator; ``ideal_bonds`` projects each
-    trace onto CA-CA = 3.80 A (``structure.geometry.project_ca_bonds``); ``warm_start`` as in ``make_sampler``."""
+    trace onto CA-CA = 3.80 A (``structure.geometry.project_ca_bonds``); ``warm_start`` and ``step_scale`` as in
+    ``make_sampler``."""
     check_length(model, length)
     g = torch.Generator().manual_seed(seed)
     x_T = initial_noise(model, n, length, g) if x_T is None else x_T
-    sampler = make_sampler(model, solver, steps, length, grid, solver_options, sigma_last, warm_start=warm_start)
+    sampler = make_sampler(model, solver, steps, length, grid, solver_options, sigma_last, warm_start=warm_start,
+                           step_scale=step_scale)
     x0 = sampler.finish(sampler.run(sampler.init(x_T), g))
     return project_ca_bonds(x0) if ideal_bonds else x0
 
@@ -281,11 +303,13 @@ def scaffold_ca(
     solver_options: dict | None = None,
     sigma_last: float | None = None,
     warm_start: bool | None = None,
+    step_scale: float | None = None,
 ) -> ScaffoldResult:
     """``n`` backbones of ``length`` residues whose CA at ``positions`` reproduce ``motif`` [M, 3]."""
     check_length(model, length)
     g = torch.Generator().manual_seed(seed)
-    sampler = make_sampler(model, solver, steps, length, grid, solver_options, sigma_last, warm_start=warm_start)
+    sampler = make_sampler(model, solver, steps, length, grid, solver_options, sigma_last, warm_start=warm_start,
+                           step_scale=step_scale)
     sched, space = model.schedule, sampler.space
     ref = motif.to(torch.float32)[None].expand(n, -1, -1)
     state = sampler.init(initial_noise(model, n, length, g))

@@ -634,3 +634,71 @@ def test_linear_part_errors_are_named():
     zero = GaussianMoments.from_covariance(torch.zeros(3, dtype=F64), torch.zeros(3, 3, dtype=F64))
     with pytest.raises(ValueError, match="zero covariance give no scale"):
         sample(model, sch, noise(4, 3), solver="unipc", steps=3, warm_start=zero, linear_part=zero)
+
+
+# ---------------------------------------------------------------------------------------------- step scale
+def _step_scaled_solution(model: Gaussian, x_T, t_first, t_last, eta: float):
+    """N(mu, s^2) data: dy/drho = eta (y - D(y, rho)) / rho keeps (y - mu) / (s^2 + rho^2)^(eta / 2) constant;
+    returns D at the end, mu + s^2 / (s^2 + rho_e^2) (y_e - mu)."""
+    sch, mu, s2 = model.schedule, model.mu, model.s**2
+    rho_0, rho_e = sch.rho(t_first), sch.rho(t_last)
+    y_e = mu + (x_T / sch.alpha(t_first) - mu) * ((s2 + rho_e**2) / (s2 + rho_0**2)) ** (eta / 2)
+    return mu + s2 / (s2 + rho_e**2) * (y_e - mu)
+
+
+@pytest.mark.parametrize("schedule", ["edm", "vp_cosine"])
+@pytest.mark.parametrize("prediction", ["x0", "eps"])
+@pytest.mark.parametrize("eta", [1.0, 1.5])
+def test_step_scaled_ode_matches_its_closed_form(schedule, prediction, eta):
+    """UniPC on the step-scaled model and grid converges to the closed form at its own (third) order."""
+    sch = get_schedule(schedule)
+    model = Gaussian(sch)
+
+    def eps_model(x, t):
+        a, s = sch.alpha(t)[:, None], sch.sigma(t)[:, None]
+        return (x - a * model(x, t)) / s
+
+    x_T = noise(64, 2, scale=5.0)
+    errors = []
+    for steps in (16, 32):
+        grid = get_grid("karras", sch, steps, t_max=float(sch.t_of_rho(5.0)), t_min=float(sch.t_of_rho(0.1)), rho=-4)
+        smp = Sampler(model if prediction == "x0" else eps_model, sch, "unipc", grid=grid, prediction=prediction,
+                      step_scale=eta)
+        first, last = smp.t_grid[0, 0], smp.t_grid[0, -1]  # the state's grid: same start, lower end for eta > 1
+        assert first == grid[0] and (last < grid[-1] if eta > 1 else last == grid[-1])
+        out = smp.finish(smp.run(smp.init(x_T)))
+        errors.append(float((out - _step_scaled_solution(model, x_T, grid[0], grid[-1], eta)).abs().max()))
+    assert errors[1] < 5e-4 and errors[0] / errors[1] > 6, errors
+    # the same run through sample(), with a named grid and a warm start to the grid's first point
+    ends = {"t_max": float(sch.t_of_rho(5.0)), "t_min": float(sch.t_of_rho(0.1)), "rho": -4}
+    warm = GaussianMoments.from_covariance(torch.full((2,), model.mu, dtype=F64), model.s**2 * torch.eye(2, dtype=F64))
+    x_max = noise(64, 2, seed=1, scale=float(sch.prior_std))
+    out = sample(model, sch, x_max, solver="unipc", steps=32, grid="karras", grid_options=ends, warm_start=warm,
+                 step_scale=eta)
+    start = warm.flow(x_max, sch, sch.t_max, torch.tensor(ends["t_max"], dtype=F64))
+    exact = _step_scaled_solution(model, start, torch.tensor(ends["t_max"], dtype=F64),
+                                  torch.tensor(ends["t_min"], dtype=F64), eta)
+    assert torch.allclose(out, exact, atol=5e-4)
+
+
+def test_af3_step_scale_is_the_euler_form_of_the_step_scaled_ode():
+    """AF3's step y + eta (rho' - rho) (y - D) / rho (no churn) converges at first order to the same solution."""
+    sch = get_schedule("edm")
+    model, eta = Gaussian(sch), 1.5
+    x_T = noise(64, 2, scale=5.0)
+    errors = []
+    for steps in (50, 100, 200):
+        grid = get_grid("karras", sch, steps, t_max=float(sch.t_of_rho(5.0)), t_min=float(sch.t_of_rho(0.1)))
+        out = sample(model, sch, x_T, solver="af3", grid=grid, solver_options={"gamma_0": 0.0, "step_scale": eta})
+        errors.append(float((out - _step_scaled_solution(model, x_T, grid[0], grid[-1], eta)).abs().max()))
+    slopes = [math.log(errors[i] / errors[i + 1]) / math.log(2) for i in range(2)]
+    assert all(0.8 < s < 1.3 for s in slopes), (errors, slopes)
+
+
+def test_step_scale_errors():
+    sch = get_schedule("edm")
+    with pytest.raises(ValueError, match="step_scale must be > 0"):
+        Sampler(Gaussian(sch), sch, "unipc", steps=5, step_scale=0.0)
+    for solver in ("af3", "ddpm_ancestral"):
+        with pytest.raises(ValueError, match="step_scale applies to the ODE solvers"):
+            Sampler(Gaussian(sch), sch, solver, steps=5, step_scale=1.5)

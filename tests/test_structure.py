@@ -261,6 +261,7 @@ def test_rotated_noise_gives_rotated_backbones(solver: str) -> None:
 
 
 def test_few_step_grids_start_warm_and_end_at_sigma_last() -> None:
+    from molgen.diffusion.step_scale import scaled_rho
     from structure.sampling import SIGMA_MIN, WARM_START_SIGMA, default_rho, default_sigma_last, make_sampler
 
     model = _model_with_schedule()
@@ -273,7 +274,12 @@ def test_few_step_grids_start_warm_and_end_at_sigma_last() -> None:
         sampler = make_sampler(model, solver, steps, 40, sigma_last=last if solver == "heun" else None,
                                warm_start=warm)
         assert (sampler.warm_start is not None) == (first == WARM_START_SIGMA)
-        sigma = model.schedule.rho(sampler.t_grid[0])
+        # AF3's step scale 1.5: af3's own option, the engine's step-scaled ODE for the others, whose state grid
+        # s = rho_0 (sigma / rho_0)^1.5 maps back to the told noise levels sigma
+        eta = sampler.options["step_scale"] if solver == "af3" else sampler.step_scale
+        assert eta == 1.5 and (sampler.step_scale == 1.0 if solver == "af3" else "step_scale" not in sampler.options)
+        s = model.schedule.rho(sampler.t_grid[0])
+        sigma = scaled_rho(s, s[0], 1.0 / sampler.step_scale)
         assert float(sigma[0]) == pytest.approx(first) and float(sigma[-1]) == pytest.approx(last)
         spacing = (sigma ** (1 / rho)).diff()  # Karras: equal steps in sigma^(1/rho)
         assert torch.allclose(spacing, spacing[0].expand_as(spacing), rtol=1e-5)
@@ -379,10 +385,13 @@ def test_cli_sample_and_evaluate(tmp_path: Path) -> None:
     ]
     assert main(args) == 0
     assert len(list_structure_files(out)) == 2
-    assert json.loads((out / "sampling.json").read_text())["warm_start_sigma"] == 5.0  # 3 calls: few-step
+    meta = json.loads((out / "sampling.json").read_text())
+    assert meta["warm_start_sigma"] == 5.0 and meta["step_scale"] == 1.5  # 3 calls: few-step; AF3's eta
     cold = tmp_path / "cold"
-    assert main([*args[:9], str(cold), *args[10:], "--no-warm-start"]) == 0
-    assert json.loads((cold / "sampling.json").read_text())["warm_start_sigma"] is None
+    assert main([*args[:9], str(cold), *args[10:], "--no-warm-start", "--step-scale", "1"]) == 0
+    meta = json.loads((cold / "sampling.json").read_text())
+    assert meta["warm_start_sigma"] is None and meta["step_scale"] == 1.0
+    assert main([*args, "--solver", "ddpm_ancestral", "--step-scale", "1.5"]) == 2  # not an ODE solver
     assert main([*args[:-2], "--solver", "euler", "--gamma-0", "0"]) == 2  # af3 option on an ODE solver
     assert main([*args, "--sigma-last", "500"]) == 2  # beyond the schedule's sigma_max
     ideal = tmp_path / "ideal"

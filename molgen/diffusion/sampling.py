@@ -26,6 +26,7 @@ from molgen.diffusion.grids import get_grid
 from molgen.diffusion.parameterization import check_prediction, x0_coefficients
 from molgen.diffusion.schedules import Schedule, get_schedule
 from molgen.diffusion.spaces import Euclidean, expand_mask
+from molgen.diffusion.step_scale import StepScaled, scaled_times
 
 
 class Denoiser(Protocol):
@@ -131,6 +132,7 @@ class Sampler:
     compile: bool | str = False  # torch.compile the model (True: inductor, or a backend name); the loop stays eager
     warm_start: Any = None  # GaussianMoments of the data: x_T is carried to the first grid point in closed form
     linear_part: Any = None  # GaussianMoments: every step integrates their flow exactly, extrapolates the residual
+    step_scale: float = 1.0  # AF3's eta for any solver: dy/drho = eta (y - D) / rho (molgen.diffusion.step_scale)
     n_steps: int = field(init=False)
     orders: list[int] = field(init=False)
 
@@ -145,6 +147,12 @@ class Sampler:
         if pred is None:
             raise ValueError("the model declares no prediction (x0, eps, v, velocity): pass prediction=")
         self.prediction = check_prediction(pred)
+        if self.step_scale != 1.0:
+            if not self.step_scale > 0:
+                raise ValueError(f"step_scale must be > 0, got {self.step_scale}")
+            if self.spec.stochastic or self.linear_part is not None:
+                raise ValueError("step_scale applies to the ODE solvers, without linear_part (af3 takes its own: "
+                                 "solver_options={'step_scale': ...})")
         if self.compile:
             backend = self.compile if isinstance(self.compile, str) else "inductor"
             self.model = torch.compile(self.model, backend=backend)
@@ -179,7 +187,7 @@ class Sampler:
             t_grid, grid_key = None, (self.grid, tuple(sorted(grid_options.items())))
         key = None if grid_key is None else (
             self.spec.name, self.schedule, grid_key, tuple(self.orders), tuple(sorted(self.options.items())),
-            self.prediction, self.linear_part,
+            self.prediction, self.linear_part, self.step_scale,
         )
         try:
             hash(key)
@@ -187,9 +195,16 @@ class Sampler:
             key = None
         self._plan = _plan(key, self, t_grid, grid_options)
         self.t_grid, self.tables = self._plan.t_grid, dict(self._plan.tables)
+        self._net = self.model if self.step_scale == 1.0 else StepScaled(
+            self.model, self.schedule, self.step_scale, self.schedule.rho(self.t_grid[:, 0]), self.prediction)
         self._step = self.spec.step if self.linear_part is None else self.spec.linear_step
         # plain R^d, no thresholding: steps may take the affine fast path (states without a mask)
         self._affine = type(self.space) is Euclidean and self.clip_x0 is None and self.dynamic_threshold is None
+
+    @property
+    def net_prediction(self) -> str:
+        """What the solver steps receive: the model's prediction, or x0 from a step-scaled model."""
+        return self.prediction if self.step_scale == 1.0 else "x0"
 
     @property
     def model_calls(self) -> int:
@@ -266,10 +281,10 @@ class Sampler:
     def _call(self, state: State, x: Tensor, prefix: str, j: int) -> Tensor:
         t = state.tab[prefix + "t"][:, j].reshape(-1).expand(x.shape[0])
         if self.autocast is None:
-            out = self.model(x, t, **state.cond)
+            out = self._net(x, t, **state.cond)
         else:
             with torch.autocast(x.device.type, dtype=self.autocast):
-                out = self.model(x, t, **state.cond)
+                out = self._net(x, t, **state.cond)
         return out.to(x.dtype)
 
     @staticmethod
@@ -294,7 +309,7 @@ class Sampler:
         tab = state.tab
         out = self._call(state, x, prefix, j)
         c_out = tab[prefix + "c_out"][:, j]
-        if self.prediction == "x0":
+        if self.net_prediction == "x0":
             x0 = out * c_out
         else:
             x0 = torch.mul(x, tab[prefix + "c_x"][:, j])
@@ -374,13 +389,15 @@ def _plan(key: tuple | None, sampler: Sampler, t_grid: Tensor | None, grid_optio
         return _PLANS[key]
     if t_grid is None:
         t_grid = get_grid(sampler.grid, sampler.schedule, sampler.n_steps, **grid_options)[None]
+    if sampler.step_scale != 1.0:
+        t_grid = scaled_times(sampler.schedule, t_grid, sampler.step_scale)
     spec, orders = sampler.spec, sampler.orders
     tables = spec.tables(sampler.schedule, t_grid, list(orders), sampler.options) if orders else points(
         sampler.schedule, t_grid
     )
     for prefix in {k[: -len("d_alpha")] for k in tables if k.endswith("d_alpha")}:
         p = {n: tables[prefix + n] for n in ("alpha", "sigma", "d_alpha", "d_sigma")}
-        c_x, c_out = x0_coefficients(sampler.prediction, **p)
+        c_x, c_out = x0_coefficients(sampler.net_prediction, **p)
         tables.update({
             prefix + "c_x": c_x, prefix + "c_out": c_out,
             prefix + "e_x": (1.0 - p["alpha"] * c_x) / p["sigma"], prefix + "e_out": -p["alpha"] * c_out / p["sigma"],
@@ -422,6 +439,7 @@ def sample(
     compile: bool | str = False,
     warm_start: Any = None,
     linear_part: Any = None,
+    step_scale: float = 1.0,
 ) -> Tensor:
     """Denoise ``x_T`` (drawn at the schedule's ``t_max``) with ``solver`` on a time ``grid``.
 
@@ -433,13 +451,15 @@ def sample(
     ``linear_part`` (the same kind of moments, for ddim, dpmpp_2m/3m, unipc, euler, deis) changes the steps:
     each integrates the flow of N(m, C) exactly and extrapolates only the residual D - D_G. The two are
     independent; with both (the same moments) the whole run, start included, follows the Gaussian flow exactly
-    where the model adds nothing. Returns the x0 estimate at the last point.
+    where the model adds nothing. ``step_scale`` eta != 1 integrates AF3's step-scaled ODE
+    dy/drho = eta (y - D) / rho with any solver but af3 (``molgen.diffusion.step_scale``): the grid gives the
+    noise levels the denoiser is told. Returns the x0 estimate at the last point.
     """
     sampler = Sampler(
         model, schedule, solver, steps=steps, nfe=nfe, grid=grid, space=space, prediction=prediction,
         solver_options=solver_options, grid_options=grid_options, clip_x0=clip_x0,
         dynamic_threshold=dynamic_threshold, autocast=autocast, compile=compile, warm_start=warm_start,
-        linear_part=linear_part,
+        linear_part=linear_part, step_scale=step_scale,
     )
     state = sampler.run(sampler.init(x_T, mask=mask, cond=cond), generator, callback)
     return sampler.finish(state)
