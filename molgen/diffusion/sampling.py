@@ -26,7 +26,7 @@ from molgen.diffusion.grids import get_grid
 from molgen.diffusion.parameterization import check_prediction, x0_coefficients
 from molgen.diffusion.schedules import Schedule, get_schedule
 from molgen.diffusion.spaces import Euclidean, expand_mask
-from molgen.diffusion.step_scale import StepScaled, scaled_times
+from molgen.diffusion.step_scale import StepScaled, anchor, scaled_times
 
 
 class Denoiser(Protocol):
@@ -133,6 +133,7 @@ class Sampler:
     warm_start: Any = None  # GaussianMoments of the data: x_T is carried to the first grid point in closed form
     linear_part: Any = None  # GaussianMoments: every step integrates their flow exactly, extrapolates the residual
     step_scale: float = 1.0  # AF3's eta for any solver: dy/drho = eta (y - D) / rho (molgen.diffusion.step_scale)
+    step_scale_below: float | None = None  # rho = sigma / alpha below which it applies (None: the whole grid)
     n_steps: int = field(init=False)
     orders: list[int] = field(init=False)
 
@@ -150,6 +151,8 @@ class Sampler:
         if self.step_scale != 1.0:
             if not self.step_scale > 0:
                 raise ValueError(f"step_scale must be > 0, got {self.step_scale}")
+            if self.step_scale_below is not None and not self.step_scale_below > 0:
+                raise ValueError(f"step_scale_below must be > 0, got {self.step_scale_below}")
             if self.spec.stochastic or self.linear_part is not None:
                 raise ValueError("step_scale applies to the ODE solvers, without linear_part (af3 takes its own: "
                                  "solver_options={'step_scale': ...})")
@@ -187,7 +190,7 @@ class Sampler:
             t_grid, grid_key = None, (self.grid, tuple(sorted(grid_options.items())))
         key = None if grid_key is None else (
             self.spec.name, self.schedule, grid_key, tuple(self.orders), tuple(sorted(self.options.items())),
-            self.prediction, self.linear_part, self.step_scale,
+            self.prediction, self.linear_part, self.step_scale, self.step_scale_below,
         )
         try:
             hash(key)
@@ -196,7 +199,8 @@ class Sampler:
         self._plan = _plan(key, self, t_grid, grid_options)
         self.t_grid, self.tables = self._plan.t_grid, dict(self._plan.tables)
         self._net = self.model if self.step_scale == 1.0 else StepScaled(
-            self.model, self.schedule, self.step_scale, self.schedule.rho(self.t_grid[:, 0]), self.prediction)
+            self.model, self.schedule, self.step_scale, anchor(self.schedule, self.t_grid, self.step_scale_below),
+            self.prediction)
         self._step = self.spec.step if self.linear_part is None else self.spec.linear_step
         # plain R^d, no thresholding: steps may take the affine fast path (states without a mask)
         self._affine = type(self.space) is Euclidean and self.clip_x0 is None and self.dynamic_threshold is None
@@ -390,7 +394,7 @@ def _plan(key: tuple | None, sampler: Sampler, t_grid: Tensor | None, grid_optio
     if t_grid is None:
         t_grid = get_grid(sampler.grid, sampler.schedule, sampler.n_steps, **grid_options)[None]
     if sampler.step_scale != 1.0:
-        t_grid = scaled_times(sampler.schedule, t_grid, sampler.step_scale)
+        t_grid = scaled_times(sampler.schedule, t_grid, sampler.step_scale, sampler.step_scale_below)
     spec, orders = sampler.spec, sampler.orders
     tables = spec.tables(sampler.schedule, t_grid, list(orders), sampler.options) if orders else points(
         sampler.schedule, t_grid
@@ -440,6 +444,7 @@ def sample(
     warm_start: Any = None,
     linear_part: Any = None,
     step_scale: float = 1.0,
+    step_scale_below: float | None = None,
 ) -> Tensor:
     """Denoise ``x_T`` (drawn at the schedule's ``t_max``) with ``solver`` on a time ``grid``.
 
@@ -452,14 +457,15 @@ def sample(
     each integrates the flow of N(m, C) exactly and extrapolates only the residual D - D_G. The two are
     independent; with both (the same moments) the whole run, start included, follows the Gaussian flow exactly
     where the model adds nothing. ``step_scale`` eta != 1 integrates AF3's step-scaled ODE
-    dy/drho = eta (y - D) / rho with any solver but af3 (``molgen.diffusion.step_scale``): the grid gives the
-    noise levels the denoiser is told. Returns the x0 estimate at the last point.
+    dy/drho = eta (y - D) / rho with any ODE solver (``molgen.diffusion.step_scale``), below
+    ``step_scale_below`` when given: the grid gives the noise levels the denoiser is told. Returns the x0
+    estimate at the last point.
     """
     sampler = Sampler(
         model, schedule, solver, steps=steps, nfe=nfe, grid=grid, space=space, prediction=prediction,
         solver_options=solver_options, grid_options=grid_options, clip_x0=clip_x0,
         dynamic_threshold=dynamic_threshold, autocast=autocast, compile=compile, warm_start=warm_start,
-        linear_part=linear_part, step_scale=step_scale,
+        linear_part=linear_part, step_scale=step_scale, step_scale_below=step_scale_below,
     )
     state = sampler.run(sampler.init(x_T, mask=mask, cond=cond), generator, callback)
     return sampler.finish(state)

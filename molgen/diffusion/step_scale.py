@@ -13,10 +13,12 @@ s = rho_0 (rho / rho_0)^eta this is the ordinary PF-ODE in s,
 
 so any solver integrates it to its own order on the grid s_i = rho_0 (rho_i / rho_0)^eta with the denoiser asked
 at rho_i; AF3's step y + eta (rho' - rho) (y - D) / rho is its first-order (Euler) form. rho_0 is the first grid
-point, where the state's noise and the told noise agree (after a warm start, the level it ends at).
+point (after a warm start, the level it ends at), or ``step_scale_below`` when that is lower: above it the run is
+the plain ODE (AF3's churn keeps its high-noise steps from over-denoising in the same way), below it the scaled
+one, and the state's noise and the told noise agree at rho_0.
 
-``Sampler(..., step_scale=eta)`` / ``sample(..., step_scale=eta)`` apply both: the grid (named or given) is the
-told noise levels, and the output is the denoiser's x0 at the last of them.
+``Sampler(..., step_scale=eta, step_scale_below=rho)`` / ``sample(...)`` apply both: the grid (named or given) is
+the told noise levels, and the output is the denoiser's x0 at the last of them.
 """
 
 from __future__ import annotations
@@ -30,23 +32,38 @@ from molgen.diffusion.parameterization import check_prediction, to_x0
 from molgen.diffusion.schedules import Schedule
 
 
+def applies(solver: str) -> bool:
+    """Whether ``solver`` takes the engine's step scale: its ODE (deterministic) solvers do."""
+    from molgen.diffusion.solvers import get_solver
+
+    return not get_solver(solver).stochastic
+
+
 def scaled_rho(rho: Tensor, rho_0: Tensor | float, eta: float) -> Tensor:
-    """s = rho_0 (rho / rho_0)^eta (its inverse is ``scaled_rho(s, rho_0, 1 / eta)``)."""
-    return rho_0 * (rho / rho_0) ** eta
+    """s = rho below rho_0 scaled: rho_0 (rho / rho_0)^eta for rho < rho_0, rho above (its inverse is
+    ``scaled_rho(s, rho_0, 1 / eta)``)."""
+    rho_0 = torch.as_tensor(rho_0, dtype=rho.dtype, device=rho.device)
+    return torch.where(rho < rho_0, rho_0 * (rho / rho_0) ** eta, rho)
 
 
-def scaled_times(schedule: Schedule, t_grid: Tensor, eta: float) -> Tensor:
-    """State times of a step-scaled run for the told times ``t_grid`` ([n] or [B, n], decreasing along the last
-    axis): rho(s_i) = rho_0 (rho(t_i) / rho_0)^eta with rho_0 = rho(t_0) of each row."""
+def anchor(schedule: Schedule, t_grid: Tensor, below: float | None) -> Tensor:
+    """rho_0 of each row of ``t_grid`` ([B or 1, n]): its first point, or ``below`` when that is lower."""
+    first = schedule.rho(t_grid[..., :1].to(torch.float64))
+    return first if below is None else first.clamp(max=below)
+
+
+def scaled_times(schedule: Schedule, t_grid: Tensor, eta: float, below: float | None = None) -> Tensor:
+    """State times of a step-scaled run for the told times ``t_grid`` ([B or 1, n], decreasing along the last
+    axis): rho(s_i) = scaled_rho(rho(t_i), rho_0, eta) with rho_0 = ``anchor``."""
     rho = schedule.rho(t_grid.to(torch.float64))
-    return schedule.t_of_rho(scaled_rho(rho, rho[..., :1], eta))
+    return schedule.t_of_rho(scaled_rho(rho, anchor(schedule, t_grid, below), eta))
 
 
 class StepScaled:
     """A model whose plain PF-ODE is ``model``'s step-scaled one: a state at time t (noise s = rho(t)) is
-    denoised by ``model`` at the time t_m with rho(t_m) = rho_0 (s / rho_0)^(1 / eta), on the input
+    denoised by ``model`` at the time t_m with rho(t_m) = scaled_rho(s, rho_0, 1 / eta), on the input
     alpha(t_m) x / alpha(t). Returns x0 whatever ``model`` predicts (``prediction = "x0"``). ``rho_0``: [1] or
-    [B], each sample's first grid point."""
+    [B] (``anchor``)."""
 
     prediction = "x0"
 
@@ -60,7 +77,7 @@ class StepScaled:
     def __call__(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         sched = self.schedule
         t64 = t.to(torch.float64)
-        t_m = sched.t_of_rho(scaled_rho(sched.rho(t64), self.rho_0.to(t.device), 1.0 / self.eta))
+        t_m = sched.t_of_rho(scaled_rho(sched.rho(t64), self.rho_0.reshape(-1).to(t.device), 1.0 / self.eta))
         alpha_m, sigma_m = sched.alpha(t_m), sched.sigma(t_m)
         shape = (-1, *([1] * (x.ndim - 1)))
         x_m = x * (alpha_m / sched.alpha(t64)).to(x.dtype).reshape(shape)

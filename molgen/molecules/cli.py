@@ -33,6 +33,10 @@ def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
         help="property condition, e.g. gap=0.25 (Hartree); repeatable",
     )
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+    parser.add_argument("--step-scale", type=float, default=None,
+                        help="AF3's step scale for ODE solvers (default 1.5; 1 = the plain ODE)")
+    parser.add_argument("--step-scale-below", type=float, default=None,
+                        help="sigma/alpha below which the step scale applies (default 3)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -76,6 +80,7 @@ def run_sample(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         grid=args.grid,
         device=args.device,
+        **{k: v for k in ("step_scale", "step_scale_below") if (v := getattr(args, k)) is not None},
     )
     elapsed = time.perf_counter() - start
     write_molecules(args.out, mols)

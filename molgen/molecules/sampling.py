@@ -18,11 +18,18 @@ from torch import Tensor, nn
 
 from molgen.checkpoints import load_checkpoint
 from molgen.diffusion import ZeroCoM, sample
+from molgen.diffusion.step_scale import applies
 from molgen.molecules.io import Molecule, to_rdkit
 from molgen.molecules.model import MoleculeDenoiser
 from molgen.molecules.train import MODEL_KEYS
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "data" / "molecules" / "qm9_egnn.pt"
+# AF3's step scale for the ODE solvers, below sigma/alpha = 3 A (about 2 sigma_data; above it the plain ODE).
+# Chosen on development seed 1 (300 molecules, step-25,598 model, dpmpp_2m, logSNR grid), atom stability at
+# 10 / 20 NFE: plain ODE 0.34 / 0.57; eta 1.5 below 1 / 3 / 10 A 0.32 / 0.40 / 0.37 and 0.77 / 0.79 / 0.67;
+# eta 2 below 3 A 0.27 / 0.81; over the whole grid (from sigma/alpha ~ 10^2) the state's noise falls far below
+# the level the denoiser is told and every molecule breaks.
+STEP_SCALE, STEP_SCALE_BELOW = 1.5, 3.0
 
 
 def load_model(path: str | Path | None = None) -> tuple[MoleculeDenoiser, dict[str, Any]]:
@@ -112,10 +119,14 @@ def sample_molecules(
     grid: str = "logsnr",
     grid_options: Mapping[str, Any] | None = None,
     solver_options: Mapping[str, Any] | None = None,
+    step_scale: float | None = None,
+    step_scale_below: float | None = STEP_SCALE_BELOW,
     device: str | torch.device = "cpu",
 ) -> list[Molecule]:
     """Generate ``n`` molecules. Atom counts: ``atoms`` (one int for all, or one per molecule) or drawn from
-    the training histogram. Same seed -> same molecules (on the same device)."""
+    the training histogram. Same seed -> same molecules (on the same device). ODE solvers integrate AF3's
+    step-scaled ODE below sigma/alpha = ``step_scale_below`` (``molgen.diffusion.step_scale``; ``step_scale``
+    default ``STEP_SCALE`` for ODE solvers, 1 for stochastic ones)."""
     device = torch.device(device)
     model = model.to(device)
     if n < 1:
@@ -139,6 +150,7 @@ def sample_molecules(
         denoiser = Guided(model, guidance)
     out: list[Molecule | None] = [None] * n
     space = ZeroCoM(3)
+    eta = (STEP_SCALE if applies(solver) else 1.0) if step_scale is None else step_scale
     for chunk in size_chunks(counts, batch_size):
         c = counts[chunk]
         width = int(c.max())
@@ -161,6 +173,8 @@ def sample_molecules(
             space=space,
             solver_options=solver_options,
             grid_options=grid_options,
+            step_scale=eta,
+            step_scale_below=step_scale_below,
         )
         x0 = x0.cpu()
         types = model.decode_types(x0)
