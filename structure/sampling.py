@@ -32,13 +32,6 @@ STEP_SCALE = 1.5  # AF3's step scale eta, used by every ODE solver too (molgen.d
 AF3_DEFAULTS = {"gamma_0": 0.8, "gamma_min": 1.0, "noise_scale": 1.003, "step_scale": STEP_SCALE}
 
 
-def ode_solvers() -> list[str]:
-    """Names of the engine's deterministic (ODE) solvers."""
-    from molgen.diffusion import SOLVERS
-
-    return sorted(name for name, spec in SOLVERS.items() if not spec.stochastic)
-
-
 def load_model(path: str | Path, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX) -> BackboneDenoiser:
     """The shipped (or any exported) denoiser with the engine's ``edm`` schedule attached, in eval mode."""
     from molgen.checkpoints import load_checkpoint
