@@ -4,7 +4,8 @@ on the same model, in bounded time on one CPU core.
     python benchmarks/molecules.py --json results/molecules.json [--checkpoint PATH] [--n 1000] [--n-reference 100]
 
 * Quality: EDM metrics (atom/molecule stability, validity, uniqueness, novelty against the QM9 train SMILES)
-  of ``--n`` samples per few-step budget (``--nfe``, default 10 20 50; ``--solver`` on the logSNR grid) and of
+  of ``--n`` samples per few-step budget (``--nfe``, default 10 20 50; ``--solver`` on the logSNR grid, with
+  ``sample_molecules``' step scale, and again as the plain ODE, ``few_step_plain_ode``) and of
   ``--n-reference`` samples of the ``--reference-steps``-step ancestral sampler (DDPM, uniform time grid).
 * Retention: each few-step metric over the reference figure (targets for molecule stability: >= 0.9 at 10
   NFE, >= 0.97 at 20). A ratio over a reference of 0 is undefined and is written as ``null`` with a reason.
@@ -121,11 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     few = [{"solver": args.solver, "steps": k, "grid": args.grid} for k in args.nfe]
     reference = {"solver": args.reference_solver, "steps": args.reference_steps, "grid": "time_uniform"}
     rows = [quality(model, config, ref, args.n, s, **common) for s in few]
+    plain = [quality(model, config, ref, args.n, {**s, "step_scale": 1.0}, **common) for s in few]
     ref_row = quality(model, config, ref, args.n_reference, reference, **common)
     speed = throughput(model, config, few[0], ref_row, **common)
-    for r in [*rows, ref_row]:
+    for r in [*rows, *plain, ref_row]:
         print(
-            f"{r['solver']:>15s} {r['steps']:5d} steps: atom {100 * r['atom_stability']:.1f} % "
+            f"{r['solver']:>15s} {r['steps']:5d} steps{' (step scale 1)' if 'step_scale' in r else ''}: "
+            f"atom {100 * r['atom_stability']:.1f} % "
             f"mol {100 * r['mol_stability']:.1f} % valid {100 * r['validity']:.1f} % "
             f"unique {100 * r['uniqueness']:.1f} % (n={r['n']}, {r['seconds']:.0f} s)"
         )
@@ -146,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "novelty_reference": ref_name,
         "few_step": rows,
+        "few_step_plain_ode": plain,
         "reference": ref_row,
         "retention": retention(rows, ref_row),
         "retention_targets_mol_stability": RETENTION_TARGETS,

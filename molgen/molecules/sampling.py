@@ -103,6 +103,14 @@ def normalise_condition(condition: Mapping[str, float], config: Mapping[str, Any
     return (raw - mean) / std
 
 
+def default_step_scale(solver: str) -> dict[str, float]:
+    """The step scale ``sample_molecules`` uses with ``solver``: ``STEP_SCALE`` below ``STEP_SCALE_BELOW`` for
+    ODE solvers, 1 (none) for stochastic ones."""
+    if applies(solver):
+        return {"step_scale": STEP_SCALE, "step_scale_below": STEP_SCALE_BELOW}
+    return {"step_scale": 1.0}
+
+
 @torch.no_grad()
 def sample_molecules(
     model: MoleculeDenoiser,
@@ -150,7 +158,7 @@ def sample_molecules(
         denoiser = Guided(model, guidance)
     out: list[Molecule | None] = [None] * n
     space = ZeroCoM(3)
-    eta = (STEP_SCALE if applies(solver) else 1.0) if step_scale is None else step_scale
+    eta = default_step_scale(solver)["step_scale"] if step_scale is None else step_scale
     for chunk in size_chunks(counts, batch_size):
         c = counts[chunk]
         width = int(c.max())
