@@ -69,8 +69,6 @@ class StepScaled:
 
     def __init__(self, model: Callable[..., Tensor], schedule: Schedule, eta: float, rho_0: Tensor,
                  prediction: str) -> None:
-        if not eta > 0:
-            raise ValueError(f"step_scale must be > 0, got {eta}")
         self.model, self.schedule, self.eta, self.rho_0 = model, schedule, eta, rho_0.to(torch.float64)
         self.model_prediction = check_prediction(prediction)
 
