@@ -69,13 +69,14 @@ class StepScaled:
 
     def __init__(self, model: Callable[..., Tensor], schedule: Schedule, eta: float, rho_0: Tensor,
                  prediction: str) -> None:
-        self.model, self.schedule, self.eta, self.rho_0 = model, schedule, eta, rho_0.to(torch.float64)
+        self.model, self.schedule, self.eta = model, schedule, eta
+        self.rho_0 = rho_0.to(torch.float64).reshape(-1)
         self.model_prediction = check_prediction(prediction)
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         sched = self.schedule
         t64 = t.to(torch.float64)
-        t_m = sched.t_of_rho(scaled_rho(sched.rho(t64), self.rho_0.reshape(-1).to(t.device), 1.0 / self.eta))
+        t_m = sched.t_of_rho(scaled_rho(sched.rho(t64), self.rho_0.to(t.device), 1.0 / self.eta))
         alpha_m, sigma_m = sched.alpha(t_m), sched.sigma(t_m)
         shape = (-1, *([1] * (x.ndim - 1)))
         x_m = x * (alpha_m / sched.alpha(t64)).to(x.dtype).reshape(shape)

@@ -80,7 +80,8 @@ def run_sample(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         grid=args.grid,
         device=args.device,
-        **{k: v for k in ("step_scale", "step_scale_below") if (v := getattr(args, k)) is not None},
+        step_scale=args.step_scale,
+        step_scale_below=args.step_scale_below,
     )
     elapsed = time.perf_counter() - start
     write_molecules(args.out, mols)

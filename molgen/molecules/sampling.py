@@ -103,12 +103,12 @@ def normalise_condition(condition: Mapping[str, float], config: Mapping[str, Any
     return (raw - mean) / std
 
 
-def default_step_scale(solver: str) -> dict[str, float]:
-    """The step scale ``sample_molecules`` uses with ``solver``: ``STEP_SCALE`` below ``STEP_SCALE_BELOW`` for
-    ODE solvers, 1 (none) for stochastic ones."""
-    if applies(solver):
-        return {"step_scale": STEP_SCALE, "step_scale_below": STEP_SCALE_BELOW}
-    return {"step_scale": 1.0}
+def step_scale_settings(solver: str, step_scale: float | None = None,
+                        step_scale_below: float | None = None) -> dict[str, float]:
+    """The step scale ``sample_molecules`` uses with ``solver``: the given values, else ``STEP_SCALE`` below
+    ``STEP_SCALE_BELOW`` for ODE solvers and 1 (none) for stochastic ones."""
+    eta = (STEP_SCALE if applies(solver) else 1.0) if step_scale is None else step_scale
+    return {"step_scale": eta, "step_scale_below": STEP_SCALE_BELOW if step_scale_below is None else step_scale_below}
 
 
 @torch.no_grad()
@@ -128,13 +128,13 @@ def sample_molecules(
     grid_options: Mapping[str, Any] | None = None,
     solver_options: Mapping[str, Any] | None = None,
     step_scale: float | None = None,
-    step_scale_below: float | None = STEP_SCALE_BELOW,
+    step_scale_below: float | None = None,
     device: str | torch.device = "cpu",
 ) -> list[Molecule]:
     """Generate ``n`` molecules. Atom counts: ``atoms`` (one int for all, or one per molecule) or drawn from
     the training histogram. Same seed -> same molecules (on the same device). ODE solvers integrate AF3's
-    step-scaled ODE below sigma/alpha = ``step_scale_below`` (``molgen.diffusion.step_scale``; ``step_scale``
-    default ``STEP_SCALE`` for ODE solvers, 1 for stochastic ones)."""
+    step-scaled ODE below sigma/alpha = ``step_scale_below`` (``molgen.diffusion.step_scale``; defaults in
+    ``step_scale_settings``)."""
     device = torch.device(device)
     model = model.to(device)
     if n < 1:
@@ -158,7 +158,7 @@ def sample_molecules(
         denoiser = Guided(model, guidance)
     out: list[Molecule | None] = [None] * n
     space = ZeroCoM(3)
-    eta = default_step_scale(solver)["step_scale"] if step_scale is None else step_scale
+    scale = step_scale_settings(solver, step_scale, step_scale_below)
     for chunk in size_chunks(counts, batch_size):
         c = counts[chunk]
         width = int(c.max())
@@ -181,8 +181,7 @@ def sample_molecules(
             space=space,
             solver_options=solver_options,
             grid_options=grid_options,
-            step_scale=eta,
-            step_scale_below=step_scale_below,
+            **scale,
         )
         x0 = x0.cpu()
         types = model.decode_types(x0)
