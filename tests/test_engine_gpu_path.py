@@ -84,3 +84,23 @@ def test_compiled_and_eager_models_give_the_same_samples():
         # aot_eager traces and partitions the graph like inductor but skips C++ code generation (CI time)
         compiled = sample(model, sch, x_T, solver="unipc", steps=6, compile="aot_eager")
     assert torch.allclose(eager, compiled, atol=1e-5)
+
+
+def test_a_step_scaled_masked_loop_is_capturable():
+    """init -> run -> final (what a CUDA graph holds) with ZeroCoM, a padding mask and AF3's step scale: no sync."""
+    from molgen.diffusion import ZeroCoM
+
+    class PointDenoiser(torch.nn.Module):
+        prediction = "x0"
+
+        def forward(self, x, t, mask):
+            return torch.tanh(x / (1 + t[:, None, None] ** 2)) * mask[..., None]
+
+    s = Sampler(PointDenoiser(), get_schedule("vp_cosine"), "dpmpp_2m", steps=8, space=ZeroCoM(3),
+                step_scale=1.5, step_scale_below=3.0)
+    mask = torch.arange(6) < torch.tensor([[6], [4], [3]])
+    x_T = ZeroCoM(3).noise_like(torch.zeros(3, 6, 5), mask, torch.Generator().manual_seed(0))
+    with torch.no_grad(), forbid_host_sync():
+        state = s.final(s.run(s.init(x_T, mask=mask, cond={"mask": mask})))
+    s.check_finite(state)
+    assert torch.equal(state.x0, s.finish(s.run(s.init(x_T, mask=mask, cond={"mask": mask}))))

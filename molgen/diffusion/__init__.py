@@ -4,9 +4,11 @@
     moments = GaussianMoments.from_data(train_x)  # the data's mean and covariance
     x = sample(model, schedule, x_T, solver="unipc", steps=5, warm_start=moments)  # closed-form start
     x = sample(model, schedule, x_T, solver="unipc", steps=5, warm_start=moments, linear_part=moments)  # + every step
+    loop = GraphedSampler(Sampler(model, schedule, "unipc", steps=5)); x = loop(x_T)  # CUDA: one graph replay
 """
 
 from molgen.diffusion.analytic import GaussianMoments
+from molgen.diffusion.cuda_graph import GraphedSampler
 from molgen.diffusion.grids import GRIDS, get_grid
 from molgen.diffusion.parameterization import PREDICTIONS, to_x0
 from molgen.diffusion.sampling import Sampler, State, sample, select
@@ -15,7 +17,7 @@ from molgen.diffusion.solvers import SOLVERS, get_solver
 from molgen.diffusion.spaces import Euclidean, ZeroCoM
 
 __all__ = [
-    "GRIDS", "PREDICTIONS", "SCHEDULES", "SOLVERS", "Euclidean", "GaussianMoments", "Sampler", "Schedule", "State",
-    "ZeroCoM",
+    "GRIDS", "PREDICTIONS", "SCHEDULES", "SOLVERS", "Euclidean", "GaussianMoments", "GraphedSampler", "Sampler",
+    "Schedule", "State", "ZeroCoM",
     "get_grid", "get_schedule", "get_solver", "sample", "select", "to_x0",
 ]

@@ -245,15 +245,18 @@ class Sampler:
             raise IndexError(f"step {i} outside 0..{self.n_steps - 2}")
         return self._step(self, state, i, generator)
 
-    def finish(self, state: State) -> Tensor:
+    def final(self, state: State) -> State:
+        """``state`` with ``x0`` = the denoised estimate at t_{n-1}, padded entries as they came in. No host
+        synchronisation: a CUDA graph can hold ``init``, ``run`` and ``final`` (``molgen.diffusion.cuda_graph``)."""
         if state.x0 is None:
             x0, record = self.denoise_at(state, state.x, "", self.n_steps - 1)
-            state = replace(state, nan_step=record)
-        else:
-            x0 = state.x0
-        x0 = self._keep(x0, state.mask, state.keep)
-        sums = torch.cat([v for _, v in state.nan_step]) if state.nan_step else x0.new_zeros(1)
-        if not bool(torch.isfinite(sums).all()):  # the one host synchronisation, after the loop
+            state = replace(state, x0=x0, nan_step=record)
+        return replace(state, x0=self._keep(state.x0, state.mask, state.keep))
+
+    def check_finite(self, state: State) -> None:
+        """Raise if any model call returned NaN/inf: the one host synchronisation, after the loop."""
+        sums = torch.cat([v for _, v in state.nan_step]) if state.nan_step else state.x.new_zeros(1)
+        if not bool(torch.isfinite(sums).all()):
             nan_step = first_nan_step(state)
             bad = nan_step >= 0
             first = int(nan_step[bad].min())
@@ -261,7 +264,11 @@ class Sampler:
                 f"the model returned NaN/inf for {int(bad.sum())} of {state.batch} samples "
                 f"(first at step {first} of {self.n_steps}, t={float(self.t_grid[0, first]):.4g})"
             )
-        return x0
+
+    def finish(self, state: State) -> Tensor:
+        state = self.final(state)
+        self.check_finite(state)
+        return state.x0
 
     def run(
         self, state: State, generator: torch.Generator | None = None, callback: Callable | None = None

@@ -72,11 +72,17 @@ class StepScaled:
         self.model, self.schedule, self.eta = model, schedule, eta
         self.rho_0 = rho_0.to(torch.float64).reshape(-1)
         self.model_prediction = check_prediction(prediction)
+        self._rho_0_on: dict[torch.device, Tensor] = {}  # per-device copies: no host copy inside the loop
+
+    def anchor_on(self, device: torch.device) -> Tensor:
+        if device not in self._rho_0_on:
+            self._rho_0_on[device] = self.rho_0.to(device)
+        return self._rho_0_on[device]
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         sched = self.schedule
         t64 = t.to(torch.float64)
-        t_m = sched.t_of_rho(scaled_rho(sched.rho(t64), self.rho_0.to(t.device), 1.0 / self.eta))
+        t_m = sched.t_of_rho(scaled_rho(sched.rho(t64), self.anchor_on(t.device), 1.0 / self.eta))
         alpha_m, sigma_m = sched.alpha(t_m), sched.sigma(t_m)
         shape = (-1, *([1] * (x.ndim - 1)))
         x_m = x * (alpha_m / sched.alpha(t64)).to(x.dtype).reshape(shape)

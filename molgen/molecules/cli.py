@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from molgen.batching import batch_size_arg
 from molgen.molecules.data import MAX_ATOMS
 
 
@@ -37,7 +38,8 @@ def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
                         help="AF3's step scale for ODE solvers (default 1.5; 1 = the plain ODE)")
     parser.add_argument("--step-scale-below", type=float, default=None,
                         help="sigma/alpha below which the step scale applies (default 3)")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=batch_size_arg, default=256,
+                        help="molecules per model call, or auto: the largest that fits the device")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
 

@@ -16,6 +16,7 @@ import torch
 from rdkit import Chem
 from torch import Tensor, nn
 
+from molgen.batching import largest_batch
 from molgen.checkpoints import load_checkpoint
 from molgen.diffusion import ZeroCoM, sample
 from molgen.diffusion.step_scale import applies
@@ -123,7 +124,7 @@ def sample_molecules(
     atoms: int | Sequence[int] | None = None,
     condition: Mapping[str, float] | None = None,
     guidance: float = 1.0,
-    batch_size: int = 256,
+    batch_size: int | str = 256,
     grid: str = "logsnr",
     grid_options: Mapping[str, Any] | None = None,
     solver_options: Mapping[str, Any] | None = None,
@@ -132,7 +133,8 @@ def sample_molecules(
     device: str | torch.device = "cpu",
 ) -> list[Molecule]:
     """Generate ``n`` molecules. Atom counts: ``atoms`` (one int for all, or one per molecule) or drawn from
-    the training histogram. Same seed -> same molecules (on the same device). ODE solvers integrate AF3's
+    the training histogram. Same seed -> same molecules (on the same device and batch size). ``batch_size="auto"``:
+    the largest batch of the widest molecules that fits the device (``molgen.batching``). ODE solvers integrate AF3's
     step-scaled ODE below sigma/alpha = ``step_scale_below`` (``molgen.diffusion.step_scale``; defaults in
     ``step_scale_settings``)."""
     device = torch.device(device)
@@ -156,6 +158,8 @@ def sample_molecules(
     if condition:
         props = normalise_condition(condition, config)
         denoiser = Guided(model, guidance)
+    if batch_size == "auto":
+        batch_size = largest_batch(lambda b: one_call(denoiser, model, b, int(counts.max()), props, device), device)
     out: list[Molecule | None] = [None] * n
     space = ZeroCoM(3)
     scale = step_scale_settings(solver, step_scale, step_scale_below)
@@ -190,6 +194,16 @@ def sample_molecules(
             symbols = tuple(model.atom_types[j] for j in types[row, :k].tolist())
             out[idx] = Molecule(symbols, x0[row, :k, :3].double().numpy(), f"molgen_{seed}_{idx}")
     return [m for m in out if m is not None]
+
+
+def one_call(denoiser: nn.Module, model: MoleculeDenoiser, batch: int, width: int, props: Tensor | None,
+             device: torch.device) -> Tensor:
+    """One denoiser call on ``batch`` molecules of ``width`` atoms (the memory probe of ``batch_size="auto"``)."""
+    x = torch.zeros(batch, width, model.n_features, device=device)
+    mask = torch.ones(batch, width, dtype=torch.bool, device=device)
+    t = torch.full((batch,), 0.5, device=device)
+    extra = {} if props is None else {"props": props.expand(batch, -1).to(device)}
+    return denoiser(x, t, mask=mask, **extra)
 
 
 def sample_rdkit(model: MoleculeDenoiser, config: Mapping[str, Any], n: int, **kwargs: Any) -> list[Chem.Mol]:

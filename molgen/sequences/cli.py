@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from molgen.batching import batch_size_arg
 from molgen.sequences.io import write_fasta
 
 MAX_LENGTH = {"rna": 128, "dna": 200}
@@ -150,7 +151,8 @@ def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance weight w")
     parser.add_argument("--eta", type=float, default=0.02, help="ReMDM remasking strength")
     parser.add_argument("--checkpoint", default=None, help=f"default data/sequences/{modality}_default.pt")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=batch_size_arg, default=256,
+                        help="sequences per model call, or auto: the largest that fits the device")
     parser.add_argument("--device", default="cpu")
 
 

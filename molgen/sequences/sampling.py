@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from molgen.batching import largest_batch
 from molgen.diffusion.discrete import ClassifierFreeGuidance, DiscreteSampler
 from molgen.sequences.io import Record
 from molgen.sequences.pretrained import Pretrained
@@ -22,10 +23,11 @@ def generate(
     condition: str | None = None,
     guidance_scale: float = 0.0,
     options: Mapping[str, Any] | None = None,
-    batch_size: int = 256,
+    batch_size: int | str = 256,
     device: str | torch.device = "cpu",
 ) -> list[Record]:
-    """Sample ``n`` sequences; lengths are ``length`` or drawn from the model's data length distribution."""
+    """Sample ``n`` sequences; lengths are ``length`` or drawn from the model's data length distribution.
+    ``batch_size="auto"``: the largest batch of the longest sequences that fits the device (``molgen.batching``)."""
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
     max_len = pre.model.config.max_length
@@ -47,6 +49,8 @@ def generate(
         raise ValueError("--guidance-scale needs --condition")
     records = []
     with torch.no_grad():
+        if batch_size == "auto":
+            batch_size = largest_batch(lambda b: one_call(model, pre, b, int(lengths.max()), cond, device), device)
         for i in range(0, n, batch_size):
             lb = lengths[i : i + batch_size].to(device)
             x_T = pre.process.prior(lb, int(lb.max()))
@@ -61,3 +65,11 @@ def generate(
                     )
                 )
     return records
+
+
+def one_call(model: torch.nn.Module, pre: Pretrained, batch: int, length: int, cond: Mapping[str, torch.Tensor],
+             device: str | torch.device) -> torch.Tensor:
+    """One model call on ``batch`` fully masked sequences of ``length`` (the probe of ``batch_size="auto"``)."""
+    x_T = pre.process.prior(torch.full((batch,), length, device=device), length)
+    t = torch.ones(batch, device=device)
+    return model(x_T, t, **{k: v[:1].expand(batch) for k, v in cond.items()})
