@@ -153,7 +153,7 @@ def guide(problem: Problem, method: str, reward: Reward, n: int, *, candidates: 
 def _molecules(steps: int, checkpoint: str | Path | None, solver: str, chunk: int) -> Problem:
     from molgen.diffusion import Sampler, ZeroCoM
     from molgen.molecules.io import Molecule, write_molecules
-    from molgen.molecules.metrics import evaluate, valid_smiles
+    from molgen.molecules.metrics import evaluate, structure_smiles, valid_smiles
     from molgen.molecules.sampling import load_model, sample_atom_counts
 
     path = Path(checkpoint) if checkpoint else default_checkpoint("molecules")
@@ -185,8 +185,9 @@ def _molecules(steps: int, checkpoint: str | Path | None, solver: str, chunk: in
         return out
 
     def decode(x0: Tensor, mask: Tensor) -> list[str]:
-        """SMILES of the largest fragment of the EDM-inferred molecule; '' when it does not sanitise."""
-        return [valid_smiles(s, p) or "" for s, p in molecules(x0, mask)]
+        """SMILES of the whole EDM-inferred structure, fragments included (the molecule rewards discount them);
+        '' when it does not sanitise."""
+        return [structure_smiles(s, p) or "" for s, p in molecules(x0, mask)]
 
     def natural(res: GuidanceResult) -> dict[str, float]:
         mols = molecules(res.samples, res.mask)

@@ -267,7 +267,8 @@ def test_molecule_and_backbone_campaigns_guided_and_refined(tmp_path):
     c = Campaign(mol, tmp_path / "mol").run()
     s = c.samples_frame()
     assert len(s) == 8 and s["naturalness"].between(0, 1).all()
-    assert ((s["valid"] == 1) == (s["smiles"] != "")).all()
+    assert ((s["valid"] > 0) == (s["smiles"] != "")).all()  # validity is the largest fragment's share of atoms
+    assert ((s["valid"] == 1) == ((s["smiles"] != "") & ~s["smiles"].str.contains(".", regex=False))).all()
     assert len(c.selected()) <= 3
     from rdkit import Chem
 

@@ -24,6 +24,18 @@ def test_molecule_rewards_known_values():
     assert parse_reward("ring_penalty")(["C1CCCCCCC1", "C1CCCCC1"]).tolist() == [-1.0, 0.0]
 
 
+def test_fragments_score_their_largest_part_times_its_share_of_atoms():
+    pytest.importorskip("rdkit")
+    ethanol = parse_reward("qed")(["CCO"]).item()
+    # ethanol has 9 atoms with its hydrogens; a stray H atom makes 10, a stray water 12
+    out = parse_reward("qed")(["CCO.[H]", "O.CCO", "[H]OC([H])([H])C([H])([H])[H]"])
+    assert out.tolist() == pytest.approx([0.9 * ethanol, 0.75 * ethanol, ethanol])
+    assert parse_reward("validity")(["CCO.[H]"]).item() == pytest.approx(0.9)
+    sa = parse_reward("sa")
+    assert sa(["CCO.O"]).item() == pytest.approx(0.75 * sa(["CCO"]).item())
+    assert parse_reward("logp")(["CCO.[Na+]"]).item() == pytest.approx(parse_reward("logp")(["CCO"]).item())
+
+
 def test_rna_rewards_known_values_and_bad_targets():
     pytest.importorskip("RNA")
     mfe = parse_reward("rna_mfe")(["GGGGAAAACCCC", "AAAAAAAAAAAA"])

@@ -359,6 +359,15 @@ def test_sampling_is_seeded_and_respects_counts(tiny: MoleculeDenoiser) -> None:
         sample_molecules(model, config, 2, atoms=4, condition={"alpha": 70.0})
     with pytest.raises(ValueError, match="atom counts must be in"):
         sample_molecules(model, config, 2, atoms=40)
+    # last_noise ends the grid at sigma/alpha = 0.05 Angstrom: the same as giving that t_min
+    ended = sample_molecules(model, config, 3, solver="dpmpp_3m", steps=4, seed=1, last_noise=0.05)
+    t_min = float(model.schedule.t_of_rho(0.05))
+    same = sample_molecules(model, config, 3, solver="dpmpp_3m", steps=4, seed=1, grid_options={"t_min": t_min})
+    assert all(np.array_equal(x.positions, y.positions) for x, y in zip(ended, same))
+    assert not all(np.array_equal(x.positions, y.positions) for x, y in zip(ended, sample_molecules(
+        model, config, 3, solver="dpmpp_3m", steps=4, seed=1)))
+    with pytest.raises(ValueError, match="last_noise must be > 0"):
+        sample_molecules(model, config, 2, last_noise=0.0)
 
 
 def test_size_chunks_bound_padding_and_cover_every_molecule_once() -> None:

@@ -6,6 +6,11 @@
   (10 - SA) / 9 in [0, 1], higher = easier to make.
 * ``logp``: Crippen logP; ``logp:target=2.5`` gives -|logP - target|.
 * ``ring_penalty``: -(number of rings with more than 6 atoms) (the usual penalised-logP ring term).
+
+A sample of several fragments (``.`` in its SMILES: a generated structure that shed atoms, or a salt) is scored
+on its largest fragment, and the [0, 1] scores (validity, QED, SA) are multiplied by that fragment's share of
+all atoms, hydrogens counted: one connected molecule keeps its score, a structure that lost a hydrogen keeps
+about 95 % of it. Scoring the largest fragment alone would reward breaking off the atoms that lower its score.
 """
 
 from __future__ import annotations
@@ -17,6 +22,18 @@ from functools import cache
 from typing import Any
 
 from guidance.rewards import Reward, register
+
+
+def largest_fragment(mol: Any) -> tuple[Any, float]:
+    """The fragment with the most atoms (hydrogens counted) and its share of all the molecule's atoms."""
+    from rdkit import Chem
+
+    frags = Chem.GetMolFrags(mol, asMols=True)
+    if len(frags) == 1:
+        return mol, 1.0
+    sizes = [Chem.AddHs(f).GetNumAtoms() for f in frags]
+    best = max(range(len(frags)), key=sizes.__getitem__)
+    return frags[best], sizes[best] / sum(sizes)
 
 
 def to_mol(sample: Any) -> Any:
@@ -53,13 +70,13 @@ class MolReward(Reward):
         from rdkit.rdBase import BlockLogs
 
         _quiet = BlockLogs()  # silences RDKit per-molecule warnings while this call runs
-        mol = to_mol(sample)
+        mol, share = largest_fragment(to_mol(sample))
         if self.kind == "validity":
-            return 1.0
+            return share
         if self.kind == "qed":
-            return float(QED.qed(mol))
+            return share * float(QED.qed(mol))
         if self.kind == "sa":
-            return (10.0 - float(_sascorer().calculateScore(mol))) / 9.0
+            return share * (10.0 - float(_sascorer().calculateScore(mol))) / 9.0
         if self.kind == "logp":
             v = float(Crippen.MolLogP(mol))
             return v if self.target is None else -abs(v - self.target)
@@ -68,7 +85,7 @@ class MolReward(Reward):
         raise ValueError(f"unknown molecule reward kind {self.kind!r}")
 
 
-register("validity", "molecules", "1 for a valid (sanitisable) molecule, else 0")(
+register("validity", "molecules", "1 for a valid (sanitisable) connected molecule, else 0")(
     lambda: MolReward(name="validity", kind="validity")
 )
 register("qed", "molecules", "RDKit QED drug-likeness in [0, 1]")(lambda: MolReward(name="qed", kind="qed"))

@@ -214,7 +214,8 @@ def partial_discrete(smp: Any, t: float) -> Any:
 
 # ------------------------------------------------------------------------------------------------ molecules
 class Molecules(Modality):
-    """3D molecules; a design keeps its SMILES (largest sanitised fragment, '' if invalid) and MOL block."""
+    """3D molecules; a design keeps its SMILES (the whole sanitised structure, '.' between fragments; '' if
+    invalid) and MOL block."""
 
     def refinable(self, design: Design) -> bool:
         return bool(design.structure)

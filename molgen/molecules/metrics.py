@@ -167,6 +167,15 @@ def _sanitised_smiles(mol: Chem.Mol) -> str | None:
     return Chem.MolToSmiles(mol)
 
 
+def structure_smiles(symbols: Sequence[str], positions: np.ndarray) -> str | None:
+    """SMILES of the whole inferred structure ('.' between fragments) if it sanitises, else None."""
+    RDLogger.DisableLog("rdApp.*")
+    try:
+        return _sanitised_smiles(build_rdkit(symbols, positions, conformer=False))
+    finally:
+        RDLogger.EnableLog("rdApp.*")
+
+
 def valid_smiles(symbols: Sequence[str], positions: np.ndarray) -> str | None:
     """SMILES of the largest fragment if the inferred molecule sanitises, else None (EDM validity)."""
     RDLogger.DisableLog("rdApp.*")

@@ -130,13 +130,15 @@ def sample_molecules(
     solver_options: Mapping[str, Any] | None = None,
     step_scale: float | None = None,
     step_scale_below: float | None = None,
+    last_noise: float | None = None,
     device: str | torch.device = "cpu",
 ) -> list[Molecule]:
     """Generate ``n`` molecules. Atom counts: ``atoms`` (one int for all, or one per molecule) or drawn from
     the training histogram. Same seed -> same molecules (on the same device and batch size). ``batch_size="auto"``:
     the largest batch of the widest molecules that fits the device (``molgen.batching``). ODE solvers integrate AF3's
     step-scaled ODE below sigma/alpha = ``step_scale_below`` (``molgen.diffusion.step_scale``; defaults in
-    ``step_scale_settings``)."""
+    ``step_scale_settings``). ``last_noise``: sigma/alpha (Angstrom) of the last model call, where the grid ends
+    (default: the schedule's end)."""
     device = torch.device(device)
     model = model.to(device)
     if n < 1:
@@ -163,6 +165,10 @@ def sample_molecules(
     out: list[Molecule | None] = [None] * n
     space = ZeroCoM(3)
     scale = step_scale_settings(solver, step_scale, step_scale_below)
+    if last_noise is not None:
+        if not last_noise > 0:
+            raise ValueError(f"last_noise must be > 0 (sigma/alpha in Angstrom), got {last_noise}")
+        grid_options = {**(grid_options or {}), "t_min": float(model.schedule.t_of_rho(last_noise))}
     for chunk in size_chunks(counts, batch_size):
         c = counts[chunk]
         width = int(c.max())
