@@ -1,6 +1,6 @@
 """Small-molecule rewards on SMILES strings (or RDKit molecules); an unparsable molecule costs a penalty.
 
-* ``validity``: 1 if RDKit parses and sanitises the molecule, else the penalty 0.
+* ``validity``: 1 if RDKit parses and sanitises the molecule (times the atom share below), else the penalty 0.
 * ``qed``: quantitative estimate of drug-likeness (Bickerton et al. 2012), in [0, 1].
 * ``sa``: synthetic accessibility (Ertl & Schuffenhauer 2009, RDKit Contrib ``sascorer``) mapped to
   (10 - SA) / 9 in [0, 1], higher = easier to make.
@@ -85,7 +85,8 @@ class MolReward(Reward):
         raise ValueError(f"unknown molecule reward kind {self.kind!r}")
 
 
-register("validity", "molecules", "1 for a valid (sanitisable) connected molecule, else 0")(
+register("validity", "molecules", "1 for a valid connected molecule, its largest fragment's atom share if "
+         "fragmented, 0 if it does not sanitise")(
     lambda: MolReward(name="validity", kind="validity")
 )
 register("qed", "molecules", "RDKit QED drug-likeness in [0, 1]")(lambda: MolReward(name="qed", kind="qed"))

@@ -75,6 +75,7 @@ class StepScaled:
         self._rho_0_on: dict[torch.device, Tensor] = {}  # per-device copies: no host copy inside the loop
 
     def anchor_on(self, device: torch.device) -> Tensor:
+        """rho_0 on ``device`` (copied once: a CUDA graph cannot hold a host-to-device copy)."""
         if device not in self._rho_0_on:
             self._rho_0_on[device] = self.rho_0.to(device)
         return self._rho_0_on[device]
