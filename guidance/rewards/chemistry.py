@@ -24,18 +24,6 @@ from typing import Any
 from guidance.rewards import Reward, register
 
 
-def largest_fragment(mol: Any) -> tuple[Any, float]:
-    """The fragment with the most atoms (hydrogens counted) and its share of all the molecule's atoms."""
-    from rdkit import Chem
-
-    frags = Chem.GetMolFrags(mol, asMols=True)
-    if len(frags) == 1:
-        return mol, 1.0
-    sizes = [Chem.AddHs(f).GetNumAtoms() for f in frags]
-    best = max(range(len(frags)), key=sizes.__getitem__)
-    return frags[best], sizes[best] / sum(sizes)
-
-
 def to_mol(sample: Any) -> Any:
     from rdkit import Chem
 
@@ -68,6 +56,8 @@ class MolReward(Reward):
     def score_one(self, sample: Any) -> float:
         from rdkit.Chem import QED, Crippen
         from rdkit.rdBase import BlockLogs
+
+        from molgen.molecules.metrics import largest_fragment
 
         _quiet = BlockLogs()  # silences RDKit per-molecule warnings while this call runs
         mol, share = largest_fragment(to_mol(sample))

@@ -176,6 +176,17 @@ def structure_smiles(symbols: Sequence[str], positions: np.ndarray) -> str | Non
         RDLogger.EnableLog("rdApp.*")
 
 
+def largest_fragment(mol: Chem.Mol) -> tuple[Chem.Mol, float]:
+    """The fragment of a sanitised molecule with the most atoms (hydrogens counted, implicit ones too) and its
+    share of all the molecule's atoms (1.0 for one connected molecule)."""
+    frags = Chem.GetMolFrags(mol, asMols=True)
+    if len(frags) == 1:
+        return mol, 1.0
+    sizes = [Chem.AddHs(f).GetNumAtoms() for f in frags]
+    best = max(range(len(frags)), key=sizes.__getitem__)
+    return frags[best], sizes[best] / sum(sizes)
+
+
 def valid_smiles(symbols: Sequence[str], positions: np.ndarray) -> str | None:
     """SMILES of the largest fragment if the inferred molecule sanitises, else None (EDM validity)."""
     RDLogger.DisableLog("rdApp.*")
@@ -183,9 +194,7 @@ def valid_smiles(symbols: Sequence[str], positions: np.ndarray) -> str | None:
         mol = build_rdkit(symbols, positions, conformer=False)
         if _sanitised_smiles(mol) is None:
             return None
-        frags = Chem.GetMolFrags(mol, asMols=True, sanitizeFrags=False)
-        largest = max(frags, default=mol, key=lambda m: m.GetNumAtoms())
-        return _sanitised_smiles(Chem.Mol(largest))
+        return _sanitised_smiles(Chem.Mol(largest_fragment(mol)[0]))
     finally:
         RDLogger.EnableLog("rdApp.*")
 
