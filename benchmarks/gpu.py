@@ -104,7 +104,10 @@ def loop(sampler: Sampler, x_T: torch.Tensor, mask: torch.Tensor, mode: str) -> 
 
 def molecule_rows(model, device: torch.device, batch_sizes: list[int], compile_batches: list[int],
                   repeats: int) -> Iterator[dict]:
-    from molgen.molecules.sampling import step_scale_settings
+    from molgen.molecules.sampling import grid_ends, sampler_settings
+
+    settings = sampler_settings("dpmpp_2m")
+    ends = grid_ends(model.schedule, settings.pop("first_noise"), None)
 
     for batch in batch_sizes:
         x_T, mask = molecule_inputs(model, batch, device)
@@ -126,8 +129,8 @@ def molecule_rows(model, device: torch.device, batch_sizes: list[int], compile_b
             for mode in modes:
                 for autocast in (None, torch.bfloat16):
                     sampler = Sampler(model, model.schedule, "dpmpp_2m", steps=nfe, space=ZeroCoM(3),
-                                      autocast=autocast, compile="compiled" in mode,
-                                      **step_scale_settings("dpmpp_2m"))
+                                      autocast=autocast, compile="compiled" in mode, grid_options=ends,
+                                      **settings)
                     fn = loop(sampler, x_T, mask, mode)
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()

@@ -14,9 +14,10 @@ checkpoint when it starts, so a snapshot exported during a session is used and i
   to a target structure) / length.
 * ``dna_jaspar``: the shipped DNA model conditioned on ``enhancer``, 200 bp, reward = best window of the AP-1
   (FOS::JUN) JASPAR matrix MA0099.3 on either strand, scaled to [0, 1].
-* ``molecules_qed``: the shipped QM9 model (data/molecules/qm9_egnn.pt), 20 steps of dpmpp_2m_sde (at 10 steps
-  its samples are 5 % atom-stable fragments), reward QED of the largest fragment of the EDM-inferred molecule
-  (0 when it does not sanitise).
+* ``molecules_qed``: the shipped QM9 model (data/molecules/qm9_egnn.pt), 20 steps of dpmpp_2m_sde on the logSNR
+  grid from sigma/alpha = 4 A (``molgen.molecules.sampling.FIRST_NOISE``; from the schedule's start, 7 of the 20
+  calls were spent on pure noise), reward QED of the largest fragment of the EDM-inferred structure times that
+  fragment's share of the atoms (0 when it does not sanitise).
 * ``backbones_helix`` / ``backbones_rg``: the shipped CA backbone model, 64 residues, 10 steps of
   ddpm_ancestral, rewards DSSP helix fraction and -|Rg / (3.3 N^0.31) - 1| (differentiable: DPS applies).
 
@@ -36,9 +37,10 @@ higher atom stability) and SVDD's selection temperature alpha = 0.01 (0 / 0.01 /
 SVDD-PM's budget: on molecules neither the denoised estimate nor 2-step completions carry any information about
 the final QED while t > 0.5 (every value is 0 on 64 unguided seed-1 trajectories); the Spearman correlation of
 the denoised estimate's QED with the trajectory's final QED is <= 0.28 above t = 0.03, that of a 4-copy 2-step
-completion value 0.38 / 0.55 at t = 0.08 / 0.05. So the calls go where the values rank children (M = 8 below
-t = 0.15: 76 calls per output against best-of-4's 80; chosen on seed 1 over t* = 0.15 / 0.25 / 0.4 and argmax
-vs alpha = 0.01).
+completion value 0.38 / 0.55 at t = 0.08 / 0.05. So the calls go where the values rank children: M = 8 at the
+last 8 of the 20 grid points (t <= 0.04 on the grid from 4 A; t <= 0.15 on the grid from the schedule's start,
+chosen there on seed 1 over t* = 0.15 / 0.25 / 0.4 and argmax vs alpha = 0.01): 76 calls per output against
+best-of-4's 80.
 
 Completion values (``svdd_c_M`` / ``fk_c_K`` rows, a task's ``completions`` spec or ``--completions
 TASK=completions:K:STEPS``): each child / particle is valued by K sampled completions (``guidance.completions``)
@@ -85,7 +87,7 @@ TASKS = {
                    "n": 32, "steps": 16, "lam": 30.0, "value_samples": 256},
     "molecules_qed": {"modality": "molecules", "reward": "qed", "solver": "dpmpp_2m_sde", "n": 64, "steps": 20,
                       "lam": 30.0, "alpha": 0.01, "value_samples": 256, "completions": "completions:1:2",
-                      "late": {"candidates": 8, "branch_below": 0.15}},
+                      "late": {"candidates": 8, "branch_below": 0.04}},
     "backbones_helix": {"modality": "backbones", "reward": "helix", "length": 64, "n": 16, "steps": 10,
                         "lam": 30.0, "value_samples": 64},
     "backbones_rg": {"modality": "backbones", "reward": "rg", "length": 64, "n": 16, "steps": 10, "lam": 30.0,

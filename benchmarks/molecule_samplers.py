@@ -1,5 +1,5 @@
-"""Which few-step molecule sampler: a sweep over solver x step scale x where the grid ends, chosen on one seed
-and re-measured on another.
+"""Which few-step molecule sampler: a sweep over solver x where the grid starts x where it ends (at the default
+step scale), chosen on one seed and re-measured on another.
 
     python benchmarks/molecule_samplers.py --out results/molecule_samplers.jsonl --device cuda
 
@@ -7,7 +7,8 @@ Every sampler draws ``--n-dev`` molecules of development seed 1 at ``--steps`` m
 evaluation in a process pool); the ``--top`` best by molecule stability (then atom stability) and the shipped
 default are re-measured on ``--n-report`` molecules of seed 0 at ``--steps`` and twice as many calls. One JSON
 line per measurement, written as it comes. Samplers that break (the step-scaled state reaching sigma = 0 before
-the last call) are recorded with their error.
+the last call) are recorded with their error. ``first_noise`` / ``last_noise``: sigma/alpha (Angstrom) of the first
+and last model calls, null for the schedule's start / end.
 """
 
 from __future__ import annotations
@@ -15,18 +16,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 from multiprocessing import Pool
 from pathlib import Path
 from typing import IO
 
 from molgen.molecules.metrics import evaluate
-from molgen.molecules.sampling import STEP_SCALE, STEP_SCALE_BELOW, load_model, sample_molecules
+from molgen.molecules.sampling import FIRST_NOISE, STEP_SCALE, load_model, sample_molecules
 
 SOLVERS = ("dpmpp_2m", "unipc", "dpmpp_3m", "deis")
-ETAS = (1.5, 2.0, 2.5, 3.0)
-BELOW = (3.0, 10.0)
-LAST_NOISE = (None, 0.05, 0.15)  # sigma/alpha of the last call in Angstrom; None = the schedule's end
-DEFAULT = ("dpmpp_2m", STEP_SCALE, STEP_SCALE_BELOW, None)
+FIRST_NOISE_OPTIONS = (None, 8.0, 4.0)  # None = the schedule's start (119 A)
+LAST_NOISE = (None, 0.013, 0.05)  # None = the schedule's end (0.006 A)
+DEFAULT = ("dpmpp_2m", STEP_SCALE, FIRST_NOISE, None)
 
 
 def metrics(molecules: list) -> dict:
@@ -37,12 +38,13 @@ def measure(model, config, samplers: list[tuple], steps: int, n: int, seed: int,
             pool: Pool, log: IO[str]) -> list[dict]:
     """Sample on ``device`` one sampler after the other; evaluate in ``pool``; one JSON line each."""
     pending = []
-    for solver, eta, below, last in samplers:
+    for solver, eta, first, last in samplers:
         row = {"tag": tag, "seed": seed, "n": n, "steps": steps, "solver": solver, "step_scale": eta,
-               "step_scale_below": below, "last_noise": last}
+               "first_noise": first, "last_noise": last}
         try:
             mols = sample_molecules(model, config, n, solver=solver, steps=steps, seed=seed, step_scale=eta,
-                                    step_scale_below=below, last_noise=last, batch_size=1000, device=device)
+                                    first_noise=math.inf if first is None else first, last_noise=last,
+                                    batch_size=1000, device=device)
         except FloatingPointError as err:
             log.write(json.dumps({**row, "error": str(err)}) + "\n")
             continue
@@ -68,10 +70,10 @@ def main() -> None:
     model, config = load_model()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with Pool(args.workers) as pool, args.out.open("a") as log:
-        grid = list(itertools.product(SOLVERS, ETAS, BELOW, LAST_NOISE))
+        grid = list(itertools.product(SOLVERS, [STEP_SCALE], FIRST_NOISE_OPTIONS, LAST_NOISE))
         dev = measure(model, config, grid, args.steps, args.n_dev, 1, "dev", args.device, pool, log)
         dev.sort(key=lambda r: (r["mol_stability"], r["atom_stability"]), reverse=True)
-        best = [(r["solver"], r["step_scale"], r["step_scale_below"], r["last_noise"]) for r in dev[: args.top]]
+        best = [(r["solver"], r["step_scale"], r["first_noise"], r["last_noise"]) for r in dev[: args.top]]
         chosen = [DEFAULT, *(b for b in best if b != DEFAULT)]
         for steps in (args.steps, 2 * args.steps):
             measure(model, config, chosen, steps, args.n_report, 0, "report", args.device, pool, log)

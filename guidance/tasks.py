@@ -154,14 +154,15 @@ def _molecules(steps: int, checkpoint: str | Path | None, solver: str, chunk: in
     from molgen.diffusion import Sampler, ZeroCoM
     from molgen.molecules.io import Molecule, write_molecules
     from molgen.molecules.metrics import evaluate, structure_smiles, valid_smiles
-    from molgen.molecules.sampling import load_model, sample_atom_counts
+    from molgen.molecules.sampling import FIRST_NOISE, grid_ends, load_model, sample_atom_counts
 
     path = Path(checkpoint) if checkpoint else default_checkpoint("molecules")
     with snapshot(path, "molecules") as (copy, digest):
         model, config = load_model(copy)
     model.requires_grad_(False)
     space = ZeroCoM(3)
-    sampler = Sampler(model, model.schedule, solver, steps=steps, grid="logsnr", space=space)
+    sampler = Sampler(model, model.schedule, solver, steps=steps, grid="logsnr", space=space,
+                      grid_options=grid_ends(model.schedule, FIRST_NOISE, None))
     max_atoms = int(config.get("max_atoms", 29))
 
     def draw(outputs: int, per: int, g: torch.Generator) -> list[Draw]:

@@ -370,6 +370,37 @@ def test_sampling_is_seeded_and_respects_counts(tiny: MoleculeDenoiser) -> None:
         sample_molecules(model, config, 2, last_noise=0.0)
 
 
+def test_grid_starts_at_first_noise(tiny: MoleculeDenoiser) -> None:
+    from molgen.molecules.sampling import FIRST_NOISE, grid_ends, sample_molecules, sampler_settings
+
+    model = copy.deepcopy(tiny).float()
+    sched = model.schedule
+    config = {"atom_hist": [0, 0, 0, 1, 0, 2]}
+    told: list[float] = []
+
+    def rho(t: float) -> float:
+        return float(sched.rho(torch.tensor(t, dtype=torch.float64)))
+
+    model.register_forward_pre_hook(lambda _, args: told.append(rho(float(args[1][0]))))
+
+    def first_and_last(**kw) -> tuple[float, float]:
+        told.clear()
+        sample_molecules(model, config, 2, steps=5, seed=0, **kw)
+        return told[0], told[-1]
+
+    first, last = first_and_last(solver="dpmpp_2m")  # ODE solver: from FIRST_NOISE to the schedule's end
+    assert first == pytest.approx(FIRST_NOISE, rel=1e-6) and last == pytest.approx(rho(sched.t_min))
+    assert first_and_last(solver="dpmpp_2m", first_noise=2.0, last_noise=0.1) == pytest.approx((2.0, 0.1))
+    top = rho(sched.t_max)
+    assert first_and_last(solver="dpmpp_2m", first_noise=math.inf)[0] == pytest.approx(top)
+    assert first_and_last(solver="ddpm_ancestral", first_noise=1e6)[0] == pytest.approx(top)  # EDM's protocol
+    assert sampler_settings("ddpm_ancestral") == {"step_scale": 1.0, "step_scale_below": 3.0,
+                                                  "first_noise": FIRST_NOISE}
+    for bad, match in (((0.0, None), "first_noise must be > 0"), ((0.1, 0.2), "must be above last_noise")):
+        with pytest.raises(ValueError, match=match):
+            grid_ends(sched, *bad)
+
+
 def test_size_chunks_bound_padding_and_cover_every_molecule_once() -> None:
     from molgen.molecules.sampling import size_chunks
 

@@ -38,6 +38,9 @@ def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
                         help="AF3's step scale for ODE solvers (default 1.5; 1 = the plain ODE)")
     parser.add_argument("--step-scale-below", type=float, default=None,
                         help="sigma/alpha below which the step scale applies (default 3)")
+    parser.add_argument("--first-noise", type=float, default=None,
+                        help="sigma/alpha (Angstrom) of the first model call (default 4; inf = the schedule's "
+                             "start, as EDM's 1000-step protocol)")
     parser.add_argument("--last-noise", type=float, default=None,
                         help="sigma/alpha (Angstrom) of the last model call (default: the schedule's end); "
                              "0.05 with dpmpp_3m favours stable atoms over validity at 10 calls")
@@ -87,6 +90,7 @@ def run_sample(args: argparse.Namespace) -> int:
         device=args.device,
         step_scale=args.step_scale,
         step_scale_below=args.step_scale_below,
+        first_noise=args.first_noise,
         last_noise=args.last_noise,
     )
     elapsed = time.perf_counter() - start

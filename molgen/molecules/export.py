@@ -22,7 +22,7 @@ import torch
 from molgen.checkpoints import hardware, load_checkpoint, save_checkpoint
 from molgen.molecules.metrics import evaluate
 from molgen.molecules.reference import reference_smiles
-from molgen.molecules.sampling import DEFAULT_CHECKPOINT, load_model, sample_molecules, step_scale_settings
+from molgen.molecules.sampling import DEFAULT_CHECKPOINT, load_model, sample_molecules, sampler_settings
 
 
 def measure(path: Path, n: int, steps: list[int], solver: str, seed: int) -> dict[str, dict]:
@@ -37,7 +37,7 @@ def measure(path: Path, n: int, steps: list[int], solver: str, seed: int) -> dic
         metrics = evaluate(((m.symbols, m.positions) for m in mols), reference_smiles=ref).as_dict()
         out[f"{solver}_{k}_steps"] = {
             **metrics,
-            "sampler": {"grid": "logsnr", **step_scale_settings(solver)},
+            "sampler": {"grid": "logsnr", **sampler_settings(solver)},
             "novelty_reference": ref_name,
             "sampling_seconds": round(seconds, 1),
             "seed": seed,

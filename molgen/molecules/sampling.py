@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from molgen.batching import largest_batch
 from molgen.checkpoints import load_checkpoint
 from molgen.diffusion import ZeroCoM, sample
+from molgen.diffusion.schedules import Schedule
 from molgen.diffusion.step_scale import applies
 from molgen.molecules.io import Molecule, to_rdkit
 from molgen.molecules.model import MoleculeDenoiser
@@ -31,6 +32,14 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "data" / "molecules" 
 # eta 2 below 3 A 0.27 / 0.81; over the whole grid (from sigma/alpha ~ 10^2) the state's noise falls far below
 # the level the denoiser is told and every molecule breaks.
 STEP_SCALE, STEP_SCALE_BELOW = 1.5, 3.0
+# Where every solver's grid starts: sigma/alpha = 4 A (about 3 sigma_data) instead of the schedule's 119 A. On the
+# full logSNR grid 3 of 10 calls fall above 10 A, where a molecule is pure noise; starting at 4 A moves them to
+# where bonds form. Chosen on development seed 1 (300 molecules, step-35,231 model, dpmpp_2m, eta 1.5 below 3 A),
+# 10 NFE atom / molecule stability / validity: start 119 A 40 / 0 / 86 %, 12 A 69 / 1 / 79 %, 8 A 73 / 3 / 73 %,
+# 6 A 73 / 4 / 74 %, 4 A 76 / 5.3 / 73 %; at 50 NFE the start changes nothing (119 / 8 / 4 A: atom 84.6 / 84.7 /
+# 84.5 %, molecule 18.7 / 20.3 / 18.3 %): the start only re-spends the calls. The prior N(0, 1) is close to x's
+# law there (variance 1 + alpha^2 (sigma_data^2 - 1) = 1.06 at 4 A), and the sampled distribution is the same.
+FIRST_NOISE = 4.0
 
 
 def load_model(path: str | Path | None = None) -> tuple[MoleculeDenoiser, dict[str, Any]]:
@@ -104,12 +113,29 @@ def normalise_condition(condition: Mapping[str, float], config: Mapping[str, Any
     return (raw - mean) / std
 
 
-def step_scale_settings(solver: str, step_scale: float | None = None,
-                        step_scale_below: float | None = None) -> dict[str, float]:
-    """The step scale ``sample_molecules`` uses with ``solver``: the given values, else ``STEP_SCALE`` below
-    ``STEP_SCALE_BELOW`` for ODE solvers and 1 (none) for stochastic ones."""
-    eta = (STEP_SCALE if applies(solver) else 1.0) if step_scale is None else step_scale
-    return {"step_scale": eta, "step_scale_below": STEP_SCALE_BELOW if step_scale_below is None else step_scale_below}
+def sampler_settings(solver: str, step_scale: float | None = None, step_scale_below: float | None = None,
+                     first_noise: float | None = None) -> dict[str, float]:
+    """The step scale and grid start ``sample_molecules`` uses with ``solver``: the given values, else
+    ``STEP_SCALE`` below ``STEP_SCALE_BELOW`` for ODE solvers (1, none, for stochastic ones) and ``FIRST_NOISE``."""
+    return {
+        "step_scale": (STEP_SCALE if applies(solver) else 1.0) if step_scale is None else step_scale,
+        "step_scale_below": STEP_SCALE_BELOW if step_scale_below is None else step_scale_below,
+        "first_noise": FIRST_NOISE if first_noise is None else first_noise,
+    }
+
+
+def grid_ends(schedule: Schedule, first_noise: float, last_noise: float | None) -> dict[str, float]:
+    """Grid options t_max / t_min for sigma/alpha ``first_noise`` at the first model call (clipped to the
+    schedule's start) and ``last_noise`` at the last (None: the schedule's end), both in Angstrom."""
+    for name, value in (("first_noise", first_noise), ("last_noise", last_noise)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be > 0 (sigma/alpha in Angstrom), got {value}")
+    if last_noise is not None and not first_noise > last_noise:
+        raise ValueError(f"first_noise ({first_noise}) must be above last_noise ({last_noise})")
+    ends = {"t_max": min(float(schedule.t_of_rho(first_noise)), schedule.t_max)}
+    if last_noise is not None:
+        ends["t_min"] = float(schedule.t_of_rho(last_noise))
+    return ends
 
 
 @torch.no_grad()
@@ -130,15 +156,17 @@ def sample_molecules(
     solver_options: Mapping[str, Any] | None = None,
     step_scale: float | None = None,
     step_scale_below: float | None = None,
+    first_noise: float | None = None,
     last_noise: float | None = None,
     device: str | torch.device = "cpu",
 ) -> list[Molecule]:
     """Generate ``n`` molecules. Atom counts: ``atoms`` (one int for all, or one per molecule) or drawn from
     the training histogram. Same seed -> same molecules (on the same device and batch size). ``batch_size="auto"``:
     the largest batch of the widest molecules that fits the device (``molgen.batching``). ODE solvers integrate AF3's
-    step-scaled ODE below sigma/alpha = ``step_scale_below`` (``molgen.diffusion.step_scale``; defaults in
-    ``step_scale_settings``). ``last_noise``: sigma/alpha (Angstrom) of the last model call, where the grid ends
-    (default: the schedule's end)."""
+    step-scaled ODE below sigma/alpha = ``step_scale_below`` (``molgen.diffusion.step_scale``). The grid runs from
+    sigma/alpha = ``first_noise`` (Angstrom; inf: the schedule's start) to ``last_noise`` (default: the schedule's
+    end), with the schedule's prior N(0, prior_std^2) at its start; t_max / t_min in ``grid_options`` take
+    precedence. Defaults: ``sampler_settings``."""
     device = torch.device(device)
     model = model.to(device)
     if n < 1:
@@ -164,11 +192,8 @@ def sample_molecules(
         batch_size = largest_batch(lambda b: one_call(denoiser, model, b, int(counts.max()), props, device), device)
     out: list[Molecule | None] = [None] * n
     space = ZeroCoM(3)
-    scale = step_scale_settings(solver, step_scale, step_scale_below)
-    if last_noise is not None:
-        if not last_noise > 0:
-            raise ValueError(f"last_noise must be > 0 (sigma/alpha in Angstrom), got {last_noise}")
-        grid_options = {**(grid_options or {}), "t_min": float(model.schedule.t_of_rho(last_noise))}
+    scale = sampler_settings(solver, step_scale, step_scale_below, first_noise)
+    grid_options = {**grid_ends(model.schedule, scale.pop("first_noise"), last_noise), **(grid_options or {})}
     for chunk in size_chunks(counts, batch_size):
         c = counts[chunk]
         width = int(c.max())
