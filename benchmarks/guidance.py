@@ -16,8 +16,8 @@ checkpoint when it starts, so a snapshot exported during a session is used and i
   (FOS::JUN) JASPAR matrix MA0099.3 on either strand, scaled to [0, 1].
 * ``molecules_qed``: the shipped QM9 model (data/molecules/qm9_egnn.pt), 20 steps of dpmpp_2m_sde on the logSNR
   grid from sigma/alpha = 4 A (``molgen.molecules.sampling.FIRST_NOISE``; from the schedule's start, 6 of the 20
-  calls fell above 8 A, where a molecule is pure noise), reward QED of the largest fragment of the EDM-inferred structure times that
-  fragment's share of the atoms (0 when it does not sanitise).
+  calls fell above 8 A, where a molecule is pure noise), reward QED of the largest fragment of the EDM-inferred
+  structure times that fragment's share of the atoms (0 when it does not sanitise).
 * ``backbones_helix`` / ``backbones_rg``: the shipped CA backbone model, 64 residues, 10 steps of
   ddpm_ancestral, rewards DSSP helix fraction and -|Rg / (3.3 N^0.31) - 1| (differentiable: DPS applies).
 
