@@ -161,6 +161,7 @@ def _molecules(steps: int, checkpoint: str | Path | None, solver: str, chunk: in
         model, config = load_model(copy)
     model.requires_grad_(False)
     space = ZeroCoM(3)
+    # few guided steps start where a molecule forms, as the ODE default does (README "Guidance": FK's lead needs it)
     sampler = Sampler(model, model.schedule, solver, steps=steps, grid="logsnr", space=space,
                       grid_options=grid_ends(model.schedule, FIRST_NOISE, None))
     max_atoms = int(config.get("max_atoms", 29))

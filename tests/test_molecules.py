@@ -370,7 +370,7 @@ def test_sampling_is_seeded_and_respects_counts(tiny: MoleculeDenoiser) -> None:
         sample_molecules(model, config, 2, last_noise=0.0)
 
 
-def test_grid_starts_at_first_noise(tiny: MoleculeDenoiser) -> None:
+def test_ode_grids_start_at_first_noise(tiny: MoleculeDenoiser) -> None:
     from molgen.molecules.sampling import FIRST_NOISE, grid_ends, sample_molecules, sampler_settings
 
     model = copy.deepcopy(tiny).float()
@@ -393,9 +393,9 @@ def test_grid_starts_at_first_noise(tiny: MoleculeDenoiser) -> None:
     assert first_and_last(solver="dpmpp_2m", first_noise=2.0, last_noise=0.1) == pytest.approx((2.0, 0.1))
     top = rho(sched.t_max)
     assert first_and_last(solver="dpmpp_2m", first_noise=math.inf)[0] == pytest.approx(top)
-    assert first_and_last(solver="ddpm_ancestral", first_noise=1e6)[0] == pytest.approx(top)  # EDM's protocol
-    assert sampler_settings("ddpm_ancestral") == {"step_scale": 1.0, "step_scale_below": 3.0,
-                                                  "first_noise": FIRST_NOISE}
+    assert first_and_last(solver="ddpm_ancestral")[0] == pytest.approx(top)  # EDM's protocol: the whole schedule
+    assert first_and_last(solver="ddpm_ancestral", first_noise=4.0)[0] == pytest.approx(4.0)
+    assert sampler_settings("ddpm_ancestral") == {"step_scale": 1.0, "step_scale_below": 3.0, "first_noise": math.inf}
     for bad, match in (((0.0, None), "first_noise must be > 0"), ((0.1, 0.2), "must be above last_noise")):
         with pytest.raises(ValueError, match=match):
             grid_ends(sched, *bad)

@@ -39,8 +39,8 @@ def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--step-scale-below", type=float, default=None,
                         help="sigma/alpha below which the step scale applies (default 3)")
     parser.add_argument("--first-noise", type=float, default=None,
-                        help="sigma/alpha (Angstrom) of the first model call (default 4; inf = the schedule's "
-                             "start, as EDM's 1000-step protocol)")
+                        help="sigma/alpha (Angstrom) of the first model call (default 4 for ODE solvers; inf, "
+                             "the schedule's start, for stochastic ones as in EDM's 1000-step protocol)")
     parser.add_argument("--last-noise", type=float, default=None,
                         help="sigma/alpha (Angstrom) of the last model call (default: the schedule's end); "
                              "0.05 with dpmpp_3m favours stable atoms over validity at 10 calls")

@@ -8,6 +8,7 @@ any engine solver, optional property conditioning with classifier-free guidance.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,15 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "data" / "molecules" 
 # eta 2 below 3 A 0.27 / 0.81; over the whole grid (from sigma/alpha ~ 10^2) the state's noise falls far below
 # the level the denoiser is told and every molecule breaks.
 STEP_SCALE, STEP_SCALE_BELOW = 1.5, 3.0
-# Where every solver's grid starts: sigma/alpha = 4 A (about 3 sigma_data) instead of the schedule's 119 A. On the
+# Where an ODE solver's grid starts: sigma/alpha = 4 A (about 3 sigma_data) instead of the schedule's 119 A. On the
 # full logSNR grid 3 of 10 calls fall above 10 A, where a molecule is pure noise; starting at 4 A moves them to
 # where bonds form. Chosen on development seed 1 (300 molecules, step-35,231 model, dpmpp_2m, eta 1.5 below 3 A),
 # 10 NFE atom / molecule stability / validity: start 119 A 40 / 0 / 86 %, 12 A 69 / 1 / 79 %, 8 A 73 / 3 / 73 %,
 # 6 A 73 / 4 / 74 %, 4 A 76 / 5.3 / 73 %; at 50 NFE the start changes nothing (119 / 8 / 4 A: atom 84.6 / 84.7 /
 # 84.5 %, molecule 18.7 / 20.3 / 18.3 %): the start only re-spends the calls. The prior N(0, 1) is close to x's
-# law there (variance 1 + alpha^2 (sigma_data^2 - 1) = 1.06 at 4 A), and the sampled distribution is the same.
+# law there (variance 1 + alpha^2 (sigma_data^2 - 1) = 1.06 at 4 A). Stochastic solvers keep the whole schedule,
+# EDM's protocol: 1000 ancestral steps from 4 A gave molecule stability 1.3 % against 4.3 % (300 molecules, seeds
+# 0 and 1, atom stability 71 % both), a gap of 2.2 standard errors that a default should not risk.
 FIRST_NOISE = 4.0
 
 
@@ -115,12 +118,14 @@ def normalise_condition(condition: Mapping[str, float], config: Mapping[str, Any
 
 def sampler_settings(solver: str, step_scale: float | None = None, step_scale_below: float | None = None,
                      first_noise: float | None = None) -> dict[str, float]:
-    """The step scale and grid start ``sample_molecules`` uses with ``solver``: the given values, else
-    ``STEP_SCALE`` below ``STEP_SCALE_BELOW`` for ODE solvers (1, none, for stochastic ones) and ``FIRST_NOISE``."""
+    """The step scale and grid start ``sample_molecules`` uses with ``solver``: the given values, else for ODE
+    solvers ``STEP_SCALE`` below ``STEP_SCALE_BELOW`` from ``FIRST_NOISE``, for stochastic ones no scale (1) from
+    the schedule's start (inf)."""
+    ode = applies(solver)
     return {
-        "step_scale": (STEP_SCALE if applies(solver) else 1.0) if step_scale is None else step_scale,
+        "step_scale": (STEP_SCALE if ode else 1.0) if step_scale is None else step_scale,
         "step_scale_below": STEP_SCALE_BELOW if step_scale_below is None else step_scale_below,
-        "first_noise": FIRST_NOISE if first_noise is None else first_noise,
+        "first_noise": (FIRST_NOISE if ode else math.inf) if first_noise is None else first_noise,
     }
 
 
