@@ -159,21 +159,23 @@ def build_rdkit(symbols: Sequence[str], positions: np.ndarray, *, conformer: boo
     return mol
 
 
-def _sanitised_smiles(mol: Chem.Mol) -> str | None:
+def sanitised(symbols: Sequence[str], positions: np.ndarray) -> Chem.Mol | None:
+    """The EDM-inferred molecule, sanitised by RDKit, or None when it does not sanitise (RDKit's log muted)."""
+    mol = build_rdkit(symbols, positions, conformer=False)
+    RDLogger.DisableLog("rdApp.*")
     try:
         Chem.SanitizeMol(mol)
     except ValueError:
         return None
-    return Chem.MolToSmiles(mol)
+    finally:
+        RDLogger.EnableLog("rdApp.*")
+    return mol
 
 
 def structure_smiles(symbols: Sequence[str], positions: np.ndarray) -> str | None:
     """SMILES of the whole inferred structure ('.' between fragments) if it sanitises, else None."""
-    RDLogger.DisableLog("rdApp.*")
-    try:
-        return _sanitised_smiles(build_rdkit(symbols, positions, conformer=False))
-    finally:
-        RDLogger.EnableLog("rdApp.*")
+    mol = sanitised(symbols, positions)
+    return None if mol is None else Chem.MolToSmiles(mol)
 
 
 def largest_fragment(mol: Chem.Mol) -> tuple[Chem.Mol, float]:
@@ -189,14 +191,8 @@ def largest_fragment(mol: Chem.Mol) -> tuple[Chem.Mol, float]:
 
 def valid_smiles(symbols: Sequence[str], positions: np.ndarray) -> str | None:
     """SMILES of the largest fragment if the inferred molecule sanitises, else None (EDM validity)."""
-    RDLogger.DisableLog("rdApp.*")
-    try:
-        mol = build_rdkit(symbols, positions, conformer=False)
-        if _sanitised_smiles(mol) is None:
-            return None
-        return _sanitised_smiles(Chem.Mol(largest_fragment(mol)[0]))
-    finally:
-        RDLogger.EnableLog("rdApp.*")
+    mol = sanitised(symbols, positions)
+    return None if mol is None else Chem.MolToSmiles(largest_fragment(mol)[0])
 
 
 @dataclass
