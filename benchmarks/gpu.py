@@ -149,10 +149,10 @@ def molecule_rows(model, device: torch.device, batch_sizes: list[int], compile_b
 
 def guided_rows(model, device: torch.device, n: int, steps: int, width: int) -> Iterator[dict]:
     """Unguided vs SVDD (M = width) vs FK (K = width) for n outputs, same stochastic sampler and reward."""
-    from guidance.fk import Tilt, fk_sample
-    from guidance.rewards import parse_reward
-    from guidance.smc import ResamplePolicy
-    from guidance.svdd import svdd_sample
+    from molgen.guidance.fk import Tilt, fk_sample
+    from molgen.guidance.rewards import parse_reward
+    from molgen.guidance.smc import ResamplePolicy
+    from molgen.guidance.svdd import svdd_sample
 
     sampler = Sampler(model, model.schedule, "dpmpp_2m_sde", steps=steps, space=ZeroCoM(3))
     reward = parse_reward("quadratic:c=0,tau=3")  # compact molecules: a reward computed on the GPU

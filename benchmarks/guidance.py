@@ -21,7 +21,7 @@ checkpoint when it starts, so a snapshot exported during a session is used and i
 * ``backbones_helix`` / ``backbones_rg``: the shipped CA backbone model, 64 residues, 10 steps of
   ddpm_ancestral, rewards DSSP helix fraction and -|Rg / (3.3 N^0.31) - 1| (differentiable: DPS applies).
 
-SVDD-MC uses a value net trained by ``python -m guidance.train_value`` (the command is in each net's card,
+SVDD-MC uses a value net trained by ``python -m molgen.guidance.train_value`` (the command is in each net's card,
 under ``--value-dir``; a net trained on another model snapshot is retrained). Naturalness: sequences NLL
 (bits per token under the model) and 3-mer Pearson r against natural held-out sequences; molecules EDM validity
 and atom stability; backbones CA-CA validity. Diversity: sequences mean pairwise Hamming distance, molecules
@@ -63,15 +63,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from guidance.baselines import best_of_n, dps_sample  # noqa: E402
-from guidance.completions import parse_value  # noqa: E402
-from guidance.core import prior  # noqa: E402
-from guidance.fk import Tilt, fk_sample  # noqa: E402
-from guidance.rewards import Reward, parse_reward, quadratic  # noqa: E402
-from guidance.svdd import svdd_calls, svdd_sample  # noqa: E402
-from guidance.tasks import Problem, get_problem, guide  # noqa: E402
-from guidance.train_value import load_value, save_value, train_value  # noqa: E402
-from guidance.value import VectorValueNet, as_value, fit_value, gaussian_noise  # noqa: E402
+from molgen.guidance.baselines import best_of_n, dps_sample  # noqa: E402
+from molgen.guidance.completions import parse_value  # noqa: E402
+from molgen.guidance.core import prior  # noqa: E402
+from molgen.guidance.fk import Tilt, fk_sample  # noqa: E402
+from molgen.guidance.rewards import Reward, parse_reward, quadratic  # noqa: E402
+from molgen.guidance.svdd import svdd_calls, svdd_sample  # noqa: E402
+from molgen.guidance.tasks import Problem, get_problem, guide  # noqa: E402
+from molgen.guidance.train_value import load_value, save_value, train_value  # noqa: E402
+from molgen.guidance.value import VectorValueNet, as_value, fit_value, gaussian_noise  # noqa: E402
 from molgen.diffusion import Sampler, get_schedule  # noqa: E402
 from molgen.diffusion.analytic import GaussianMixtureDenoiser  # noqa: E402
 
@@ -161,7 +161,7 @@ def value_hook(args: argparse.Namespace, task: str, spec: dict, problem) -> tupl
         if key in spec:
             cmd += [f"--{key}", str(spec[key])]
     net, prov = train_value(problem, spec["reward"], samples=samples, fit_steps=args.fit_steps, seed=args.seed + 1000)
-    save_value(path, net, problem, prov, "python -m guidance.train_value " + shlex.join(cmd))
+    save_value(path, net, problem, prov, "python -m molgen.guidance.train_value " + shlex.join(cmd))
     value, card = load_value(path, problem, spec["reward"])
     return value, {**card["provenance"], "trained": str(path)}
 

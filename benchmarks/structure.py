@@ -36,12 +36,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from molgen.checkpoints import read_card  # noqa: E402
-from structure.cli import DEFAULT_CHECKPOINT  # noqa: E402
-from structure.data import TS50_DIR, default_data_path, default_sources, load_chains  # noqa: E402
-from structure.geometry import project_ca_bonds  # noqa: E402
-from structure.io import backbone_from_ca, list_structure_files, read_backbone  # noqa: E402
-from structure.metrics import evaluate, novelty  # noqa: E402
-from structure.sampling import (  # noqa: E402
+from molgen.structure.cli import DEFAULT_CHECKPOINT  # noqa: E402
+from molgen.structure.data import TS50_DIR, default_data_path, default_sources, load_chains  # noqa: E402
+from molgen.structure.geometry import project_ca_bonds  # noqa: E402
+from molgen.structure.io import backbone_from_ca, list_structure_files, read_backbone  # noqa: E402
+from molgen.structure.metrics import evaluate, novelty  # noqa: E402
+from molgen.structure.sampling import (  # noqa: E402
     AF3_DEFAULTS,
     WARM_START_SIGMA,
     default_rho,

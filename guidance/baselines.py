@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from guidance.core import GuidanceResult, Scorer, Timer, check_count, counted
-from guidance.engine import as_engine
-from guidance.rewards import TensorReward
+from molgen.guidance.core import GuidanceResult, Scorer, Timer, check_count, counted
+from molgen.guidance.engine import as_engine
+from molgen.guidance.rewards import TensorReward
 from molgen.diffusion import Sampler
 from molgen.diffusion.parameterization import check_prediction, to_x0
 from molgen.diffusion.schedules import Schedule

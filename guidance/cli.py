@@ -10,7 +10,7 @@
 ``--value`` chooses how SVDD (and FK's intermediate rewards) value a noisy state: ``denoised`` (default, the
 reward of the denoised estimate), ``completions:K[:STEPS[:ALPHA]]`` (K sampled completions of STEPS transitions
 each, mean reward, or the soft value at ALPHA > 0; their model calls are counted) or a value-net checkpoint
-from ``python -m guidance.train_value`` (SVDD-MC, svdd only). The summary JSON
+from ``python -m molgen.guidance.train_value`` (SVDD-MC, svdd only). The summary JSON
 holds reward_mean / reward_median / reward_top10, model_calls (every particle and candidate counted),
 reward_calls, seconds, the reward's failure counts and the modality's naturalness (molecules: validity and
 stability; sequences: NLL in bits per token under the model and 3-mer r; backbones: CA-CA validity).
@@ -27,7 +27,7 @@ METHODS = ("svdd", "fk", "bon", "dps")
 
 
 def add_guide(parser: argparse.ArgumentParser, modality: str) -> None:
-    from guidance.fk import POTENTIALS
+    from molgen.guidance.fk import POTENTIALS
 
     parser.add_argument("--reward", required=True, help="NAME[:ARGS], e.g. qed, rna_mfe, jaspar:MA0099.3, qed+0.5*sa")
     parser.add_argument("--method", choices=METHODS, default="svdd")
@@ -36,7 +36,7 @@ def add_guide(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--alpha", type=float, default=0.0, help="SVDD temperature (0 = argmax)")
     parser.add_argument("--value", default=None,
                         help="value of a noisy state: denoised (default), completions:K[:STEPS[:ALPHA]] (svdd, fk) "
-                             "or a value net checkpoint (SVDD-MC, python -m guidance.train_value)")
+                             "or a value net checkpoint (SVDD-MC, python -m molgen.guidance.train_value)")
     parser.add_argument("--branch-below", dest="branch_below", type=float, default=None,
                         help="SVDD: branch into M children only at times t <= this (one child above it)")
     parser.add_argument("--lam", type=float, default=10.0, help="FK tilt strength lambda")
@@ -72,9 +72,9 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run_guide(args: argparse.Namespace) -> int:
-    from guidance.completions import parse_value
-    from guidance.rewards import check_modality, parse_reward
-    from guidance.tasks import get_problem, guide
+    from molgen.guidance.completions import parse_value
+    from molgen.guidance.rewards import check_modality, parse_reward
+    from molgen.guidance.tasks import get_problem, guide
 
     _check(args)
     # a malformed value spec, reward name or argument fails here, before any model is loaded
@@ -85,7 +85,7 @@ def run_guide(args: argparse.Namespace) -> int:
                           condition=args.condition, solver=args.solver)
     value, net = completions, False
     if completions is None and args.value not in (None, "denoised"):
-        from guidance.train_value import load_value
+        from molgen.guidance.train_value import load_value
 
         (value, _), net = load_value(args.value, problem, args.reward), True
     method = {"svdd": "svdd_mc" if net else "svdd"}.get(args.method, args.method)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from guidance.core import Scorer, check_count
+from molgen.guidance.core import Scorer, check_count
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from guidance.rewards import Reward, as_reward
+from molgen.guidance.rewards import Reward, as_reward
 from molgen.diffusion import Sampler
 
 CACHE_SOLVERS = ("euler_maruyama", "ddpm_ancestral", "dpmpp_2m_sde")  # stochastic, reuse state.x0

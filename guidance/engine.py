@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from guidance.core import CACHE_SOLVERS, counted
+from molgen.guidance.core import CACHE_SOLVERS, counted
 from molgen.diffusion import Sampler, select
 
 

@@ -40,10 +40,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from guidance.completions import Completions
-from guidance.core import GuidanceResult, Scorer, Timer, check_count, gumbel_choice
-from guidance.engine import as_engine
-from guidance.smc import Particles, ResamplePolicy, ess, normalise
+from molgen.guidance.completions import Completions
+from molgen.guidance.core import GuidanceResult, Scorer, Timer, check_count, gumbel_choice
+from molgen.guidance.engine import as_engine
+from molgen.guidance.smc import Particles, ResamplePolicy, ess, normalise
 from molgen.diffusion import Sampler
 from molgen.diffusion.parameterization import check_prediction, to_x0
 from molgen.diffusion.schedules import Schedule

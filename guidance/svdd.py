@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from guidance.completions import Completions
-from guidance.core import GuidanceResult, Scorer, Timer, check_count, gumbel_choice
-from guidance.engine import as_engine
+from molgen.guidance.completions import Completions
+from molgen.guidance.core import GuidanceResult, Scorer, Timer, check_count, gumbel_choice
+from molgen.guidance.engine import as_engine
 
 
 def svdd_calls(n_steps: int, candidates: int) -> int:

@@ -29,14 +29,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from guidance.baselines import best_of_n, dps_sample
-from guidance.completions import Completions
-from guidance.core import GuidanceResult, check_count, merge
-from guidance.fk import Tilt, fk_sample
-from guidance.rewards import Reward, TensorReward
-from guidance.smc import ResamplePolicy
-from guidance.svdd import svdd_sample
-from guidance.value import Noise, PointValueNet, TokenValueNet, gaussian_noise, masking_noise
+from molgen.guidance.baselines import best_of_n, dps_sample
+from molgen.guidance.completions import Completions
+from molgen.guidance.core import GuidanceResult, check_count, merge
+from molgen.guidance.fk import Tilt, fk_sample
+from molgen.guidance.rewards import Reward, TensorReward
+from molgen.guidance.smc import ResamplePolicy
+from molgen.guidance.svdd import svdd_sample
+from molgen.guidance.value import Noise, PointValueNet, TokenValueNet, gaussian_noise, masking_noise
 from molgen.checkpoints import sha256_file
 
 MODALITIES = ("molecules", "rna", "dna", "backbones")
@@ -79,7 +79,7 @@ def default_checkpoint(modality: str) -> Path:
         from molgen.molecules.sampling import DEFAULT_CHECKPOINT
 
         return DEFAULT_CHECKPOINT
-    from structure.cli import DEFAULT_CHECKPOINT
+    from molgen.structure.cli import DEFAULT_CHECKPOINT
 
     return DEFAULT_CHECKPOINT
 
@@ -121,7 +121,7 @@ def guide(problem: Problem, method: str, reward: Reward, n: int, *, candidates: 
         raise ValueError(f"dps needs a differentiable reward on the {problem.modality} state; "
                          f"{reward.name!r} is not (use svdd, fk or bon)")
     if method == "svdd_mc" and (value is None or isinstance(value, Completions)):
-        raise ValueError("svdd_mc needs a value network (train one with python -m guidance.train_value)")
+        raise ValueError("svdd_mc needs a value network (train one with python -m molgen.guidance.train_value)")
     if isinstance(value, Completions) and method not in ("svdd", "fk"):
         raise ValueError(f"completion values steer svdd and fk, not {method!r}")
     per = rows_per_output(method, candidates, particles)
@@ -291,9 +291,9 @@ def pairwise_hamming(tokens: Tensor) -> float:
 
 # ---------------------------------------------------------------------------------------------- backbones
 def _backbones(steps: int, checkpoint: str | Path | None, length: int, solver: str, chunk: int) -> Problem:
-    from structure.io import backbone_from_ca, write_backbone
-    from structure.metrics import ca_ca_stats, clash_fraction
-    from structure.sampling import check_length, initial_noise, load_model, make_sampler
+    from molgen.structure.io import backbone_from_ca, write_backbone
+    from molgen.structure.metrics import ca_ca_stats, clash_fraction
+    from molgen.structure.sampling import check_length, initial_noise, load_model, make_sampler
 
     path = Path(checkpoint) if checkpoint else default_checkpoint("backbones")
     with snapshot(path, "backbones") as (copy, digest):

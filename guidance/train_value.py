@@ -1,6 +1,6 @@
 """Train SVDD-MC's value network for one modality, reward and pretrained model; record the recipe.
 
-    nice -n 10 python -m guidance.train_value dna --reward jaspar:MA0099.3 --condition enhancer --steps 16 \\
+    nice -n 10 python -m molgen.guidance.train_value dna --reward jaspar:MA0099.3 --condition enhancer --steps 16 \\
         --samples 256 --fit-steps 400 --out runs/guidance/values/dna_jaspar.pt
 
 Recipe (Li et al. 2024, SVDD-MC): draw ``--samples`` unguided samples of the model with the sampler used for
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from guidance.rewards import parse_reward
-from guidance.tasks import MODALITIES, Problem, get_problem, guide
-from guidance.value import as_value, fit_value
+from molgen.guidance.rewards import parse_reward
+from molgen.guidance.tasks import MODALITIES, Problem, get_problem, guide
+from molgen.guidance.value import as_value, fit_value
 from molgen.checkpoints import hardware, load_checkpoint, save_checkpoint
 
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                           condition=args.condition, solver=args.solver)
     net, prov = train_value(problem, args.reward, samples=args.samples, fit_steps=args.fit_steps,
                             batch=args.batch, lr=args.lr, seed=args.seed)
-    command = "python -m guidance.train_value " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python -m molgen.guidance.train_value " + shlex.join(sys.argv[1:] if argv is None else argv)
     save_value(args.out, net, problem, prov, command)
     print(f"value net -> {args.out}: loss {prov['loss_first']:.3f} -> {prov['loss_last_10pct']:.3f}, "
           f"{prov['model_calls']} model calls, {prov['wall_s']} s")

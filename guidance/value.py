@@ -9,7 +9,7 @@ Then ``svdd_sample(..., value=as_value(net))`` uses it instead of the reward of 
     net = TokenValueNet(vocab=6, pad_id=4)          # sequences; PointValueNet (molecules, backbones); VectorValueNet
     fit_value(net, x0, rewards, noise=masking_noise(process), steps=500)
 
-``python -m guidance.train_value`` records the whole recipe (unguided samples of a shipped model, their
+``python -m molgen.guidance.train_value`` records the whole recipe (unguided samples of a shipped model, their
 rewards, the fit) in a checkpoint card.
 """
 

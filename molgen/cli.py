@@ -16,14 +16,14 @@ _MODALITY_MODULES = {
     "molecules": "molgen.molecules.cli",
     "rna": "molgen.sequences.cli",
     "dna": "molgen.sequences.cli",
-    "backbones": "structure.cli",
+    "backbones": "molgen.structure.cli",
 }
 # verb -> modality -> module that defines add_<verb>/run_<verb>
 COMMANDS: dict[str, dict[str, str]] = {
     "sample": _MODALITY_MODULES,
     "evaluate": {**_MODALITY_MODULES, "sequences": "molgen.sequences.cli"},
     "train": _MODALITY_MODULES,
-    "guide": dict.fromkeys(_MODALITY_MODULES, "guidance.cli"),
+    "guide": dict.fromkeys(_MODALITY_MODULES, "molgen.guidance.cli"),
 }
 
 
@@ -72,7 +72,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _add_generate(commands: argparse._SubParsersAction) -> None:
-    from guidance.tasks import MODALITIES
+    from molgen.guidance.tasks import MODALITIES
 
     gen = commands.add_parser("generate", help="batch generation in resumable shards (Lightning, multi-GPU/node)")
     gen.add_argument("--config", help="YAML file with the keys below (command-line values win)")

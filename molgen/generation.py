@@ -58,7 +58,7 @@ class GenerationConfig:
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.reward is not None:
-            from guidance.rewards import parse_reward
+            from molgen.guidance.rewards import parse_reward
 
             if self.guide not in GUIDES:
                 raise ValueError(f"unknown guidance method {self.guide!r}; choose one of {GUIDES}")
@@ -177,22 +177,22 @@ class BackboneAdapter:
     extension = "pdb"
 
     def load(self, config: GenerationConfig, device: torch.device) -> Any:
-        from structure.cli import DEFAULT_CHECKPOINT
-        from structure.sampling import load_model
+        from molgen.structure.cli import DEFAULT_CHECKPOINT
+        from molgen.structure.sampling import load_model
 
         return load_model(config.checkpoint or DEFAULT_CHECKPOINT).to(device)
 
     def generate(self, model: Any, config: GenerationConfig, n: int, seed: int, device: torch.device) -> list[Any]:
-        from structure.io import backbone_from_ca
-        from structure.sampling import sample_ca
+        from molgen.structure.io import backbone_from_ca
+        from molgen.structure.sampling import sample_ca
 
         ca = sample_ca(model, n, config.length or 100, solver=config.solver or "dpmpp_2m", steps=config.steps or 10,
                        seed=seed)
         return [backbone_from_ca(c.cpu().numpy()) for c in ca]
 
     def write(self, samples: list[Any], ids: Sequence[str], path: Path) -> list[dict[str, Any]]:
-        from structure.io import write_backbone
-        from structure.metrics import backbone_metrics
+        from molgen.structure.io import write_backbone
+        from molgen.structure.metrics import backbone_metrics
 
         path.mkdir(parents=True, exist_ok=True)
         rows = []
@@ -225,8 +225,8 @@ class GuidedAdapter:
         self.extension = UNGUIDED[modality].extension
 
     def load(self, config: GenerationConfig, device: torch.device) -> Any:
-        from guidance.rewards import parse_reward
-        from guidance.tasks import DEFAULT_STEPS, get_problem
+        from molgen.guidance.rewards import parse_reward
+        from molgen.guidance.tasks import DEFAULT_STEPS, get_problem
 
         steps = config.steps or DEFAULT_STEPS[config.modality]
         problem = get_problem(config.modality, steps=steps, checkpoint=config.checkpoint,
@@ -234,7 +234,7 @@ class GuidedAdapter:
         return problem, parse_reward(config.reward)
 
     def generate(self, model: Any, config: GenerationConfig, n: int, seed: int, device: torch.device) -> Sized:
-        from guidance.tasks import guide
+        from molgen.guidance.tasks import guide
 
         problem, reward = model
         result = guide(problem, config.guide, reward, n, candidates=config.candidates, particles=config.particles,

@@ -34,7 +34,7 @@ def add_train(parser: argparse.ArgumentParser, modality: str) -> None:
 
 def train_config(args: argparse.Namespace) -> dict:
     """Model config of a new run: the ``--init`` checkpoint's (or the defaults) with the extension options."""
-    from structure.model import ModelConfig
+    from molgen.structure.model import ModelConfig
 
     base = ModelConfig().to_dict()
     if args.init is not None:
@@ -47,8 +47,8 @@ def train_config(args: argparse.Namespace) -> dict:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
-    from structure.data import default_sources
-    from structure.training import train
+    from molgen.structure.data import default_sources
+    from molgen.structure.training import train
 
     torch.set_num_threads(args.threads)
     path = train(
@@ -117,8 +117,8 @@ def run_sample(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from structure.io import backbone_from_ca, write_backbone
-    from structure.sampling import (
+    from molgen.structure.io import backbone_from_ca, write_backbone
+    from molgen.structure.sampling import (
         WARM_START_SIGMA,
         default_rho,
         default_sigma_last,
@@ -223,9 +223,9 @@ def add_evaluate(parser: argparse.ArgumentParser, modality: str) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from structure.data import default_sources, load_chains
-    from structure.io import list_structure_files, read_backbone
-    from structure.metrics import evaluate
+    from molgen.structure.data import default_sources, load_chains
+    from molgen.structure.io import list_structure_files, read_backbone
+    from molgen.structure.metrics import evaluate
 
     files = list_structure_files(args.folder)
     if not files:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from structure.io import list_structure_files, read_backbone
+from molgen.structure.io import list_structure_files, read_backbone
 
 REPO = Path(__file__).resolve().parent.parent
 TS50_DIR = REPO / "data" / "structure" / "ts50"

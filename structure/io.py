@@ -256,7 +256,7 @@ def backbone_from_ca(
     ca: np.ndarray, sequence: str | None = None, name: str = "sample", chain_id: str = "A"
 ) -> Backbone:
     """Full N, CA, C, O backbone from a CA trace [L, 3] by ideal-geometry rebuild (poly-Gly by default)."""
-    from structure.geometry import rebuild_backbone
+    from molgen.structure.geometry import rebuild_backbone
 
     coords = rebuild_backbone(np.asarray(ca, dtype=np.float64))
     return Backbone(coords, sequence or "G" * len(ca), chain_id, name=name)

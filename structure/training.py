@@ -28,8 +28,8 @@ from torch import Tensor
 
 from molgen.ema import ema_update
 from molgen.optim import lr_factor
-from structure.data import crop_batch, load_segments
-from structure.model import BackboneDenoiser, ModelConfig, masked_center, safe_norm
+from molgen.structure.data import crop_batch, load_segments
+from molgen.structure.model import BackboneDenoiser, ModelConfig, masked_center, safe_norm
 
 LOCAL_OFFSETS = (1, 2, 3, 4)
 

@@ -217,7 +217,7 @@ def test_changed_checkpoint_is_refused(tmp_path):
 
 def test_refinement_keeps_every_unmasked_token():
     """SDEdit for masked diffusion: the re-noised state is q(x_t | x_0), and the reverse chain only fills masks."""
-    from guidance.baselines import run_unguided
+    from molgen.guidance.baselines import run_unguided
     from molgen.diffusion.discrete import DiscreteSampler
 
     cfg = CampaignConfig.from_mapping(tiny())

@@ -102,7 +102,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, one_process):
 def test_guided_shards_carry_their_reward_and_beat_unguided(tmp_path):
     """--reward runs guidance.tasks per shard: records keep the sample IDs, each row's reward is the reward of
     the written sequence, and SVDD (M = 4) raises the mean GC content over the same shards unguided."""
-    from guidance.rewards import parse_reward
+    from molgen.guidance.rewards import parse_reward
 
     common = dict(modality="rna", n=8, shard_size=4, steps=6, length=24, seed=3)
     guided = run_generation(GenerationConfig(**common, reward="gc", guide="svdd", out=str(tmp_path / "g")),

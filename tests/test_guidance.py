@@ -12,12 +12,12 @@ import math
 import pytest
 import torch
 
-from guidance.baselines import best_of_n, dps_sample, equal_call_candidates
-from guidance.core import prior
-from guidance.fk import Composition, Expert, Tilt, anneal, cfg, fk_sample, product
-from guidance.rewards import REWARDS, Reward, TensorReward, linear, parse_reward, quadratic
-from guidance.smc import RESAMPLERS, Particles, ResamplePolicy, ess, resample
-from guidance.svdd import choose, svdd_calls, svdd_sample
+from molgen.guidance.baselines import best_of_n, dps_sample, equal_call_candidates
+from molgen.guidance.core import prior
+from molgen.guidance.fk import Composition, Expert, Tilt, anneal, cfg, fk_sample, product
+from molgen.guidance.rewards import REWARDS, Reward, TensorReward, linear, parse_reward, quadratic
+from molgen.guidance.smc import RESAMPLERS, Particles, ResamplePolicy, ess, resample
+from molgen.guidance.svdd import choose, svdd_calls, svdd_sample
 from molgen.diffusion import Sampler, get_schedule
 from molgen.diffusion.analytic import GaussianMixtureDenoiser
 
@@ -264,7 +264,7 @@ def test_svdd_argmax_beats_best_of_n_at_equal_calls_and_is_deterministic():
 def test_svdd_late_branching_counts_calls_and_keeps_the_unguided_law_above_the_threshold():
     """branch_below = t*: one child per particle (no value, no reward call) above t*, M below; alpha = inf
     still gives the unguided chain's law."""
-    from guidance.svdd import branch_schedule
+    from molgen.guidance.svdd import branch_schedule
 
     mu, s, m = 0.5, 0.6, 3
     smp = Sampler(gaussian(mu, s), SCHED, "ddpm_ancestral", steps=12)
@@ -415,7 +415,7 @@ def test_discrete_svdd_unguided_limit_and_calls():
 def guide_args(tmp_path, *extra: str):
     import argparse
 
-    from guidance.cli import add_guide
+    from molgen.guidance.cli import add_guide
 
     parser = argparse.ArgumentParser()
     add_guide(parser, "rna")
@@ -427,7 +427,7 @@ def guide_args(tmp_path, *extra: str):
 def test_guide_cli_rna_and_bad_input(tmp_path):
     import json
 
-    from guidance.cli import run_guide
+    from molgen.guidance.cli import run_guide
 
     with pytest.raises(ValueError, match="unknown reward"):
         run_guide(guide_args(tmp_path, "--reward", "nope"))
@@ -459,7 +459,7 @@ def test_guide_cli_rna_and_bad_input(tmp_path):
 def test_value_network_regresses_the_soft_value_and_guides():
     """For N(mu, s^2) data and r = -(x - c)^2 / (2 tau^2): E[r | x_t] = -((m_t - c)^2 + v_t) / (2 tau^2) with the
     Gaussian posterior mean m_t and variance v_t = s^2 sigma^2 / (alpha^2 s^2 + sigma^2)."""
-    from guidance.value import VectorValueNet, as_value, fit_value, gaussian_noise
+    from molgen.guidance.value import VectorValueNet, as_value, fit_value, gaussian_noise
 
     torch.manual_seed(0)
     mu, s, c, tau = 0.5, 0.6, 1.5, 1.0
@@ -546,7 +546,7 @@ def test_molgen_guide_molecules_svdd_and_fk_account_model_calls(tmp_path, capsys
 
 def test_molecule_problem_chunks_pair_sizes_across_methods():
     """Outputs are drawn per seed only (same atom counts for every method), chunked by size, merged in order."""
-    from guidance.tasks import get_problem, guide
+    from molgen.guidance.tasks import get_problem, guide
 
     problem = get_problem("molecules", steps=3, chunk=2)
     reward = parse_reward("qed")
@@ -565,8 +565,8 @@ def test_molecule_problem_chunks_pair_sizes_across_methods():
 
 # ---------------------------------------------------------------------------------------------- value nets
 def test_point_value_net_is_invariant_and_ignores_padding():
-    from guidance.value import PointValueNet
-    from structure.geometry import random_rotation
+    from molgen.guidance.value import PointValueNet
+    from molgen.structure.geometry import random_rotation
 
     torch.manual_seed(0)
     net = PointValueNet(3, SCHED, sigma_data=1.5)
@@ -586,8 +586,8 @@ def test_point_value_net_is_invariant_and_ignores_padding():
 
 
 def test_train_value_records_its_recipe_and_refuses_other_models(tmp_path):
-    from guidance.tasks import get_problem, guide
-    from guidance.train_value import load_value, main
+    from molgen.guidance.tasks import get_problem, guide
+    from molgen.guidance.train_value import load_value, main
 
     out = tmp_path / "v.pt"
     assert main(["dna", "--reward", "gc", "--steps", "2", "--length", "16", "--samples", "4", "--fit-steps", "3",
@@ -595,7 +595,7 @@ def test_train_value_records_its_recipe_and_refuses_other_models(tmp_path):
     problem = get_problem("dna", steps=2, length=16)
     value, card = load_value(out, problem, "gc")
     prov = card["provenance"]
-    assert prov["command"].startswith("python -m guidance.train_value dna --reward gc")
+    assert prov["command"].startswith("python -m molgen.guidance.train_value dna --reward gc")
     assert prov["model_calls"] == 4 * 2 and prov["samples"] == 4 and prov["model_sha256"] == problem.sha256
     res = guide(problem, "svdd_mc", parse_reward("gc"), 3, candidates=2, value=value)
     assert res.info["value_calls"] == 3 * 2 * 2 and res.reward_calls == 3  # no reward inside the loop
@@ -637,9 +637,9 @@ def test_completion_value_matches_the_samplers_closed_form(steps):
     grid) and E[r] = -((m - c)^2 + v) / (2 tau^2) for r = -(x - c)^2 / (2 tau^2). The Monte-Carlo estimate must
     match it; the reward of the denoised estimate misses v (a one-jump completion adds only the last point's
     noise: it is the denoised estimate refined by one call)."""
-    from guidance.completions import Completions
-    from guidance.core import Scorer
-    from guidance.engine import as_engine, completion_points
+    from molgen.guidance.completions import Completions
+    from molgen.guidance.core import Scorer
+    from molgen.guidance.engine import as_engine, completion_points
 
     mu, s, c, tau, copies, i = 1.0, 0.5, 1.0, 0.5, 4000, 3
     smp = Sampler(gaussian(mu, s), SCHED, "ddpm_ancestral", steps=8)
@@ -671,9 +671,9 @@ def test_completion_value_matches_the_samplers_closed_form(steps):
 def test_completion_value_of_masked_diffusion_is_exact_and_counts_calls():
     """I.i.d. letters with probabilities pi: E[#zeros(x_0) | x_t] = #zeros unmasked + #masked * pi_0, whatever
     the completion's steps; steps = 1 draws from the cached p(x0 | x_t) without a model call."""
-    from guidance.completions import Completions, reduce
-    from guidance.core import Scorer
-    from guidance.engine import as_engine, completion_points
+    from molgen.guidance.completions import Completions, reduce
+    from molgen.guidance.core import Scorer
+    from molgen.guidance.engine import as_engine, completion_points
 
     pi, proc, smp = discrete_setup(steps=8)
     engine = as_engine(smp)
@@ -696,8 +696,8 @@ def test_completion_value_of_masked_diffusion_is_exact_and_counts_calls():
 
 
 def test_completion_guided_svdd_and_fk_count_every_call_and_are_deterministic():
-    from guidance.completions import Completions, parse_value
-    from guidance.engine import completion_points
+    from molgen.guidance.completions import Completions, parse_value
+    from molgen.guidance.engine import completion_points
 
     smp = Sampler(gaussian(0.0, 1.0), SCHED, "ddpm_ancestral", steps=8)
     n, m, k, steps = 20, 3, 2, 2

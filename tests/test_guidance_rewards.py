@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from guidance.rewards import Reward, parse_reward
+from molgen.guidance.rewards import Reward, parse_reward
 
 
 def test_molecule_rewards_known_values():
@@ -97,7 +97,7 @@ def test_weighted_sum_of_rewards():
 
 
 def test_backbone_rewards_known_values():
-    from guidance.rewards.structure import rg_ratio
+    from molgen.guidance.rewards.structure import rg_ratio
 
     n = 12
     ang = torch.arange(n, dtype=torch.float64) * (2 * torch.pi / n)

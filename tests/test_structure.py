@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from structure.data import TS50_DIR, crop_batch
-from structure.geometry import kabsch_rmsd, project_ca_bonds, random_rotation, rebuild_backbone
-from structure.io import Backbone, backbone_from_ca, list_structure_files, read_backbone, write_backbone
-from structure.metrics import backbone_metrics, dssp, evaluate, tm_score
-from structure.model import BackboneDenoiser, ModelConfig, masked_center
-from structure.sampling import (
+from molgen.structure.data import TS50_DIR, crop_batch
+from molgen.structure.geometry import kabsch_rmsd, project_ca_bonds, random_rotation, rebuild_backbone
+from molgen.structure.io import Backbone, backbone_from_ca, list_structure_files, read_backbone, write_backbone
+from molgen.structure.metrics import backbone_metrics, dssp, evaluate, tm_score
+from molgen.structure.model import BackboneDenoiser, ModelConfig, masked_center
+from molgen.structure.sampling import (
     kabsch,
     layout,
     motif_residues,
@@ -25,7 +25,7 @@ from structure.sampling import (
     scaffold_ca,
     scaffold_from_file,
 )
-from structure.training import edm_loss
+from molgen.structure.training import edm_loss
 
 TS50 = list_structure_files(TS50_DIR)
 
@@ -262,7 +262,7 @@ def test_rotated_noise_gives_rotated_backbones(solver: str) -> None:
 
 def test_few_step_grids_start_warm_and_end_at_sigma_last() -> None:
     from molgen.diffusion.step_scale import scaled_rho
-    from structure.sampling import SIGMA_MIN, WARM_START_SIGMA, default_rho, default_sigma_last, make_sampler
+    from molgen.structure.sampling import SIGMA_MIN, WARM_START_SIGMA, default_rho, default_sigma_last, make_sampler
 
     model = _model_with_schedule()
     assert default_sigma_last("dpmpp_3m", 5) == 0.1 and default_sigma_last("unipc", 10) == 0.1
@@ -293,7 +293,7 @@ def test_few_step_grids_start_warm_and_end_at_sigma_last() -> None:
 
 
 def test_distance_law_and_chain_prior() -> None:
-    from structure.prior import chain_covariance, chain_prior, distance_law
+    from molgen.structure.prior import chain_covariance, chain_prior, distance_law
 
     line = np.arange(50)[:, None] * np.array([[3.8, 0.0, 0.0]])  # straight chain: d_k = 3.8 k
     np.testing.assert_allclose(distance_law([line, line[:30]], 20), (3.8 * np.arange(21)) ** 2)
@@ -310,7 +310,7 @@ def test_distance_law_and_chain_prior() -> None:
     g = torch.Generator().manual_seed(0)
     z = torch.randn(4000, prior.eigvals.numel(), generator=g, dtype=torch.float64)
     x = ((z * prior.eigvals.sqrt()) @ prior.eigvecs.T).reshape(4000, 80, 3)
-    from structure._chain_law import CA_D2
+    from molgen.structure._chain_law import CA_D2
 
     for sep in (1, 4, 16):
         d2 = ((x[:, sep:] - x[:, :-sep]) ** 2).sum(-1).mean()
@@ -435,7 +435,7 @@ def test_backbone_validates_shapes() -> None:
 
 def test_training_exports_and_resumes(tmp_path: Path) -> None:
     from molgen.checkpoints import load_checkpoint
-    from structure.training import train
+    from molgen.structure.training import train
 
     kwargs = {"config": SMALL.to_dict(), "max_length": 48, "edge_budget": 2 * 48**2, "every": 1}
     export = train(tmp_path / "run", tmp_path / "m.pt", [TS50_DIR], max_steps=2, max_minutes=5, **kwargs)
@@ -467,7 +467,7 @@ def test_training_exports_and_resumes(tmp_path: Path) -> None:
 def test_zero_initialised_extensions_reproduce_the_base_model(tmp_path: Path) -> None:
     """A warm start of the extended architecture from base weights computes the same denoiser at step 0."""
     from molgen.checkpoints import save_checkpoint
-    from structure.training import BackboneDiffusion, warm_start
+    from molgen.structure.training import BackboneDiffusion, warm_start
 
     torch.manual_seed(0)
     base = BackboneDenoiser(SMALL)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from guidance.rewards import Reward, register
+from molgen.guidance.rewards import Reward, register
 
 
 def to_mol(sample: Any) -> Any:

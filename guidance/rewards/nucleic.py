@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from guidance.rewards import Reward, register
+from molgen.guidance.rewards import Reward, register
 
 DNA = "ACGT"
 

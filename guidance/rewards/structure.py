@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from guidance.rewards import Reward, TensorReward, register
-from structure.geometry import natural_rg
+from molgen.guidance.rewards import Reward, TensorReward, register
+from molgen.structure.geometry import natural_rg
 
 
 @dataclass
@@ -23,8 +23,8 @@ class SecondaryStructure(Reward):
     penalty: float = 0.0
 
     def score_one(self, sample: object) -> float:
-        from structure.io import backbone_from_ca
-        from structure.metrics import complete_coords, dssp
+        from molgen.structure.io import backbone_from_ca
+        from molgen.structure.metrics import complete_coords, dssp
 
         ca = np.asarray(sample.detach().cpu() if isinstance(sample, Tensor) else sample, dtype=np.float64)
         if ca.ndim != 2 or ca.shape[1] != 3 or len(ca) < 4 or not np.isfinite(ca).all():

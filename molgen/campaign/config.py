@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guidance.fk import POTENTIALS
-from guidance.tasks import MODALITIES
+from molgen.guidance.fk import POTENTIALS
+from molgen.guidance.tasks import MODALITIES
 
 METHODS = ("none", "bon", "svdd", "fk", "dps")
 RULES = ("top_k", "pareto")
@@ -243,7 +243,7 @@ def validate(cfg: CampaignConfig) -> None:
 
 def _check_reward(r: RewardSpec, i: int, modality: str) -> None:
     """A parseable spec whose every term scores this modality's designs (``guidance.rewards.check_modality``)."""
-    from guidance.rewards import check_modality, parse_reward
+    from molgen.guidance.rewards import check_modality, parse_reward
 
     if not r.name or not r.name.replace("_", "").isalnum():
         raise ValueError(f"rewards[{i}].name must be a non-empty identifier, got {r.name!r}")

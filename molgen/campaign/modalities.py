@@ -58,7 +58,7 @@ class RoundOutput:
 
 def checkpoint_path(cfg: CampaignConfig) -> Path:
     """The checkpoint file the campaign's model comes from (the shipped default when none is given)."""
-    from guidance.tasks import default_checkpoint
+    from molgen.guidance.tasks import default_checkpoint
 
     return Path(cfg.checkpoint) if cfg.checkpoint else default_checkpoint(cfg.modality)
 
@@ -67,7 +67,7 @@ class Modality:
     """A ``guidance.tasks.Problem`` plus the conversions between its states and stored designs."""
 
     def __init__(self, cfg: CampaignConfig) -> None:
-        from guidance.tasks import DEFAULT_STEPS, get_problem
+        from molgen.guidance.tasks import DEFAULT_STEPS, get_problem
 
         self.cfg = cfg
         self.problem = get_problem(cfg.modality, steps=cfg.sampler.steps or DEFAULT_STEPS[cfg.modality],
@@ -94,7 +94,7 @@ class Modality:
         return RoundOutput(designs, calls)
 
     def _guide(self, problem: Any, reward: Any, n: int, seed: int) -> Any:
-        from guidance.tasks import guide
+        from molgen.guidance.tasks import guide
 
         g = self.cfg.guidance
         return guide(problem, METHOD_NAMES.get(g.method, g.method), reward, n, candidates=g.candidates,
@@ -103,7 +103,7 @@ class Modality:
 
     def refine_problem(self, parents: Sequence[Design]) -> Any:
         """The problem whose sampler starts at t = refine.t and whose prior is the parents noised to t."""
-        from guidance.tasks import Draw
+        from molgen.guidance.tasks import Draw
 
         t = self.cfg.refine.t
         x0, mask = self.encode(parents)
@@ -276,8 +276,8 @@ class Backbones(Modality):
         return bool(design.structure)
 
     def designs(self, res: Any) -> list[Design]:
-        from structure.io import backbone_from_ca, write_backbone
-        from structure.metrics import ca_ca_stats
+        from molgen.structure.io import backbone_from_ca, write_backbone
+        from molgen.structure.metrics import ca_ca_stats
 
         out = []
         with tempfile.TemporaryDirectory() as tmp:

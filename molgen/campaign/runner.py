@@ -93,7 +93,7 @@ class Campaign:
 
     @property
     def rewards(self) -> list[Any]:
-        from guidance.rewards import parse_reward
+        from molgen.guidance.rewards import parse_reward
 
         if self._rewards is None:
             self._rewards = [parse_reward(r.spec) for r in self.config.rewards]
@@ -101,7 +101,7 @@ class Campaign:
 
     def guide_reward(self) -> Any:
         """The scalar the guidance methods steer toward: sum_k w_k r_k (guidance's own SumReward)."""
-        from guidance.rewards import SumReward
+        from molgen.guidance.rewards import SumReward
 
         weights = [r.weight for r in self.config.rewards]
         if len(weights) == 1 and weights[0] == 1.0:

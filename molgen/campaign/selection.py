@@ -104,7 +104,7 @@ def tanimoto_distances(smiles: Sequence[str]) -> Callable[[int, int], float]:
 
 def tm_distances(cas: Sequence[np.ndarray]) -> Callable[[int, int], float]:
     """1 - TM-score (TM-align, the mean of both normalisations) between CA traces; needs ``tmtools``."""
-    from structure.metrics import tm_score
+    from molgen.structure.metrics import tm_score
 
     def dist(i: int, j: int) -> float:
         return 1.0 - 0.5 * (tm_score(cas[i], cas[j]) + tm_score(cas[j], cas[i]))
