@@ -24,6 +24,7 @@ clash rate at most 105 % of AF3's plus 0.005 (clash rates are often exactly 0).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -35,23 +36,23 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from molgen.checkpoints import read_card  # noqa: E402
-from molgen.structure.cli import DEFAULT_CHECKPOINT  # noqa: E402
 from molgen.structure.data import TS50_DIR, default_data_path, default_sources, load_chains  # noqa: E402
 from molgen.structure.geometry import project_ca_bonds  # noqa: E402
 from molgen.structure.io import backbone_from_ca, list_structure_files, read_backbone  # noqa: E402
 from molgen.structure.metrics import evaluate, novelty  # noqa: E402
 from molgen.structure.sampling import (  # noqa: E402
     AF3_DEFAULTS,
+    DEFAULT_CHECKPOINT,
+    FEW_STEPS,
+    MANY_STEPS,
     WARM_START_SIGMA,
-    default_rho,
-    default_sigma_last,
+    GridSettings,
     default_step_scale,
-    is_few_step,
     load_model,
     sample_ca,
-    starts_warm,
 )
+
+from molgen.checkpoints import read_card  # noqa: E402
 
 IDEAL_KEYS = ("ca_ca_valid", "clash_rate", "rg_ratio", "helix", "strand", "coil")
 
@@ -76,14 +77,13 @@ def model_row(
     reference: list,
     novelty_n: int,
     options: dict | None = None,
-    warm_start: bool | None = None,
+    settings: GridSettings = FEW_STEPS,
     step_scale: float | None = None,
 ) -> dict:
     """One sampler configuration: metrics of ``n`` backbones, then of the same traces with ideal CA-CA bonds."""
-    warm = starts_warm(solver, steps, warm_start)
     eta = default_step_scale(solver) if step_scale is None else step_scale
     t0 = time.time()
-    ca = sample_ca(model, n, length, solver, steps, seed=seed, solver_options=options, warm_start=warm,
+    ca = sample_ca(model, n, length, solver, steps, seed=seed, solver_options=options, settings=settings,
                    step_scale=eta)
     wall = time.time() - t0
     bbs = [backbone_from_ca(c.numpy(), name=f"s{k}") for k, c in enumerate(ca)]
@@ -92,15 +92,15 @@ def model_row(
     ideal = project_ca_bonds(ca.double())
     ideal_metrics = evaluate([backbone_from_ca(c.numpy()) for c in ideal], tm=False, mpnn=False)
     return {
-        "name": f"{solver} {steps} steps" + ("" if warm == is_few_step(solver, steps) else
-                                             f" ({'warm' if warm else 'no warm'} start)")
+        "name": f"{solver} {steps} steps" + ("" if settings.warm_start or settings == MANY_STEPS else
+                                             " (no warm start)")
                 + ("" if eta == default_step_scale(solver) else f" (step scale {eta:g})"),
         "solver": solver,
         "steps": steps,
         "solver_options": options,
-        "sigma_last": default_sigma_last(solver, steps),
-        "karras_rho": default_rho(solver, steps),
-        "warm_start_sigma": WARM_START_SIGMA if warm else None,
+        "sigma_last": settings.sigma_last,
+        "karras_rho": settings.rho,
+        "warm_start_sigma": WARM_START_SIGMA if settings.warm_start else None,
         "step_scale": eta,
         "length": length,
         **metrics,
@@ -148,6 +148,8 @@ def main() -> int:
     ap.add_argument("--natural-n", type=int, default=90, help="natural chains in the reference row")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--few-steps", dest="few_steps", type=int, default=10,
+                    help="runs of up to this many calls use the few-step grid (FEW_STEPS), longer ones EDM's")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t_start = time.time()
@@ -159,13 +161,14 @@ def main() -> int:
     common = dict(n=args.n, length=args.length, seed=args.seed, reference=reference, novelty_n=args.novelty_n)
     for solver in args.solvers:
         for steps in args.steps:
-            rows.append(model_row(model, solver, steps, **common))
+            few = steps <= args.few_steps  # the few-step grid up to --few-steps calls, EDM's grid above
+            rows.append(model_row(model, solver, steps, settings=FEW_STEPS if few else MANY_STEPS, **common))
             print(summary_line(rows[-1]), flush=True)
-            if is_few_step(solver, steps):  # the same run without the warm start, and as the plain ODE
-                for change in ({"warm_start": False}, {"step_scale": 1.0}):
+            if few:  # the same run without the warm start, and as the plain ODE
+                for change in ({"settings": dataclasses.replace(FEW_STEPS, warm_start=False)}, {"step_scale": 1.0}):
                     rows.append(model_row(model, solver, steps, **change, **common))
                     print(summary_line(rows[-1]), flush=True)
-    af3 = model_row(model, "af3", args.af3_steps, options=dict(AF3_DEFAULTS), **common)
+    af3 = model_row(model, "af3", args.af3_steps, options=dict(AF3_DEFAULTS), settings=MANY_STEPS, **common)
     rows.append(af3)
     print(summary_line(af3), flush=True)
     goal = {row["solver"]: goal_check(row, af3) for row in rows[1:-1]

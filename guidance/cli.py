@@ -23,7 +23,9 @@ import json
 import math
 from pathlib import Path
 
-METHODS = ("svdd", "fk", "bon", "dps")
+from molgen.guidance.tasks import METHODS as TASK_METHODS
+
+METHODS = tuple(m for m in TASK_METHODS if m != "svdd_mc")  # svdd with a value net is SVDD-MC (--value)
 
 
 def add_guide(parser: argparse.ArgumentParser, modality: str) -> None:
@@ -42,7 +44,8 @@ def add_guide(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--lam", type=float, default=10.0, help="FK tilt strength lambda")
     parser.add_argument("--potential", default="difference", choices=POTENTIALS)
     parser.add_argument("--scale", type=float, default=1.0, help="DPS guidance scale")
-    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--preset", default="guided", help="the modality's sampler preset (molgen.modalities)")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the preset's)")
     parser.add_argument("--n", type=int, default=16, help="number of outputs")
     parser.add_argument("--length", type=int, default=None, help="sequence / backbone length")
     parser.add_argument("--condition", default=None, help="sequence class label (e.g. enhancer)")
@@ -55,7 +58,7 @@ def add_guide(parser: argparse.ArgumentParser, modality: str) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     for name in ("candidates", "particles", "steps", "n"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not (args.alpha >= 0 and not math.isnan(args.alpha)):
         raise ValueError(f"--alpha must be >= 0, got {args.alpha}")
@@ -81,8 +84,8 @@ def run_guide(args: argparse.Namespace) -> int:
     completions = parse_value(args.value) if args.value and args.value.startswith("completions") else None
     reward = parse_reward(args.reward)  # bad names / arguments fail before any model is loaded
     check_modality(args.reward, args.modality)
-    problem = get_problem(args.modality, steps=args.steps, checkpoint=args.checkpoint, length=args.length,
-                          condition=args.condition, solver=args.solver)
+    problem = get_problem(args.modality, preset=args.preset, steps=args.steps, checkpoint=args.checkpoint,
+                          length=args.length, condition=args.condition, solver=args.solver)
     value, net = completions, False
     if completions is None and args.value not in (None, "denoised"):
         from molgen.guidance.train_value import load_value
@@ -96,7 +99,8 @@ def run_guide(args: argparse.Namespace) -> int:
     problem.write(args.out, res)
     summary = {**res.summary(), "method": method, "reward": args.reward, "value": args.value or "denoised",
                **problem.natural(res),
-               "reward_stats": reward.stats.as_dict(), "model_checkpoint": str(problem.checkpoint),
+               "reward_stats": reward.stats.as_dict(), "sampler": problem.settings,
+               "model_checkpoint": str(problem.checkpoint),
                "model_sha256": problem.sha256}
     text = json.dumps(summary, indent=2)
     if args.json:

@@ -20,12 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from molgen.guidance.rewards import parse_reward
+from molgen.guidance.tasks import Problem, get_problem, guide
+from molgen.guidance.value import as_value, fit_value
 from torch import Tensor
 
-from molgen.guidance.rewards import parse_reward
-from molgen.guidance.tasks import MODALITIES, Problem, get_problem, guide
-from molgen.guidance.value import as_value, fit_value
 from molgen.checkpoints import hardware, load_checkpoint, save_checkpoint
+from molgen.modalities import names
 
 
 def train_value(problem: Problem, reward_spec: str, *, samples: int = 256, fit_steps: int = 400, batch: int = 64,
@@ -76,7 +77,7 @@ def load_value(path: str | Path, problem: Problem, reward_spec: str) -> tuple[Ca
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("modality", choices=MODALITIES)
+    p.add_argument("modality", choices=names())
     p.add_argument("--reward", required=True)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--steps", type=int, default=16, help="sampler steps (use the guidance run's)")

@@ -1,7 +1,7 @@
 """The `molgen` command.
 
-Each modality plugs its sub-commands in through a module ``<package>.cli`` that defines any of
-``add_sample/run_sample``, ``add_evaluate/run_evaluate``, ``add_train/run_train`` (argparse hooks).
+Each registered modality (``molgen.modalities``) names a module that defines any of ``add_sample/run_sample``,
+``add_evaluate/run_evaluate``, ``add_train/run_train`` (argparse hooks).
 """
 
 from __future__ import annotations
@@ -12,19 +12,18 @@ import os
 import sys
 from collections.abc import Sequence
 
-_MODALITY_MODULES = {
-    "molecules": "molgen.molecules.cli",
-    "rna": "molgen.sequences.cli",
-    "dna": "molgen.sequences.cli",
-    "backbones": "molgen.structure.cli",
-}
-# verb -> modality -> module that defines add_<verb>/run_<verb>
-COMMANDS: dict[str, dict[str, str]] = {
-    "sample": _MODALITY_MODULES,
-    "evaluate": {**_MODALITY_MODULES, "sequences": "molgen.sequences.cli"},
-    "train": _MODALITY_MODULES,
-    "guide": dict.fromkeys(_MODALITY_MODULES, "molgen.guidance.cli"),
-}
+
+def verb_modules() -> dict[str, dict[str, str]]:
+    """verb -> modality -> module that defines add_<verb>/run_<verb>, from the modality registry."""
+    from molgen.modalities import get_modality, names
+
+    hooks = {m: get_modality(m).cli_module for m in names()}
+    return {
+        "sample": hooks,
+        "evaluate": {**hooks, "sequences": "molgen.sequences.cli"},
+        "train": hooks,
+        "guide": dict.fromkeys(hooks, "molgen.guidance.cli"),
+    }
 
 
 def _hooks(module_name: str):
@@ -39,7 +38,7 @@ def _hooks(module_name: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="molgen", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for verb, modules in COMMANDS.items():
+    for verb, modules in verb_modules().items():
         verb_parser = commands.add_parser(verb, help=f"{verb} for one modality")
         per_modality = verb_parser.add_subparsers(dest="modality", required=True, metavar="MODALITY")
         for modality, module_name in modules.items():
@@ -72,11 +71,12 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _add_generate(commands: argparse._SubParsersAction) -> None:
-    from molgen.guidance.tasks import MODALITIES
+    from molgen.modalities import names
 
     gen = commands.add_parser("generate", help="batch generation in resumable shards (Lightning, multi-GPU/node)")
     gen.add_argument("--config", help="YAML file with the keys below (command-line values win)")
-    gen.add_argument("--modality", choices=MODALITIES)
+    gen.add_argument("--modality", choices=names())
+    gen.add_argument("--preset", help="the modality's sampler preset (default: default, or guided with --reward)")
     gen.add_argument("--n", type=int)
     gen.add_argument("--shard-size", dest="shard_size", type=int)
     gen.add_argument("--seed", type=int)
@@ -101,8 +101,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     values = dict(iter_config_file(args.config)) if args.config else {}
     where = args.config or "command line"
-    for key in ("modality", "n", "shard_size", "seed", "solver", "steps", "length", "checkpoint", "reward", "guide",
-                "candidates", "particles", "out"):
+    for key in ("modality", "preset", "n", "shard_size", "seed", "solver", "steps", "length", "checkpoint", "reward",
+                "guide", "candidates", "particles", "out"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     for key in ("modality", "n"):

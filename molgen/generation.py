@@ -28,7 +28,11 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from torch.utils.data import DataLoader
 
 from molgen import __version__
+from molgen.guidance.tasks import METHODS
+from molgen.modalities import choose, get_modality
 from molgen.seeds import derived_seed
+
+GUIDES = tuple(m for m in METHODS if m != "svdd_mc")  # svdd_mc needs a value net per reward
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class GenerationConfig:
 
     modality: str
     n: int
+    preset: str | None = None  # the modality's preset (None: "default", or "guided" with a reward)
     shard_size: int = 256
     seed: int = 0
     solver: str | None = None
@@ -50,8 +55,10 @@ class GenerationConfig:
     out: str = "generated"
 
     def __post_init__(self) -> None:
-        if self.modality not in UNGUIDED:
-            raise ValueError(f"unknown modality {self.modality!r}; choose one of {sorted(UNGUIDED)}")
+        mod = get_modality(self.modality)
+        if self.preset is None:
+            object.__setattr__(self, "preset", "guided" if self.reward is not None else "default")
+        mod.preset(self.preset)  # an unknown preset fails here, listing the modality's presets
         for name in ("n", "shard_size", "candidates", "particles"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -60,8 +67,7 @@ class GenerationConfig:
         if self.reward is not None:
             from molgen.guidance.rewards import parse_reward
 
-            if self.guide not in GUIDES:
-                raise ValueError(f"unknown guidance method {self.guide!r}; choose one of {GUIDES}")
+            choose("guidance method", self.guide, GUIDES)
             parse_reward(self.reward)  # a bad name or argument fails here, before any shard is generated
 
     @classmethod
@@ -101,7 +107,7 @@ def sample_id(seed: int, shard: int, index: int) -> str:
 
 # ------------------------------------------------------------------------------------------------ modalities
 class Adapter(Protocol):
-    """How one modality loads its model, generates a shard and writes it."""
+    """How a shard is made and written: a registered modality's plain sampler, or a guided run on it."""
 
     extension: str
 
@@ -109,101 +115,27 @@ class Adapter(Protocol):
 
     def generate(self, model: Any, config: GenerationConfig, n: int, seed: int, device: torch.device) -> Sized: ...
 
-    def write(self, samples: list[Any], ids: Sequence[str], path: Path) -> list[dict[str, Any]]:
+    def write(self, samples: Any, ids: Sequence[str], path: Path) -> list[dict[str, Any]]:
         """Write the samples to ``path`` (a file, or a folder for backbones); return per-sample metric rows."""
         ...
 
 
-class MoleculeAdapter:
-    extension = "sdf"
+class PlainAdapter:
+    """A modality's ``sample`` with its preset (``config.preset``, the caller's solver and steps where given)."""
+
+    def __init__(self, config: GenerationConfig) -> None:
+        self.modality = get_modality(config.modality)
+        self.preset = self.modality.preset(config.preset, config.solver, config.steps)
+        self.extension = self.modality.extension
 
     def load(self, config: GenerationConfig, device: torch.device) -> Any:
-        from molgen.molecules.sampling import load_model
+        return self.modality.load(config.checkpoint, device)
 
-        return load_model(config.checkpoint)
+    def generate(self, model: Any, config: GenerationConfig, n: int, seed: int, device: torch.device) -> Sized:
+        return self.modality.sample(model, n, preset=self.preset, seed=seed, length=config.length, device=device)
 
-    def generate(self, model: Any, config: GenerationConfig, n: int, seed: int, device: torch.device) -> list[Any]:
-        from molgen.molecules.sampling import sample_molecules
-
-        net, card = model
-        return sample_molecules(net, card, n, solver=config.solver or "dpmpp_2m", steps=config.steps or 10,
-                                seed=seed, device=device)
-
-    def write(self, samples: list[Any], ids: Sequence[str], path: Path) -> list[dict[str, Any]]:
-        from molgen.molecules.io import write_sdf
-        from molgen.molecules.metrics import atom_stability, valid_smiles
-
-        named = [dataclasses.replace(m, name=i) for m, i in zip(samples, ids)]
-        write_sdf(path, named)
-        rows = []
-        for m in named:
-            stable = atom_stability(m.symbols, m.positions)
-            smiles = valid_smiles(m.symbols, m.positions)
-            rows.append({"atoms": len(m.symbols), "atom_stability": float(stable.mean()),
-                         "stable": bool(stable.all()), "valid": smiles is not None, "smiles": smiles or ""})
-        return rows
-
-
-class SequenceAdapter:
-    extension = "fasta"
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-
-    def load(self, config: GenerationConfig, device: torch.device) -> Any:
-        from molgen.sequences.pretrained import default_checkpoint, load_pretrained
-
-        return load_pretrained(config.checkpoint or default_checkpoint(self.kind), device)
-
-    def generate(self, model: Any, config: GenerationConfig, n: int, seed: int, device: torch.device) -> list[Any]:
-        from molgen.sequences.sampling import generate
-
-        return generate(model, n, solver=config.solver or "cached_ancestral", steps=config.steps or 32, seed=seed,
-                        length=config.length, device=device)
-
-    def write(self, samples: list[Any], ids: Sequence[str], path: Path) -> list[dict[str, Any]]:
-        from molgen.sequences.io import Record, write_fasta
-
-        records = [Record(i, r.seq) for r, i in zip(samples, ids)]
-        write_fasta(path, records)
-        return [{"length": len(r.seq), "gc": _gc(r.seq), "sequence": r.seq} for r in records]
-
-
-def _gc(seq: str) -> float:
-    return sum(c in "GC" for c in seq) / max(len(seq), 1)
-
-
-class BackboneAdapter:
-    extension = "pdb"
-
-    def load(self, config: GenerationConfig, device: torch.device) -> Any:
-        from molgen.structure.cli import DEFAULT_CHECKPOINT
-        from molgen.structure.sampling import load_model
-
-        return load_model(config.checkpoint or DEFAULT_CHECKPOINT).to(device)
-
-    def generate(self, model: Any, config: GenerationConfig, n: int, seed: int, device: torch.device) -> list[Any]:
-        from molgen.structure.io import backbone_from_ca
-        from molgen.structure.sampling import sample_ca
-
-        ca = sample_ca(model, n, config.length or 100, solver=config.solver or "dpmpp_2m", steps=config.steps or 10,
-                       seed=seed)
-        return [backbone_from_ca(c.cpu().numpy()) for c in ca]
-
-    def write(self, samples: list[Any], ids: Sequence[str], path: Path) -> list[dict[str, Any]]:
-        from molgen.structure.io import write_backbone
-        from molgen.structure.metrics import backbone_metrics
-
-        path.mkdir(parents=True, exist_ok=True)
-        rows = []
-        for bb, i in zip(samples, ids):
-            bb.name = i
-            write_backbone(bb, path / f"{i}.pdb")
-            rows.append(backbone_metrics(bb))
-        return rows
-
-
-GUIDES = ("unguided", "bon", "fk", "svdd", "dps")  # guidance.tasks methods (svdd_mc needs a value net)
+    def write(self, samples: Any, ids: Sequence[str], path: Path) -> list[dict[str, Any]]:
+        return self.modality.write(samples, ids, path)
 
 
 @dataclass
@@ -221,16 +153,15 @@ class GuidedAdapter:
     """Any modality steered toward ``config.reward`` by ``guidance.tasks`` (the same path as ``molgen guide``);
     each sample's row carries its reward."""
 
-    def __init__(self, modality: str) -> None:
-        self.extension = UNGUIDED[modality].extension
+    def __init__(self, config: GenerationConfig) -> None:
+        self.extension = get_modality(config.modality).extension
 
     def load(self, config: GenerationConfig, device: torch.device) -> Any:
         from molgen.guidance.rewards import parse_reward
-        from molgen.guidance.tasks import DEFAULT_STEPS, get_problem
+        from molgen.guidance.tasks import get_problem
 
-        steps = config.steps or DEFAULT_STEPS[config.modality]
-        problem = get_problem(config.modality, steps=steps, checkpoint=config.checkpoint,
-                              length=config.length, solver=config.solver)
+        problem = get_problem(config.modality, preset=config.preset, steps=config.steps, solver=config.solver,
+                              checkpoint=config.checkpoint, length=config.length)
         return problem, parse_reward(config.reward)
 
     def generate(self, model: Any, config: GenerationConfig, n: int, seed: int, device: torch.device) -> Sized:
@@ -248,17 +179,9 @@ class GuidedAdapter:
         return [{"reward": float(r), "model_calls": calls} for r in res.rewards.tolist()]
 
 
-UNGUIDED: dict[str, Adapter] = {
-    "molecules": MoleculeAdapter(),
-    "rna": SequenceAdapter("rna"),
-    "dna": SequenceAdapter("dna"),
-    "backbones": BackboneAdapter(),
-}
-
-
 def adapter_for(config: GenerationConfig) -> Adapter:
     """The guided adapter when the config names a reward, else the modality's plain sampler."""
-    return GuidedAdapter(config.modality) if config.reward is not None else UNGUIDED[config.modality]
+    return GuidedAdapter(config) if config.reward is not None else PlainAdapter(config)
 
 
 # ------------------------------------------------------------------------------------------------ the folder
@@ -287,7 +210,13 @@ class ShardStore:
             if existing != identity:
                 for f in self.root.glob("done/*.json"):
                     f.unlink()
-        _atomic_text(card, json.dumps({"config": identity, "molgen": __version__}, indent=2, sort_keys=True))
+        _atomic_text(card, json.dumps({"config": identity, "sampler": self.sampler_settings(), "molgen": __version__},
+                                      indent=2, sort_keys=True))
+
+    def sampler_settings(self) -> dict[str, Any]:
+        """The preset the shards are drawn with, after the config's solver and steps (as recorded)."""
+        mod = get_modality(self.config.modality)
+        return mod.preset(self.config.preset, self.config.solver, self.config.steps).as_dict()
 
     def shard_path(self, k: int) -> Path:
         return self.root / f"shard-{k:05d}.{self.adapter.extension}"
@@ -309,7 +238,9 @@ class ShardStore:
         table = pd.DataFrame(rows)
         table.insert(0, "id", ids)
         table["shard"], table["seed"], table["modality"] = k, cfg.seed, cfg.modality
-        table["solver"], table["steps"], table["molgen"] = cfg.solver or "default", cfg.steps or -1, __version__
+        sampler = self.sampler_settings()
+        table["preset"], table["solver"], table["steps"] = cfg.preset, sampler["solver"], sampler["steps"]
+        table["molgen"] = __version__
         table["guidance"] = f"{cfg.guide}:{cfg.reward}" if cfg.reward is not None else "none"
         parquet = self.root / f"shard-{k:05d}.parquet"
         table.to_parquet(parquet.with_name(parquet.name + ".tmp"), index=False)

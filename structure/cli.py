@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "data" / "structure" / "backbone_egnn.pt"
+from molgen.structure.sampling import DEFAULT_CHECKPOINT
+
+from molgen.batching import batch_size_arg
 
 
 def add_train(parser: argparse.ArgumentParser, modality: str) -> None:
@@ -46,7 +48,6 @@ def train_config(args: argparse.Namespace) -> dict:
 
 def run_train(args: argparse.Namespace) -> int:
     import torch
-
     from molgen.structure.data import default_sources
     from molgen.structure.training import train
 
@@ -73,23 +74,20 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
+    from molgen.modalities import get_modality
+
+    presets = get_modality(modality).presets
     parser.add_argument("--n", type=int, default=8, help="number of backbones")
     parser.add_argument("--length", type=int, default=100, help="residues per backbone (model range 40-256)")
-    parser.add_argument("--solver", default="unipc", help="engine solver (any ODE solver, or af3)")
-    parser.add_argument("--steps", type=int, default=10, help="grid points = model calls of multistep solvers")
-    parser.add_argument("--grid", default="karras", help="time grid (karras, logsnr, time_uniform, ...)")
-    parser.add_argument(
-        "--sigma-last",
-        type=float,
-        default=None,
-        help="noise level (A) of the last model call (default: 0.1 for runs of <= 10 calls but AF3's, else 0.02)",
-    )
-    parser.add_argument(
-        "--warm-start",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="start at 5 A from the chain-shaped Gaussian prior (default: on for runs of <= 10 calls but AF3's)",
-    )
+    parser.add_argument("--preset", default="default", choices=sorted(presets),
+                        help="; ".join(f"{k}: {p.solver}, {p.steps} steps" for k, p in presets.items()))
+    parser.add_argument("--solver", default=None, help="engine solver (any ODE solver, or af3); default: the preset's")
+    parser.add_argument("--steps", type=int, default=None, help="grid points = model calls of multistep solvers")
+    parser.add_argument("--grid", default=None, help="time grid (karras, logsnr, time_uniform, ...)")
+    parser.add_argument("--sigma-last", type=float, default=None, help="noise level (A) of the last model call")
+    parser.add_argument("--rho", type=float, default=None, help="Karras grid exponent")
+    parser.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=None,
+                        help="start at 5 A from the chain-shaped Gaussian prior")
     parser.add_argument(
         "--ideal-bonds", action="store_true", help="project CA traces onto CA-CA = 3.80 A (SHAKE) before writing"
     )
@@ -97,7 +95,9 @@ def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--format", choices=("pdb", "cif"), default="pdb")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=batch_size_arg, default=16,
+                        help="backbones per model call, or auto: the largest that fits the device")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--motif-pdb", type=Path, default=None, help="PDB/mmCIF with the motif residues")
     parser.add_argument("--contig", default=None, help="motif scaffolding spec, e.g. A10-25,40-60,A40-52")
     for name, value in (("gamma-0", 0.8), ("gamma-min", 1.0), ("noise-scale", 1.003)):
@@ -106,10 +106,22 @@ def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
                         help="AF3's step scale eta, for af3 and every ODE solver (default 1.5; 1 = plain ODE)")
 
 
-def _solver_options(args: argparse.Namespace) -> dict | None:
+def sample_preset(args: argparse.Namespace):
+    """The preset of ``--preset`` with the command line's solver, steps and grid options where given."""
+    import dataclasses
+
+    from molgen.modalities import get_modality
+
+    preset = get_modality("backbones").preset(args.preset, args.solver, args.steps)
+    given = {"grid": args.grid, "sigma_last": args.sigma_last, "rho": args.rho, "warm_start": args.warm_start,
+             "step_scale": args.step_scale}
+    return dataclasses.replace(preset, options={**preset.options, **{k: v for k, v in given.items() if v is not None}})
+
+
+def _solver_options(args: argparse.Namespace, solver: str) -> dict | None:
     opts = {k: v for k in ("gamma_0", "gamma_min", "noise_scale") if (v := getattr(args, k)) is not None}
-    if opts and args.solver != "af3":
-        raise ValueError(f"--gamma-0/--gamma-min/--noise-scale apply to --solver af3, not {args.solver}")
+    if opts and solver != "af3":
+        raise ValueError(f"--gamma-0/--gamma-min/--noise-scale apply to --solver af3, not {solver}")
     return opts or None
 
 
@@ -117,17 +129,12 @@ def run_sample(args: argparse.Namespace) -> int:
     import json
     import time
 
+    import torch
     from molgen.structure.io import backbone_from_ca, write_backbone
-    from molgen.structure.sampling import (
-        WARM_START_SIGMA,
-        default_rho,
-        default_sigma_last,
-        default_step_scale,
-        load_model,
-        sample_ca,
-        scaffold_from_file,
-        starts_warm,
-    )
+    from molgen.structure.sampling import default_step_scale, load_model, sample_ca, scaffold_from_file
+
+    from molgen.batching import largest_batch
+    from molgen.modalities.backbones import sampler_keywords
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
@@ -135,49 +142,31 @@ def run_sample(args: argparse.Namespace) -> int:
         raise ValueError("motif scaffolding needs both --motif-pdb and --contig")
     if args.contig and args.ideal_bonds:
         raise ValueError("--ideal-bonds is not applied to motif scaffolding (it would move the fixed motif)")
-    model = load_model(args.checkpoint)
-    opts = _solver_options(args)
-    warm = starts_warm(args.solver, args.steps, args.warm_start)
-    step_scale = default_step_scale(args.solver) if args.step_scale is None else args.step_scale
+    preset = sample_preset(args)
+    keywords = sampler_keywords(preset)
+    keywords.setdefault("step_scale", default_step_scale(preset.solver))
+    opts = _solver_options(args, preset.solver)
+    model = load_model(args.checkpoint).to(args.device)
     t0 = time.time()
     if args.contig:
-        bbs, res = scaffold_from_file(
-            model,
-            args.motif_pdb,
-            args.contig,
-            args.n,
-            seed=args.seed,
-            solver=args.solver,
-            steps=args.steps,
-            grid=args.grid,
-            solver_options=opts,
-            sigma_last=args.sigma_last,
-            warm_start=args.warm_start,
-            step_scale=step_scale,
-        )
+        bbs, res = scaffold_from_file(model, args.motif_pdb, args.contig, args.n, seed=args.seed,
+                                      solver=preset.solver, steps=preset.steps, solver_options=opts, **keywords)
         extra = {
             "contig": args.contig,
             "motif_positions": res.motif_positions,
             "motif_rmsd": [round(float(v), 3) for v in res.motif_rmsd],
         }
     else:
+        batch = args.batch_size
+        if batch == "auto":
+            batch = largest_batch(lambda b: model(torch.zeros(b, args.length, 3, device=args.device),
+                                                  torch.full((b,), 0.5, device=args.device)), args.device)
+        g = torch.Generator().manual_seed(args.seed)  # one stream over all batches
         bbs = []
-        for start in range(0, args.n, args.batch_size):
-            k = min(args.batch_size, args.n - start)
-            ca = sample_ca(
-                model,
-                k,
-                args.length,
-                args.solver,
-                args.steps,
-                seed=args.seed + start,
-                grid=args.grid,
-                solver_options=opts,
-                sigma_last=args.sigma_last,
-                ideal_bonds=args.ideal_bonds,
-                warm_start=args.warm_start,
-                step_scale=step_scale,
-            )
+        for start in range(0, args.n, batch):
+            k = min(batch, args.n - start)
+            ca = sample_ca(model, k, args.length, preset.solver, preset.steps, generator=g, solver_options=opts,
+                           ideal_bonds=args.ideal_bonds, **keywords)
             bbs += [backbone_from_ca(c.numpy(), name=f"sample_{start + j:04d}") for j, c in enumerate(ca)]
         extra = {}
     wall = time.time() - t0
@@ -186,15 +175,10 @@ def run_sample(args: argparse.Namespace) -> int:
         write_backbone(bb, args.out / f"{bb.name}.{args.format}", args.format)
     meta = {
         "n": len(bbs),
-        "solver": args.solver,
-        "steps": args.steps,
-        "grid": args.grid,
+        **preset.as_dict(),
         "seed": args.seed,
         "solver_options": opts,
-        "sigma_last": default_sigma_last(args.solver, args.steps) if args.sigma_last is None else args.sigma_last,
-        "rho": default_rho(args.solver, args.steps) if args.grid == "karras" else None,
-        "warm_start_sigma": WARM_START_SIGMA if warm else None,
-        "step_scale": step_scale,
+        "step_scale": keywords["step_scale"],
         "ideal_bonds": args.ideal_bonds,
         "checkpoint": str(args.checkpoint),
         "seconds_per_backbone": wall / len(bbs),

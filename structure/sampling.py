@@ -1,9 +1,9 @@
 """Backbone generation with the engine's solvers, and motif scaffolding by replacement.
 
 The CA state lives in ZeroCoM(3) on the engine's ``edm`` schedule (alpha = 1, sigma in Angstrom) on a Karras
-grid; the denoiser predicts x0. ``af3`` is the AlphaFold 3 sampler (200 steps, gamma_0 0.8); with
-``gamma_0 = 0, step_scale = 1`` it is the Protenix-Mini few-step ODE form. Runs of <= 10 calls start warm:
-x_T is carried to 5 A along the exact flow of the chain-shaped Gaussian prior (``structure.prior``).
+grid placed by ``GridSettings`` (``FEW_STEPS`` by default, ``MANY_STEPS`` for AF3's protocol); the denoiser
+predicts x0. ``af3`` is the AlphaFold 3 sampler (200 steps, gamma_0 0.8); with ``gamma_0 = 0, step_scale = 1``
+it is the Protenix-Mini few-step ODE form.
 
 Motif scaffolding: after every solver step the motif's CA atoms are replaced by the reference motif, rigidly
 superimposed (Kabsch) on the current motif estimate and noised to the next grid level,
@@ -19,17 +19,36 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
-
 from molgen.structure.geometry import project_ca_bonds
 from molgen.structure.io import Backbone, backbone_from_ca, read_backbone
 from molgen.structure.model import BackboneDenoiser, ModelConfig
+from torch import Tensor
 
 SIGMA_MIN, SIGMA_MAX = 0.02, 80.0
-FEW_STEPS, FEW_STEP_SIGMA_LAST, FEW_STEP_RHO = 10, 0.1, -4.0  # few-step runs: <= 10 calls, their grid's end and rho
 WARM_START_SIGMA = 5.0  # first model call (A) of a warm-started run
 STEP_SCALE = 1.5  # AF3's step scale eta, used by every ODE solver too (molgen.diffusion.step_scale)
 AF3_DEFAULTS = {"gamma_0": 0.8, "gamma_min": 1.0, "noise_scale": 1.003, "step_scale": STEP_SCALE}
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "data" / "structure" / "backbone_egnn.pt"
+
+
+@dataclass(frozen=True)
+class GridSettings:
+    """Where a run's grid lies: the Karras exponent ``rho``, the noise level (A) of the last model call
+    ``sigma_last`` (its denoised estimate is the output), and whether it starts warm at ``WARM_START_SIGMA``.
+
+    The defaults are the few-step settings: rho = -4 puts more of 5-10 calls at low noise than a geometric grid
+    (80, 4.3, 0.80, 0.25, 0.1 A for 5 calls), where the CA-CA geometry is set; a grid ending at the schedule's
+    0.02 A spends a few-step solver's last call where it can no longer move the chain; the warm start carries x_T
+    along the exact flow of the chain-shaped prior (``structure.prior``) to 5 A. ``MANY_STEPS`` is EDM's grid
+    (rho = 7 to 0.02 A from the schedule's start), AF3's protocol."""
+
+    rho: float = -4.0
+    sigma_last: float = 0.1
+    warm_start: bool = True
+
+
+FEW_STEPS = GridSettings()
+MANY_STEPS = GridSettings(rho=7.0, sigma_last=SIGMA_MIN, warm_start=False)
 
 
 def load_model(path: str | Path, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX) -> BackboneDenoiser:
@@ -51,47 +70,14 @@ def check_length(model: BackboneDenoiser, length: int) -> None:
         raise ValueError(f"backbone length {length} is outside the model's range {lo}-{hi}")
 
 
-def is_few_step(solver: str, steps: int) -> bool:
-    """Runs that get the few-step grid: at most ``FEW_STEPS`` model calls of any solver but AF3's."""
-    return solver != "af3" and steps <= FEW_STEPS
-
-
-def starts_warm(solver: str, steps: int, warm_start: bool | None = None) -> bool:
-    """Whether a run starts from the chain prior at ``WARM_START_SIGMA``: ``warm_start`` when given, else
-    few-step runs (``is_few_step``)."""
-    return is_few_step(solver, steps) if warm_start is None else warm_start
-
-
 def default_step_scale(solver: str) -> float:
     """``STEP_SCALE`` for af3 and the engine's ODE solvers, 1 for the other stochastic ones.
 
     eta = 1.5 integrates dy/drho = 1.5 (y - D) / rho, AF3's step-scaled ODE, to the solver's order: the chain
-    keeps less noise than the denoiser is told, which tightens the CA-CA bonds. Measured with UniPC on
-    development seeds 1 and 2 (16 backbones of 80 residues, step-20,750 model), CA-CA validity: 5 calls eta 1 /
-    1.25 / 1.5 / 1.75 / 2 give 0.87 / 0.92 / 0.93 / 0.93 / 0.93; 10 calls 0.90 -> 0.94; 50 calls (seed 1) 0.90 ->
-    0.95. AF3's own Euler step with eta = 1.5 and no churn reaches 0.96 in 100 steps."""
+    keeps less noise than the denoiser is told, which tightens the CA-CA bonds (docs/backbones.md)."""
     from molgen.diffusion.step_scale import applies
 
     return STEP_SCALE if solver == "af3" or applies(solver) else 1.0
-
-
-def default_sigma_last(solver: str, steps: int) -> float:
-    """Noise level (Angstrom) of the last model call, whose denoised estimate is the output (the final step to
-    sigma = 0 is the denoiser's x0): ``FEW_STEP_SIGMA_LAST`` (0.1 A) for few-step runs, else the schedule's
-    end (0.02 A). A grid ending at 0.02 A spends a few-step solver's last call where it can no longer move the
-    chain, and multistep solvers extrapolate collapsed high-noise estimates across that tiny interval."""
-    return FEW_STEP_SIGMA_LAST if is_few_step(solver, steps) else SIGMA_MIN
-
-
-def default_rho(solver: str, steps: int) -> float:
-    """Karras grid exponent: ``FEW_STEP_RHO`` (-4) for few-step runs, else EDM's 7. rho = 7 spaces the points
-    evenly in sigma^(1/7), which still leaves a 5-call grid to 0.1 A a jump 1.05 -> 0.1 A; rho -> infinity is
-    geometric (equal logSNR steps); rho = -4 puts more calls at low noise than that (80, 4.3, 0.80, 0.25,
-    0.1 A), where a few-step run sets the CA-CA geometry. Measured with the fine-tuned model on development
-    seeds 1 and 2 (16 backbones of 80 residues, UniPC, 5 calls to 0.1 A, CA-CA validity): rho 7 / inf / -7 /
-    -4 / -3 give 0.12 / 0.47 / 0.65 / 0.70 on seed 1 and -7 / -4 / -3 0.61 / 0.72 / 0.61 on seed 2; at
-    10 calls rho 7 / -7 / -4 all give 0.79-0.80 (seed 2), with Rg ratio 1.10 / 1.07 / 1.01."""
-    return FEW_STEP_RHO if is_few_step(solver, steps) else 7.0
 
 
 def make_sampler(
@@ -101,41 +87,32 @@ def make_sampler(
     length: int | None = None,
     grid: str = "karras",
     solver_options: dict | None = None,
-    sigma_last: float | None = None,
-    rho: float | None = None,
-    warm_start: bool | None = None,
+    settings: GridSettings = FEW_STEPS,
     step_scale: float | None = None,
 ):
-    """Engine sampler on the model's schedule in ZeroCoM(3); the grid ends at ``sigma_last`` (default
-    ``default_sigma_last``); a Karras grid takes ``rho`` (default ``default_rho``); ``step_scale`` (default
-    ``default_step_scale``) is AF3's eta: af3's option, and for ODE solvers the step-scaled ODE of the engine
-    (its grid is the noise levels the denoiser is told).
-
-    ``warm_start`` (default: few-step runs, ``is_few_step``) carries x_T along the exact flow of the chain
-    prior of ``length`` residues (``structure.prior``) to ``WARM_START_SIGMA`` = 5 A, where the grid starts.
-    Measured with UniPC, 5 calls to 0.1 A, on development seeds 1 and 2 (16 backbones of 80 residues each; the
-    step-6,400 fine-tune), CA-CA validity: first call at 3 / 5 / 8 A 0.82 / 0.85 / 0.80, without the warm start
-    0.77; an isotropic Gaussian of the same total variance from 5 A 0.43 (the chain's shape is what helps)."""
-    from molgen.diffusion import Sampler, ZeroCoM
+    """Engine sampler on the model's schedule in ZeroCoM(3), its grid placed by ``settings`` (a Karras grid
+    takes its rho); ``step_scale`` (default ``default_step_scale``) is AF3's eta: af3's option, and for ODE
+    solvers the step-scaled ODE of the engine (its grid is the noise levels the denoiser is told). A warm start
+    needs the chain ``length``."""
     from molgen.structure.prior import chain_prior
 
-    sigma_last = default_sigma_last(solver, steps) if sigma_last is None else sigma_last
-    warm_start = starts_warm(solver, steps, warm_start)
+    from molgen.diffusion import Sampler, ZeroCoM
+
     step_scale = default_step_scale(solver) if step_scale is None else step_scale
     if solver == "af3":  # its own Euler step takes the scale
         solver_options, step_scale = {"step_scale": step_scale, **(solver_options or {})}, 1.0
-    sched = model.schedule
+    sched, warm = model.schedule, settings.warm_start
     lo, hi = float(sched.rho(torch.tensor(sched.t_min))), float(sched.rho(torch.tensor(sched.t_max)))
-    hi = WARM_START_SIGMA if warm_start else hi
-    if not lo <= sigma_last < hi:
-        raise ValueError(f"sigma_last {sigma_last} A is outside the {'warm-started run' if warm_start else 'schedule'}"
-                         f"'s noise range [{lo:.3g}, {hi:.3g}) A")
-    if warm_start and length is None:
+    hi = WARM_START_SIGMA if warm else hi
+    if not lo <= settings.sigma_last < hi:
+        raise ValueError(f"sigma_last {settings.sigma_last} A is outside the "
+                         f"{'warm-started run' if warm else 'schedule'}'s noise range [{lo:.3g}, {hi:.3g}) A")
+    if warm and length is None:
         raise ValueError("a warm-started sampler needs the chain length")
-    grid_options = {"t_min": max(float(sched.t_of_rho(sigma_last)), sched.t_min)}
+    grid_options = {"t_min": max(float(sched.t_of_rho(settings.sigma_last)), sched.t_min)}
     if grid == "karras":
-        grid_options["rho"] = default_rho(solver, steps) if rho is None else rho
-    if warm_start:
+        grid_options["rho"] = settings.rho
+    if warm:
         grid_options["t_max"] = float(sched.t_of_rho(WARM_START_SIGMA))
     return Sampler(
         model,
@@ -146,7 +123,7 @@ def make_sampler(
         space=ZeroCoM(3),
         solver_options=solver_options,
         grid_options=grid_options,
-        warm_start=chain_prior(length) if warm_start else None,
+        warm_start=chain_prior(length) if warm else None,
         step_scale=step_scale,
     )
 
@@ -162,26 +139,29 @@ def sample_ca(
     model: BackboneDenoiser,
     n: int,
     length: int,
-    solver: str = "dpmpp_2m",
-    steps: int = 10,
+    solver: str,
+    steps: int,
     seed: int = 0,
     grid: str = "karras",
     solver_options: dict | None = None,
     x_T: Tensor | None = None,
-    sigma_last: float | None = None,
+    settings: GridSettings = FEW_STEPS,
     ideal_bonds: bool = False,
-    warm_start: bool | None = None,
     step_scale: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
-    """``n`` CA traces [n, length, 3] (Angstrom) from one seeded generator; ``ideal_bonds`` projects each
-    trace onto CA-CA = 3.80 A (``structure.geometry.project_ca_bonds``); ``warm_start`` and ``step_scale`` as in
-    ``make_sampler``."""
+    """``n`` CA traces [n, length, 3] (Angstrom) on the model's device, every draw from one CPU generator
+    (``generator``, else one seeded with ``seed``; a run in batches passes one generator to all of them);
+    ``ideal_bonds`` projects each trace onto CA-CA = 3.80 A (``structure.geometry.project_ca_bonds``);
+    ``settings`` and ``step_scale`` as in ``make_sampler``."""
     check_length(model, length)
-    g = torch.Generator().manual_seed(seed)
-    x_T = initial_noise(model, n, length, g) if x_T is None else x_T
-    sampler = make_sampler(model, solver, steps, length, grid, solver_options, sigma_last, warm_start=warm_start,
-                           step_scale=step_scale)
-    x0 = sampler.finish(sampler.run(sampler.init(x_T), g))
+    g = torch.Generator().manual_seed(seed) if generator is None else generator
+    device = next(model.parameters()).device
+    x_T = (initial_noise(model, n, length, g) if x_T is None else x_T).to(device)
+    if device.type != "cpu":  # the solver's own noise is drawn on the device, seeded from the CPU stream
+        g = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
+    sampler = make_sampler(model, solver, steps, length, grid, solver_options, settings, step_scale)
+    x0 = sampler.finish(sampler.run(sampler.init(x_T), g)).cpu()
     return project_ca_bonds(x0) if ideal_bonds else x0
 
 
@@ -291,20 +271,18 @@ def scaffold_ca(
     positions: list[int],
     length: int,
     n: int,
-    solver: str = "dpmpp_2m",
-    steps: int = 10,
+    solver: str,
+    steps: int,
     seed: int = 0,
     grid: str = "karras",
     solver_options: dict | None = None,
-    sigma_last: float | None = None,
-    warm_start: bool | None = None,
+    settings: GridSettings = FEW_STEPS,
     step_scale: float | None = None,
 ) -> ScaffoldResult:
     """``n`` backbones of ``length`` residues whose CA at ``positions`` reproduce ``motif`` [M, 3]."""
     check_length(model, length)
     g = torch.Generator().manual_seed(seed)
-    sampler = make_sampler(model, solver, steps, length, grid, solver_options, sigma_last, warm_start=warm_start,
-                           step_scale=step_scale)
+    sampler = make_sampler(model, solver, steps, length, grid, solver_options, settings, step_scale)
     sched, space = model.schedule, sampler.space
     ref = motif.to(torch.float32)[None].expand(n, -1, -1)
     state = sampler.init(initial_noise(model, n, length, g))

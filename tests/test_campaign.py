@@ -18,8 +18,9 @@ import torch
 
 from molgen.campaign import Campaign, CampaignConfig
 from molgen.campaign import selection as sel
-from molgen.campaign.modalities import Design, Sequences, partial_discrete, renoise
+from molgen.campaign.rounds import RoundGenerator
 from molgen.cli import main
+from molgen.modalities import Design, get_modality
 
 TARGET = "((((....))))"  # 12 nt
 TIMING = ["seconds_generate", "seconds_score", "seconds_select", "started", "finished"]
@@ -126,17 +127,17 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, monkeypatch, unin
         assert set(s_full.loc[(s_full["round"] == r) & (s_full["origin"] == "refine"), "parent"]) <= parents
 
     crashed = Campaign(cfg, tmp_path / "crash")
-    original = Sequences.generate
+    original = RoundGenerator.generate
 
     def fail_in_round_2(self, n, seed, reward, parents):
         if parents:  # round 2 is the first round with parents
             raise RuntimeError("worker died")
         return original(self, n, seed, reward, parents)
 
-    monkeypatch.setattr(Sequences, "generate", fail_in_round_2)
+    monkeypatch.setattr(RoundGenerator, "generate", fail_in_round_2)
     with pytest.raises(RuntimeError, match="worker died"):
         crashed.run()
-    monkeypatch.setattr(Sequences, "generate", original)
+    monkeypatch.setattr(RoundGenerator, "generate", original)
     rounds = crashed.rounds_frame()
     assert rounds["status"].tolist() == ["done", "running"]
     assert crashed.samples_frame()["round"].tolist() == [1] * 6
@@ -218,21 +219,20 @@ def test_changed_checkpoint_is_refused(tmp_path):
 def test_refinement_keeps_every_unmasked_token():
     """SDEdit for masked diffusion: the re-noised state is q(x_t | x_0), and the reverse chain only fills masks."""
     from molgen.guidance.baselines import run_unguided
-    from molgen.diffusion.discrete import DiscreteSampler
 
     cfg = CampaignConfig.from_mapping(tiny())
-    mod = Sequences(cfg)
-    pre = mod.problem.sampler
+    mod, problem = get_modality(cfg.modality), RoundGenerator(cfg).problem
+    pre = problem.sampler
     parents = ["GGGGAAACCCCA", "ACGUACGUACGU", "GCGCGCAUAUAU"]
-    x0, _ = mod.encode([Design(sequence=s) for s in parents])
+    x0, _ = mod.encode(problem, [Design(sequence=s) for s in parents])
     g = torch.Generator().manual_seed(0)
     fractions = []
     for t in (0.25, 0.75):
-        x_t = renoise(pre.process, x0, t, g)
+        x_t = mod.noise_to(problem, x0, None, t, g)
         masked = x_t == pre.process.mask_id
         fractions.append(float(masked.float().mean()))
-        smp = partial_discrete(DiscreteSampler(pre.model, pre.process, "ancestral", 8), t)
-        assert smp.n_steps == round(8 * t) + 1 and float(smp.grid[0]) == t
+        smp = mod.partial_sampler(problem, t)
+        assert smp.n_steps == round(pre.steps * t) + 1 and float(smp.grid[0]) == t
         with torch.no_grad():
             child, _, _ = run_unguided(smp, x_t, g)
         assert torch.equal(child[~masked], x0[~masked])
@@ -242,7 +242,7 @@ def test_refinement_keeps_every_unmasked_token():
 
 def test_cli_run_status_report(tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'elsewhere.sqlite'}"  # a database outside the folder, by URL
-    cfg = write_yaml(tmp_path / "c.yaml", tiny(rounds=2, n_per_round=3, guidance={"method": "none"},
+    cfg = write_yaml(tmp_path / "c.yaml", tiny(rounds=2, n_per_round=3, guidance={"method": "unguided"},
                                               selection={"rule": "top_k", "k": 2}, refine={"fraction": 0.0},
                                               database=url))
     assert main(["campaign", "run", str(cfg), "--dir", str(tmp_path / "c"), "--no-report"]) == 0
@@ -290,7 +290,7 @@ def test_molecule_and_backbone_campaigns_guided_and_refined(tmp_path):
     c = Campaign(bb, tmp_path / "bb").run()
     s = c.samples_frame()
     assert len(s) == 4 and all(t.count(" CA ") == 40 for t in s["structure"])
-    from molgen.campaign.modalities import ca_from_pdb
+    from molgen.modalities.backbones import ca_from_pdb
 
     # compactness reward = -sum |x|^2 / (2 tau^2) over zero-centred CA coordinates
     ca = ca_from_pdb(s["structure"][0])

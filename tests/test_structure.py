@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from molgen.structure.data import TS50_DIR, crop_batch
 from molgen.structure.geometry import kabsch_rmsd, project_ca_bonds, random_rotation, rebuild_backbone
 from molgen.structure.io import Backbone, backbone_from_ca, list_structure_files, read_backbone, write_backbone
@@ -260,19 +259,20 @@ def test_rotated_noise_gives_rotated_backbones(solver: str) -> None:
         sample_ca(model, 1, 300, solver, 5)
 
 
-def test_few_step_grids_start_warm_and_end_at_sigma_last() -> None:
+def test_grid_settings_place_the_first_and_last_calls() -> None:
+    """The grid follows its GridSettings, whatever the step count: the few-step settings at 5 and at 50 calls."""
+    from molgen.structure.sampling import FEW_STEPS, MANY_STEPS, SIGMA_MIN, WARM_START_SIGMA, GridSettings, make_sampler
+
     from molgen.diffusion.step_scale import scaled_rho
-    from molgen.structure.sampling import SIGMA_MIN, WARM_START_SIGMA, default_rho, default_sigma_last, make_sampler
 
     model = _model_with_schedule()
-    assert default_sigma_last("dpmpp_3m", 5) == 0.1 and default_sigma_last("unipc", 10) == 0.1
-    assert default_sigma_last("af3", 5) == SIGMA_MIN and default_sigma_last("euler", 11) == SIGMA_MIN
-    assert default_rho("unipc", 5) == -4.0 and default_rho("af3", 5) == default_rho("unipc", 11) == 7.0
-    cases = [("euler", 5, None, 0.1, -4.0, WARM_START_SIGMA), ("euler", 5, False, 0.1, -4.0, 80.0),
-             ("af3", 200, None, SIGMA_MIN, 7.0, 80.0), ("heun", 7, None, 1.5, -4.0, WARM_START_SIGMA)]
-    for solver, steps, warm, last, rho, first in cases:
-        sampler = make_sampler(model, solver, steps, 40, sigma_last=last if solver == "heun" else None,
-                               warm_start=warm)
+    cold = GridSettings(warm_start=False)
+    cases = [("euler", 5, FEW_STEPS, 0.1, -4.0, WARM_START_SIGMA), ("euler", 50, FEW_STEPS, 0.1, -4.0,
+                                                                      WARM_START_SIGMA),
+             ("euler", 5, cold, 0.1, -4.0, 80.0), ("af3", 200, MANY_STEPS, SIGMA_MIN, 7.0, 80.0),
+             ("heun", 7, GridSettings(sigma_last=1.5), 1.5, -4.0, WARM_START_SIGMA)]
+    for solver, steps, settings, last, rho, first in cases:
+        sampler = make_sampler(model, solver, steps, 40, settings=settings)
         assert (sampler.warm_start is not None) == (first == WARM_START_SIGMA)
         # AF3's step scale 1.5: af3's own option, the engine's step-scaled ODE for the others, whose state grid
         # s = rho_0 (sigma / rho_0)^1.5 maps back to the told noise levels sigma
@@ -285,9 +285,9 @@ def test_few_step_grids_start_warm_and_end_at_sigma_last() -> None:
         assert torch.allclose(spacing, spacing[0].expand_as(spacing), rtol=1e-5)
         assert bool((sigma[1:] < sigma[:-1]).all())
     with pytest.raises(ValueError, match="outside the schedule's noise range"):
-        make_sampler(model, "euler", 5, 40, sigma_last=0.001, warm_start=False)
+        make_sampler(model, "euler", 5, 40, settings=GridSettings(sigma_last=0.001, warm_start=False))
     with pytest.raises(ValueError, match="warm-started run's noise range"):
-        make_sampler(model, "euler", 5, 40, sigma_last=6.0)
+        make_sampler(model, "euler", 5, 40, settings=GridSettings(sigma_last=6.0))
     with pytest.raises(ValueError, match="needs the chain length"):
         make_sampler(model, "euler", 5)
 
@@ -353,7 +353,7 @@ def test_kabsch_and_scaffold_keep_the_motif() -> None:
     r = random_rotation(torch.Generator().manual_seed(4))
     rot, shift = kabsch(motif[None], (motif @ r.T + 2.0)[None])
     torch.testing.assert_close(motif @ rot[0].T + shift[0], motif @ r.T + 2.0, atol=1e-4, rtol=1e-4)
-    res = scaffold_ca(_model_with_schedule(), motif, list(range(14, 26)), 44, 2, steps=4)
+    res = scaffold_ca(_model_with_schedule(), motif, list(range(14, 26)), 44, 2, solver="dpmpp_2m", steps=4)
     assert res.ca.shape == (2, 44, 3)
     torch.testing.assert_close(res.ca[:, 14:26], motif.expand(2, -1, -1))
     assert kabsch_rmsd(res.ca[0, 14:26].numpy(), motif.numpy()) < 1e-3
@@ -386,11 +386,18 @@ def test_cli_sample_and_evaluate(tmp_path: Path) -> None:
     assert main(args) == 0
     assert len(list_structure_files(out)) == 2
     meta = json.loads((out / "sampling.json").read_text())
-    assert meta["warm_start_sigma"] == 5.0 and meta["step_scale"] == 1.5  # 3 calls: few-step; AF3's eta
+    assert meta["preset"] == "default" and meta["steps"] == 3 and meta["solver"] == "unipc"
+    assert meta["warm_start"] is True and meta["rho"] == -4.0 and meta["step_scale"] == 1.5  # the preset's grid
     cold = tmp_path / "cold"
     assert main([*args[:9], str(cold), *args[10:], "--no-warm-start", "--step-scale", "1"]) == 0
     meta = json.loads((cold / "sampling.json").read_text())
-    assert meta["warm_start_sigma"] is None and meta["step_scale"] == 1.0
+    assert meta["warm_start"] is False and meta["step_scale"] == 1.0
+    # batches draw from one stream: seed 0's second batch is not seed 2's first (seed + start once made it so)
+    two, shifted = tmp_path / "two", tmp_path / "shifted"
+    assert main([*args[:9], str(two), *args[10:], "--n", "4", "--batch-size", "2"]) == 0
+    assert main([*args[:9], str(shifted), *args[10:], "--seed", "2"]) == 0
+    second = read_backbone(two / "sample_0002.cif").ca
+    assert not np.allclose(second, read_backbone(shifted / "sample_0000.cif").ca)
     assert main([*args, "--solver", "ddpm_ancestral", "--step-scale", "1.5"]) == 2  # not an ODE solver
     assert main([*args[:-2], "--solver", "euler", "--gamma-0", "0"]) == 2  # af3 option on an ODE solver
     assert main([*args, "--sigma-last", "500"]) == 2  # beyond the schedule's sigma_max
@@ -434,8 +441,9 @@ def test_backbone_validates_shapes() -> None:
 
 
 def test_training_exports_and_resumes(tmp_path: Path) -> None:
-    from molgen.checkpoints import load_checkpoint
     from molgen.structure.training import train
+
+    from molgen.checkpoints import load_checkpoint
 
     kwargs = {"config": SMALL.to_dict(), "max_length": 48, "edge_budget": 2 * 48**2, "every": 1}
     export = train(tmp_path / "run", tmp_path / "m.pt", [TS50_DIR], max_steps=2, max_minutes=5, **kwargs)
@@ -466,8 +474,9 @@ def test_training_exports_and_resumes(tmp_path: Path) -> None:
 
 def test_zero_initialised_extensions_reproduce_the_base_model(tmp_path: Path) -> None:
     """A warm start of the extended architecture from base weights computes the same denoiser at step 0."""
-    from molgen.checkpoints import save_checkpoint
     from molgen.structure.training import BackboneDiffusion, warm_start
+
+    from molgen.checkpoints import save_checkpoint
 
     torch.manual_seed(0)
     base = BackboneDenoiser(SMALL)

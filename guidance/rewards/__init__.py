@@ -336,7 +336,7 @@ class _CallableReward(Reward):
 def _load_builtin() -> None:
     """Import the modality reward modules (they register themselves); missing optional packages only
     remove their rewards."""
-    for module in ("molgen.guidance.rewards.chemistry", "molgen.guidance.rewards.nucleic", "molgen.guidance.rewards.structure"):
+    for module in (f"molgen.guidance.rewards.{name}" for name in ("chemistry", "nucleic", "structure")):
         try:
             __import__(module)
         except ImportError:

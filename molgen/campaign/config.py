@@ -11,7 +11,7 @@
     rewards:                           # guidance.rewards.parse_reward specs; score = sum_k weight_k r_k
       - {name: stability, spec: rna_mfe, weight: 0.1}
       - {name: hairpin, spec: "rna_target:((((((....))))))", weight: 1.0}
-    guidance: {method: svdd, candidates: 4}        # none | bon | svdd | fk | dps (+ alpha, particles, lam, ...)
+    guidance: {method: svdd, candidates: 4}        # unguided | bon | svdd | fk | dps (+ alpha, particles, lam, ...)
     selection: {rule: top_k, k: 16, min_distance: 0.3}   # top_k | pareto; objectives: rewards | rewards+naturalness
     refine: {fraction: 0.5, t: 0.5}    # rounds >= 2: this share of n refines the selection, re-noised to t
     database: null                     # null = sqlite:///DIR/campaign.sqlite; or a SQLAlchemy URL
@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from molgen.guidance.fk import POTENTIALS
-from molgen.guidance.tasks import MODALITIES
+from molgen.guidance.tasks import METHODS as GUIDANCE_METHODS
+from molgen.modalities import choose
+from molgen.modalities import names as modality_names
 
-METHODS = ("none", "bon", "svdd", "fk", "dps")
+METHODS = tuple(m for m in GUIDANCE_METHODS if m != "svdd_mc")  # SVDD-MC needs a value net per reward
 RULES = ("top_k", "pareto")
 OBJECTIVES = ("rewards", "rewards+naturalness")
 
@@ -49,8 +51,8 @@ class RewardSpec:
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """The model's sampler (null = guidance's defaults: rna/dna ancestral, 16 steps; molecules ddpm_ancestral,
-    10 steps; backbones ddpm_ancestral, 20 steps). SVDD and FK need a stochastic sampler."""
+    """The model's sampler: null takes the modality's ``guided`` preset (``molgen.modalities``). SVDD and FK
+    need a stochastic sampler."""
 
     solver: str | None = None
     steps: int | None = None
@@ -60,7 +62,7 @@ class SamplerSpec:
 class GuidanceSpec:
     """A guidance method of the ``guidance`` package steering toward the weighted score."""
 
-    method: str = "none"
+    method: str = "unguided"
     candidates: int = 4  # SVDD's M, best-of-N's N
     particles: int = 4  # FK population per output
     alpha: float = 0.0  # SVDD temperature
@@ -202,7 +204,7 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def validate(cfg: CampaignConfig) -> None:
     """Value checks; the error names the key."""
-    _one_of("modality", cfg.modality, MODALITIES)
+    choose("modality", cfg.modality, modality_names())
     for key in ("rounds", "n_per_round"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")

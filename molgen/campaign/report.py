@@ -19,9 +19,10 @@ import pandas as pd
 import yaml
 
 from molgen.campaign import svg
-from molgen.campaign.modalities import NATURALNESS_LABEL, ca_from_pdb
 from molgen.campaign.runner import Campaign
 from molgen.campaign.selection import pareto_front
+from molgen.modalities import get_modality
+from molgen.modalities.backbones import ca_from_pdb
 
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:24px auto;max-width:1180px;
@@ -129,7 +130,7 @@ def _scatter(samples: pd.DataFrame, chosen: pd.DataFrame, modality: str) -> str:
     picked = samples["id"].isin(set(chosen["id"])).to_numpy()
     plot = svg.scatter(x, y, samples["round"].astype(int).tolist(), front, picked,
                        "score vs naturalness",
-                       NATURALNESS_LABEL[modality], "score")
+                       get_modality(modality).naturalness_label, "score")
     n = int(front.sum())
     return (f'<div class="plots">{plot}</div><p>{n} design{"s" if n != 1 else ""} on the Pareto front of score '
             "and naturalness (both maximised; red staircase); ringed: the current selection; colours: rounds.</p>")

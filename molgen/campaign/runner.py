@@ -28,9 +28,10 @@ import torch
 from molgen import __version__
 from molgen.campaign import selection as sel
 from molgen.campaign.config import CampaignConfig
-from molgen.campaign.modalities import Design, Modality, checkpoint_path, load_modality
+from molgen.campaign.rounds import RoundGenerator, checkpoint_path
 from molgen.campaign.store import Store, database_url, json_text, sample_id
 from molgen.checkpoints import sha256_file
+from molgen.modalities import Design, Modality, get_modality
 from molgen.seeds import derived_seed
 
 CONFIG_FILE = "campaign.json"
@@ -44,7 +45,7 @@ class Campaign:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.store = Store(database_url(self.root, config.database))
-        self._modality: Modality | None = None
+        self._rounds: RoundGenerator | None = None
         self._rewards: list[Any] | None = None
         self._bind(overwrite)
 
@@ -87,9 +88,14 @@ class Campaign:
     # ------------------------------------------------------------------------------------------ running
     @property
     def modality(self) -> Modality:
-        if self._modality is None:
-            self._modality = load_modality(self.config)
-        return self._modality
+        return get_modality(self.config.modality)
+
+    @property
+    def rounds(self) -> RoundGenerator:
+        """The modality's guidance problem for this campaign (its model is loaded on first use)."""
+        if self._rounds is None:
+            self._rounds = RoundGenerator(self.config)
+        return self._rounds
 
     @property
     def rewards(self) -> list[Any]:
@@ -131,7 +137,7 @@ class Campaign:
         seed = round_seed(cfg.seed, r)
         self.store.start_round(r, seed)
         t0 = time.perf_counter()
-        out = self.modality.generate(cfg.n_per_round, seed, self.guide_reward(), self._parents(r))
+        out = self.rounds.generate(cfg.n_per_round, seed, self.guide_reward(), self._parents(r))
         if len(out.designs) != cfg.n_per_round:
             raise RuntimeError(f"round {r}: generated {len(out.designs)} of {cfg.n_per_round} designs")
         t1 = time.perf_counter()
@@ -223,7 +229,7 @@ def status_text(campaign: Campaign) -> str:
         cols = ["score", *cfg.reward_names, "naturalness"]
         lines.append("best per column: " + ", ".join(f"{c} {samples[c].max():.4g}" for c in cols))
         top = campaign.selected().head(5)
-        payload = "sequence" if cfg.modality in ("rna", "dna") else "smiles" if cfg.modality == "molecules" else None
+        payload = campaign.modality.payload
         lines.append(f"selected ({len(campaign.selected())}), best first:")
         for _, row in top.iterrows():
             extra = f"  {row[payload]}" if payload else ""

@@ -13,10 +13,16 @@ from molgen.molecules.data import MAX_ATOMS
 
 
 def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
+    from molgen.modalities import get_modality
+
+    presets = get_modality(modality).presets
     parser.add_argument("--n", type=int, default=100, help="number of molecules")
-    parser.add_argument("--solver", default="dpmpp_2m", help="any engine solver (molgen.diffusion.SOLVERS)")
-    parser.add_argument("--steps", type=int, default=10, help="grid points = model calls for multistep solvers")
-    parser.add_argument("--grid", default="logsnr", help="time grid (molgen.diffusion.GRIDS)")
+    parser.add_argument("--preset", default="default", choices=sorted(presets),
+                        help="; ".join(f"{k}: {p.solver}, {p.steps} steps" for k, p in presets.items()))
+    parser.add_argument("--solver", default=None, help="any engine solver (molgen.diffusion.SOLVERS); default: the "
+                                                       "preset's")
+    parser.add_argument("--steps", type=int, default=None, help="grid points = model calls for multistep solvers")
+    parser.add_argument("--grid", default=None, help="time grid (molgen.diffusion.GRIDS); default: the preset's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output .sdf or .xyz")
     parser.add_argument("--checkpoint", default=None, help="default: the shipped data/molecules/qm9_egnn.pt")
@@ -72,26 +78,28 @@ def run_sample(args: argparse.Namespace) -> int:
 
     if Path(args.out).suffix.lower() not in (".sdf", ".xyz"):
         raise ValueError(f"--out {args.out}: use a .sdf or .xyz file name")
+    from molgen.modalities import get_modality
+
     torch.set_num_threads(args.threads)
+    preset = get_modality("molecules").preset(args.preset, args.solver, args.steps)
+    given = {"grid": args.grid, "step_scale": args.step_scale, "step_scale_below": args.step_scale_below,
+             "first_noise": args.first_noise, "last_noise": args.last_noise}
+    options = {**preset.options, **{k: v for k, v in given.items() if v is not None}}
     model, config = load_model(args.checkpoint)
     start = time.perf_counter()
     mols = sample_molecules(
         model,
         config,
         args.n,
-        solver=args.solver,
-        steps=args.steps,
+        solver=preset.solver,
+        steps=preset.steps,
         seed=args.seed,
         atoms=args.atoms,
         condition=parse_conditions(args.condition),
         guidance=args.guidance,
         batch_size=args.batch_size,
-        grid=args.grid,
         device=args.device,
-        step_scale=args.step_scale,
-        step_scale_below=args.step_scale_below,
-        first_noise=args.first_noise,
-        last_noise=args.last_noise,
+        **options,
     )
     elapsed = time.perf_counter() - start
     write_molecules(args.out, mols)

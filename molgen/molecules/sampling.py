@@ -223,13 +223,24 @@ def sample_molecules(
             grid_options=grid_options,
             **scale,
         )
-        x0 = x0.cpu()
-        types = model.decode_types(x0)
-        for row, idx in enumerate(chunk.tolist()):
-            k = int(c[row])
-            symbols = tuple(model.atom_types[j] for j in types[row, :k].tolist())
-            out[idx] = Molecule(symbols, x0[row, :k, :3].double().numpy(), f"molgen_{seed}_{idx}")
+        names = [f"molgen_{seed}_{idx}" for idx in chunk.tolist()]
+        for idx, mol in zip(chunk.tolist(), decode_molecules(model, x0, mask, names)):
+            out[idx] = mol
     return [m for m in out if m is not None]
+
+
+def decode_molecules(model: MoleculeDenoiser, x0: Tensor, mask: Tensor,
+                     names: Sequence[str] | None = None) -> list[Molecule]:
+    """Denoised states [B, N, F] with atom mask [B, N] as molecules: element of each real atom by the model's
+    type decoder, positions the first three features (Angstrom, float64)."""
+    x0, mask = x0.cpu(), mask.cpu()
+    types = model.decode_types(x0)
+    out = []
+    for row, m in enumerate(mask):
+        k = int(m.sum())
+        symbols = tuple(model.atom_types[j] for j in types[row, :k].tolist())
+        out.append(Molecule(symbols, x0[row, :k, :3].double().numpy(), names[row] if names else ""))
+    return out
 
 
 def one_call(denoiser: nn.Module, model: MoleculeDenoiser, batch: int, width: int, props: Tensor | None,

@@ -58,7 +58,7 @@ def run_train(args: argparse.Namespace) -> int:
     from molgen.sequences.data import LengthDistribution, load_dataset, resolve_data_root
     from molgen.sequences.model import DenoiserConfig, n_parameters
     from molgen.sequences.pretrained import default_checkpoint, load_pretrained
-    from molgen.sequences.training import MaskedDiffusionModule, fit, heldout_bits_per_token, loaders
+    from molgen.sequences.training import NELBO_TIMES, MaskedDiffusionModule, fit, heldout_bits_per_token, loaders
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -121,13 +121,13 @@ def run_train(args: argparse.Namespace) -> int:
     # output biases drift step to step: the RNA model's raw weights at step 3,400 sampled 3-mers at r = 0.73
     # against 0.95 for its EMA (512 sequences), from a marginal that is off by 2-3 points per letter.
     bits = {
-        name: heldout_bits_per_token(net.eval(), module.process, x0, cond, n_t=4)
+        name: heldout_bits_per_token(net.eval(), module.process, x0, cond)
         for name, net in (("ema", module.ema), ("raw", module.net))
     }
     provenance["weights"] = f"EMA (molgen.ema: decay {module.hparams.ema_decay} after warm-up)"
     provenance["metrics"] = {
         "heldout_bits_per_token": round(bits["ema"], 4),
-        "heldout_nelbo_n_t": 4,
+        "heldout_nelbo_n_t": NELBO_TIMES,
         "heldout_bits_per_token_ema_vs_raw": {k: round(v, 4) for k, v in bits.items()},
     }
     weights = module.ema.state_dict()
@@ -140,11 +140,15 @@ def run_train(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------- sample
 def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
     from molgen.diffusion.discrete import DISCRETE_SAMPLERS
+    from molgen.modalities import get_modality
 
+    presets = get_modality(modality).presets
     parser.add_argument("--n", type=int, default=16, help="number of sequences")
     parser.add_argument("--length", type=int, default=None, help="fixed length (default: data length law)")
-    parser.add_argument("--solver", default="cached_ancestral", choices=sorted(DISCRETE_SAMPLERS))
-    parser.add_argument("--steps", type=int, default=32, help="sampler steps (model calls at most)")
+    parser.add_argument("--preset", default="default", choices=sorted(presets),
+                        help="; ".join(f"{k}: {p.solver}, {p.steps} steps" for k, p in presets.items()))
+    parser.add_argument("--solver", default=None, choices=sorted(DISCRETE_SAMPLERS), help="default: the preset's")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (model calls at most)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output FASTA")
     parser.add_argument("--condition", default=None, help="label, e.g. enhancer / non-enhancer (DNA model)")
@@ -157,27 +161,29 @@ def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from molgen.sequences.pretrained import default_checkpoint, load_pretrained
+    from molgen.modalities import get_modality
     from molgen.sequences.sampling import generate
 
-    pre = load_pretrained(args.checkpoint or default_checkpoint(args.modality), args.device)
+    mod = get_modality(args.modality)
+    preset = mod.preset(args.preset, args.solver, args.steps)
+    pre = mod.load(args.checkpoint, args.device)
     start = time.perf_counter()
     records = generate(
         pre,
         args.n,
-        args.solver,
-        args.steps,
+        preset.solver,
+        preset.steps,
         args.seed,
         length=args.length,
         condition=args.condition,
         guidance_scale=args.guidance_scale,
-        options={"eta": args.eta},
+        options={**preset.options, "eta": args.eta},
         batch_size=args.batch_size,
         device=args.device,
     )
     write_fasta(args.out, records)
     wall = time.perf_counter() - start
-    print(f"wrote {len(records)} sequences to {args.out} ({args.solver}, {args.steps} steps, {wall:.1f} s)")
+    print(f"wrote {len(records)} sequences to {args.out} ({preset.solver}, {preset.steps} steps, {wall:.1f} s)")
     return 0
 
 

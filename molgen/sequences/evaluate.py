@@ -89,7 +89,7 @@ def load_reference(reference: str) -> dict[str, Any]:
     return sequence_stats([r.seq for r in records], modality)
 
 
-def model_bits_per_token(seqs: list[str], modality: str, alphabet: Alphabet, n_t: int = 4) -> float | None:
+def model_bits_per_token(seqs: list[str], modality: str, alphabet: Alphabet) -> float | None:
     """NELBO (bits per nt) of ``seqs`` under the shipped default model (unconditional); None if absent."""
     from molgen.sequences.training import heldout_bits_per_token
 
@@ -100,7 +100,7 @@ def model_bits_per_token(seqs: list[str], modality: str, alphabet: Alphabet, n_t
     if max(len(s) for s in seqs) > pre.model.config.max_length:
         return None
     x0 = torch.nn.utils.rnn.pad_sequence([alphabet.encode(s) for s in seqs], True, alphabet.pad_id)
-    return heldout_bits_per_token(pre.model, pre.process, x0, {}, n_t=n_t)
+    return heldout_bits_per_token(pre.model, pre.process, x0, {})
 
 
 def compare(samples: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from molgen.diffusion.discrete import MaskedDiffusion, MaskingSchedule
 from molgen.ema import ema_update
 from molgen.optim import lr_factor
 from molgen.sequences.model import DenoiserConfig, SequenceDenoiser
+
+NELBO_TIMES = 4  # stratified times of every NELBO molgen reports (cards, evaluation, naturalness)
 
 
 def build_process(
@@ -79,7 +82,7 @@ class MaskedDiffusionModule(L.LightningModule):
         x0, labels = batch if len(batch) == 2 else (batch[0], None)
         x0 = self._crop(x0, self.net.config.pad_id)
         gen = torch.Generator(device=x0.device).manual_seed(1000 + batch_idx)
-        nelbo = self.process.nelbo(self.ema, x0, n_t=4, generator=gen, cond=self._cond(labels, False))
+        nelbo = self.process.nelbo(self.ema, x0, n_t=NELBO_TIMES, generator=gen, cond=self._cond(labels, False))
         n_tok = self.process.is_data(x0).sum()
         self.log(
             "val_bits_per_token",
@@ -152,8 +155,15 @@ def fit(
 
 
 @torch.no_grad()
+def sequence_bits(model, process, tokens: torch.Tensor, n_t: int = NELBO_TIMES, seed: int = 0) -> torch.Tensor:
+    """NELBO of each row of ``tokens`` [B, L] in bits per data token, [B] (stratified times, seeded)."""
+    nelbo = process.nelbo(model, tokens, n_t=n_t, generator=torch.Generator().manual_seed(seed))
+    return nelbo / (process.is_data(tokens).sum(-1).clamp_min(1) * math.log(2))
+
+
+@torch.no_grad()
 def heldout_bits_per_token(
-    model, process, x0: torch.Tensor, cond: dict, n_t: int = 8, batch: int = 256
+    model, process, x0: torch.Tensor, cond: dict, n_t: int = NELBO_TIMES, batch: int = 256
 ) -> float:
     """NELBO in bits per data token over ``x0`` (stratified times, fixed seed)."""
     gen = torch.Generator().manual_seed(0)

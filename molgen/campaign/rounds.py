@@ -1,0 +1,86 @@
+"""One campaign round's designs: guided generation (``molgen.guidance.tasks.guide``) on the campaign's
+modality, optionally refining the previous selection.
+
+Refinement (SDEdit) runs the same ``guide`` on a problem whose sampler starts at time t and whose prior draw
+is the selected designs noised to t (``Modality.noise_to``: masked diffusion masks each token independently
+with probability 1 - alpha(t), an exact draw of q(x_t | x_0); continuous diffusion draws
+x_t = alpha(t) x_0 + sigma(t) eps in the zero-CoM space).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from molgen.campaign.config import CampaignConfig
+from molgen.modalities import Design, Modality, get_modality
+
+
+@dataclass
+class RoundOutput:
+    designs: list[Design]
+    model_calls: int
+
+
+def checkpoint_path(cfg: CampaignConfig) -> Path:
+    """The checkpoint file the campaign's model comes from (the shipped default when none is given)."""
+    return Path(cfg.checkpoint) if cfg.checkpoint else get_modality(cfg.modality).default_checkpoint()
+
+
+class RoundGenerator:
+    """The campaign's modality and its guidance problem, built once per campaign."""
+
+    def __init__(self, cfg: CampaignConfig) -> None:
+        from molgen.guidance.tasks import get_problem
+
+        self.cfg = cfg
+        self.modality: Modality = get_modality(cfg.modality)
+        self.problem = get_problem(cfg.modality, steps=cfg.sampler.steps, solver=cfg.sampler.solver,
+                                   checkpoint=cfg.checkpoint, length=cfg.length or self.modality.default_length)
+
+    def generate(self, n: int, seed: int, reward: Any, parents: Sequence[tuple[str, Design]]) -> RoundOutput:
+        """``n`` designs: ``refine.fraction`` of them (when there are parents) refine the parents in turn."""
+        parents = [p for p in parents if self.modality.refinable(p[1])]
+        n_refine = round(self.cfg.refine.fraction * n) if parents else 0
+        designs: list[Design] = []
+        calls = 0
+        if n - n_refine:
+            res = self._guide(self.problem, reward, n - n_refine, seed)
+            designs += self.modality.designs(self.problem, res)
+            calls += res.model_calls
+        if n_refine:
+            picked = [parents[i % len(parents)] for i in range(n_refine)]
+            problem = self.refine_problem([d for _, d in picked])
+            res = self._guide(problem, reward, n_refine, seed + 1)
+            for d, (pid, _) in zip(self.modality.designs(problem, res), picked):
+                designs.append(dataclasses.replace(d, parent=pid, origin="refine"))
+            calls += res.model_calls
+        return RoundOutput(designs, calls)
+
+    def _guide(self, problem: Any, reward: Any, n: int, seed: int) -> Any:
+        from molgen.guidance.tasks import guide
+
+        g = self.cfg.guidance
+        return guide(problem, g.method, reward, n, candidates=g.candidates, particles=g.particles, alpha=g.alpha,
+                     lam=g.lam, potential=g.potential, dps_scale=g.scale, seed=seed)
+
+    def refine_problem(self, parents: Sequence[Design]) -> Any:
+        """The problem whose sampler starts at t = refine.t and whose prior is the parents noised to t."""
+        from molgen.guidance.tasks import Draw
+
+        t = self.cfg.refine.t
+        x0, mask = self.modality.encode(self.problem, parents)
+
+        def draw(outputs: int, per: int, g: torch.Generator) -> list[Draw]:
+            if outputs != len(parents):
+                raise ValueError(f"refinement draw: {outputs} outputs for {len(parents)} parents")
+            x_t = self.modality.noise_to(self.problem, x0, mask, t, g).repeat_interleave(per, 0)
+            m = None if mask is None else mask.repeat_interleave(per, 0)
+            return [Draw(x_t, m, None if m is None else {"mask": m})]
+
+        return dataclasses.replace(self.problem, sampler=self.modality.partial_sampler(self.problem, t), draw=draw)

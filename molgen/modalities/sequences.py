@@ -1,0 +1,150 @@
+"""DNA and RNA from the masked-diffusion models of ``molgen.sequences`` (one class, one instance per alphabet).
+
+Presets: ``default`` is the cached ancestral sampler (a model call only when a token is unmasked) with 32
+steps; ``guided`` is the plain ancestral sampler with 16 steps, whose every transition guidance can branch.
+Naturalness of a design: minus its NELBO under the model in bits per nucleotide
+(``molgen.sequences.training.sequence_bits``); rewards read the sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from molgen.modalities.base import Design, Modality, Preset
+
+
+class Sequences(Modality):
+    extension = "fasta"
+    payload = "sequence"
+    naturalness_label = "-NELBO (bits/nt)"
+    cli_module = "molgen.sequences.cli"
+    presets = {
+        "default": Preset("default", "cached_ancestral", 32),
+        "guided": Preset("guided", "ancestral", 16),
+    }
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def default_checkpoint(self) -> Path:
+        from molgen.sequences.pretrained import default_checkpoint
+
+        return default_checkpoint(self.name)
+
+    def load(self, checkpoint: str | Path | None = None, device: str | torch.device = "cpu") -> Any:
+        from molgen.sequences.pretrained import load_pretrained
+
+        return load_pretrained(checkpoint or self.default_checkpoint(), device)
+
+    def sample(self, model: Any, n: int, *, preset: Preset, seed: int, length: int | None = None,
+               device: str | torch.device = "cpu") -> list[Any]:
+        from molgen.sequences.sampling import generate
+
+        return generate(model, n, solver=preset.solver, steps=preset.steps, seed=seed, length=length, device=device,
+                        options=dict(preset.options) or None)
+
+    def write(self, samples: Sequence[Any], ids: Sequence[str], path: Path) -> list[dict[str, Any]]:
+        from molgen.sequences.io import Record, write_fasta
+
+        records = [Record(i, r.seq) for r, i in zip(samples, ids)]
+        write_fasta(path, records)
+        return [{"length": len(r.seq), "gc": sum(c in "GC" for c in r.seq) / max(len(r.seq), 1), "sequence": r.seq}
+                for r in records]
+
+    def problem(self, *, preset: Preset, checkpoint: str | Path | None = None, length: int | None = None,
+                condition: str | None = None, chunk: int = 16) -> Any:
+        from molgen.diffusion.discrete import DiscreteSampler
+        from molgen.guidance.tasks import Draw, Problem, pairwise_hamming, result_names, snapshot
+        from molgen.guidance.value import TokenValueNet, masking_noise
+        from molgen.sequences.evaluate import load_reference
+        from molgen.sequences.io import Record, write_fasta
+        from molgen.sequences.metrics import kmer_frequencies, pearson
+        from molgen.sequences.pretrained import load_pretrained
+        from molgen.sequences.training import sequence_bits
+
+        path = Path(checkpoint) if checkpoint else self.default_checkpoint()
+        with snapshot(path, self.name) as (copy, digest):
+            pre = load_pretrained(copy)
+        label = pre.label_id(condition) if condition is not None else None
+        max_len = pre.model.config.max_length
+        if length is not None and not 1 <= length <= max_len:
+            raise ValueError(f"--length must lie in 1..{max_len} for this {self.name} model, got {length}")
+        sampler = DiscreteSampler(pre.model, pre.process, preset.solver, steps=preset.steps,
+                                  options=dict(preset.options) or None)
+        ref = load_reference(self.name)
+
+        def draw(outputs: int, per: int, g: torch.Generator) -> list[Any]:
+            lengths = (torch.full((outputs,), length, dtype=torch.long) if length is not None
+                       else pre.lengths.sample(outputs, g))
+            x_T = pre.process.prior(lengths.repeat_interleave(per), int(lengths.max()))
+            cond = None if label is None else {"labels": torch.full((len(x_T),), label, dtype=torch.long)}
+            return [Draw(x_T, None, cond)]
+
+        def decode(tokens: Tensor) -> list[str]:
+            return [pre.alphabet.decode(row) for row in tokens]
+
+        def natural(res: Any) -> dict[str, float]:
+            tokens = res.samples
+            return {"nll_bits_per_token": float(sequence_bits(pre.model, pre.process, tokens).mean()),
+                    "kmer3_r": pearson(kmer_frequencies(decode(tokens), pre.alphabet, 3), np.asarray(ref["kmer3"])),
+                    "diversity": pairwise_hamming(tokens)}
+
+        def write(path_out: str | Path, res: Any, names: Sequence[str] | None = None) -> None:
+            write_fasta(path_out, [Record(f"{name} reward={float(r):.4g}", s) for name, s, r in
+                                   zip(result_names(res, names), decode(res.samples), res.rewards.tolist())])
+
+        settings = {**preset.as_dict(), "length": length, "condition": condition}
+        return Problem(
+            self.name, sampler, path, draw, decode, natural, write,
+            value_net=lambda: TokenValueNet(pre.model.config.vocab_size, pad_id=pre.alphabet.pad_id),
+            noise=masking_noise(pre.process), clean=lambda res: (res.samples, None), sha256=digest, settings=settings,
+        )
+
+    def designs(self, problem: Any, result: Any) -> list[Design]:
+        from molgen.sequences.training import sequence_bits
+
+        out = [Design(sequence=s) for s in problem.decode(result.samples)]
+        x0, _ = self.encode(problem, out)
+        bits = sequence_bits(problem.sampler.model, problem.sampler.process, x0)
+        for d, b in zip(out, bits.tolist()):
+            d.naturalness = -float(b)
+        return out
+
+    def encode(self, problem: Any, designs: Sequence[Design]) -> tuple[Tensor, None]:
+        from molgen.sequences.alphabets import get_alphabet
+
+        alphabet = get_alphabet(self.name)
+        seqs = [d.sequence or "" for d in designs]
+        x = torch.full((len(seqs), max(len(s) for s in seqs)), alphabet.pad_id, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            x[i, : len(s)] = alphabet.encode(s, record=f"design {i}")
+        return x, None
+
+    def refinable(self, design: Design) -> bool:
+        return bool(design.sequence)
+
+    def distance(self, designs: Sequence[Design]) -> Callable[[int, int], float]:
+        from molgen.campaign.selection import hamming
+
+        seqs = [d.sequence or "" for d in designs]
+        return lambda i, j: hamming(seqs[i], seqs[j])
+
+    def noise_to(self, problem: Any, x0: Tensor, mask: Tensor | None, t: float, g: torch.Generator) -> Tensor:
+        """x_t ~ q(x_t | x_0): each letter masked independently with probability 1 - alpha(t); padding kept."""
+        return problem.sampler.process.corrupt(x0, torch.full((len(x0),), float(t), dtype=torch.float64), g)
+
+    def partial_sampler(self, problem: Any, t: float) -> Any:
+        """The masked-diffusion sampler on the time grid t = t_0 > ... > 0 with ceil(steps * t) transitions."""
+        from molgen.diffusion.discrete import DiscreteSampler
+
+        smp = problem.sampler
+        part = DiscreteSampler(smp.model, smp.process, smp.solver, smp.steps, options=smp.options)
+        part.grid = torch.linspace(float(t), 0.0, max(1, math.ceil(smp.steps * t)) + 1, dtype=torch.float64)
+        return part
