@@ -9,7 +9,6 @@ contact map), and the run's full configuration and provenance.
 
 from __future__ import annotations
 
-import re
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,9 @@ import pandas as pd
 import yaml
 
 from molgen.campaign import svg
-from molgen.campaign.runner import Campaign
+from molgen.campaign.runner import Campaign, design_of
 from molgen.campaign.selection import pareto_front
 from molgen.modalities import get_modality
-from molgen.modalities.backbones import ca_from_pdb
 
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:24px auto;max-width:1180px;
@@ -137,49 +135,23 @@ def _scatter(samples: pd.DataFrame, chosen: pd.DataFrame, modality: str) -> str:
 
 
 def _best(best: pd.DataFrame, modality: str, rewards: list[str]) -> str:
+    """The best designs: a table for sequence modalities, cards with a picture for the others."""
     if not len(best):
         return "<p>Nothing selected yet.</p>"
+    mod = get_modality(modality)
     cols = ["id", "round", "origin", "score", *rewards, "naturalness"]
     frame = best[cols].copy()
     frame.insert(0, "rank", range(1, len(frame) + 1))
-    if modality == "rna":
-        import RNA
-
-        folds = [RNA.fold(s) for s in best["sequence"]]
-        frame["sequence / MFE structure"] = [f"{s}\n{f[0]}" for s, f in zip(best["sequence"], folds)]
-        frame["MFE (kcal/mol)"] = [float(f[1]) for f in folds]
-        return _table(frame, ("sequence / MFE structure",))
-    if modality == "dna":
-        frame["GC"] = [sum(c in "GC" for c in s) / max(len(s), 1) for s in best["sequence"]]
-        frame["sequence"] = best["sequence"].tolist()
-        return _table(frame, ("sequence",))
+    if mod.payload == "sequence":
+        extra = mod.report_columns(best["sequence"].tolist())
+        for key, values in extra.items():
+            frame[key] = values
+        return _table(frame, tuple(k for k in extra if "sequence" in k))
     cards = []
     for (_, row), (_, meta) in zip(best.iterrows(), frame.iterrows()):
         text = " &middot; ".join(f"{escape(str(k))} {_fmt(v)}" for k, v in meta.items())
-        if modality == "molecules":
-            picture = _depiction(row["smiles"])
-            text += f"<br>{escape(str(row['smiles'] or 'invalid'))}"
-        else:
-            ca = ca_from_pdb(str(row["structure"] or ""))
-            picture = svg.ca_trace(ca) + svg.contact_map(ca) if len(ca) > 2 else "<p>no coordinates</p>"
-        cards.append(f'<div class="card">{picture}<div class="meta">{text}</div></div>')
+        cards.append(f'<div class="card">{mod.picture(design_of(row))}<div class="meta">{text}</div></div>')
     return f'<div class="cards">{"".join(cards)}</div>'
-
-
-def _depiction(smiles: Any, size: int = 240) -> str:
-    """RDKit 2D depiction as inline SVG (its XML prologue removed)."""
-    from rdkit import Chem
-    from rdkit.Chem.Draw import rdMolDraw2D
-
-    mol = Chem.MolFromSmiles(smiles) if isinstance(smiles, str) and smiles else None
-    if mol is None:
-        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{size}" height="{size}"><rect width="{size}" '
-                f'height="{size}" fill="#fff"/><text x="{size / 2}" y="{size / 2}" text-anchor="middle">'
-                "invalid molecule</text></svg>")
-    drawer = rdMolDraw2D.MolDraw2DSVG(size, size)
-    rdMolDraw2D.PrepareAndDrawMolecule(drawer, mol)
-    drawer.FinishDrawing()
-    return re.sub(r"<\?xml[^>]*\?>\s*", "", drawer.GetDrawingText())
 
 
 def _configuration(config: dict[str, Any], info: dict[str, Any], campaign: Campaign) -> str:

@@ -142,6 +142,13 @@ class Backbones(Modality):
             raise ValueError("backbone designs of one campaign must share one length")
         return torch.as_tensor(np.stack(cas), dtype=torch.float64)
 
+    def picture(self, design: Design) -> str:
+        """The CA trace (principal-axes projection) and its contact map, as inline SVG."""
+        from molgen.campaign import svg
+
+        ca = ca_from_pdb(design.structure or "")
+        return svg.ca_trace(ca) + svg.contact_map(ca) if len(ca) > 2 else "<p>no coordinates</p>"
+
     def distance(self, designs: Sequence[Design]) -> Callable[[int, int], float]:
         from molgen.campaign.selection import tm_distances
 

@@ -122,6 +122,14 @@ class Modality:
         """Distance in [0, 1] between designs i and j, for the campaign's diversity filter."""
         raise NotImplementedError
 
+    def report_columns(self, sequences: Sequence[str]) -> dict[str, list[Any]]:
+        """Columns of the report's table of best designs for sequence modalities (empty: designs are drawn)."""
+        return {}
+
+    def picture(self, design: Design) -> str:
+        """An inline SVG (and caption) of a design for the report's cards."""
+        raise NotImplementedError
+
     def noise_to(self, problem: Any, x0: Tensor, mask: Tensor | None, t: float, g: torch.Generator) -> Tensor:
         """x_t = alpha(t) x0 + sigma(t) eps in the sampler's space."""
         smp = problem.sampler

@@ -171,6 +171,25 @@ class Molecules(Modality):
             mask[i, : len(symbols)] = True
         return model.encode(pos, types, mask), mask
 
+    def picture(self, design: Design, size: int = 240) -> str:
+        """RDKit 2D depiction of the design's SMILES as inline SVG (XML prologue removed), and the SMILES."""
+        import re
+        from html import escape
+
+        from rdkit import Chem
+        from rdkit.Chem.Draw import rdMolDraw2D
+
+        caption = f"<br>{escape(design.smiles or 'invalid')}"
+        mol = Chem.MolFromSmiles(design.smiles) if design.smiles else None
+        if mol is None:
+            return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{size}" height="{size}"><rect width="{size}" '
+                    f'height="{size}" fill="#fff"/><text x="{size / 2}" y="{size / 2}" text-anchor="middle">'
+                    f"invalid molecule</text></svg>{caption}")
+        drawer = rdMolDraw2D.MolDraw2DSVG(size, size)
+        rdMolDraw2D.PrepareAndDrawMolecule(drawer, mol)
+        drawer.FinishDrawing()
+        return re.sub(r"<\?xml[^>]*\?>\s*", "", drawer.GetDrawingText()) + caption
+
     def distance(self, designs: Sequence[Design]) -> Callable[[int, int], float]:
         from molgen.campaign.selection import tanimoto_distances
 

@@ -136,6 +136,16 @@ class Sequences(Modality):
         seqs = [d.sequence or "" for d in designs]
         return lambda i, j: hamming(seqs[i], seqs[j])
 
+    def report_columns(self, sequences: Sequence[str]) -> dict[str, list[Any]]:
+        """RNA: the sequence over its MFE structure and the MFE (ViennaRNA); DNA: GC content and the sequence."""
+        if self.name == "rna":
+            import RNA
+
+            folds = [RNA.fold(s) for s in sequences]
+            return {"sequence / MFE structure": [f"{s}\n{f[0]}" for s, f in zip(sequences, folds)],
+                    "MFE (kcal/mol)": [float(f[1]) for f in folds]}
+        return {"GC": [sum(c in "GC" for c in s) / max(len(s), 1) for s in sequences], "sequence": list(sequences)}
+
     def noise_to(self, problem: Any, x0: Tensor, mask: Tensor | None, t: float, g: torch.Generator) -> Tensor:
         """x_t ~ q(x_t | x_0): each letter masked independently with probability 1 - alpha(t); padding kept."""
         return problem.sampler.process.corrupt(x0, torch.full((len(x0),), float(t), dtype=torch.float64), g)
