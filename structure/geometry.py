@@ -154,13 +154,10 @@ def natural_rg(n: int) -> float:
 
 
 def kabsch_rmsd(a: np.ndarray, b: np.ndarray) -> float:
-    """RMSD between point sets [N, 3] after optimal proper rotation and translation."""
-    a = np.asarray(a, np.float64) - np.mean(a, 0)
-    b = np.asarray(b, np.float64) - np.mean(b, 0)
-    u, s, vt = np.linalg.svd(a.T @ b)
-    sign = np.sign(np.linalg.det(u @ vt))
-    s[-1] *= sign
-    return float(np.sqrt(max(((a**2).sum() + (b**2).sum() - 2 * s.sum()) / len(a), 0.0)))
+    """RMSD between point sets [N, 3] after optimal proper rotation and translation (``molgen.geometry``)."""
+    from molgen.geometry import rmsd_superposed
+
+    return float(rmsd_superposed(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)))
 
 
 def random_rotation(generator: torch.Generator | None = None, dtype=torch.float32) -> torch.Tensor:

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from molgen.geometry import centre
+
 FINE_RANGE = (2.0, 8.0)  # Angstrom: consecutive CA-CA 3.8, i..i+2 5-7.2, helix i..i+3 5.0
 CA_CA = 3.80  # Angstrom, the trans peptide's CA-CA distance
 BOND_NOISE_FLOOR = 0.05  # Angstrom: the bond feature (d - 3.8) / sqrt(sigma^2 + floor^2) stays finite at sigma 0
@@ -55,13 +57,6 @@ class ModelConfig:
 def safe_norm(v: Tensor, eps: float = 1e-8) -> Tensor:
     """|v| over the last axis with a finite gradient at v = 0: sqrt(|v|^2 + eps)."""
     return torch.sqrt((v**2).sum(-1) + eps)
-
-
-def masked_center(x: Tensor, mask: Tensor) -> Tensor:
-    """Subtract the unmasked points' centre of mass: x_i - sum_j m_j x_j / sum_j m_j (masked rows -> 0)."""
-    m = mask.to(x.dtype)[..., None]
-    com = (x * m).sum(-2, keepdim=True) / m.sum(-2, keepdim=True).clamp_min(1.0)
-    return (x - com) * m
 
 
 def ca_dihedral_features(x: Tensor, mask: Tensor) -> Tensor:
@@ -180,7 +175,7 @@ class BackboneDenoiser(nn.Module):
         sigma = sigma.to(x.dtype).reshape(b, 1, 1)
         c_in = 1.0 / torch.sqrt(sigma**2 + sd**2)
         c_skip, c_out = sd**2 * c_in**2, sigma / torch.sqrt(sigma**2 + 1.0)
-        x = masked_center(x, mask)
+        x = centre(x, mask)
         pos = x * c_in * sd
         noise = torch.log(sigma.reshape(b, 1)) / 4.0
         ang = noise * self.freqs
@@ -210,4 +205,4 @@ class BackboneDenoiser(nn.Module):
         out = pos
         for layer in self.layers:
             h, out = layer(h, out, offset, mask, pair, near, bonded)
-        return masked_center(c_skip * x + c_out * (out - pos), mask)
+        return centre(c_skip * x + c_out * (out - pos), mask)

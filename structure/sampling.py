@@ -24,6 +24,8 @@ from molgen.structure.io import Backbone, backbone_from_ca, read_backbone
 from molgen.structure.model import BackboneDenoiser, ModelConfig
 from torch import Tensor
 
+from molgen.geometry import centre, rmsd_superposed, superpose
+
 SIGMA_MIN, SIGMA_MAX = 0.02, 80.0
 WARM_START_SIGMA = 5.0  # first model call (A) of a warm-started run
 STEP_SCALE = 1.5  # AF3's step scale eta, used by every ODE solver too (molgen.diffusion.step_scale)
@@ -130,8 +132,7 @@ def make_sampler(
 
 def initial_noise(model: BackboneDenoiser, n: int, length: int, generator: torch.Generator) -> Tensor:
     """x_T = prior_std * z, z ~ N(0, I) projected to zero centre of mass; [n, length, 3]."""
-    z = torch.randn(n, length, 3, generator=generator)
-    return model.schedule.prior_std * (z - z.mean(1, keepdim=True))
+    return model.schedule.prior_std * centre(torch.randn(n, length, 3, generator=generator))
 
 
 @torch.no_grad()
@@ -246,17 +247,6 @@ def layout(segments: list[Segment], rng: np.random.Generator) -> tuple[list[int]
     return pos, cursor
 
 
-def kabsch(src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
-    """Batched proper rotation R [B, 3, 3] and translation c [B, 1, 3] minimising |src R^T + c - dst|."""
-    mu_s, mu_d = src.mean(-2, keepdim=True), dst.mean(-2, keepdim=True)
-    h = (src - mu_s).transpose(-1, -2) @ (dst - mu_d)
-    u, _, vt = torch.linalg.svd(h.double())
-    d = torch.sign(torch.det(u @ vt))
-    diag = torch.diag_embed(torch.stack([torch.ones_like(d), torch.ones_like(d), d], -1))
-    r = (u @ diag @ vt).transpose(-1, -2).to(src.dtype)
-    return r, mu_d - mu_s @ r.transpose(-1, -2)
-
-
 @dataclass
 class ScaffoldResult:
     ca: Tensor  # [B, L, 3] in the input file's frame
@@ -291,15 +281,14 @@ def scaffold_ca(
         state = sampler.step(state, i, g)
         alpha, sigma = float(sched.alpha(t[i + 1])), float(sched.sigma(t[i + 1]))
         x = state.x.clone()
-        r, c = kabsch(ref, x[:, positions] / alpha)
+        r, c = superpose(ref, x[:, positions] / alpha)
         z = torch.randn(n, len(positions), 3, generator=g)
-        x[:, positions] = alpha * (ref @ r.transpose(-1, -2) + c) + sigma * z
+        x[:, positions] = alpha * (ref @ r + c) + sigma * z
         state = replace(state, x=space.project(x, None), x0=None)
     x0 = sampler.finish(state)
-    r, c = kabsch(ref, x0[:, positions])
-    rmsd = ((ref @ r.transpose(-1, -2) + c - x0[:, positions]) ** 2).sum(-1).mean(-1).sqrt()
-    r_back, c_back = kabsch(x0[:, positions], ref)  # generated motif -> input frame
-    out = x0 @ r_back.transpose(-1, -2) + c_back
+    rmsd = rmsd_superposed(ref, x0[:, positions])
+    r_back, c_back = superpose(x0[:, positions], ref)  # generated motif -> input frame
+    out = x0 @ r_back + c_back
     out[:, positions] = ref
     return ScaffoldResult(out, positions, rmsd)
 

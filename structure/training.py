@@ -24,12 +24,13 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from molgen.structure.data import crop_batch, load_segments
+from molgen.structure.model import BackboneDenoiser, ModelConfig, safe_norm
 from torch import Tensor
 
 from molgen.ema import ema_update
+from molgen.geometry import centre
 from molgen.optim import lr_factor
-from molgen.structure.data import crop_batch, load_segments
-from molgen.structure.model import BackboneDenoiser, ModelConfig, masked_center, safe_norm
 
 LOCAL_OFFSETS = (1, 2, 3, 4)
 
@@ -48,7 +49,7 @@ def edm_loss(
     sd = model.cfg.sigma_data
     ln_sigma = math.log(sd) + p_mean + p_std * torch.randn(b, generator=generator)
     sigma = ln_sigma.exp()
-    eps = masked_center(torch.randn(x0.shape, generator=generator), mask)
+    eps = centre(torch.randn(x0.shape, generator=generator), mask)
     pred = model.denoise(x0 + sigma[:, None, None] * eps, sigma, mask)
     m = mask.to(x0.dtype)
     n = m.sum(1)

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 from molgen.structure.data import TS50_DIR, crop_batch
-from molgen.structure.geometry import kabsch_rmsd, project_ca_bonds, random_rotation, rebuild_backbone
+from molgen.structure.geometry import kabsch_rmsd, project_ca_bonds, rebuild_backbone
 from molgen.structure.io import Backbone, backbone_from_ca, list_structure_files, read_backbone, write_backbone
 from molgen.structure.metrics import backbone_metrics, dssp, evaluate, tm_score
-from molgen.structure.model import BackboneDenoiser, ModelConfig, masked_center
+from molgen.structure.model import BackboneDenoiser, ModelConfig
 from molgen.structure.sampling import (
-    kabsch,
     layout,
     motif_residues,
     parse_contig,
@@ -25,6 +24,9 @@ from molgen.structure.sampling import (
     scaffold_from_file,
 )
 from molgen.structure.training import edm_loss
+
+from molgen.geometry import centre, superpose
+from molgen.testing import assert_equivariant, random_rotation
 
 TS50 = list_structure_files(TS50_DIR)
 
@@ -140,8 +142,8 @@ def test_rebuild_is_accurate_and_equivariant() -> None:
     rebuilt = rebuild_backbone(bb.ca)
     rmsd = np.sqrt(((rebuilt - bb.coords) ** 2).sum(-1).mean(0))  # per atom type
     assert rmsd[1] == 0 and rmsd[0] < 0.4 and rmsd[2] < 0.4 and rmsd[3] < 1.0
-    r = random_rotation(torch.Generator().manual_seed(0), torch.float64).numpy()
-    np.testing.assert_allclose(rebuild_backbone(bb.ca @ r.T + 5.0), rebuilt @ r.T + 5.0, atol=1e-3)
+    assert_equivariant(lambda ca: torch.from_numpy(rebuild_backbone(ca.numpy())),
+                       torch.from_numpy(bb.ca.astype(np.float64)), atol=1e-3, rtol=0)
 
 
 def test_ca_bond_projection_is_exact_equivariant_and_minimal() -> None:
@@ -152,8 +154,8 @@ def test_ca_bond_projection_is_exact_equivariant_and_minimal() -> None:
     bonds = (out[1:] - out[:-1]).norm(dim=-1)
     assert (bonds - 3.80).abs().max() < 1e-6
     torch.testing.assert_close(out.mean(0), noisy.mean(0))  # equal and opposite moves keep the centre
-    r = random_rotation(g, torch.float64)
-    torch.testing.assert_close(project_ca_bonds(noisy @ r.T + 7.0, tol=1e-6), out @ r.T + 7.0)
+    assert_equivariant(lambda a: project_ca_bonds(a, tol=1e-6), noisy, generator=g)
+    r = random_rotation(g, dtype=torch.float64)
     # a near-nearest point: closer to the input than the natural chain (whose bonds are 3.80 +- 0.05 A) is,
     # and a chain already at 3.80 A does not move
     assert (out - noisy).norm(dim=-1).mean() < 0.7 * (noisy - ca).norm(dim=-1).mean()
@@ -212,12 +214,11 @@ def test_denoiser_is_rotation_equivariant_translation_invariant_and_ignores_padd
             torch.nn.init.normal_(p, std=0.1)
     mask = torch.ones(2, 30, dtype=torch.bool)
     mask[1, 24:] = False
-    x = masked_center(torch.randn(2, 30, 3) * 8, mask)
+    x = centre(torch.randn(2, 30, 3) * 8, mask)
     sigma = torch.tensor([0.5, 20.0])
-    r = random_rotation(torch.Generator().manual_seed(2))
     out = model.denoise(x, sigma, mask)
-    torch.testing.assert_close(model.denoise(x @ r.T, sigma, mask), out @ r.T, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(model.denoise(x + 4.0, sigma, mask), out, atol=1e-4, rtol=1e-4)
+    assert_equivariant(lambda a, m: model.denoise(a, sigma, m), x, mask=mask, output="vectors",
+                       generator=torch.Generator().manual_seed(2), atol=1e-4, rtol=1e-4)
     x_pad = x.clone()
     x_pad[1, 24:] = 99.0
     torch.testing.assert_close(model.denoise(x_pad, sigma, mask)[1, :24], out[1, :24], atol=1e-4, rtol=1e-4)
@@ -250,10 +251,9 @@ def test_rotated_noise_gives_rotated_backbones(solver: str) -> None:
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(2, 40, 3, generator=g) * 80
     x_T = x_T - x_T.mean(1, keepdim=True)
-    r = random_rotation(torch.Generator().manual_seed(3))
+    assert_equivariant(lambda x: sample_ca(model, 2, 40, solver, 4, x_T=x), x_T, translate=False,
+                       generator=torch.Generator().manual_seed(3), atol=2e-3, rtol=1e-3)
     a = sample_ca(model, 2, 40, solver, 4, x_T=x_T)
-    b = sample_ca(model, 2, 40, solver, 4, x_T=x_T @ r.T)
-    torch.testing.assert_close(b, a @ r.T, atol=2e-3, rtol=1e-3)
     torch.testing.assert_close(sample_ca(model, 2, 40, solver, 4, x_T=x_T), a)  # deterministic
     with pytest.raises(ValueError, match="outside the model's range"):
         sample_ca(model, 1, 300, solver, 5)
@@ -351,8 +351,9 @@ def test_contig_parsing_and_errors() -> None:
 def test_kabsch_and_scaffold_keep_the_motif() -> None:
     motif = torch.from_numpy(read_backbone(TS50[0]).ca[10:22].astype(np.float32))
     r = random_rotation(torch.Generator().manual_seed(4))
-    rot, shift = kabsch(motif[None], (motif @ r.T + 2.0)[None])
-    torch.testing.assert_close(motif @ rot[0].T + shift[0], motif @ r.T + 2.0, atol=1e-4, rtol=1e-4)
+    rot, shift = superpose(motif[None], (motif @ r.T + 2.0)[None])
+    torch.testing.assert_close(rot[0], r.T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(motif @ rot[0] + shift[0], motif @ r.T + 2.0, atol=1e-4, rtol=1e-4)
     res = scaffold_ca(_model_with_schedule(), motif, list(range(14, 26)), 44, 2, solver="dpmpp_2m", steps=4)
     assert res.ca.shape == (2, 44, 3)
     torch.testing.assert_close(res.ca[:, 14:26], motif.expand(2, -1, -1))
@@ -483,7 +484,7 @@ def test_zero_initialised_extensions_reproduce_the_base_model(tmp_path: Path) ->
     path = save_checkpoint(tmp_path / "b.pt", base.state_dict(), SMALL.to_dict(), provenance={})
     module = BackboneDiffusion(EXTENDED.to_dict())
     warm_start(module, path)
-    x = masked_center(torch.randn(2, 30, 3) * 5, torch.ones(2, 30, dtype=torch.bool))
+    x = centre(torch.randn(2, 30, 3) * 5, torch.ones(2, 30, dtype=torch.bool))
     sigma = torch.tensor([0.3, 12.0])
     torch.testing.assert_close(module.model.denoise(x, sigma), base.denoise(x, sigma))
     torch.testing.assert_close(module.ema.denoise(x, sigma), base.denoise(x, sigma))

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor
-
 from molgen.guidance.rewards import Reward, TensorReward, register
 from molgen.structure.geometry import natural_rg
+from torch import Tensor
+
+from molgen.geometry import centre
 
 
 @dataclass
@@ -35,8 +36,7 @@ class SecondaryStructure(Reward):
 
 def rg_ratio(x: Tensor) -> Tensor:
     """Rg / (3.3 N^0.31) per CA trace of x [B, N, 3] (differentiable)."""
-    centred = x - x.mean(1, keepdim=True)
-    rg = centred.pow(2).sum(-1).mean(-1).clamp_min(1e-12).sqrt()
+    rg = centre(x).pow(2).sum(-1).mean(-1).clamp_min(1e-12).sqrt()
     return rg / natural_rg(x.shape[1])
 
 
