@@ -12,6 +12,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from molgen.errors import exit_code
+
 
 def verb_modules() -> dict[str, dict[str, str]]:
     """verb -> modality -> module that defines add_<verb>/run_<verb>, from the modality registry."""
@@ -37,6 +39,7 @@ def _hooks(module_name: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="molgen", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for verb, modules in verb_modules().items():
         verb_parser = commands.add_parser(verb, help=f"{verb} for one modality")
@@ -174,12 +177,17 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; bad input, refused paths and missing extras end in one line on stderr and the exit code
+    of ``molgen.errors`` (2 input, 3 operating system, 4 missing extra); ``--debug`` shows the traceback."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except Exception as err:  # noqa: BLE001 - classified below; anything else is re-raised as a bug
+        code = exit_code(err)
+        if code is None or args.debug:
+            raise
         print(f"molgen {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return code
 
 
 if __name__ == "__main__":

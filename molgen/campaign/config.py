@@ -197,11 +197,6 @@ def _typed(f: dataclasses.Field, value: Any, where: str, key: str) -> Any:
     raise ValueError(f"{where}: {key} must be {want}, got {value!r}")
 
 
-def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{key} {value!r} is not one of {allowed}")
-
-
 def validate(cfg: CampaignConfig) -> None:
     """Value checks; the error names the key."""
     choose("modality", cfg.modality, modality_names())
@@ -220,8 +215,8 @@ def validate(cfg: CampaignConfig) -> None:
     if s.steps is not None and s.steps < 1:
         raise ValueError(f"sampler.steps must be >= 1, got {s.steps}")
     g = cfg.guidance
-    _one_of("guidance.method", g.method, METHODS)
-    _one_of("guidance.potential", g.potential, POTENTIALS)
+    choose("guidance.method", g.method, METHODS)
+    choose("guidance.potential", g.potential, POTENTIALS)
     for key in ("candidates", "particles"):
         if getattr(g, key) < 1:
             raise ValueError(f"guidance.{key} must be >= 1, got {getattr(g, key)}")
@@ -230,8 +225,8 @@ def validate(cfg: CampaignConfig) -> None:
     if not (math.isfinite(g.lam) and math.isfinite(g.scale)):
         raise ValueError(f"guidance.lam and guidance.scale must be finite, got {g.lam} and {g.scale}")
     sel = cfg.selection
-    _one_of("selection.rule", sel.rule, RULES)
-    _one_of("selection.objectives", sel.objectives, OBJECTIVES)
+    choose("selection.rule", sel.rule, RULES)
+    choose("selection.objectives", sel.objectives, OBJECTIVES)
     if sel.k < 1:
         raise ValueError(f"selection.k must be >= 1, got {sel.k}")
     if sel.min_distance is not None and not 0 <= sel.min_distance <= 1:

@@ -1,0 +1,46 @@
+"""The one error path of the ``molgen`` command: one line and a documented exit code, a traceback on --debug."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from molgen import cli
+from molgen.errors import EXIT_DEPENDENCY, EXIT_INPUT, EXIT_OS, InputError, MissingDependency, exit_code
+
+
+def test_input_error_names_file_record_and_position():
+    err = InputError("'X' is not a DNA letter", file="d.fasta", record="3 (seq_7)", position=12)
+    assert str(err) == "d.fasta: record 3 (seq_7): position 12: 'X' is not a DNA letter"
+    assert isinstance(err, ValueError) and str(InputError("empty")) == "empty"
+
+
+@pytest.mark.parametrize("err, code", [
+    (InputError("bad"), EXIT_INPUT), (ValueError("bad"), EXIT_INPUT), (FileNotFoundError("x"), EXIT_INPUT),
+    (OSError(errno.ENOSPC, "No space left on device"), EXIT_OS), (PermissionError("read-only"), EXIT_OS),
+    (MissingDependency("pydssp", "dssp", "DSSP"), EXIT_DEPENDENCY), (RuntimeError("bug"), None),
+])
+def test_exit_codes(err, code):
+    assert exit_code(err) == code
+
+
+def test_main_prints_one_line_and_debug_raises(monkeypatch, capsys):
+    def full_disk(args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    parser = cli.build_parser()
+    real = parser.parse_args
+
+    def parse(argv):
+        args = real(argv)
+        args.run = full_disk
+        return args
+
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_args", parse)
+    assert cli.main(["report", "somewhere"]) == EXIT_OS
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "molgen report: error:" in err and "No space left" in err
+    with pytest.raises(OSError, match="No space left"):
+        cli.main(["--debug", "report", "somewhere"])
