@@ -31,6 +31,7 @@ from torch import Tensor
 from molgen.ema import ema_update
 from molgen.geometry import centre
 from molgen.optim import lr_factor
+from molgen.progress import bars_enabled
 
 LOCAL_OFFSETS = (1, 2, 3, 4)
 
@@ -181,7 +182,7 @@ def init_record(path: Path) -> dict:
 def latest_checkpoint(out: Path) -> tuple[Path, dict] | None:
     """The ``last*.ckpt`` in ``out`` with the highest step, with its contents (runs written before
     ``enable_version_counter=False`` left ``last-v1.ckpt`` beside an older ``last.ckpt``), or None."""
-    found = [(p, torch.load(p, weights_only=False, map_location="cpu")) for p in sorted(out.glob("last*.ckpt"))]
+    found = [(p, torch.load(p, weights_only=True, map_location="cpu")) for p in sorted(out.glob("last*.ckpt"))]
     return max(found, key=lambda f: int(f[1]["global_step"])) if found else None
 
 
@@ -236,9 +237,9 @@ def train(
         callbacks=[ckpt, ExportEMA(export, every, provenance, 60 * max_minutes)],
         default_root_dir=out,
         log_every_n_steps=10,
-        enable_progress_bar=False,
+        enable_progress_bar=bars_enabled(),
         gradient_clip_val=1.0,
         logger=L.pytorch.loggers.CSVLogger(out, name="logs"),
     )
-    trainer.fit(module, loader, ckpt_path=str(last) if last else None)
+    trainer.fit(module, loader, ckpt_path=str(last) if last else None, weights_only=True)
     return export

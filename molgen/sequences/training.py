@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from molgen.diffusion.discrete import MaskedDiffusion, MaskingSchedule
 from molgen.ema import ema_update
 from molgen.optim import lr_factor
+from molgen.progress import bars_enabled
 from molgen.sequences.model import DenoiserConfig, SequenceDenoiser
 
 NELBO_TIMES = 4  # stratified times of every NELBO molgen reports (cards, evaluation, naturalness)
@@ -136,13 +137,13 @@ def fit(
         callbacks=[ckpt],
         default_root_dir=out_dir,
         logger=L.pytorch.loggers.CSVLogger(out_dir, name="logs"),
-        enable_progress_bar=False,
+        enable_progress_bar=bars_enabled(),
         num_sanity_val_steps=0,
         log_every_n_steps=25,
     )
     last = out_dir / "last.ckpt"
     start = time.time()
-    trainer.fit(module, train, val, ckpt_path=str(last) if last.exists() else None)
+    trainer.fit(module, train, val, ckpt_path=str(last) if last.exists() else None, weights_only=True)
     trainer.save_checkpoint(last)
     timer = next(c for c in trainer.callbacks if isinstance(c, L.pytorch.callbacks.Timer))
     stats = {
