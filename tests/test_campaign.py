@@ -3,6 +3,7 @@ refusal of another configuration, SDEdit-style refinement, the command line."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import sqlite3
@@ -301,3 +302,20 @@ def test_molecule_and_backbone_campaigns_guided_and_refined(tmp_path):
     rmsd_parent = np.sqrt(((ca_from_pdb(child["structure"]) - parent) ** 2).sum(-1).mean())
     fresh = ca_from_pdb(s[(s["round"] == 2) & (s["origin"] == "sample")].iloc[0]["structure"])
     assert rmsd_parent < 0.5 * np.sqrt(((fresh - parent) ** 2).sum(-1).mean())
+
+
+def test_database_passwords_never_reach_disk(monkeypatch):
+    from molgen.campaign.store import PASSWORD_VARIABLE, database_url, mask_password
+
+    url = "postgresql://user:PASSWORD@db.example/designs"
+    cfg = CampaignConfig.from_mapping(tiny(database=url))
+    assert cfg.database == url  # the run connects with it
+    stored = cfg.to_dict()["database"]  # campaign.json, the store's config column and the report show this
+    assert stored == mask_password(url) == "postgresql://user:***@db.example/designs"
+    assert "PASSWORD" not in json.dumps(cfg.to_dict())
+    monkeypatch.delenv(PASSWORD_VARIABLE, raising=False)
+    with pytest.raises(ValueError, match=PASSWORD_VARIABLE):  # reopening a stored campaign needs the password
+        database_url(Path("."), stored)
+    monkeypatch.setenv(PASSWORD_VARIABLE, "PASSWORD")
+    assert database_url(Path("."), stored) == url
+    assert database_url(Path("."), url) == url and mask_password(None) is None

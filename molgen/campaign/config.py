@@ -135,7 +135,10 @@ class CampaignConfig:
 
     # ------------------------------------------------------------------------------------------ identity
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The configuration as stored and shown: the database password masked (``store.mask_password``)."""
+        from molgen.campaign.store import mask_password
+
+        return {**dataclasses.asdict(self), "database": mask_password(self.database)}
 
     def identity(self) -> dict[str, Any]:
         d = self.to_dict()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 
 metadata = MetaData()
 
@@ -104,8 +105,28 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+PASSWORD_VARIABLE = "MOLGEN_DATABASE_PASSWORD"
+MASK = "***"
+
+
+def mask_password(url: str | None) -> str | None:
+    """The URL as stored and shown: its password replaced by ``***`` (the password never reaches disk)."""
+    return None if url is None else make_url(url).render_as_string(hide_password=True)
+
+
 def database_url(root: Path, url: str | None) -> str:
-    return url or f"sqlite:///{(root / 'campaign.sqlite').resolve()}"
+    """The URL to connect to: the configured one (a stored, masked URL takes its password from the environment
+    variable ``MOLGEN_DATABASE_PASSWORD``), or ``DIR/campaign.sqlite``."""
+    if url is None:
+        return f"sqlite:///{(root / 'campaign.sqlite').resolve()}"
+    parsed = make_url(url)
+    if parsed.password != MASK:
+        return url
+    password = os.environ.get(PASSWORD_VARIABLE)
+    if not password:
+        raise ValueError(f"the database password of {url} is not stored; set {PASSWORD_VARIABLE} or give the URL "
+                         "with its password in the campaign config")
+    return parsed.set(password=password).render_as_string(hide_password=False)
 
 
 def sample_id(round_: int, index: int) -> str:
