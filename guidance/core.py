@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from molgen.guidance.rewards import Reward, as_reward
 from molgen.diffusion import Sampler
+from molgen.guidance.rewards import Reward, as_reward
 
 CACHE_SOLVERS = ("euler_maruyama", "ddpm_ancestral", "dpmpp_2m_sde")  # stochastic, reuse state.x0
 
@@ -37,10 +37,12 @@ class CallCounter:
         return self.model(x, t, **cond)
 
 
-def counted(sampler: Sampler) -> tuple[Sampler, CallCounter]:
-    """A copy of ``sampler`` whose model is wrapped in a ``CallCounter`` (the plan is reused)."""
+def counted(sampler: Any) -> tuple[Any, CallCounter]:
+    """A copy of ``sampler`` (continuous or masked) whose model is wrapped in a ``CallCounter`` (the plan is
+    reused)."""
     counter = CallCounter(sampler.model)
-    return dataclasses.replace(sampler, model=counter, prediction=sampler.prediction), counter
+    keep = {"prediction": sampler.prediction} if isinstance(sampler, Sampler) else {}
+    return dataclasses.replace(sampler, model=counter, **keep), counter
 
 
 def check_count(name: str, value: int) -> int:

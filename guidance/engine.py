@@ -1,4 +1,6 @@
-"""One step-level view of the continuous and the masked-discrete samplers, for SVDD and FK tilting.
+"""Guidance's view of a sampler: the sampler's own step protocol (``molgen.diffusion.plan.StepSampler``, which
+the continuous and the masked-discrete samplers share), plus model-call accounting, times, the padding mask and
+sampled completions, for SVDD and FK tilting.
 
     engine = as_engine(sampler)              # molgen.diffusion.Sampler or discrete.DiscreteSampler
     st = engine.init(x_T, mask, cond)
@@ -9,7 +11,8 @@
     engine.mask(st)                          # the padding mask (continuous states) or None
     x0 = engine.complete(st, i, copies, steps, generator)  # sampled completions of x_i to the end of the grid
 
-``engine.rows`` counts model evaluations per sample row. For masked diffusion the denoised estimate is the
+``engine.rows`` counts model evaluations per sample row (``cached_ancestral`` evaluates only the rows that
+changed since their last evaluation). For masked diffusion the denoised estimate is the
 argmax of p(x0 | x_t) at masked positions (unmasked tokens kept), and the cache is ``log p(x0 | x_t)``.
 
 Completions (``complete``) run the model's own transition from grid point i to the last one on ``steps``
@@ -28,8 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from molgen.guidance.core import CACHE_SOLVERS, counted
 from molgen.diffusion import Sampler, select
+from molgen.diffusion.plan import StepSampler
+from molgen.guidance.core import CACHE_SOLVERS, counted
 
 
 def completion_points(i: int, n_steps: int, steps: int) -> list[int]:
@@ -46,16 +50,13 @@ def _replicate(batch: int, copies: int, device: torch.device) -> Tensor:
     return torch.arange(batch, device=device).repeat_interleave(copies)
 
 
-class ContinuousEngine:
-    def __init__(self, sampler: Sampler) -> None:
-        if sampler.solver not in CACHE_SOLVERS:
-            raise ValueError(
-                f"guidance needs a stochastic solver that reuses the cached denoiser output, one of "
-                f"{CACHE_SOLVERS}; got {sampler.solver!r}"
-            )
+class Engine:
+    """A sampler with its model calls counted per row (``rows``) and per batch (``batches``); ``init``,
+    ``estimate``, ``step``, ``select`` and ``finish`` are the sampler's own."""
+
+    def __init__(self, sampler: StepSampler) -> None:
         self.sampler = sampler
         self.run, self.counter = counted(sampler)
-        self._completion_runs: dict[tuple[int, int], Sampler] = {}  # shared-grid completion samplers by (i, steps)
 
     @property
     def n_steps(self) -> int:
@@ -73,17 +74,31 @@ class ContinuousEngine:
         return self.run.init(x_T, mask=mask, cond=cond)
 
     def estimate(self, st: Any, i: int) -> tuple[Any, Tensor]:
-        x0, nan_step = self.run.denoise_at(st, st.x, "", i)
-        return replace(st, x0=x0, nan_step=nan_step), x0
+        return self.run.estimate(st, i)
 
     def step(self, st: Any, i: int, generator: torch.Generator | None) -> Any:
         return self.run.step(st, i, generator)
 
     def select(self, st: Any, index: Tensor) -> Any:
-        return select(st, index)
+        return self.run.select(st, index)
 
     def finish(self, st: Any) -> Tensor:
         return self.run.finish(st)
+
+    def mask(self, st: Any) -> Tensor | None:
+        """The padding mask of continuous states (masked diffusion pads with a token: None)."""
+        return getattr(st, "mask", None)
+
+
+class ContinuousEngine(Engine):
+    def __init__(self, sampler: Sampler) -> None:
+        if sampler.solver not in CACHE_SOLVERS:
+            raise ValueError(
+                f"guidance needs a stochastic solver that reuses the cached denoiser output, one of "
+                f"{CACHE_SOLVERS}; got {sampler.solver!r}"
+            )
+        super().__init__(sampler)
+        self._completion_runs: dict[tuple[int, int], Sampler] = {}  # shared-grid completion samplers by (i, steps)
 
     @property
     def times(self) -> Tensor:
@@ -91,7 +106,7 @@ class ContinuousEngine:
         return self.run.t_grid[0]
 
     def time(self, st: Any, i: int) -> Tensor:
-        return st.tab["t"][:, i].reshape(-1).expand(st.batch)
+        return st.times[:, i].expand(st.batch)
 
     def complete(self, st: Any, i: int, copies: int, steps: int, generator: torch.Generator | None) -> Tensor:
         """``copies`` sampled completions per row of ``st`` (at grid point i, estimate cached), rows grouped
@@ -112,71 +127,20 @@ class ContinuousEngine:
         sub = replace(run.init(rep.x, mask=rep.mask, cond=rep.cond), x0=rep.x0)
         return run.finish(run.run(sub, generator))
 
-    def mask(self, st: Any) -> Tensor | None:
-        return st.mask
 
-
-class DiscreteEngine:
+class DiscreteEngine(Engine):
     """Masked diffusion (``molgen.diffusion.discrete.DiscreteSampler``) on its time grid; the transition
     is the sampler's own (ancestral, cached_ancestral, tau_leaping, remdm), run from the cached log p(x0|x_t)."""
 
-    def __init__(self, sampler: Any) -> None:
+    def __init__(self, sampler: StepSampler) -> None:
         if sampler.solver == "first_hitting":
             raise ValueError("guidance supports the grid-based discrete samplers, not 'first_hitting'")
-        self.sampler = sampler
-        self.rows = 0
-        self.batches = 0
-
-    @property
-    def n_steps(self) -> int:
-        return self.sampler.n_steps
-
-    def init(self, x_T: Tensor, mask: Tensor | None = None, cond: Mapping[str, Tensor] | None = None) -> Any:
-        if mask is not None:
-            raise ValueError("masked diffusion marks padding with pad tokens, not a mask")
-        return self.sampler.init(x_T, cond)
-
-    def estimate(self, st: Any, i: int) -> tuple[Any, Tensor]:
-        if i == self.n_steps - 1:  # t = 0: every token is a letter, the estimate is the state itself
-            return st, st.x
-        st = self._denoise(st)
-        return st, self.denoised(st)
-
-    def _denoise(self, st: Any) -> Any:
-        """log p(x0 | x_t) at the state's own times: one counted model call per row."""
-        self.rows += st.x.shape[0]
-        self.batches += 1
-        log_p0 = self.sampler.process.log_probs(self.sampler.model(st.x, st.t, **st.cond), st.x)
-        return replace(st, log_p0=log_p0, stale=torch.zeros(st.x.shape[0], dtype=torch.bool, device=st.x.device),
-                       nfe=st.nfe + 1, rows_evaluated=st.rows_evaluated + st.x.shape[0])
-
-    def denoised(self, st: Any) -> Tensor:
-        best = st.log_p0.argmax(-1)
-        return torch.where(st.x == self.sampler.process.mask_id, best, st.x)
-
-    def step(self, st: Any, i: int, generator: torch.Generator | None) -> Any:
-        if st.log_p0 is None or bool(st.stale.any()):
-            st, _ = self.estimate(st, i)
-        s = torch.full_like(st.t, float(self.sampler.grid[i + 1]))
-        x = self.sampler.spec.transition(self.sampler.process, st, s, generator, self.sampler.options)
-        return replace(st, x=x, t=s, stale=(x != st.x).any(-1))
-
-    def select(self, st: Any, index: Tensor) -> Any:
-        batch = st.x.shape[0]
-
-        def pick(v: Any) -> Any:
-            return v.index_select(0, index) if isinstance(v, Tensor) and v.shape[:1] == (batch,) else v
-
-        return replace(st, x=pick(st.x), t=pick(st.t), log_p0=pick(st.log_p0), stale=pick(st.stale),
-                       cond={k: pick(v) for k, v in st.cond.items()})
-
-    def finish(self, st: Any) -> Tensor:
-        return self.sampler.finish(st)
+        super().__init__(sampler)
 
     @property
     def times(self) -> Tensor:
         """The time grid [n_steps], from 1 to 0."""
-        return self.sampler.grid
+        return self.run.grid
 
     def time(self, st: Any, i: int) -> Tensor:
         return st.t
@@ -186,24 +150,18 @@ class DiscreteEngine:
         remaining grid points ``completion_points``; ``steps = 1`` draws every masked token at once from the
         cached p(x0 | x_t) (no model call)."""
         idx = completion_points(i, self.n_steps, steps)
-        if len(idx) > 1 and (st.log_p0 is None or bool(st.stale.any())):
+        if len(idx) > 1 and st.at != i:
             raise ValueError("complete needs log p(x0 | x_t) at the state (call estimate first)")
         sub = self.select(st, _replicate(st.x.shape[0], copies, st.x.device))
         for j, k in enumerate(idx[1:]):
-            if j:
-                sub = self._denoise(sub)
-            s = torch.full_like(sub.t, float(self.sampler.grid[k]))
-            sub = replace(sub, x=self.sampler.spec.transition(self.sampler.process, sub, s, generator,
-                                                              self.sampler.options), t=s)
+            sub, _ = self.estimate(sub, idx[j])
+            sub = self.run.move(sub, torch.full_like(sub.t, float(self.run.grid[k])), generator)
         return self.finish(sub)
-
-    def mask(self, st: Any) -> None:
-        return None  # padding is a token
 
 
 def as_engine(sampler: Any) -> ContinuousEngine | DiscreteEngine:
     if isinstance(sampler, Sampler):
         return ContinuousEngine(sampler)
-    if hasattr(sampler, "process") and hasattr(sampler, "grid"):
+    if isinstance(sampler, StepSampler) and hasattr(sampler, "process"):
         return DiscreteEngine(sampler)
     raise ValueError(f"not a sampler: {type(sampler).__name__} (expected a molgen Sampler or DiscreteSampler)")

@@ -40,14 +40,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from molgen.guidance.completions import Completions
-from molgen.guidance.core import GuidanceResult, Scorer, Timer, check_count, gumbel_choice
-from molgen.guidance.engine import as_engine
-from molgen.guidance.smc import Particles, ResamplePolicy, ess, normalise
 from molgen.diffusion import Sampler
 from molgen.diffusion.parameterization import check_prediction, to_x0
 from molgen.diffusion.schedules import Schedule
 from molgen.diffusion.spaces import expand_mask
+from molgen.guidance.completions import Completions
+from molgen.guidance.core import GuidanceResult, Scorer, Timer, check_count, gumbel_choice
+from molgen.guidance.engine import as_engine
+from molgen.guidance.smc import Particles, ResamplePolicy, ess, normalise
 
 POTENTIALS = ("difference", "max", "sum")
 
@@ -281,7 +281,7 @@ def fk_sample(
 def _corrector(composition: Composition, state: Any, i: int, sampler: Sampler) -> Tensor:
     """Trapezoid rule in lambda along the path: node i carries H(x_i) (lambda_{i+1} - lambda_{i-1}) / 2
     (one-sided at both ends), from the experts' estimates of the call just made at (x_i, t_i)."""
-    t = state.tab["t"].reshape(state.tab["t"].shape[0], -1).double()
+    t = state.times.double()
     lam = sampler.schedule.lam(t)
     n = t.shape[1]
     span = lam[:, min(i + 1, n - 1)] - lam[:, max(i - 1, 0)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -441,6 +442,232 @@ def test_affine_fast_path_equals_the_general_path(prediction):
         assert torch.allclose(fast, slow, rtol=1e-12, atol=1e-12), solver
 
 
+# ---------------------------------------------------------------------------------------------- reference solvers
+# Short, readable forms of each solver family, written from their maths (no plan, no fused coefficients, no
+# moment matching): the engine's fast path must reproduce them. Times are those of the sampler's grid.
+class Reference:
+    """Schedule quantities at grid point j, the denoiser D(x, t) and a noise draw, for the reference loops."""
+
+    def __init__(self, sampler: Sampler, model, generator=None) -> None:
+        self.sch, self.model, self.generator = sampler.schedule, model, generator
+        self.t = sampler.t_grid[0].tolist()
+
+    def alpha(self, t: float) -> float:
+        return float(self.sch.alpha(torch.tensor(t, dtype=F64)))
+
+    def sigma(self, t: float) -> float:
+        return float(self.sch.sigma(torch.tensor(t, dtype=F64)))
+
+    def ell(self, t: float) -> float:
+        return math.log(self.alpha(t) / self.sigma(t))
+
+    def rho(self, t: float) -> float:
+        return self.sigma(t) / self.alpha(t)
+
+    def t_of_rho(self, rho: float) -> float:
+        return float(self.sch.t_of_rho(torch.tensor(rho, dtype=F64)))
+
+    def D(self, x, t: float):
+        return self.model(x, torch.full((x.shape[0],), t, dtype=F64))
+
+    def eps(self, x, t: float, d):
+        return (x - self.alpha(t) * d) / self.sigma(t)
+
+    def z(self, x):
+        return torch.randn(x.shape, generator=self.generator, dtype=x.dtype)
+
+
+def integral(kernel, lo: float, hi: float, nodes: list[float], values: list[torch.Tensor]) -> torch.Tensor:
+    """int_lo^hi kernel(u) P(u) du, P the Lagrange interpolant through (nodes, values), by Gauss-Legendre."""
+    xs, ws = np.polynomial.legendre.leggauss(32)
+    total = torch.zeros_like(values[0])
+    for xq, wq in zip(xs, ws):
+        u = lo + 0.5 * (hi - lo) * (xq + 1.0)
+        basis = [math.prod((u - nodes[j]) / (nodes[m] - nodes[j]) for j in range(len(nodes)) if j != m)
+                 for m in range(len(nodes))]
+        total = total + 0.5 * (hi - lo) * wq * kernel(u) * sum(b * v for b, v in zip(basis, values))
+    return total
+
+
+def exp_integrator(r: Reference, x, s: float, t: float, nodes: list[float], ds: list, kappa: float = 1.0):
+    """Data-prediction exponential integrator in l = log(alpha / sigma) from time s to t with D interpolated
+    through (nodes (in l), ds): x_t = (sigma_t / sigma_s) e^{-(kappa - 1) h} x_s
+    + alpha_t int kappa e^{-kappa (l_t - l)} P(l) dl (+ sigma_t sqrt(1 - e^{-2h}) z for kappa = 2)."""
+    l_s, l_t = r.ell(s), r.ell(t)
+    h = l_t - l_s
+    x_t = r.sigma(t) / r.sigma(s) * math.exp(-(kappa - 1.0) * h) * x
+    x_t = x_t + r.alpha(t) * integral(lambda l: kappa * math.exp(-kappa * (l_t - l)), l_s, l_t, nodes, ds)
+    return x_t + r.sigma(t) * math.sqrt(-math.expm1(-2.0 * h)) * r.z(x) if kappa == 2.0 else x_t
+
+
+def ref_exp_multistep(r: Reference, x, order: int, kappa: float = 1.0):
+    """ddim / dpmpp_2m / dpmpp_3m (kappa = 1), ddpm_ancestral / dpmpp_2m_sde (kappa = 2): the interpolant
+    through the last ``order`` denoised estimates."""
+    t, ds = r.t, []
+    for i in range(len(t) - 1):
+        ds.insert(0, r.D(x, t[i]))
+        k = min(order, i + 1)
+        x = exp_integrator(r, x, t[i], t[i + 1], [r.ell(t[i - m]) for m in range(k)], ds[:k], kappa)
+    return r.D(x, t[-1])
+
+
+def ref_ab_rho(r: Reference, x, order: int):
+    """euler / deis: y = x / alpha moves by int eps d rho, eps interpolated in rho through its last values."""
+    t, es = r.t, []
+    for i in range(len(t) - 1):
+        es.insert(0, r.eps(x, t[i], r.D(x, t[i])))
+        k = min(order, i + 1)
+        y = x / r.alpha(t[i]) + integral(lambda u: 1.0, r.rho(t[i]), r.rho(t[i + 1]),
+                                         [r.rho(t[i - m]) for m in range(k)], es[:k])
+        x = r.alpha(t[i + 1]) * y
+    return r.D(x, t[-1])
+
+
+def ref_euler_maruyama(r: Reference, x):
+    """dx = [f x - g^2 score] dt + g dW with f = alpha'/alpha, g^2 = d sigma^2 / dt - 2 f sigma^2."""
+    t = r.t
+    for i in range(len(t) - 1):
+        tt = torch.tensor(t[i], dtype=F64)
+        d_alpha, d_sigma = (float(v) for v in r.sch.d_alpha_sigma(tt))
+        a, s = r.alpha(t[i]), r.sigma(t[i])
+        f = d_alpha / a
+        g2 = 2.0 * s * d_sigma - 2.0 * f * s**2
+        dt = t[i + 1] - t[i]
+        score = -(x - a * r.D(x, t[i])) / s**2
+        x = x + (f * x - g2 * score) * dt + math.sqrt(-g2 * dt) * r.z(x)
+    return r.D(x, t[-1])
+
+
+def ref_ghvb(r: Reference, x, order: float):
+    """Heavy ball on rho-AB: v_i = (1 - beta) v_{i-1} + beta eps_i, slope eps_i + beta H_i / (2 H_{i-1})
+    (eps_i - v_{i-1}), y_{i+1} = y_i + H_i slope."""
+    t, beta, v, h_prev = r.t, order - 1.0, None, None
+    for i in range(len(t) - 1):
+        e = r.eps(x, t[i], r.D(x, t[i]))
+        h = r.rho(t[i + 1]) - r.rho(t[i])
+        slope = e if v is None else e + beta * h / (2.0 * h_prev) * (e - v)
+        v = e if v is None else (1.0 - beta) * v + beta * e
+        x = r.alpha(t[i + 1]) * (x / r.alpha(t[i]) + h * slope)
+        h_prev = h
+    return r.D(x, t[-1])
+
+
+def ref_heun(r: Reference, x, orders: list[int]):
+    """EDM's Heun in (y, rho): Euler, then the trapezoid of both slopes (Euler alone on order-1 steps)."""
+    t = r.t
+    for i, order in enumerate(orders):
+        h = r.rho(t[i + 1]) - r.rho(t[i])
+        e = r.eps(x, t[i], r.D(x, t[i]))
+        x_e = r.alpha(t[i + 1]) * (x / r.alpha(t[i]) + h * e)
+        if order == 2:
+            e_e = r.eps(x_e, t[i + 1], r.D(x_e, t[i + 1]))
+            x_e = r.alpha(t[i + 1]) * (x / r.alpha(t[i]) + h * 0.5 * (e + e_e))
+        x = x_e
+    return r.D(x, t[-1])
+
+
+def ref_dpm_singlestep(r: Reference, x, orders: list[int]):
+    """DPM-Solver-2 / 3: intermediate points at r h in l, each reached by the exact integral of the linear
+    interpolant through (0, D_s) and the last intermediate estimate (order 3: r = 1/3, 2/3)."""
+    t = r.t
+    for i, order in enumerate(orders):
+        s, l_s, h = t[i], r.ell(t[i]), r.ell(t[i + 1]) - r.ell(t[i])
+        nodes, ds = [l_s], [r.D(x, s)]
+        for frac in {1: (), 2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0)}[order]:
+            t_mid = float(r.sch.t_of_lam(torch.tensor(2.0 * (l_s + frac * h), dtype=F64)))
+            x_mid = exp_integrator(r, x, s, t_mid, nodes[-2:] if len(nodes) > 1 else nodes, ds[-2:])
+            nodes, ds = [l_s, l_s + frac * h], [ds[0], r.D(x_mid, t_mid)]
+        x = exp_integrator(r, x, s, t[i + 1], nodes, ds)
+    return r.D(x, t[-1])
+
+
+def ref_unipc(r: Reference, x, order: int):
+    """UniPC-bh2 (Zhao et al. 2023, data prediction, B(h) = e^{-h} - 1): predictor from D_s and the earlier
+    differences, a model call at the predicted point, the corrector with it; that call is the next D_s."""
+    t, ds = r.t, [r.D(x, r.t[0])]
+    for i in range(len(t) - 1):
+        k = min(order, i + 1)
+        l_s, h = r.ell(t[i]), r.ell(t[i + 1]) - r.ell(t[i])
+        rks = [(r.ell(t[i - m]) - l_s) / h for m in range(1, k)]
+        d1s = [(ds[m] - ds[0]) / rk for m, rk in enumerate(rks, 1)]
+        hh, b_h = -h, math.expm1(-h)
+        h_phi_1 = math.expm1(hh)
+        h_phi_k, fact, b = h_phi_1 / hh - 1.0, 1, []
+        for j in range(1, k + 1):
+            b.append(h_phi_k * fact / b_h)
+            fact *= j + 1
+            h_phi_k = h_phi_k / hh - 1.0 / fact
+        nodes = rks + [1.0]
+        R = torch.tensor([[n ** (j - 1) for n in nodes] for j in range(1, k + 1)], dtype=F64)
+        b = torch.tensor(b, dtype=F64)
+        x_lin = r.sigma(t[i + 1]) / r.sigma(t[i]) * x - r.alpha(t[i + 1]) * h_phi_1 * ds[0]
+        rhos_p = [0.5] if k == 2 else (torch.linalg.solve(R[:-1, :-1], b[:-1]).tolist() if k > 2 else [])
+        x_pred = x_lin - r.alpha(t[i + 1]) * b_h * sum(rp * d for rp, d in zip(rhos_p, d1s))
+        d_new = r.D(x_pred, t[i + 1])
+        rhos_c = [0.5] if k == 1 else torch.linalg.solve(R, b).tolist()
+        corr = sum(rc * d for rc, d in zip(rhos_c[:-1], d1s)) + rhos_c[-1] * (d_new - ds[0])
+        x = x_lin - r.alpha(t[i + 1]) * b_h * corr
+        ds.insert(0, d_new)
+    return ds[0]
+
+
+def ref_af3(r: Reference, x, gamma_0=0.8, gamma_min=1.0, noise_scale=1.003, step_scale=1.5):
+    """AF3: churn to rho_hat = rho (1 + gamma), y_hat = y + noise_scale sqrt(rho_hat^2 - rho^2) z, then
+    y' = y_hat + step_scale (rho_next - rho_hat) (y_hat - D(y_hat, rho_hat)) / rho_hat."""
+    t = r.t
+    for i in range(len(t) - 1):
+        rho = r.rho(t[i])
+        gamma = gamma_0 if rho > gamma_min else 0.0
+        rho_hat = rho * (1.0 + gamma)
+        t_hat = r.t_of_rho(rho_hat) if gamma > 0 else t[i]
+        y_hat = x / r.alpha(t[i]) + noise_scale * math.sqrt(rho_hat**2 - rho**2) * r.z(x)
+        d = r.D(r.alpha(r.t_of_rho(rho_hat)) * y_hat, t_hat)
+        x = r.alpha(t[i + 1]) * (y_hat + step_scale * (r.rho(t[i + 1]) - rho_hat) * (y_hat - d) / rho_hat)
+    return r.D(x, t[-1])
+
+
+REFERENCES = {
+    "ddim": lambda r, x, s: ref_exp_multistep(r, x, 1),
+    "dpmpp_2m": lambda r, x, s: ref_exp_multistep(r, x, 2),
+    "dpmpp_3m": lambda r, x, s: ref_exp_multistep(r, x, 3),
+    "ddpm_ancestral": lambda r, x, s: ref_exp_multistep(r, x, 1, kappa=2.0),
+    "dpmpp_2m_sde": lambda r, x, s: ref_exp_multistep(r, x, 2, kappa=2.0),
+    "euler": lambda r, x, s: ref_ab_rho(r, x, 1),
+    "deis": lambda r, x, s: ref_ab_rho(r, x, 3),
+    "euler_maruyama": lambda r, x, s: ref_euler_maruyama(r, x),
+    "ghvb": lambda r, x, s: ref_ghvb(r, x, 1.5),
+    "heun": lambda r, x, s: ref_heun(r, x, s.orders),
+    "dpm_solver_2": lambda r, x, s: ref_dpm_singlestep(r, x, s.orders),
+    "dpm_solver_3": lambda r, x, s: ref_dpm_singlestep(r, x, s.orders),
+    "unipc": lambda r, x, s: ref_unipc(r, x, 2),
+    # the plan forms af3's 1 + gamma_0 in float32 (torch.where of Python scalars), so the reference does too
+    "af3": lambda r, x, s: ref_af3(r, x, gamma_0=float(1.0 + torch.tensor(0.8)) - 1.0),
+}
+
+
+def test_every_solver_has_a_reference():
+    assert sorted(REFERENCES) == sorted(SOLVERS)
+
+
+@pytest.mark.parametrize("solver", sorted(SOLVERS))
+@pytest.mark.parametrize("budget", [{"steps": 6}, {"nfe": 8}])
+def test_fast_path_equals_the_reference_solver(solver, budget):
+    """The engine (eps-predicting model, affine fast path) against the family's reference loop on a mixture."""
+    sch = get_schedule("edm" if solver == "af3" else "vp_cosine")
+    mixture = GaussianMixtureDenoiser(torch.tensor([[1.0, -0.5], [-1.0, 0.3], [0.2, 1.2]], dtype=F64), 0.3, None, sch)
+
+    def eps_model(x, t):
+        a, s = sch.alpha(t)[:, None], sch.sigma(t)[:, None]
+        return (x - a * mixture(x, t)) / s
+
+    eps_model.prediction = "eps"
+    x_T = noise(5, 2, seed=3, scale=sch.prior_std)
+    s = Sampler(eps_model, sch, solver, grid="karras" if solver == "af3" else "logsnr", **budget)
+    got = s.finish(s.run(s.init(x_T), torch.Generator().manual_seed(4)))
+    want = REFERENCES[solver](Reference(s, mixture, torch.Generator().manual_seed(4)), x_T, s)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------- warm start
 def random_moments(d: int = 5, seed: int = 0) -> GaussianMoments:
     g = torch.Generator().manual_seed(seed)
@@ -533,6 +760,54 @@ class GaussianData:
 def low_rank_moments(d: int = 6, k: int = 2) -> GaussianMoments:
     basis = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(3), dtype=F64))[0][:, :k]
     return GaussianMoments(torch.linspace(-1.0, 1.0, d, dtype=F64), torch.tensor([2.0, 0.5], dtype=F64), basis, 0.04)
+
+
+def ref_linear_part(r: Reference, x, moments: GaussianMoments, order: int, variable: str):
+    """The exact-linear-part form: with y = x / alpha, z = y - m and R = D - D_G (D_G = m + C (C + rho^2)^-1 z),
+    z_t = Phi_t Phi_s^-1 z_s + int Phi_t Phi(l)^-1 R(l) dl, Phi(l) = (C + rho(l)^2)^(1/2); R interpolated in l
+    (``variable`` "l"), or eps_R = -R / rho in rho ("rho": the integral taken in rho)."""
+    u = moments.eigvecs
+    cov = u @ torch.diag(moments.eigvals) @ u.T + moments.residual * (torch.eye(u.shape[0], dtype=F64) - u @ u.T)
+    lam, vecs = torch.linalg.eigh(cov)
+
+    def phi_ratio(rho_to: float, rho_from: float):
+        return vecs @ torch.diag(((lam + rho_to**2) / (lam + rho_from**2)).sqrt()) @ vecs.T
+
+    t, m, rs = r.t, moments.mean, []
+    for i in range(len(t) - 1):
+        rho_s, rho_t = r.rho(t[i]), r.rho(t[i + 1])
+        z = x / r.alpha(t[i]) - m
+        d_g = m + z @ (cov @ torch.linalg.inv(cov + rho_s**2 * torch.eye(len(m), dtype=F64))).T
+        res = r.D(x, t[i]) - d_g
+        rs.insert(0, res if variable == "l" else -res / rho_s)
+        k = min(order, i + 1)
+        past = [t[i - j] for j in range(k)]
+        xs, ws = np.polynomial.legendre.leggauss(32)
+        lo, hi = (r.ell(t[i]), r.ell(t[i + 1])) if variable == "l" else (rho_s, rho_t)
+        nodes = [r.ell(p) if variable == "l" else r.rho(p) for p in past]
+        total = torch.zeros_like(z)
+        for xq, wq in zip(xs, ws):
+            g = lo + 0.5 * (hi - lo) * (xq + 1.0)
+            basis = [math.prod((g - nodes[j]) / (nodes[n] - nodes[j]) for j in range(k) if j != n) for n in range(k)]
+            value = sum(b * v for b, v in zip(basis, rs[:k]))
+            total = total + 0.5 * (hi - lo) * wq * value @ phi_ratio(rho_t, math.exp(-g) if variable == "l" else g).T
+        x = r.alpha(t[i + 1]) * (m + z @ phi_ratio(rho_t, rho_s).T + total)
+    return r.D(x, t[-1])
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "dpmpp_3m", "euler", "deis"])
+@pytest.mark.parametrize("moments", [random_moments(3), low_rank_moments(3, 2)], ids=["full", "low_rank"])
+def test_linear_part_equals_the_reference(solver, moments):
+    sch = get_schedule("vp_cosine")
+    means = torch.tensor([[1.0, -0.5, 0.0], [-1.0, 0.3, 0.5], [0.2, 1.2, -0.4]], dtype=F64)
+    mixture = GaussianMixtureDenoiser(means, 0.3, None, sch)
+    x_T = noise(5, 3, seed=3)
+    s = Sampler(mixture, sch, solver, steps=6, linear_part=moments)
+    got = s.finish(s.run(s.init(x_T)))
+    order, variable = {"ddim": (1, "l"), "dpmpp_2m": (2, "l"), "dpmpp_3m": (3, "l"), "euler": (1, "rho"),
+                       "deis": (3, "rho")}[solver]
+    want = ref_linear_part(Reference(s, mixture), x_T, moments, order, variable)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("solver", LINEAR_PART_SOLVERS)

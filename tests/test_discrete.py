@@ -271,3 +271,45 @@ def test_bad_inputs():
         MaskingSchedule("linear")
     with pytest.raises(ValueError, match="lengths must lie"):
         process().prior(torch.tensor([0, 3]))
+
+
+def test_the_step_protocol_caches_the_estimate_for_the_step():
+    """init / estimate / step / select / finish (the continuous Sampler's protocol): a step after an estimate
+    makes no model call, the last estimate (t = 0) none either, and the run equals the plain one."""
+    from molgen.diffusion import Sampler, get_schedule
+    from molgen.diffusion.plan import StepSampler
+
+    model = Counting()
+    sampler = DiscreteSampler(model, process(), "ancestral", 5)
+    assert isinstance(sampler, StepSampler)
+    assert isinstance(Sampler(lambda x, t: x, get_schedule("vp_cosine"), "ddim", steps=3, prediction="x0"), StepSampler)
+    x_T = process().prior(torch.tensor([6, 4, 5]), 6)
+    plain = sampler.run(x_T, None, torch.Generator().manual_seed(1)).x
+    gen = torch.Generator().manual_seed(1)
+    st = sampler.init(x_T)
+    for i in range(sampler.n_steps - 1):
+        rows = model.rows
+        st, x0 = sampler.estimate(st, i)
+        assert ((x0 < K) == (st.x != PAD)).all() and torch.equal(x0[st.x < K], st.x[st.x < K])
+        st = sampler.step(st, i, gen)
+        assert model.rows - rows == 3
+    rows = model.rows
+    st, x0 = sampler.estimate(st, sampler.n_steps - 1)
+    assert model.rows == rows and torch.equal(x0, st.x) and torch.equal(sampler.finish(st), plain)
+    picked = sampler.select(st, torch.tensor([2, 0]))
+    assert torch.equal(picked.x, st.x[[2, 0]]) and torch.equal(picked.t, st.t[[2, 0]])
+
+
+def test_guidance_uses_the_cache_of_cached_ancestral():
+    """A time-agnostic model: guided cached_ancestral equals guided ancestral with fewer model rows."""
+    from molgen.guidance.fk import Tilt, fk_sample
+    from molgen.guidance.rewards import TensorReward
+
+    torch.manual_seed(0)
+    model = Counting()
+    reward = TensorReward(name="zeros", fn=lambda x: (x == 0).double().sum(-1))
+    x_T = process().prior(torch.full((24,), 6))
+    runs = [fk_sample(DiscreteSampler(model, process(), solver, 6), x_T, particles=4, tilt=Tilt(reward),
+                      generator=torch.Generator().manual_seed(2)) for solver in ("ancestral", "cached_ancestral")]
+    assert torch.equal(runs[0].samples, runs[1].samples) and torch.equal(runs[0].log_weights, runs[1].log_weights)
+    assert runs[1].model_calls < runs[0].model_calls

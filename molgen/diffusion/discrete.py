@@ -18,7 +18,8 @@ autoregressive identity), and upper-bounds it otherwise.
 Samplers (registry ``DISCRETE_SAMPLERS``) run on a time grid ``1 = t_0 > ... > t_K = 0``; each step asks the
 model once (cached ancestral: only for rows that changed) and moves masked positions with float64 Gumbel
 draws.
-The step-level interface ``DiscreteSampler.init / step / finish`` lets guidance act between steps.
+``DiscreteSampler`` has the continuous ``Sampler``'s step protocol (``init``, ``estimate``, ``step``, ``select``,
+``finish``), so guidance acts between the steps of either without an adapter.
 """
 
 from __future__ import annotations
@@ -175,6 +176,7 @@ class DiscreteState:
     cond: dict[str, Any]
     log_p0: torch.Tensor | None = None
     stale: torch.Tensor | None = None  # rows whose tokens changed since log_p0 was computed
+    at: int | None = None  # the grid point log_p0 was computed at
     nfe: int = 0  # model calls
     rows_evaluated: int = 0  # rows sent through the model (cached sampling sends fewer)
 
@@ -321,45 +323,49 @@ def time_grid(steps: int, schedule: MaskingSchedule, grid: str = "time_uniform")
     raise ValueError(f"unknown discrete time grid {grid!r}; choose time_uniform or alpha_uniform")
 
 
+@dataclass(eq=False)
 class DiscreteSampler:
-    """Step-level masked-diffusion sampler: ``st = init(x_T, cond)``; ``st = step(st, i, gen)`` for
-    ``i in range(n_steps - 1)``; ``x0 = finish(st)``. Each step calls the model at most once.
+    """Step-level masked-diffusion sampler: ``st = init(x_T, cond)``; ``st, x0 = estimate(st, i)`` (optional,
+    cached for the step); ``st = step(st, i, gen)`` for ``i in range(n_steps - 1)``; ``select(st, index)``;
+    ``x0 = finish(st)``. Each step calls the model at most once. ``grid``: a name (``time_grid``) or the
+    times themselves, from 1 to 0.
     """
 
-    def __init__(
-        self,
-        model: Callable[..., torch.Tensor],
-        process: MaskedDiffusion,
-        solver: str = "ancestral",
-        steps: int = 32,
-        grid: str = "time_uniform",
-        options: Mapping[str, Any] | None = None,
-    ):
-        if solver not in DISCRETE_SAMPLERS:
+    model: Callable[..., torch.Tensor]
+    process: MaskedDiffusion
+    solver: str = "ancestral"
+    steps: int = 32
+    grid: str | torch.Tensor = "time_uniform"
+    options: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.solver not in DISCRETE_SAMPLERS:
             raise ValueError(
-                f"unknown discrete sampler {solver!r}; choose one of {sorted(DISCRETE_SAMPLERS)}"
+                f"unknown discrete sampler {self.solver!r}; choose one of {sorted(DISCRETE_SAMPLERS)}"
             )
-        self.model, self.process, self.solver, self.steps = model, process, solver, steps
-        self.spec = DISCRETE_SAMPLERS[solver]
-        self.grid = time_grid(steps, process.schedule, grid)
-        self.options = dict(options or {})
+        self.spec = DISCRETE_SAMPLERS[self.solver]
+        if isinstance(self.grid, str):
+            self.grid = time_grid(self.steps, self.process.schedule, self.grid)
+        self.options = dict(self.options or {})
 
     @property
     def n_steps(self) -> int:
         """Grid points (``steps + 1``); ``n_steps - 1`` transitions, one model call each at most."""
         return len(self.grid)
 
-    def init(self, x_T: torch.Tensor, cond: Cond | None = None) -> DiscreteState:
+    def init(self, x_T: torch.Tensor, cond: Cond | None = None, mask: None = None) -> DiscreteState:
+        if mask is not None:
+            raise ValueError("masked diffusion marks padding with pad tokens, not a mask")
         t = torch.full((len(x_T),), float(self.grid[0]), device=x_T.device)
         return DiscreteState(x_T.clone(), t, dict(cond or {}))
 
-    def denoise(self, st: DiscreteState) -> DiscreteState:
-        """Refresh ``log p(x0 | x_t)``: every row, or (cached) only stale rows."""
+    def _refresh(self, st: DiscreteState, i: int) -> DiscreteState:
+        """``log p(x0 | x_t)`` at grid point i: every row, or (cached) only stale rows."""
         batch = len(st.x)
         if self.spec.cached and st.log_p0 is not None:
             rows = st.stale.nonzero().squeeze(-1)
             if len(rows) == 0:
-                return st
+                return replace(st, at=i)
             logits = self.model(st.x[rows], st.t[rows], **_take(st.cond, rows, batch))
             log_p0 = st.log_p0.clone()
             log_p0[rows] = self.process.log_probs(logits, st.x[rows])
@@ -368,23 +374,47 @@ class DiscreteSampler:
             log_p0 = self.process.log_probs(self.model(st.x, st.t, **st.cond), st.x)
             n_rows = batch
         stale = torch.zeros(batch, dtype=torch.bool, device=st.x.device)
-        return replace(
-            st, log_p0=log_p0, stale=stale, nfe=st.nfe + 1, rows_evaluated=st.rows_evaluated + n_rows
-        )
+        return replace(st, log_p0=log_p0, stale=stale, at=i, nfe=st.nfe + 1,
+                       rows_evaluated=st.rows_evaluated + n_rows)
+
+    def estimate(self, st: DiscreteState, i: int) -> tuple[DiscreteState, torch.Tensor]:
+        """The state with ``log p(x0 | x_t)`` at grid point i (cached for the step) and the denoised tokens:
+        the most likely letter at masked positions. At the last point (t = 0) every token is a letter: the
+        estimate is the state itself, with no model call."""
+        if i == self.n_steps - 1:
+            return st, st.x
+        if st.at != i:
+            st = self._refresh(st, i)
+        best = st.log_p0.argmax(-1)
+        return st, torch.where(st.x == self.process.mask_id, best, st.x)
+
+    def move(self, st: DiscreteState, s: torch.Tensor, generator: torch.Generator | None = None) -> DiscreteState:
+        """The registered transition from the state's times to ``s`` [B], from its ``log p(x0 | x_t)``."""
+        x = self.spec.transition(self.process, st, s, generator, self.options)
+        return replace(st, x=x, t=s, stale=st.stale | (x != st.x).any(-1))
 
     def step(self, st: DiscreteState, i: int, generator: torch.Generator | None = None) -> DiscreteState:
-        st = self.denoise(st)
-        if self.solver == "first_hitting":
-            steps_left = torch.full_like(st.t, self.n_steps - 1 - i, dtype=torch.long)
-            n = (st.x == self.process.mask_id).sum(-1)
-            x = _first_hitting(self.process, st, steps_left, generator, self.options)
-            k = n - (x == self.process.mask_id).sum(-1)
-            s = first_hitting_time(self.process.schedule, st.t, n, k, generator)
-        else:
-            s = torch.full_like(st.t, float(self.grid[i + 1]))
-            x = self.spec.transition(self.process, st, s, generator, self.options)
-        stale = st.stale | (x != st.x).any(-1)
-        return replace(st, x=x, t=s, stale=stale)
+        if st.at != i:
+            st = self._refresh(st, i)
+        if self.solver != "first_hitting":
+            return self.move(st, torch.full_like(st.t, float(self.grid[i + 1])), generator)
+        steps_left = torch.full_like(st.t, self.n_steps - 1 - i, dtype=torch.long)
+        n = (st.x == self.process.mask_id).sum(-1)
+        x = _first_hitting(self.process, st, steps_left, generator, self.options)
+        k = n - (x == self.process.mask_id).sum(-1)
+        s = first_hitting_time(self.process.schedule, st.t, n, k, generator)
+        return replace(st, x=x, t=s, stale=st.stale | (x != st.x).any(-1))
+
+    @staticmethod
+    def select(st: DiscreteState, index: torch.Tensor) -> DiscreteState:
+        """Rows ``index`` (resampling, replication)."""
+        batch = st.x.shape[0]
+
+        def pick(v: Any) -> Any:
+            return v.index_select(0, index) if isinstance(v, torch.Tensor) and v.shape[:1] == (batch,) else v
+
+        return replace(st, x=pick(st.x), t=pick(st.t), log_p0=pick(st.log_p0), stale=pick(st.stale),
+                       cond={k: pick(v) for k, v in st.cond.items()})
 
     def finish(self, st: DiscreteState) -> torch.Tensor:
         left = int((st.x == self.process.mask_id).sum())

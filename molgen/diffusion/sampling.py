@@ -2,58 +2,39 @@
 
 A sampler evaluates the model at ``n_steps`` grid times t_0 > ... > t_{n-1} and returns the denoised estimate
 at the last one, so the step into sigma = 0 is always first order. Everything the loop needs per sample
-(state, multistep history, mask, conditioning, coefficient tables) lives in a ``State`` with a leading batch
+(state, multistep history, mask, conditioning, its copy of the plan) lives in a ``State`` with a leading batch
 dimension: guidance can resample or replicate particles with ``select(state, index)`` between steps.
-All coefficients are precomputed in float64 before the loop; the loop itself never synchronises with the host
-(non-finite model outputs are recorded per sample and reported once, after the loop). Plans (grid, tables,
-parameterisation and fused step coefficients) are memoised, and so are their copies in a state's device, dtype
-and rank. On plain R^d without a mask the steps take an affine fast path: each transition is a few fused
-multiply-adds of the state, the raw model output and the history, with no projection or masking work.
+The plan (``molgen.diffusion.plan``: grid points and the solver family's coefficients) is float64, computed
+before the loop and memoised, and so are its copies in a state's device, dtype and rank. The loop itself never
+synchronises with the host (non-finite model outputs are recorded per sample and reported once, after the loop).
+The solver steps are pure functions of their plan row; the sampler binds the model to the state
+(``BoundModel``), projects and masks, and keeps the finiteness record. On plain R^d without a mask the steps take
+an affine fast path: a few fused multiply-adds of the state, the raw model output and the history.
+
+The model the loop calls is the user's model composed with optional wrappers (``Sampler.net``):
+``torch.compile``, the step-scaled ODE (``molgen.diffusion.step_scale.StepScaled``) and autocast, in that order.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from molgen.diffusion.grids import get_grid
-from molgen.diffusion.parameterization import check_prediction, x0_coefficients
+from molgen.diffusion.linear_part import gaussian, step_for
+from molgen.diffusion.parameterization import check_prediction
+from molgen.diffusion.plan import Plan, Points, State, points
 from molgen.diffusion.schedules import Schedule, get_schedule
+from molgen.diffusion.solvers import SOLVERS, get_solver
 from molgen.diffusion.spaces import Euclidean, expand_mask
 from molgen.diffusion.step_scale import StepScaled, anchor, scaled_times
-
-
-class Denoiser(Protocol):
-    prediction: str
-
-    def __call__(self, x_t: Tensor, t: Tensor, **cond: Tensor) -> Tensor: ...
-
-
-@dataclass
-class State:
-    """Per-sample sampler state; every tensor has the batch as its leading dimension (or 1 = shared)."""
-
-    x: Tensor
-    x0: Tensor | None  # denoised estimate at (x, t_i) when already computed (UniPC, guidance)
-    hist: tuple[Tensor, ...]  # solver features at earlier grid points, newest first
-    extra: tuple[Tensor, ...]  # solver-specific carried tensors (momentum)
-    mask: Tensor | None
-    keep: Tensor  # the input x_T: padded entries are returned as they came in
-    cond: dict[str, Tensor]
-    tab: dict[str, Tensor]  # coefficient tables [B or 1, ...], float64
-    # finiteness record: per model call (step, [B] row sums of its output), reduced once after the loop
-    # (``first_nan_step``); NaN and inf propagate through a sum, so one reduction per call is the whole check
-    nan_step: tuple[tuple[int, Tensor], ...]
-
-    @property
-    def batch(self) -> int:
-        return self.x.shape[0]
 
 
 def select(state: State, index: Tensor) -> State:
@@ -65,8 +46,8 @@ def select(state: State, index: Tensor) -> State:
             return t
         return t.index_select(0, index.to(t.device))
 
-    fields = {f: tree_map(pick, getattr(state, f)) for f in State.__dataclass_fields__}
-    return State(**fields)
+    fields = {f: tree_map(pick, getattr(state, f)) for f in State.__dataclass_fields__ if f != "plan"}
+    return State(**fields, plan=state.plan.pick(index, batch))
 
 
 def first_nan_step(state: State) -> Tensor:
@@ -108,12 +89,26 @@ def model_calls(kind: str, orders: list[int]) -> int:
     return len(orders) + 1 + (sum(o - 1 for o in orders) if kind == "singlestep" else 0)
 
 
+@dataclass(frozen=True)
+class Autocast:
+    """``model`` run under autocast to ``dtype`` (the state stays in its own dtype)."""
+
+    model: Callable[..., Tensor]
+    dtype: torch.dtype
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            return self.model(x, t, **cond)
+
+
 @dataclass
 class Sampler:
     """A planned sampler: model, schedule, solver and time grid, with a step-level interface.
 
-    ``init(x_T)`` -> state at t_0; ``step(state, i)`` moves from t_i to t_{i+1} (i < n_steps - 1);
-    ``finish(state)`` returns the denoised estimate at t_{n-1}. ``sample`` runs all three.
+    ``init(x_T)`` -> state at t_0; ``estimate(state, i)`` -> (state, x0 at t_i), cached for the next step;
+    ``step(state, i)`` moves from t_i to t_{i+1} (i < n_steps - 1); ``select(state, index)`` picks particles;
+    ``finish(state)`` returns the denoised estimate at t_{n-1}. ``sample`` runs them all. The model is called
+    as ``model(x_t, t, **cond)`` with per-sample times t [B] and returns its ``prediction``.
     """
 
     model: Callable[..., Tensor]
@@ -138,8 +133,21 @@ class Sampler:
     orders: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
-        from molgen.diffusion.solvers import get_solver
+        """Validates and normalises the fields, then plans (memoised: plans are pure functions of the fields)."""
+        self._check()
+        t_grid, grid_options, grid_key = self._grid()
+        key = None if grid_key is None else (
+            self.spec.name, self.schedule, grid_key, tuple(self.orders), tuple(sorted(self.options.items())),
+            self.prediction, self.linear_part, self.step_scale, self.step_scale_below,
+        )
+        try:
+            hash(key)
+        except TypeError:  # unhashable grid options: plan without memoising
+            key = None
+        self.plan = _memoised_plan(key, self, t_grid, grid_options)
+        self._step = self.spec.step if self.linear_part is None else step_for(self.spec.linear_part)
 
+    def _check(self) -> None:
         self.schedule = get_schedule(self.schedule)
         self.spec = get_solver(self.solver)
         self.options = self.spec.check_options(self.solver_options or {})
@@ -156,63 +164,70 @@ class Sampler:
             if self.spec.stochastic or self.linear_part is not None:
                 raise ValueError("step_scale applies to the ODE solvers, without linear_part (af3 takes its own: "
                                  "solver_options={'step_scale': ...})")
-        if self.compile:
-            backend = self.compile if isinstance(self.compile, str) else "inductor"
-            self.model = torch.compile(self.model, backend=backend)
         if self.clip_x0 is not None and self.dynamic_threshold is not None:
             raise ValueError("choose one of clip_x0 and dynamic_threshold")
-        if self.linear_part is not None:
-            if self.spec.linear_part is None:
-                from molgen.diffusion.solvers import SOLVERS
+        if self.linear_part is not None and self.spec.linear_part is None:
+            raise ValueError(
+                f"solver {self.spec.name!r} has no exact-linear-part form; linear_part works with "
+                f"{sorted(n for n, s in SOLVERS.items() if s.linear_part)}"
+            )
 
-                raise ValueError(
-                    f"solver {self.spec.name!r} has no exact-linear-part form; linear_part works with "
-                    f"{sorted(n for n, s in SOLVERS.items() if s.linear_part)}"
-                )
+    def _grid(self) -> tuple[Tensor | None, dict[str, Any], tuple | None]:
+        """(explicit grid [1 or B, n] or None, named grid's options, grid key); sets n_steps and orders."""
         grid_options = dict(self.grid_options or {})
-        if isinstance(self.grid, Tensor):
-            grid = self.grid.to(torch.float64)
-            t_grid = grid.reshape(grid.shape[0], -1).T.contiguous()  # [n] or [n, B] -> [1 or B, n]
-            n = t_grid.shape[1]
-            if (self.steps is None and self.nfe is None) or self.steps == n:
-                self.steps, self.nfe = n, None
-            self.n_steps, self.orders = plan_orders(self.spec.kind, self.options["order"], self.steps, self.nfe)
-            if self.n_steps != n:
-                raise ValueError(f"the explicit time grid has {n} points but the plan needs {self.n_steps}")
-            if not bool((t_grid[:, 1:] < t_grid[:, :-1]).all()):
-                raise ValueError("an explicit time grid must be strictly decreasing (noise first)")
-            grid_key = tuple(t_grid.flatten().tolist()) if t_grid.numel() <= 2048 else None
-            grid_key = None if grid_key is None else (t_grid.shape, grid_key)
-        else:
+        if not isinstance(self.grid, Tensor):
             self.n_steps, self.orders = plan_orders(self.spec.kind, self.options["order"], self.steps, self.nfe)
             if self.warm_start is not None and not {"t_max", "t_min"} <= grid_options.keys():
                 grid_options = {**self.warm_start.grid_ends(self.schedule, self.model_calls), **grid_options}
-            t_grid, grid_key = None, (self.grid, tuple(sorted(grid_options.items())))
-        key = None if grid_key is None else (
-            self.spec.name, self.schedule, grid_key, tuple(self.orders), tuple(sorted(self.options.items())),
-            self.prediction, self.linear_part, self.step_scale, self.step_scale_below,
-        )
-        try:
-            hash(key)
-        except TypeError:  # unhashable grid options: plan without memoising
-            key = None
-        self._plan = _plan(key, self, t_grid, grid_options)
-        self.t_grid, self.tables = self._plan.t_grid, dict(self._plan.tables)
-        self._net = self.model if self.step_scale == 1.0 else StepScaled(
-            self.model, self.schedule, self.step_scale, anchor(self.schedule, self.t_grid, self.step_scale_below),
-            self.prediction)
-        self._step = self.spec.step if self.linear_part is None else self.spec.linear_step
-        # plain R^d, no thresholding: steps may take the affine fast path (states without a mask)
-        self._affine = type(self.space) is Euclidean and self.clip_x0 is None and self.dynamic_threshold is None
+            return None, grid_options, (self.grid, tuple(sorted(grid_options.items())))
+        grid = self.grid.to(torch.float64)
+        t_grid = grid.reshape(grid.shape[0], -1).T.contiguous()  # [n] or [n, B] -> [1 or B, n]
+        n = t_grid.shape[1]
+        if (self.steps is None and self.nfe is None) or self.steps == n:
+            self.steps, self.nfe = n, None
+        self.n_steps, self.orders = plan_orders(self.spec.kind, self.options["order"], self.steps, self.nfe)
+        if self.n_steps != n:
+            raise ValueError(f"the explicit time grid has {n} points but the plan needs {self.n_steps}")
+        if not bool((t_grid[:, 1:] < t_grid[:, :-1]).all()):
+            raise ValueError("an explicit time grid must be strictly decreasing (noise first)")
+        grid_key = (t_grid.shape, tuple(t_grid.flatten().tolist())) if t_grid.numel() <= 2048 else None
+        return t_grid, grid_options, grid_key
+
+    @functools.cached_property
+    def net(self) -> Callable[..., Tensor]:
+        """The model as the loop calls it: compiled, step-scaled (returning x0), under autocast (each optional)."""
+        net = self.model
+        if self.compile:
+            net = torch.compile(net, backend=self.compile if isinstance(self.compile, str) else "inductor")
+        if self.step_scale != 1.0:
+            rho_0 = anchor(self.schedule, self.t_grid, self.step_scale_below)
+            net = StepScaled(net, self.schedule, self.step_scale, rho_0, self.prediction)
+        return net if self.autocast is None else Autocast(net, self.autocast)
 
     @property
     def net_prediction(self) -> str:
-        """What the solver steps receive: the model's prediction, or x0 from a step-scaled model."""
+        """What ``net`` returns: the model's prediction, or x0 from a step-scaled model."""
         return self.prediction if self.step_scale == 1.0 else "x0"
+
+    @property
+    def t_grid(self) -> Tensor:
+        """The grid times [B or 1, n], float64 (a step-scaled run's state times)."""
+        return self.plan.grid.t
+
+    @property
+    def tables(self) -> dict[str, Tensor]:
+        """The plan's float64 tensors by name: the grid points' [B or 1, n], the solver's [B or 1, n - 1, ...]."""
+        parts = [p for p in (self.plan.grid, self.plan.coef) if p is not None]
+        return {k: v for p in parts for k, v in vars(p).items() if isinstance(v, Tensor)}
 
     @property
     def model_calls(self) -> int:
         return model_calls(self.spec.kind, self.orders)
+
+    @property
+    def affine(self) -> bool:
+        """Plain R^d without thresholding: states without a mask may take the affine fast path."""
+        return type(self.space) is Euclidean and self.clip_x0 is None and self.dynamic_threshold is None
 
     # ---- the step-level interface -------------------------------------------------------------------------
     def init(self, x_T: Tensor, mask: Tensor | None = None, cond: Mapping[str, Tensor] | None = None) -> State:
@@ -222,7 +237,6 @@ class Sampler:
         batch = x_T.shape[0]
         if self.t_grid.shape[0] not in (1, batch):
             raise ValueError(f"per-sample time grid has {self.t_grid.shape[0]} rows for a batch of {batch}")
-        tab = self._plan.tables_for(x_T)
         if self.linear_part is not None:
             if mask is not None:
                 raise ValueError("linear_part needs fixed-size states (no padding mask)")
@@ -235,22 +249,35 @@ class Sampler:
                 raise ValueError("warm_start needs fixed-size states (no padding mask)")
             x = self.space.project(self.warm_start.flow(x, self.schedule, self.schedule.t_max, self.t_grid[:, 0]), mask)
         return State(
-            x=self._keep(x, mask, x_T), x0=None, hist=(), extra=(), mask=mask, keep=x_T,
-            cond=dict(cond or {}), tab=tab,
-            nan_step=(),
+            x=self._keep(x, mask, x_T), x0=None, hist=(), extra=(), mask=mask, keep=x_T, cond=dict(cond or {}),
+            plan=self.plan.on(x_T), nan_step=(),
         )
 
+    def estimate(self, state: State, i: int) -> tuple[State, Tensor]:
+        """The denoised estimate at grid point i (one model call), cached in the state for the next step."""
+        model = BoundModel(self, state, i)
+        x0 = model.denoise(state.x, state.plan.at(i))
+        return replace(state, x0=x0, nan_step=model.record), x0
+
     def step(self, state: State, i: int, generator: torch.Generator | None = None) -> State:
+        """From t_i to t_{i+1}: the solver's step on its plan row, then projection and padding."""
         if not 0 <= i < self.n_steps - 1:
             raise IndexError(f"step {i} outside 0..{self.n_steps - 2}")
-        return self._step(self, state, i, generator)
+        model = BoundModel(self, state, i)
+        noise = functools.partial(self.space.noise_like, state.x, state.mask, generator)
+        move = self._step(state.plan.row(i), state, model, noise)
+        x = move.x if model.affine else self._keep(self.space.project(move.x, state.mask), state.mask, state.keep)
+        return replace(state, x=x, x0=move.x0, hist=move.hist, extra=move.extra, nan_step=model.record)
+
+    @staticmethod
+    def select(state: State, index: Tensor) -> State:
+        return select(state, index)
 
     def final(self, state: State) -> State:
         """``state`` with ``x0`` = the denoised estimate at t_{n-1}, padded entries as they came in. No host
         synchronisation: a CUDA graph can hold ``init``, ``run`` and ``final`` (``molgen.diffusion.cuda_graph``)."""
         if state.x0 is None:
-            x0, record = self.denoise_at(state, state.x, "", self.n_steps - 1)
-            state = replace(state, x0=x0, nan_step=record)
+            state, _ = self.estimate(state, self.n_steps - 1)
         return replace(state, x0=self._keep(state.x0, state.mask, state.keep))
 
     def check_finite(self, state: State) -> None:
@@ -280,73 +307,19 @@ class Sampler:
                 callback(i, state)
         return state
 
-    # ---- helpers used by the solver steps -----------------------------------------------------------------
-    def basis(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(mean [d], eigenvectors [d, E]) of ``linear_part`` in x's device and dtype."""
-        return self._plan.basis_for(x)
-
-    def affine(self, state: State) -> bool:
-        """Whether ``state`` may take the affine fast path (plain R^d, no mask, no thresholding)."""
-        return self._affine and state.mask is None
-
-    def _call(self, state: State, x: Tensor, prefix: str, j: int) -> Tensor:
-        t = state.tab[prefix + "t"][:, j].reshape(-1).expand(x.shape[0])
-        if self.autocast is None:
-            out = self._net(x, t, **state.cond)
-        else:
-            with torch.autocast(x.device.type, dtype=self.autocast):
-                out = self._net(x, t, **state.cond)
-        return out.to(x.dtype)
-
-    @staticmethod
-    def _record(state: State, values: Tensor, step: int) -> tuple[tuple[int, Tensor], ...]:
-        """The finiteness record with this call's row sums appended (one reduction, no host synchronisation)."""
-        return (*state.nan_step, (step, values.flatten(1).sum(1)))
-
-    def model_out(
-        self, state: State, x: Tensor, prefix: str, j: int, step: int | None = None
-    ) -> tuple[Tensor, tuple]:
-        """The raw model output at table point ``prefix`` column j, in x's dtype, and the updated record.
-        For the affine fast path: x0 = c_x x + c_out out and eps = e_x x + e_out out are read from the tables."""
-        out = self._call(state, x, prefix, j)
-        return out, self._record(state, out, j if step is None else step)
-
-    def denoise_at(
-        self, state: State, x: Tensor, prefix: str, j: int, step: int | None = None
-    ) -> tuple[Tensor, tuple]:
-        """x0 estimate at table point ``prefix + name`` column j (grid point when prefix == "").
-
-        Returns (x0, nan_step) with non-finite outputs recorded against ``step`` (default j)."""
-        tab = state.tab
-        out = self._call(state, x, prefix, j)
-        c_out = tab[prefix + "c_out"][:, j]
-        if self.net_prediction == "x0":
-            x0 = out * c_out
-        else:
-            x0 = torch.mul(x, tab[prefix + "c_x"][:, j])
-            x0.addcmul_(c_out, out)
-        if not self.affine(state):
-            x0 = self._threshold(x0)
-            m = expand_mask(state.mask, x0)
-            if m is not None:
-                x0 = torch.where(m, x0, torch.zeros_like(x0))
-            x0 = self.space.project(x0, state.mask)
-        return x0, self._record(state, x0, j if step is None else step)
-
-    def advance(self, state: State, x_next: Tensor, **changes: Any) -> State:
-        """New state at the next grid point: projected, padding kept, cached x0 dropped unless given."""
-        if not self.affine(state):
-            x_next = self._keep(self.space.project(x_next, state.mask), state.mask, state.keep)
-        changes.setdefault("x0", None)
-        return replace(state, x=x_next, **changes)
-
-    def noise(self, state: State, generator: torch.Generator | None) -> Tensor:
-        return self.space.noise_like(state.x, state.mask, generator)
-
+    # ---- masking and projection ---------------------------------------------------------------------------
     @staticmethod
     def _keep(x: Tensor, mask: Tensor | None, keep: Tensor) -> Tensor:
         m = expand_mask(mask, x)
         return x if m is None else torch.where(m, x, keep)
+
+    def _clean(self, x0: Tensor, mask: Tensor | None) -> Tensor:
+        """A denoised estimate thresholded, zero at padding and projected."""
+        x0 = self._threshold(x0)
+        m = expand_mask(mask, x0)
+        if m is not None:
+            x0 = torch.where(m, x0, torch.zeros_like(x0))
+        return self.space.project(x0, mask)
 
     def _threshold(self, x0: Tensor) -> Tensor:
         if self.clip_x0 is not None:
@@ -358,68 +331,71 @@ class Sampler:
         return x0
 
 
-@dataclass
-class Plan:
-    """A sampler's precomputed part: time grid [B or 1, n] and float64 tables, plus the tables' copies per
-    (device, dtype, state rank), shaped [B or 1, T, (K,) 1, ...] to broadcast against the state."""
+class BoundModel:
+    """The sampler's model as a solver step sees it (``molgen.diffusion.plan.Model``): bound to one state's
+    conditioning and mask at transition ``step``; every call appends its [B] row sums to ``record`` (one
+    reduction, no host synchronisation)."""
 
-    t_grid: Tensor
-    tables: dict[str, Tensor]
-    basis: tuple[Tensor, Tensor] | None = None  # linear part: (mean [d], eigenvectors [d, E]), float64
-    copies: dict[tuple, dict[str, Tensor]] = field(default_factory=dict)
+    def __init__(self, sampler: Sampler, state: State, step: int) -> None:
+        self.sampler, self.state, self.step = sampler, state, step
+        self.affine = sampler.affine and state.mask is None
+        self.record = state.nan_step
 
-    def tables_for(self, x: Tensor) -> dict[str, Tensor]:
-        """Tables in x's device and dtype; ``lin_*`` tables act on flattened [B, d] states and keep their shape."""
-        key = (x.device, x.dtype, x.ndim)
-        if key not in self.copies:
-            trailing = [1] * (x.ndim - 1)
-            self.copies[key] = {
-                k: v.to(x.device, x.dtype).reshape(*v.shape, *([] if k.startswith("lin_") else trailing))
-                for k, v in self.tables.items()
-            }
-        return dict(self.copies[key])
+    def _call(self, x: Tensor, at: Points) -> Tensor:
+        t = at.t.reshape(-1).expand(x.shape[0])
+        return self.sampler.net(x, t, **self.state.cond).to(x.dtype)
 
-    def basis_for(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        key = ("basis", x.device, x.dtype)
-        if key not in self.copies:
-            mean, vecs = (v.to(x.device, x.dtype) for v in self.basis)
-            self.copies[key] = {"mean": mean, "vecs": vecs}
-        return self.copies[key]["mean"], self.copies[key]["vecs"]
+    def _note(self, values: Tensor, carried: bool = False) -> None:
+        self.record = (*self.record, (self.step + carried, values.flatten(1).sum(1)))
+
+    def output(self, x: Tensor, at: Points) -> Tensor:
+        out = self._call(x, at)
+        self._note(out)
+        return out
+
+    def denoise(self, x: Tensor, at: Points, carried: bool = False) -> Tensor:
+        out = self._call(x, at)
+        if at.prediction == "x0":
+            x0 = out * at.c_out
+        else:
+            x0 = torch.mul(x, at.c_x)
+            x0.addcmul_(at.c_out, out)
+        if not self.affine:
+            x0 = self.sampler._clean(x0, self.state.mask)
+        self._note(x0, carried)
+        return x0
+
+    def point(self, x: Tensor) -> Tensor:
+        mask = self.state.mask
+        return self.sampler._keep(self.sampler.space.project(x, mask), mask, self.state.keep)
 
 
 _PLANS: dict[tuple, Plan] = {}
 
 
-def _plan(key: tuple | None, sampler: Sampler, t_grid: Tensor | None, grid_options: Mapping[str, Any]) -> Plan:
-    """The plan of ``sampler`` (memoised under ``key``; plans are pure functions of their inputs):
-    grid, solver tables, the linear parameterisation per table point (x0 = c_x x + c_out out and
-    eps = e_x x + e_out out) and the solver's fused step coefficients."""
-    from molgen.diffusion.solvers import gaussian_tables, points
-
-    if key is not None and key in _PLANS:
-        return _PLANS[key]
+def make_plan(sampler: Sampler, t_grid: Tensor | None, grid_options: Mapping[str, Any]) -> Plan:
+    """The plan of ``sampler``: its grid (step-scaled to the state times), the grid points for the prediction
+    the steps receive, and the solver family's coefficients (or the exact-linear-part ones)."""
     if t_grid is None:
         t_grid = get_grid(sampler.grid, sampler.schedule, sampler.n_steps, **grid_options)[None]
     if sampler.step_scale != 1.0:
         t_grid = scaled_times(sampler.schedule, t_grid, sampler.step_scale, sampler.step_scale_below)
-    spec, orders = sampler.spec, sampler.orders
-    tables = spec.tables(sampler.schedule, t_grid, list(orders), sampler.options) if orders else points(
-        sampler.schedule, t_grid
-    )
-    for prefix in {k[: -len("d_alpha")] for k in tables if k.endswith("d_alpha")}:
-        p = {n: tables[prefix + n] for n in ("alpha", "sigma", "d_alpha", "d_sigma")}
-        c_x, c_out = x0_coefficients(sampler.net_prediction, **p)
-        tables.update({
-            prefix + "c_x": c_x, prefix + "c_out": c_out,
-            prefix + "e_x": (1.0 - p["alpha"] * c_x) / p["sigma"], prefix + "e_out": -p["alpha"] * c_out / p["sigma"],
-        })
-    if orders and spec.fuse is not None:
-        tables.update(spec.fuse(tables))
-    basis, lin = None, sampler.linear_part
-    if lin is not None:
-        tables.update(gaussian_tables(sampler.schedule, t_grid, list(orders), sampler.options, lin, spec.linear_part))
-        basis = (lin.mean.to(torch.float64).flatten(), lin.eigvecs.to(torch.float64))
-    plan = Plan(t_grid, tables, basis)
+    grid, orders = points(sampler.schedule, t_grid, sampler.net_prediction), list(sampler.orders)
+    if not orders:
+        coef = None
+    elif sampler.linear_part is not None:
+        coef = gaussian(sampler.schedule, grid, orders, sampler.linear_part, sampler.spec.linear_part)
+    else:
+        coef = sampler.spec.plan(sampler.schedule, grid, orders, sampler.options)
+    return Plan(grid, coef, tuple(orders))
+
+
+def _memoised_plan(key: tuple | None, sampler: Sampler, t_grid: Tensor | None,
+                   grid_options: Mapping[str, Any]) -> Plan:
+    """``make_plan``, memoised under ``key`` (plans are pure functions of their inputs)."""
+    if key is not None and key in _PLANS:
+        return _PLANS[key]
+    plan = make_plan(sampler, t_grid, grid_options)
     if key is not None:
         if len(_PLANS) > 256:
             _PLANS.clear()

@@ -30,12 +30,11 @@ from torch import Tensor
 
 from molgen.diffusion.parameterization import check_prediction, to_x0
 from molgen.diffusion.schedules import Schedule
+from molgen.diffusion.solvers import get_solver
 
 
 def applies(solver: str) -> bool:
     """Whether ``solver`` takes the engine's step scale: its ODE (deterministic) solvers do."""
-    from molgen.diffusion.solvers import get_solver
-
     return not get_solver(solver).stochastic
 
 
