@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from molgen.progress import progress
+
 
 class VectorValueNet(nn.Module):
     """MLP on a flattened continuous state and a Fourier embedding of t."""
@@ -149,7 +151,7 @@ def fit_value(
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     losses = []
     lo, hi = t_range
-    for _ in range(steps):
+    for _ in progress(range(steps), "fitting value net"):
         idx = torch.randint(0, x0.shape[0], (batch,), generator=generator)
         t = lo + (hi - lo) * torch.rand(batch, generator=generator, dtype=torch.float64)
         if mask is None:

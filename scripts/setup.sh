@@ -10,6 +10,5 @@ PY=${PYTHON:-python3}
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
-.venv/bin/python -m pip install -q -e ".[dev,bench,tm]"
-# pydssp declares torch as a dependency: --no-deps keeps the torch chosen above
-.venv/bin/python -m pip install -q --no-deps "pydssp>=0.9"
+# torch is already installed, so the extras' torch requirement (pydssp's) is met and no other build is pulled
+.venv/bin/python -m pip install -q -e ".[dev,bench,tm,dssp,docs]"

@@ -1,4 +1,4 @@
-"""Backbone geometry: N, C, O rebuilt from a CA trace, radius of gyration, Kabsch superposition, rotations.
+"""Backbone geometry: N, C, O rebuilt from a CA trace, radius of gyration, Kabsch superposition.
 
 Rebuild: each atom of residue i is placed at ``CA_i + sum_kf c_kf g_f b_k`` where ``b_k`` are unit vectors
 built from neighbouring CA atoms (bond directions and their cross products, so the placement is
@@ -158,15 +158,6 @@ def kabsch_rmsd(a: np.ndarray, b: np.ndarray) -> float:
     from molgen.geometry import rmsd_superposed
 
     return float(rmsd_superposed(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)))
-
-
-def random_rotation(generator: torch.Generator | None = None, dtype=torch.float32) -> torch.Tensor:
-    """Uniform random proper rotation [3, 3] (QR of a Gaussian matrix with sign fix, det +1)."""
-    q, r = torch.linalg.qr(torch.randn(3, 3, generator=generator, dtype=torch.float64))
-    q = q * torch.sign(torch.diagonal(r))
-    if torch.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q.to(dtype)
 
 
 def _write_coeffs(folder: str, target: str) -> None:

@@ -24,14 +24,14 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from molgen.structure.data import crop_batch, load_segments
-from molgen.structure.model import BackboneDenoiser, ModelConfig, safe_norm
 from torch import Tensor
 
 from molgen.ema import ema_update
 from molgen.geometry import centre
 from molgen.optim import lr_factor
 from molgen.progress import bars_enabled
+from molgen.structure.data import crop_batch, load_segments
+from molgen.structure.model import BackboneDenoiser, ModelConfig, safe_norm
 
 LOCAL_OFFSETS = (1, 2, 3, 4)
 

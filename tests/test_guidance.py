@@ -12,14 +12,14 @@ import math
 import pytest
 import torch
 
+from molgen.diffusion import Sampler, get_schedule
+from molgen.diffusion.analytic import GaussianMixtureDenoiser
 from molgen.guidance.baselines import best_of_n, dps_sample, equal_call_candidates
 from molgen.guidance.core import prior
 from molgen.guidance.fk import Composition, Expert, Tilt, anneal, cfg, fk_sample, product
 from molgen.guidance.rewards import REWARDS, Reward, TensorReward, linear, parse_reward, quadratic
 from molgen.guidance.smc import RESAMPLERS, Particles, ResamplePolicy, ess, resample
 from molgen.guidance.svdd import choose, svdd_calls, svdd_sample
-from molgen.diffusion import Sampler, get_schedule
-from molgen.diffusion.analytic import GaussianMixtureDenoiser
 
 F64 = torch.float64
 SCHED = get_schedule("vp_cosine")
@@ -519,8 +519,11 @@ def test_molgen_guide_bad_input_is_a_clear_error(tmp_path, capsys, argv, message
 def test_molgen_guide_nan_rewards_cost_a_counted_penalty(tmp_path, capsys):
     import json
 
-    code, _ = molgen_guide(capsys, tmp_path, "dna", "--reward", "gc:target=nan", "--method", "bon", "--candidates",
-                           "2", "--n", "3", "--steps", "2", "--length", "12", out="g.fasta")
+    args = ["--reward", "gc:target=nan", "--method", "bon", "--candidates", "2", "--n", "3", "--steps", "2",
+            "--length", "12"]
+    code, err = molgen_guide(capsys, tmp_path, "dna", *args, out="g.fasta")  # every call fails: a named stop
+    assert code == 2 and "100% of the samples scored by reward 'gc' failed" in err.err
+    code, _ = molgen_guide(capsys, tmp_path, "dna", *args, "--max-failed", "1", out="g.fasta")
     summary = json.loads((tmp_path / "s.json").read_text())
     assert code == 0 and summary["reward_stats"]["nonfinite"] == 6 and summary["reward_stats"]["samples"] == 6
     assert summary["reward_median"] == -1.0  # gc's declared penalty, not NaN
@@ -566,7 +569,7 @@ def test_molecule_problem_chunks_pair_sizes_across_methods():
 # ---------------------------------------------------------------------------------------------- value nets
 def test_point_value_net_is_invariant_and_ignores_padding():
     from molgen.guidance.value import PointValueNet
-    from molgen.structure.geometry import random_rotation
+    from molgen.testing import assert_equivariant
 
     torch.manual_seed(0)
     net = PointValueNet(3, SCHED, sigma_data=1.5)
@@ -574,13 +577,8 @@ def test_point_value_net_is_invariant_and_ignores_padding():
     mask = torch.arange(7)[None] < torch.tensor([7, 5, 3, 6])[:, None]
     t = torch.tensor([0.1, 0.4, 0.7, 0.95])
     base = net(x, t, mask)
-    rot = random_rotation(gen(0))
-    moved = torch.cat([x[..., :3] @ rot.T + torch.tensor([1.0, -2.0, 0.5]), x[..., 3:]], -1)
-    assert torch.allclose(net(moved, t, mask), base, atol=1e-4)
-    perm = torch.tensor([2, 0, 1])
-    x_p = x.clone()
-    x_p[2, :3] = x[2, perm]
-    assert torch.allclose(net(x_p, t, mask)[2], base[2], atol=1e-5)
+    assert_equivariant(lambda a, m: net(a, t, m), x, mask=mask, output="invariant", permute=True, generator=gen(0),
+                       atol=1e-4, rtol=0)
     junk = torch.where(mask[..., None], x, 100 * torch.randn_like(x))
     assert torch.allclose(net(junk, t, mask), base, atol=1e-5)
 

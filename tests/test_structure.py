@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from molgen.geometry import centre, superpose
 from molgen.structure.data import TS50_DIR, crop_batch
 from molgen.structure.geometry import kabsch_rmsd, project_ca_bonds, rebuild_backbone
 from molgen.structure.io import Backbone, backbone_from_ca, list_structure_files, read_backbone, write_backbone
@@ -24,8 +26,6 @@ from molgen.structure.sampling import (
     scaffold_from_file,
 )
 from molgen.structure.training import edm_loss
-
-from molgen.geometry import centre, superpose
 from molgen.testing import assert_equivariant, random_rotation
 
 TS50 = list_structure_files(TS50_DIR)
@@ -88,8 +88,8 @@ def test_nonstandard_residue_missing_atoms_and_breaks(tmp_path: Path) -> None:
     bb = read_backbone(TS50[0])
     r5, r9 = bb.residue_numbers[5], bb.residue_numbers[9]
     mse = [ln[:17] + "MSE" + ln[20:] if int(ln[22:26]) == r5 else ln for ln in lines]
-    with pytest.raises(ValueError, match=f"non-standard residue A:{r5} MSE"):
-        read_backbone(_write(tmp_path, "mse.pdb", mse))
+    modified = read_backbone(_write(tmp_path, "mse.pdb", mse))  # a modified residue is read as backbone
+    assert modified.sequence[5] == "M" and np.allclose(modified.coords, bb.coords)
     # drop residue r9 entirely (a break) and the O of residue r5 (a missing atom)
     cut = [ln for ln in lines if int(ln[22:26]) != r9 and not (int(ln[22:26]) == r5 and ln[12:16] == " O  ")]
     got = read_backbone(_write(tmp_path, "cut.pdb", cut))
@@ -261,9 +261,8 @@ def test_rotated_noise_gives_rotated_backbones(solver: str) -> None:
 
 def test_grid_settings_place_the_first_and_last_calls() -> None:
     """The grid follows its GridSettings, whatever the step count: the few-step settings at 5 and at 50 calls."""
-    from molgen.structure.sampling import FEW_STEPS, MANY_STEPS, SIGMA_MIN, WARM_START_SIGMA, GridSettings, make_sampler
-
     from molgen.diffusion.step_scale import scaled_rho
+    from molgen.structure.sampling import FEW_STEPS, MANY_STEPS, SIGMA_MIN, WARM_START_SIGMA, GridSettings, make_sampler
 
     model = _model_with_schedule()
     cold = GridSettings(warm_start=False)
@@ -442,9 +441,8 @@ def test_backbone_validates_shapes() -> None:
 
 
 def test_training_exports_and_resumes(tmp_path: Path) -> None:
-    from molgen.structure.training import train
-
     from molgen.checkpoints import load_checkpoint
+    from molgen.structure.training import train
 
     kwargs = {"config": SMALL.to_dict(), "max_length": 48, "edge_budget": 2 * 48**2, "every": 1}
     export = train(tmp_path / "run", tmp_path / "m.pt", [TS50_DIR], max_steps=2, max_minutes=5, **kwargs)
@@ -475,9 +473,8 @@ def test_training_exports_and_resumes(tmp_path: Path) -> None:
 
 def test_zero_initialised_extensions_reproduce_the_base_model(tmp_path: Path) -> None:
     """A warm start of the extended architecture from base weights computes the same denoiser at step 0."""
-    from molgen.structure.training import BackboneDiffusion, warm_start
-
     from molgen.checkpoints import save_checkpoint
+    from molgen.structure.training import BackboneDiffusion, warm_start
 
     torch.manual_seed(0)
     base = BackboneDenoiser(SMALL)
