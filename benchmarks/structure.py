@@ -36,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from molgen.checkpoints import read_card  # noqa: E402
 from molgen.structure.data import TS50_DIR, default_data_path, default_sources, load_chains  # noqa: E402
 from molgen.structure.geometry import project_ca_bonds  # noqa: E402
 from molgen.structure.io import backbone_from_ca, list_structure_files, read_backbone  # noqa: E402
@@ -51,8 +52,6 @@ from molgen.structure.sampling import (  # noqa: E402
     load_model,
     sample_ca,
 )
-
-from molgen.checkpoints import read_card  # noqa: E402
 
 IDEAL_KEYS = ("ca_ca_valid", "clash_rate", "rg_ratio", "helix", "strand", "coil")
 

@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from molgen.guidance.core import GuidanceResult, Scorer, Timer, check_count, counted
-from molgen.guidance.engine import as_engine
-from molgen.guidance.rewards import TensorReward
 from molgen.diffusion import Sampler
 from molgen.diffusion.parameterization import check_prediction, to_x0
 from molgen.diffusion.schedules import Schedule
+from molgen.guidance.core import GuidanceResult, Scorer, Timer, check_count, counted
+from molgen.guidance.engine import as_engine
+from molgen.guidance.rewards import TensorReward
 
 
 def equal_call_candidates(n_steps: int, budget: int) -> int:

@@ -52,6 +52,8 @@ def add_guide(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--solver", default=None, help="stochastic sampler (default: the modality's)")
     parser.add_argument("--checkpoint", default=None, help="model checkpoint (default: the shipped one)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-failed", dest="max_failed", type=float, default=0.5,
+                        help="stop when more than this share of reward calls fail (exceptions, NaN); 1 never stops")
     parser.add_argument("--out", required=True, help="output file (FASTA, SDF/XYZ) or folder (backbones)")
     parser.add_argument("--json", default=None, help="write the summary JSON here")
 
@@ -76,7 +78,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def run_guide(args: argparse.Namespace) -> int:
     from molgen.guidance.completions import parse_value
-    from molgen.guidance.rewards import check_modality, parse_reward
+    from molgen.guidance.rewards import check_modality, parse_reward, resolve_length
     from molgen.guidance.tasks import get_problem, guide
 
     _check(args)
@@ -84,8 +86,9 @@ def run_guide(args: argparse.Namespace) -> int:
     completions = parse_value(args.value) if args.value and args.value.startswith("completions") else None
     reward = parse_reward(args.reward)  # bad names / arguments fail before any model is loaded
     check_modality(args.reward, args.modality)
+    length = resolve_length(reward, args.length)  # rna_target's length when none is given; a mismatch fails here
     problem = get_problem(args.modality, preset=args.preset, steps=args.steps, checkpoint=args.checkpoint,
-                          length=args.length, condition=args.condition, solver=args.solver)
+                          length=length, condition=args.condition, solver=args.solver)
     value, net = completions, False
     if completions is None and args.value not in (None, "denoised"):
         from molgen.guidance.train_value import load_value
@@ -94,8 +97,7 @@ def run_guide(args: argparse.Namespace) -> int:
     method = {"svdd": "svdd_mc" if net else "svdd"}.get(args.method, args.method)
     res = guide(problem, method, reward, args.n, candidates=args.candidates, particles=args.particles,
                 alpha=args.alpha, lam=args.lam, potential=args.potential, dps_scale=args.scale, value=value,
-                branch_below=args.branch_below,
-                seed=args.seed)
+                branch_below=args.branch_below, seed=args.seed, max_failed=args.max_failed)
     problem.write(args.out, res)
     summary = {**res.summary(), "method": method, "reward": args.reward, "value": args.value or "denoised",
                **problem.natural(res),

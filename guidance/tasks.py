@@ -28,17 +28,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
+
+from molgen.checkpoints import sha256_file
 from molgen.guidance.baselines import best_of_n, dps_sample
 from molgen.guidance.completions import Completions
 from molgen.guidance.core import GuidanceResult, check_count, merge
 from molgen.guidance.fk import Tilt, fk_sample
-from molgen.guidance.rewards import Reward, TensorReward
+from molgen.guidance.rewards import Reward, TensorReward, check_failures
 from molgen.guidance.smc import ResamplePolicy
 from molgen.guidance.svdd import svdd_sample
 from molgen.guidance.value import Noise
-from torch import Tensor, nn
-
-from molgen.checkpoints import sha256_file
 
 METHODS = ("unguided", "bon", "dps", "fk", "svdd", "svdd_mc")
 
@@ -90,13 +90,15 @@ def rows_per_output(method: str, candidates: int, particles: int) -> int:
 def guide(problem: Problem, method: str, reward: Reward, n: int, *, candidates: int = 4, particles: int = 4,
           alpha: float = 0.0, lam: float = 10.0, potential: str = "difference", ess_threshold: float = 0.5,
           dps_scale: float = 1.0, value: Callable[..., Tensor] | Completions | None = None,
-          branch_below: float | None = None, seed: int = 0) -> GuidanceResult:
+          branch_below: float | None = None, seed: int = 0, max_failed: float = 0.5) -> GuidanceResult:
     """``n`` outputs of ``method``: unguided, bon (best of ``candidates``), dps, fk (``particles`` per output,
     tilt exp(lam r), the best final particle), svdd (M = ``candidates``, alpha) or svdd_mc (with ``value``).
     ``value=Completions(K, steps, alpha)`` makes svdd and fk score noisy states by K sampled completions
     instead of the denoised estimate (``guidance.completions``; their model calls are counted).
     ``branch_below``: svdd branches only into children at times t <= branch_below (``svdd.branch_schedule``).
-    The prior draw depends on ``seed`` only, so methods see the same sizes / lengths per output."""
+    The prior draw depends on ``seed`` only, so methods see the same sizes / lengths per output.
+    A run stops with ``RewardFailures`` once more than ``max_failed`` of its reward's samples failed to score
+    (declared invalid samples, such as unparseable molecules, do not count)."""
     if method not in METHODS:
         raise ValueError(f"unknown guidance method {method!r}; choose one of {METHODS}")
     check_count("n", n)
@@ -131,6 +133,7 @@ def guide(problem: Problem, method: str, reward: Reward, n: int, *, candidates: 
                                   value=value if method == "svdd_mc" or isinstance(value, Completions) else None,
                                   branch_below=branch_below, **kw)
             out.append(res)
+            check_failures(reward, max_failed)
     return merge(out)
 
 

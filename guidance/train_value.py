@@ -20,12 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from molgen.guidance.rewards import parse_reward
-from molgen.guidance.tasks import Problem, get_problem, guide
-from molgen.guidance.value import as_value, fit_value
 from torch import Tensor
 
 from molgen.checkpoints import hardware, load_checkpoint, save_checkpoint
+from molgen.guidance.rewards import parse_reward
+from molgen.guidance.tasks import Problem, get_problem, guide
+from molgen.guidance.value import as_value, fit_value
 from molgen.modalities import names
 
 

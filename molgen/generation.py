@@ -28,7 +28,9 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from torch.utils.data import DataLoader
 
 from molgen import __version__
+from molgen.checkpoints import sha256_file
 from molgen.guidance.tasks import METHODS
+from molgen.locks import FolderLock
 from molgen.modalities import choose, get_modality
 from molgen.seeds import derived_seed
 
@@ -65,10 +67,12 @@ class GenerationConfig:
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.reward is not None:
-            from molgen.guidance.rewards import parse_reward
+            from molgen.guidance.rewards import parse_reward, resolve_length
 
             choose("guidance method", self.guide, GUIDES)
-            parse_reward(self.reward)  # a bad name or argument fails here, before any shard is generated
+            # a bad name or argument, or a length the reward cannot score, fails here, before any shard
+            length = resolve_length(parse_reward(self.reward), self.length, "length")
+            object.__setattr__(self, "length", length)
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], where: str = "config") -> GenerationConfig:
@@ -210,8 +214,10 @@ class ShardStore:
             if existing != identity:
                 for f in self.root.glob("done/*.json"):
                     f.unlink()
-        _atomic_text(card, json.dumps({"config": identity, "sampler": self.sampler_settings(), "molgen": __version__},
-                                      indent=2, sort_keys=True))
+        text = json.dumps({"config": identity, "sampler": self.sampler_settings(), "molgen": __version__}, indent=2,
+                          sort_keys=True)
+        if not card.is_file() or card.read_text() != text + "\n":  # a finished folder is resumed without a write
+            _atomic_text(card, text)
 
     def sampler_settings(self) -> dict[str, Any]:
         """The preset the shards are drawn with, after the config's solver and steps (as recorded)."""
@@ -224,8 +230,23 @@ class ShardStore:
     def done_path(self, k: int) -> Path:
         return self.root / "done" / f"shard-{k:05d}.json"
 
+    def shard_files(self, k: int) -> list[Path]:
+        """The files of shard k: its samples (a file, or the files of its folder) and its parquet table."""
+        target = self.shard_path(k)
+        files = sorted(target.iterdir()) if target.is_dir() else [target]
+        return [*files, self.root / f"shard-{k:05d}.parquet"]
+
+    def is_done(self, k: int) -> bool:
+        """Shard k is finished: its marker exists and every file it recorded still has its SHA-256 (a deleted,
+        emptied or damaged shard is redone)."""
+        try:
+            recorded = json.loads(self.done_path(k).read_text())["sha256"]
+            return all(sha256_file(self.root / name) == digest for name, digest in recorded.items())
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
     def pending(self) -> list[int]:
-        return [k for k in range(self.config.n_shards) if not self.done_path(k).exists()]
+        return [k for k in range(self.config.n_shards) if not self.is_done(k)]
 
     def write_shard(self, k: int, samples: list[Any], seconds: float, device: str) -> None:
         cfg = self.config
@@ -245,13 +266,15 @@ class ShardStore:
         parquet = self.root / f"shard-{k:05d}.parquet"
         table.to_parquet(parquet.with_name(parquet.name + ".tmp"), index=False)
         os.replace(parquet.with_name(parquet.name + ".tmp"), parquet)
-        marker = {"shard": k, "n": len(ids), "seconds": seconds, "device": device, "first_id": ids[0]}
+        digests = {str(f.relative_to(self.root)): sha256_file(f) for f in self.shard_files(k)}
+        marker = {"shard": k, "n": len(ids), "seconds": seconds, "device": device, "first_id": ids[0],
+                  "sha256": digests}
         _atomic_text(self.done_path(k), json.dumps(marker))
 
     def table(self) -> pd.DataFrame:
         """All finished samples' rows, in ID order."""
         files = sorted(self.root.glob("shard-*.parquet"))
-        done = {f"shard-{k:05d}" for k in range(self.config.n_shards) if self.done_path(k).exists()}
+        done = {f"shard-{k:05d}" for k in range(self.config.n_shards) if self.is_done(k)}
         frames = [pd.read_parquet(f) for f in files if f.stem in done]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -286,7 +309,7 @@ class ShardGenerator(L.LightningModule):
     def predict_step(self, batch: list[int], batch_idx: int) -> int:
         made = 0
         for k in batch:
-            if k % self.trainer.world_size != self.trainer.global_rank or self.store.done_path(k).exists():
+            if k % self.trainer.world_size != self.trainer.global_rank or self.store.is_done(k):
                 continue
             start = time.perf_counter()
             n = len(self.config.shard_range(k))
@@ -332,8 +355,22 @@ def run_generation(
     overwrite: bool = False,
     progress: bool = True,
 ) -> ShardStore:
-    """Generate every pending shard of ``config`` with Lightning (DDP when devices x nodes > 1)."""
+    """Generate every pending shard of ``config`` with Lightning (DDP when devices x nodes > 1). The launching
+    process holds the folder's lock (``molgen.locks``) while it runs."""
     store = ShardStore(config)
+    launcher = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    store.root.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(store.root) if launcher else None
+    try:
+        _generate(store, config, accelerator, devices, num_nodes, overwrite, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+    return store
+
+
+def _generate(store: ShardStore, config: GenerationConfig, accelerator: str, devices: int | str, num_nodes: int,
+              overwrite: bool, progress: bool) -> None:
     store.prepare(overwrite=overwrite)
     pending = store.pending()
     if pending:
@@ -346,7 +383,6 @@ def run_generation(
         )
         loader = DataLoader(pending, batch_size=1, collate_fn=_collate)
         trainer.predict(ShardGenerator(config), dataloaders=loader, return_predictions=False)
-    return store
 
 
 def iter_config_file(path: str | Path) -> Iterator[tuple[str, Any]]:

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from molgen.structure.geometry import project_ca_bonds
-from molgen.structure.io import Backbone, backbone_from_ca, read_backbone
-from molgen.structure.model import BackboneDenoiser, ModelConfig
 from torch import Tensor
 
 from molgen.geometry import centre, rmsd_superposed, superpose
+from molgen.structure.geometry import project_ca_bonds
+from molgen.structure.io import Backbone, backbone_from_ca, read_backbone
+from molgen.structure.model import BackboneDenoiser, ModelConfig
 
 SIGMA_MIN, SIGMA_MAX = 0.02, 80.0
 WARM_START_SIGMA = 5.0  # first model call (A) of a warm-started run
@@ -96,9 +96,8 @@ def make_sampler(
     takes its rho); ``step_scale`` (default ``default_step_scale``) is AF3's eta: af3's option, and for ODE
     solvers the step-scaled ODE of the engine (its grid is the noise levels the denoiser is told). A warm start
     needs the chain ``length``."""
-    from molgen.structure.prior import chain_prior
-
     from molgen.diffusion import Sampler, ZeroCoM
+    from molgen.structure.prior import chain_prior
 
     step_scale = default_step_scale(solver) if step_scale is None else step_scale
     if solver == "af3":  # its own Euler step takes the scale

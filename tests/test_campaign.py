@@ -20,7 +20,9 @@ import torch
 from molgen.campaign import Campaign, CampaignConfig
 from molgen.campaign import selection as sel
 from molgen.campaign.rounds import RoundGenerator
+from molgen.campaign.runner import status_text
 from molgen.cli import main
+from molgen.locks import FolderInUse, FolderLock
 from molgen.modalities import Design, get_modality
 
 TARGET = "((((....))))"  # 12 nt
@@ -142,6 +144,7 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, monkeypatch, unin
     rounds = crashed.rounds_frame()
     assert rounds["status"].tolist() == ["done", "running"]
     assert crashed.samples_frame()["round"].tolist() == [1] * 6
+    assert "round 2: running, 0 designs, ? model calls" in status_text(Campaign.open(tmp_path / "crash"))
 
     resumed = Campaign(cfg, tmp_path / "crash").run()
     s_res, sel_res, r_res = frames(resumed)
@@ -194,8 +197,10 @@ def test_other_config_is_refused_unless_overwrite(tmp_path):
     Campaign(CampaignConfig.from_mapping(tiny(rounds=1, n_per_round=2)), tmp_path).run()
     other = CampaignConfig.from_mapping(tiny(rounds=1, n_per_round=2, seed=4,
                                              guidance={"method": "bon", "candidates": 2}))
-    with pytest.raises(ValueError, match=r"different configuration.*guidance\.method.*seed"):
+    with pytest.raises(ValueError, match=r"differs in \['guidance\.method', 'seed'\]"):  # not the rewards list
         Campaign(other, tmp_path)
+    with FolderLock(tmp_path), pytest.raises(FolderInUse, match="in use"):  # another process runs it
+        Campaign(CampaignConfig.from_mapping(tiny(rounds=1, n_per_round=2)), tmp_path)
     c = Campaign(other, tmp_path, overwrite=True)
     assert c.samples_frame().empty and c.pending_rounds() == [1]
     c.run()

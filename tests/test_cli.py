@@ -44,3 +44,16 @@ def test_main_prints_one_line_and_debug_raises(monkeypatch, capsys):
     assert err.count("\n") == 1 and "molgen report: error:" in err and "No space left" in err
     with pytest.raises(OSError, match="No space left"):
         cli.main(["--debug", "report", "somewhere"])
+
+
+def test_guide_takes_the_target_length_and_refuses_another(tmp_path, capsys):
+    from molgen.sequences.io import read_sequences
+
+    target = "((((....))))"
+    out = tmp_path / "g.fasta"
+    base = ["guide", "rna", "--reward", f"rna_target:{target}", "--n", "2", "--steps", "2", "--candidates", "1"]
+    assert cli.main([*base, "--length", "20", "--out", str(out)]) == EXIT_INPUT
+    assert "--length 20, but reward 'rna_target' scores only samples of length 12" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli.main([*base, "--out", str(out)]) == 0
+    assert {len(r.seq) for r in read_sequences(out)} == {len(target)}

@@ -60,6 +60,15 @@ def test_resume_redoes_partial_shards_and_refuses_another_config(tmp_path):
     assert ShardStore(cfg).pending() == [1]
     run_generation(cfg, progress=False)
     assert fasta(store.root) == full
+    # a finished shard deleted or emptied afterwards fails its checksum and is redone; a finished job writes nothing
+    (store.root / "shard-00002.fasta").write_text("")
+    (store.root / "shard-00000.parquet").unlink()
+    assert ShardStore(cfg).pending() == [0, 2]
+    run_generation(cfg, progress=False)
+    assert fasta(store.root) == full and len(store.table()) == 6
+    stamps = {p: p.stat().st_mtime_ns for p in store.root.rglob("*") if p.is_file() and p.name != ".lock"}
+    run_generation(cfg, progress=False)
+    assert stamps == {p: p.stat().st_mtime_ns for p in store.root.rglob("*") if p.is_file() and p.name != ".lock"}
     other = GenerationConfig(modality="rna", n=6, shard_size=2, steps=5, length=16, seed=1, out=cfg.out)
     with pytest.raises(ValueError, match=r"different configuration \(differs in \['steps'\]\)"):
         run_generation(other, progress=False)
@@ -117,3 +126,18 @@ def test_guided_shards_carry_their_reward_and_beat_unguided(tmp_path):
     assert table["reward"].mean() > plain.table()["reward"].mean()
     with pytest.raises(ValueError, match="unknown guidance method 'svd'"):
         GenerationConfig(**common, reward="gc", guide="svd")
+
+
+def test_a_bad_solver_creates_nothing_and_a_busy_folder_is_refused(tmp_path):
+    from molgen.cli import main
+    from molgen.locks import FolderInUse, FolderLock
+
+    out = tmp_path / "job"
+    assert main(["generate", "--modality", "rna", "--n", "2", "--solver", "nope", "--out", str(out)]) == 2
+    assert not out.exists()  # the corrected re-run is not refused as "another configuration"
+    cfg = GenerationConfig(modality="rna", n=2, shard_size=2, steps=2, length=8, out=str(out))
+    out.mkdir()
+    with FolderLock(out):  # another process writing the folder
+        with pytest.raises(FolderInUse, match="in use by another molgen process"):
+            run_generation(cfg, progress=False)
+    assert len(fasta(run_generation(cfg, progress=False).root)) == 2

@@ -16,7 +16,7 @@ def test_molecule_rewards_known_values():
     qed = parse_reward("qed")
     out = qed(["CCO", "c1ccccc1O", "not a smiles"])
     assert out[0].item() == pytest.approx(0.4068, abs=1e-3)  # RDKit's QED of ethanol
-    assert out[2].item() == 0.0 and qed.stats.failures == 1
+    assert out[2].item() == 0.0 and qed.stats.invalid == 1 and qed.stats.failures == 0  # the penalty, no failure
     assert parse_reward("validity")(["CCO", "C1CC"]).tolist() == [1.0, 0.0]
     sa = parse_reward("sa")(["CCO", "CC12CC3(C)CC(C1)C2C3"])
     assert 0.0 < sa[1].item() < sa[0].item() <= 1.0  # a bridged polycycle is harder than ethanol
@@ -119,3 +119,21 @@ def test_backbone_rewards_known_values():
     assert parse_reward("strand")(line[None]).item() == 0.0  # a lone strand has no partner: coil
     bad = helix([torch.full((5, 3), float("nan"))])
     assert bad.item() == 0.0 and helix.stats.failures == 1
+
+
+def test_rewards_and_runs_validate_each_other():
+    """rna_target fixes the length (taken when none is given, a mismatch refused before sampling), and a run
+    whose reward calls mostly fail stops with a named error instead of scoring everything with the penalty."""
+    from molgen.guidance.rewards import RewardFailures, check_failures, resolve_length
+
+    target = parse_reward("rna_target:((((....))))")
+    assert resolve_length(target, None) == 12 and resolve_length(target, 12) == 12
+    assert resolve_length(parse_reward("rna_mfe"), None) is None
+    with pytest.raises(ValueError, match="--length 20, but reward 'rna_target' scores only samples of length 12"):
+        resolve_length(target, 20)
+    with pytest.raises(ValueError, match="need different lengths"):
+        resolve_length(parse_reward("rna_target:((((....))))+rna_target:((....))"), None)
+    target(["GGGGAAAACCCC", "GGGAAACCC", "GGAAACC"])  # two of three have the wrong length
+    with pytest.raises(RewardFailures, match="67% of the samples scored by reward 'rna_target' failed"):
+        check_failures(target, 0.5)
+    check_failures(target, 0.7)

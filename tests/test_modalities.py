@@ -45,10 +45,9 @@ def test_bad_names_list_the_registered_choices(call, match):
 
 
 def test_every_entry_point_refuses_unknown_names(tmp_path, capsys):
-    from molgen.guidance.tasks import get_problem
-
     from molgen.campaign.config import CampaignConfig
     from molgen.generation import GenerationConfig
+    from molgen.guidance.tasks import get_problem
 
     with pytest.raises(ValueError, match="choose one of: molecules, rna, dna, backbones"):
         GenerationConfig(modality="protein", n=1)
@@ -69,10 +68,9 @@ def test_every_entry_point_refuses_unknown_names(tmp_path, capsys):
 
 def test_library_defaults_are_the_default_presets():
     """The sampling functions' own defaults cannot drift from the presets the commands use."""
-    from molgen.structure.sampling import FEW_STEPS, sample_ca
-
     from molgen.molecules.sampling import sample_molecules
     from molgen.sequences.sampling import generate
+    from molgen.structure.sampling import FEW_STEPS, sample_ca
 
     for fn, name in ((sample_molecules, "molecules"), (generate, "rna"), (generate, "dna")):
         params = inspect.signature(fn).parameters
@@ -89,10 +87,9 @@ def test_library_defaults_are_the_default_presets():
 def test_commands_resolve_the_same_presets(tmp_path):
     """`molgen sample`, `molgen generate` and `molgen guide` start from one preset per modality (the backbone
     solver and the guided step counts once differed between them)."""
-    from molgen.structure.cli import sample_preset
-
     from molgen.cli import build_parser
     from molgen.generation import GenerationConfig, PlainAdapter
+    from molgen.structure.cli import sample_preset
 
     for name in names():
         assert PlainAdapter(GenerationConfig(modality=name, n=1)).preset == get_modality(name).preset("default")

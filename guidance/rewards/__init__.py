@@ -37,12 +37,49 @@ class RewardStats:
     samples: int = 0
     batches: int = 0
     failures: int = 0  # exceptions inside one sample's scoring
+    invalid: int = 0  # samples the reward declares invalid (``InvalidSample``): scored the penalty, not a failure
     nonfinite: int = 0  # NaN / inf scores
     timeouts: int = 0
     last_error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+class InvalidSample(ValueError):
+    """A sample the reward cannot score by its nature (an invalid molecule): it gets the penalty, counted as
+    ``invalid``, not as a failure of the reward."""
+
+
+class RewardFailures(ValueError):
+    """Too many of a run's reward calls failed: the reward and the samples do not fit (see the message)."""
+
+
+def failed_share(reward: Reward) -> float:
+    """The largest share of failed samples (exceptions, non-finite scores, timeouts) of the reward or its parts."""
+    shares = [(r.stats.failures + r.stats.nonfinite + r.stats.timeouts) / r.stats.samples
+              for r in (reward, *getattr(reward, "parts", ())) if r.stats.samples]
+    return max(shares, default=0.0)
+
+
+def check_failures(reward: Reward, max_share: float) -> None:
+    """Raise ``RewardFailures`` when more than ``max_share`` of the reward's samples so far failed."""
+    share = failed_share(reward)
+    if share > max_share:
+        errors = [r.stats.last_error for r in (reward, *getattr(reward, "parts", ())) if r.stats.last_error]
+        raise RewardFailures(f"{share:.0%} of the samples scored by reward {reward.name!r} failed (more than "
+                             f"{max_share:.0%}); last error: {errors[-1] if errors else 'none recorded'}")
+
+
+def resolve_length(reward: Reward, length: int | None, option: str = "--length") -> int | None:
+    """The sample length a run must use: ``length``, or the one the reward needs when none is given
+    (``rna_target``'s target); a length the reward cannot score is refused before any sampling."""
+    need = set().union(*(r.lengths() for r in (reward, *getattr(reward, "parts", ()))))
+    if len(need) > 1:
+        raise ValueError(f"the terms of reward {reward.name!r} need different lengths {sorted(need)}")
+    if need and length is not None and length not in need:
+        raise ValueError(f"{option} {length}, but reward {reward.name!r} scores only samples of length {min(need)}")
+    return min(need) if need and length is None else length
 
 
 @dataclass
@@ -140,8 +177,15 @@ class Reward:
             return self.penalty
 
     def _failed(self, err: BaseException) -> None:
+        if isinstance(err, InvalidSample):
+            self.stats.invalid += 1
+            return
         self.stats.failures += 1
         self.stats.last_error = f"{type(err).__name__}: {err}"
+
+    def lengths(self) -> set[int]:
+        """The sample lengths this reward can score (empty: any length)."""
+        return set()
 
     def _pooled(self, items: list) -> Tensor:
         if self._pool is None:

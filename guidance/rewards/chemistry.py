@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from molgen.guidance.rewards import Reward, register
+from molgen.guidance.rewards import InvalidSample, Reward, register
 
 
 def to_mol(sample: Any) -> Any:
@@ -31,7 +31,7 @@ def to_mol(sample: Any) -> Any:
         return sample
     mol = Chem.MolFromSmiles(sample) if sample else None
     if mol is None:
-        raise ValueError(f"not a valid molecule: {sample!r}")
+        raise InvalidSample(f"not a valid molecule: {sample!r}")
     return mol
 
 

@@ -66,6 +66,9 @@ class RNATarget(Reward):
         check_dot_bracket(self.target)
         super().__post_init__()
 
+    def lengths(self) -> set[int]:
+        return {len(self.target)}
+
     def score_one(self, sample: object) -> float:
         import RNA
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from molgen.guidance.rewards import Reward, TensorReward, register
-from molgen.structure.geometry import natural_rg
 from torch import Tensor
 
 from molgen.geometry import centre
+from molgen.guidance.rewards import Reward, TensorReward, register
+from molgen.structure.geometry import natural_rg
 
 
 @dataclass

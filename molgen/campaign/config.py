@@ -149,6 +149,15 @@ class CampaignConfig:
     def identity_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
 
+    def sample_length(self) -> int | None:
+        """``length``, or the length the rewards need (``rna_target``'s target) when it is null."""
+        from molgen.guidance.rewards import parse_reward, resolve_length
+
+        length = self.length
+        for r in self.rewards:
+            length = resolve_length(parse_reward(r.spec), length, "length")
+        return length
+
     @property
     def reward_names(self) -> list[str]:
         return [r.name for r in self.rewards]
@@ -214,6 +223,7 @@ def validate(cfg: CampaignConfig) -> None:
         raise ValueError(f"rewards: names must be unique, got {names}")
     for i, r in enumerate(rewards):
         _check_reward(r, i, cfg.modality)
+    cfg.sample_length()  # a length some reward cannot score fails here
     s = cfg.sampler
     if s.steps is not None and s.steps < 1:
         raise ValueError(f"sampler.steps must be >= 1, got {s.steps}")

@@ -41,7 +41,8 @@ class RoundGenerator:
         self.cfg = cfg
         self.modality: Modality = get_modality(cfg.modality)
         self.problem = get_problem(cfg.modality, steps=cfg.sampler.steps, solver=cfg.sampler.solver,
-                                   checkpoint=cfg.checkpoint, length=cfg.length or self.modality.default_length)
+                                   checkpoint=cfg.checkpoint,
+                                   length=cfg.sample_length() or self.modality.default_length)
 
     def generate(self, n: int, seed: int, reward: Any, parents: Sequence[tuple[str, Design]]) -> RoundOutput:
         """``n`` designs: ``refine.fraction`` of them (when there are parents) refine the parents in turn."""

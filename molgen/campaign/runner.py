@@ -31,6 +31,7 @@ from molgen.campaign.config import CampaignConfig
 from molgen.campaign.rounds import RoundGenerator, checkpoint_path
 from molgen.campaign.store import Store, database_url, json_text, sample_id
 from molgen.checkpoints import sha256_file
+from molgen.locks import FolderLock
 from molgen.modalities import Design, Modality, get_modality
 from molgen.seeds import derived_seed
 
@@ -40,22 +41,28 @@ CONFIG_FILE = "campaign.json"
 class Campaign:
     """A campaign folder ``root`` (config copy, SQLite file, report) bound to one configuration."""
 
-    def __init__(self, config: CampaignConfig, root: str | Path, *, overwrite: bool = False) -> None:
+    def __init__(self, config: CampaignConfig, root: str | Path, *, overwrite: bool = False,
+                 read_only: bool = False) -> None:
+        """Bind ``root`` to ``config``; ``read_only`` writes nothing (status, reports). Binding and running hold
+        the folder's lock (``molgen.locks``): a second process gets a clear "in use" error."""
         self.config = config
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.store = Store(database_url(self.root, config.database))
         self._rounds: RoundGenerator | None = None
         self._rewards: list[Any] | None = None
-        self._bind(overwrite)
+        if not read_only:
+            self.root.mkdir(parents=True, exist_ok=True)
+        self.store = Store(database_url(self.root, config.database))
+        if not read_only:
+            with FolderLock(self.root):
+                self._bind(overwrite)
 
     @classmethod
     def open(cls, root: str | Path) -> Campaign:
-        """An existing campaign folder, with the configuration it was run with."""
+        """An existing campaign folder, read-only, with the configuration it was run with."""
         path = Path(root) / CONFIG_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{root} is not a campaign folder (no {CONFIG_FILE}); run `molgen campaign run`")
-        return cls(CampaignConfig.from_mapping(json.loads(path.read_text()), str(path)), root)
+        return cls(CampaignConfig.from_mapping(json.loads(path.read_text()), str(path)), root, read_only=True)
 
     # ------------------------------------------------------------------------------------------ identity
     def _bind(self, overwrite: bool) -> None:
@@ -64,7 +71,7 @@ class Campaign:
         if existing is not None and existing["identity"] != cfg.identity_hash():
             if not overwrite:
                 old = json.loads(existing["config"])
-                diff = _differences(old, cfg.to_dict())
+                diff = _differences(old, json.loads(json_text(cfg.to_dict())))  # tuples read back as lists
                 raise ValueError(f"{self.root} holds a campaign with a different configuration (differs in "
                                  f"{diff}); use another directory or pass --overwrite")
         ckpt = checkpoint_path(cfg)
@@ -83,7 +90,10 @@ class Campaign:
                "seed": cfg.seed, "molgen_version": __version__}
         if existing is None or any(existing.get(k) != v for k, v in row.items()):
             self.store.write_campaign(row)
-        (self.root / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        text = json.dumps(cfg.to_dict(), indent=2) + "\n"
+        card = self.root / CONFIG_FILE
+        if not card.is_file() or card.read_text() != text:
+            card.write_text(text)
 
     # ------------------------------------------------------------------------------------------ running
     @property
@@ -123,11 +133,12 @@ class Campaign:
         """Run every round not yet finished (a crashed round is redone from scratch)."""
         torch.set_grad_enabled(False)
         try:
-            for r in self.pending_rounds():
-                stats = self.run_round(r)
-                if verbose:
-                    print(f"round {r}/{self.config.rounds}: {stats['n']} designs, best score "
-                          f"{stats['best']:.4g}, selected {stats['selected']}, {stats['seconds']:.1f} s", flush=True)
+            with FolderLock(self.root):
+                for r in self.pending_rounds():
+                    stats = self.run_round(r)
+                    if verbose:
+                        print(f"round {r}/{self.config.rounds}: {stats['n']} designs, best score {stats['best']:.4g}, "
+                              f"selected {stats['selected']}, {stats['seconds']:.1f} s", flush=True)
         finally:
             torch.set_grad_enabled(True)
         return self
@@ -218,13 +229,15 @@ def status_text(campaign: Campaign) -> str:
     lines = [f"campaign {cfg.name!r} ({cfg.modality}) in {campaign.root}: "
              f"{len(campaign.store.done_rounds())} of {cfg.rounds} rounds done, {len(samples)} designs"]
     for _, r in rounds.iterrows():
-        secs = sum(float(r[c] or 0) for c in ("seconds_generate", "seconds_score", "seconds_select"))
+        secs = sum(0.0 if pd.isna(r[c]) else float(r[c]) for c in ("seconds_generate", "seconds_score",
+                                                                       "seconds_select"))
         part = samples[samples["round"] == r["round"]]
         chosen = samples["id"].isin(set(campaign.store.selection(int(r["round"]))))
         best = (f", best score {part['score'].max():.4g}, "
                 f"selection mean score {samples.loc[chosen, 'score'].mean():.4g}" if len(part) else "")
+        calls = "?" if pd.isna(r["model_calls"]) else int(r["model_calls"])  # a killed round recorded none
         lines.append(f"  round {int(r['round'])}: {r['status']}, {len(part)} designs, "
-                     f"{int(r['model_calls'] or 0)} model calls, {secs:.1f} s{best}")
+                     f"{calls} model calls, {secs:.1f} s{best}")
     if len(samples):
         cols = ["score", *cfg.reward_names, "naturalness"]
         lines.append("best per column: " + ", ".join(f"{c} {samples[c].max():.4g}" for c in cols))

@@ -74,8 +74,17 @@ class Modality:
     default_length: int | None = None  # guided runs and campaigns when no length is given (None: drawn)
 
     def preset(self, name: str = "default", solver: str | None = None, steps: int | None = None) -> Preset:
-        """The named preset, with the caller's solver and step count where given."""
-        return self.presets[choose(f"{self.name} preset", name, self.presets)].override(solver, steps)
+        """The named preset, with the caller's solver and step count where given (an unknown name of either
+        fails here, before anything is loaded or written)."""
+        preset = self.presets[choose(f"{self.name} preset", name, self.presets)].override(solver, steps)
+        choose(f"{self.name} solver", preset.solver, self.solvers())
+        return preset
+
+    def solvers(self) -> list[str]:
+        """The solver names this modality's sampler takes: the engine's continuous solvers."""
+        from molgen.diffusion import SOLVERS
+
+        return sorted(SOLVERS)
 
     # ------------------------------------------------------------------------------------------ models
     def default_checkpoint(self) -> Path:

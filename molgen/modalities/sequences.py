@@ -33,6 +33,12 @@ class Sequences(Modality):
     def __init__(self, name: str) -> None:
         self.name = name
 
+    def solvers(self) -> list[str]:
+        """The masked-diffusion samplers (``molgen.diffusion.discrete``)."""
+        from molgen.diffusion.discrete import DISCRETE_SAMPLERS
+
+        return sorted(DISCRETE_SAMPLERS)
+
     def default_checkpoint(self) -> Path:
         from molgen.sequences.pretrained import default_checkpoint
 
