@@ -6,7 +6,7 @@
 Budget per output: SVDD with M candidates costs 1 + M (n - 1) model evaluations on a grid of n points (a masked
 discrete sampler's last point needs none); best-of-N and FK get N = K = round(SVDD's calls / one trajectory's
 calls) full trajectories (measured, reported per row as ``model_calls``). Tasks (each reads its model
-checkpoint when it starts, so a snapshot exported during a session is used and its SHA-256 recorded):
+checkpoint when it starts, so a snapshot exported while others run is used and its SHA-256 recorded):
 
 * ``gmm``: 2-D mixture of 8 Gaussians on a circle (exact denoiser), reward -|x - c|^2 / 2 with c off the
   modes; naturalness = mean log-density under the mixture.
@@ -63,6 +63,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from molgen.diffusion import Sampler, get_schedule  # noqa: E402
+from molgen.diffusion.analytic import GaussianMixtureDenoiser  # noqa: E402
 from molgen.guidance.baselines import best_of_n, dps_sample  # noqa: E402
 from molgen.guidance.completions import parse_value  # noqa: E402
 from molgen.guidance.core import prior  # noqa: E402
@@ -72,8 +74,6 @@ from molgen.guidance.svdd import svdd_calls, svdd_sample  # noqa: E402
 from molgen.guidance.tasks import Problem, get_problem, guide  # noqa: E402
 from molgen.guidance.train_value import load_value, save_value, train_value  # noqa: E402
 from molgen.guidance.value import VectorValueNet, as_value, fit_value, gaussian_noise  # noqa: E402
-from molgen.diffusion import Sampler, get_schedule  # noqa: E402
-from molgen.diffusion.analytic import GaussianMixtureDenoiser  # noqa: E402
 
 RNA_TARGET = "." * 8 + "(" * 10 + "." * 6 + ")" * 10 + "." * 8 + "(" * 12 + "...." + ")" * 12 + "." * 30
 

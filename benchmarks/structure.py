@@ -17,7 +17,7 @@ Each model row also reports, under ``ideal_bonds``, the metrics after projecting
 Natural reference: TS50 (committed) and Pfam40 (read from the data path, default ../shared/data). Novelty is
 the highest TM-score of a sample to any training chain (TS50 + Pfam40 + PoseBusters monomers), computed for
 the first ``--novelty-n`` backbones of each row (TM-align against 224 chains costs seconds per backbone).
-Goal check (issue 6): each solver's 5-step CA-CA validity is at least 95 % of AF3's 200-step figure and its
+Goal check (few steps): each solver's 5-step CA-CA validity is at least 95 % of AF3's 200-step figure and its
 clash rate at most 105 % of AF3's plus 0.005 (clash rates are often exactly 0).
 """
 
@@ -112,7 +112,7 @@ def model_row(
 
 
 def goal_check(five: dict, af3: dict) -> dict:
-    """Issue 6's goal for one 5-step row against the AF3 200-step row (raw and with ideal bonds)."""
+    """The few-step goal for one 5-step row against the AF3 200-step row (raw and with ideal bonds)."""
 
     def check(a: dict, b: dict) -> dict:
         return {

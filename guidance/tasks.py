@@ -13,7 +13,7 @@ method chunk by chunk and merges.
 
 Model checkpoints are read when the problem is built (``checkpoint=None``: the shipped default), from a copy
 taken at that moment (a training run may replace the file at any time); ``problem.sha256`` identifies the
-weights used, so a newer snapshot exported during a session is picked up by the next run and recorded.
+weights used, so a newer snapshot exported meanwhile is picked up by the next run and recorded.
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ class BackboneDiffusion(L.LightningModule):
 
 class ExportEMA(L.Callback):
     """Every ``every`` steps and at the end, save the EMA weights with ``molgen.checkpoints.save_checkpoint``;
-    stop after ``max_seconds`` of this session (Lightning's own max_time would count resumed sessions too)."""
+    stop after ``max_seconds`` of this invocation (Lightning's own max_time would count resumed runs too)."""
 
     def __init__(self, path: Path, every: int, provenance: dict, max_seconds: float) -> None:
         self.path, self.every, self.provenance, self.max_seconds = path, every, provenance, max_seconds
@@ -151,7 +151,7 @@ class ExportEMA(L.Callback):
         prov = {
             **self.provenance,
             "steps": trainer.global_step,
-            "session_wall_s": round(time.time() - self.t0),
+            "run_wall_s": round(time.time() - self.t0),
             "last_metrics": metrics,
         }
         config = {

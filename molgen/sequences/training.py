@@ -148,7 +148,7 @@ def fit(
     timer = next(c for c in trainer.callbacks if isinstance(c, L.pytorch.callbacks.Timer))
     stats = {
         "global_step": int(trainer.global_step),
-        "session_wall_s": round(time.time() - start, 1),
+        "run_wall_s": round(time.time() - start, 1),
         "train_wall_s_total": round(float(timer.time_elapsed("train")), 1),
     }
     (out_dir / "progress.json").write_text(json.dumps(stats) + "\n")
