@@ -6,6 +6,7 @@ so that a message reads ``designs.fasta: record 3 (seq_7): position 12: 'X' is n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 EXIT_INPUT = 2  # bad input: a file, a record, an option or a configuration value
@@ -50,3 +51,32 @@ def exit_code(err: BaseException) -> int | None:
     if isinstance(err, OSError):
         return EXIT_OS
     return None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A record a reader left out, and why; ``str`` reads like the ``InputError`` it came from."""
+
+    file: str | None
+    record: str | int | None
+    reason: str
+
+    @classmethod
+    def of(cls, err: InputError) -> Skipped:
+        """The record an ``InputError`` names, with its position folded into the reason."""
+        reason = err.message if err.position is None else f"position {err.position}: {err.message}"
+        return cls(err.file, err.record, reason)
+
+    def as_dict(self) -> dict[str, str | int | None]:
+        return {"file": self.file, "record": self.record, "reason": self.reason}
+
+    def __str__(self) -> str:
+        return str(InputError(self.reason, self.file, self.record))
+
+
+def skipped_summary(skipped: Sequence[Skipped], evaluated: int, unit: str = "records") -> str:
+    """One terminal line: how many ``unit`` were evaluated, how many records were skipped, the first reason."""
+    if not skipped:
+        return f"evaluated {evaluated} {unit}; skipped none"
+    more = f" (and {len(skipped) - 1} more: 'skipped' in the JSON)" if len(skipped) > 1 else ""
+    return f"evaluated {evaluated} {unit}; skipped {len(skipped)}: {skipped[0]}{more}"

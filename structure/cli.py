@@ -5,17 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from molgen.structure.sampling import DEFAULT_CHECKPOINT
-
 from molgen.batching import batch_size_arg
+from molgen.structure.sampling import DEFAULT_CHECKPOINT
 
 
 def add_train(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/structure/egnn"), help="run folder (resumes)")
     parser.add_argument("--export", type=Path, default=DEFAULT_CHECKPOINT, help="EMA weights + card (.pt)")
     parser.add_argument("--data-path", type=Path, default=None, help="shared data root (default ../shared/data)")
-    parser.add_argument("--max-steps", type=int, default=4000, help="total optimiser steps over all sessions")
-    parser.add_argument("--max-minutes", type=float, default=80.0, help="wall-clock limit of this session")
+    parser.add_argument("--max-steps", type=int, default=4000, help="total optimiser steps over all resumes")
+    parser.add_argument("--max-minutes", type=float, default=80.0, help="wall-clock limit of this invocation")
     parser.add_argument("--max-length", type=int, default=128, help="longest training crop")
     parser.add_argument("--edge-budget", type=int, default=40_000, help="batch size ~ budget / length^2")
     parser.add_argument("--lr", type=float, default=5e-4)
@@ -48,6 +47,7 @@ def train_config(args: argparse.Namespace) -> dict:
 
 def run_train(args: argparse.Namespace) -> int:
     import torch
+
     from molgen.structure.data import default_sources
     from molgen.structure.training import train
 
@@ -130,11 +130,12 @@ def run_sample(args: argparse.Namespace) -> int:
     import time
 
     import torch
-    from molgen.structure.io import backbone_from_ca, write_backbone
-    from molgen.structure.sampling import default_step_scale, load_model, sample_ca, scaffold_from_file
 
     from molgen.batching import largest_batch
     from molgen.modalities.backbones import sampler_keywords
+    from molgen.progress import progress
+    from molgen.structure.io import backbone_from_ca, write_backbone
+    from molgen.structure.sampling import default_step_scale, load_model, sample_ca, scaffold_from_file
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
@@ -163,7 +164,7 @@ def run_sample(args: argparse.Namespace) -> int:
                                                   torch.full((b,), 0.5, device=args.device)), args.device)
         g = torch.Generator().manual_seed(args.seed)  # one stream over all batches
         bbs = []
-        for start in range(0, args.n, batch):
+        for start in progress(range(0, args.n, batch), "sampling batches"):
             k = min(batch, args.n - start)
             ca = sample_ca(model, k, args.length, preset.solver, preset.steps, generator=g, solver_options=opts,
                            ideal_bonds=args.ideal_bonds, **keywords)
@@ -206,20 +207,29 @@ def add_evaluate(parser: argparse.ArgumentParser, modality: str) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     import json
+    import sys
 
-    from molgen.structure.data import default_sources, load_chains
-    from molgen.structure.io import list_structure_files, read_backbone
+    from molgen.errors import InputError, skipped_summary
+    from molgen.progress import progress
+    from molgen.structure.data import default_sources
+    from molgen.structure.io import list_structure_files, read_backbones
     from molgen.structure.metrics import evaluate
 
     files = list_structure_files(args.folder)
     if not files:
-        raise ValueError(f"no PDB/mmCIF files in {args.folder}")
-    bbs = [read_backbone(p) for p in files]
+        raise InputError("no PDB/mmCIF files", str(args.folder))
+    bbs, skipped = read_backbones(progress(files, "reading backbones"))
+    if not bbs:
+        raise InputError(f"no readable backbones in {len(files)} files; {skipped[0]}", str(args.folder))
     reference = None
     if not args.no_tm:
         folders = args.reference if args.reference is not None else default_sources(args.data_path)
-        reference = load_chains(folders)
+        chains, skipped_reference = read_backbones([p for f in folders for p in list_structure_files(f)])
+        reference = [bb.ca for bb in chains]
+        skipped += [s for s in skipped_reference if s.record is None]  # unreadable reference files
     metrics = evaluate(bbs, reference, tm=not args.no_tm, mpnn=not args.no_mpnn)
+    metrics["skipped"] = [s.as_dict() for s in skipped]
+    print(skipped_summary(skipped, len(bbs), "backbones"), file=sys.stderr)
     text = json.dumps(metrics, indent=2)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

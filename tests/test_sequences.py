@@ -33,7 +33,7 @@ def test_alphabets_round_trip_and_tokens():
 
 
 def test_bad_characters_name_record_and_position(tmp_path):
-    with pytest.raises(ValueError, match=r"record 'seq2', position 4: character 'N'"):
+    with pytest.raises(ValueError, match=r"record 'seq2': position 4: character 'N'"):
         validate([Record("seq1", "ACGU"), Record("seq2", "ACGNU")], RNA)
     with pytest.raises(ValueError, match=r"record 'x', position 3"):
         DNA.encode("ACZ", "x")
@@ -211,8 +211,9 @@ def test_evaluate_fasta_against_a_reference_file(tmp_path):
     assert same["modality"] == "rna" and same["kmer3_r"] > 0.9 and uni["kmer3_r"] < same["kmer3_r"]
     assert "mfe_per_nt_mean" in same and "bp_fraction_natural" in same
     (tmp_path / "bad.fa").write_text(">ok\nACGU\n>bad\nACXU\n")
-    with pytest.raises(ValueError, match="record 'bad', position 3"):
-        evaluate_fasta(tmp_path / "bad.fa", str(tmp_path / "nat.fa"), nll=False)
+    partial = evaluate_fasta(tmp_path / "bad.fa", str(tmp_path / "nat.fa"), nll=False)  # the bad one is skipped
+    assert partial["n"] == 1 and partial["skipped"][0]["record"] == "2 (bad)"
+    assert "position 3" in partial["skipped"][0]["reason"]
 
 
 def test_cli_sample_and_evaluate(tmp_path, capsys):

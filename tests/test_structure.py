@@ -452,8 +452,8 @@ def test_training_exports_and_resumes(tmp_path: Path) -> None:
     state2, card2 = load_checkpoint(export)
     assert card2["provenance"]["steps"] == 3 and card2["provenance"]["resumed_from_step"] == 2
     assert any(not torch.equal(state[k], state2[k]) for k in state)
-    # a third session resumes from step 3 (Lightning's version counter once wrote last-v1.ckpt beside last.ckpt
-    # and the next session restarted from the older file); the run keeps its config whatever is passed; its
+    # a third invocation resumes from step 3 (Lightning's version counter once wrote last-v1.ckpt beside last.ckpt
+    # and the next invocation restarted from the older file); the run keeps its config whatever is passed; its
     # cool-down from step 3 over 1 step ends at lr * warm-up (5 / 200) * floor 0.1
     third = {**kwargs, "config": EXTENDED.to_dict(), "decay": (3, 1)}
     train(tmp_path / "run", export, [TS50_DIR], max_steps=4, max_minutes=5, **third)

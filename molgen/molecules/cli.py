@@ -119,28 +119,43 @@ def add_evaluate(parser: argparse.ArgumentParser, modality: str) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from molgen.errors import InputError, skipped_summary
     from molgen.molecules.io import read_molecules
-    from molgen.molecules.metrics import evaluate
+    from molgen.molecules.metrics import evaluate, file_bond_metrics, hydrogen_warnings
     from molgen.molecules.reference import reference_smiles
 
-    mols, errors = read_molecules(args.file)
-    for err in errors:
-        print(f"skipped: {err}", file=sys.stderr)
+    mols, skipped = read_molecules(args.file)
     if not mols:
-        raise ValueError(f"{args.file}: no usable molecules ({len(errors)} broken records)")
+        first = f": {skipped[0]}" if skipped else ""
+        raise InputError(f"no usable molecules ({len(skipped)} records skipped{first})", str(args.file))
     ref_name, ref = reference_smiles(args.reference)
     metrics = evaluate(((m.symbols, m.positions) for m in mols), reference_smiles=ref)
+    bonded = [m.bonded for m in mols if m.bonded is not None]
+    file_bonds = file_bond_metrics(bonded) if bonded else None
+    warnings = hydrogen_warnings((m.symbols for m in mols), file_bonds)
     result = {
         **metrics.as_dict(),
-        "n_broken": len(errors),
-        "broken": errors,
+        "metric": "EDM: bonds inferred from interatomic distances (the metric for generated structures)",
+        "file_bonds": None if file_bonds is None else {
+            **file_bonds.as_dict(), "metric": "RDKit: the file's own bonds, formal charges and aromatic flags"},
+        "warnings": warnings,
+        "n_skipped": len(skipped),
+        "skipped": [s.as_dict() for s in skipped],
         "file": str(args.file),
         "novelty_reference": ref_name,
     }
+    print("EDM metrics (bonds inferred from distances, as for generated structures):")
     for key in ("atom_stability", "mol_stability", "validity", "uniqueness", "novelty"):
         value = result[key]
-        print(f"{key:15s} {'n/a' if value is None else f'{100 * value:.2f} %'}")
-    print(f"{'n':15s} {result['n']} ({len(errors)} broken records skipped)")
+        print(f"  {key:15s} {'n/a' if value is None else f'{100 * value:.2f} %'}")
+    if file_bonds is not None:
+        print("by the file's own bonds, charges and aromaticity (RDKit):")
+        for key in ("atom_stability", "mol_stability", "validity"):
+            print(f"  {key:15s} {100 * getattr(file_bonds, key):.2f} %")
+    print(f"{'n':17s} {result['n']}")
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(skipped_summary(skipped, len(mols), "molecules"), file=sys.stderr)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,30 +1,34 @@
 """Molecule files: multi-XYZ and SDF read/write, RDKit molecules with a 3D conformer and EDM-inferred bonds.
 
-Readers return ``(molecules, errors)``: every record that cannot be used (unknown element, missing or
-non-numeric coordinates, too many atoms, no atoms) is skipped with a message naming it (record number,
-title and line); ``strict=True`` raises ``ValueError`` with that message instead.
+Readers return ``(molecules, skipped)``: every record that cannot be used (a bad count line, fewer or more
+atom lines than it says, unknown element, missing or non-numeric coordinates, too many atoms, no atoms) is a
+``Skipped`` record naming it (file, record number and title, line); the next record is read from its own count
+line. ``strict=True`` raises the first as an ``InputError`` instead. SDF records keep the file's own bonds,
+charges and aromatic flags in ``Molecule.bonded`` (for the file-bond metrics).
 """
 
 from __future__ import annotations
 
 import gzip
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from rdkit import Chem, RDLogger
 
+from molgen.errors import InputError, Skipped
 from molgen.molecules.metrics import ELEMENTS, build_rdkit
 
 
 @dataclass
 class Molecule:
-    """Element symbols and positions [n, 3] in Angstrom."""
+    """Element symbols and positions [n, 3] in Angstrom; ``bonded``: the file's molecule (SDF), unsanitised."""
 
     symbols: tuple[str, ...]
     positions: np.ndarray
     name: str = ""
+    bonded: Chem.Mol | None = None
 
     def __len__(self) -> int:
         return len(self.symbols)
@@ -38,45 +42,98 @@ def _open_text(path: Path) -> str:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     data = path.read_bytes()
-    if path.suffix == ".gz":
-        data = gzip.decompress(data)
+    if path.suffix.lower() == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as err:
+            raise InputError(f"not a valid gzip file ({err})", path.name) from err
     return data.decode("utf-8", errors="replace")
 
 
-def _check(
-    symbols: Sequence[str], pos: np.ndarray, where: str, elements: Sequence[str] | None, max_atoms: int | None
-) -> None:
+def _check(symbols: Sequence[str], pos: np.ndarray, elements: Sequence[str] | None, max_atoms: int | None) -> None:
+    """``InputError`` (without a location: the caller adds it) for atoms the metrics cannot use."""
     allowed = set(elements) if elements is not None else set(ELEMENTS)
     if not symbols:
-        raise ValueError(f"{where}: no atoms")
+        raise InputError("no atoms")
     bad = sorted(set(symbols) - allowed)
     if bad:
-        raise ValueError(f"{where}: unknown element(s) {bad}; supported: {sorted(allowed)}")
+        raise InputError(f"unknown element(s) {bad}; supported: {sorted(allowed)}")
     if max_atoms is not None and len(symbols) > max_atoms:
-        raise ValueError(f"{where}: {len(symbols)} atoms, more than the {max_atoms} supported")
+        raise InputError(f"{len(symbols)} atoms, more than the {max_atoms} supported")
     if pos.shape != (len(symbols), 3) or not np.isfinite(pos).all():
-        raise ValueError(f"{where}: coordinates missing or not finite")
+        raise InputError("coordinates missing or not finite")
 
 
-def _parse_xyz_records(text: str) -> Iterable[tuple[int, int, str, list[str]]]:
-    """Yield (record number, first line, title, atom lines) of a multi-XYZ text."""
-    lines = text.splitlines()
+def _atom_count(line: str) -> int | None:
+    """The atom count of an XYZ count line (its first field), or None when it is not a count."""
+    fields = line.split()
+    return int(fields[0]) if fields and fields[0].isascii() and fields[0].isdigit() else None
+
+
+def _is_count_line(line: str) -> bool:
+    """A lone non-negative integer: where an XYZ record starts."""
+    return len(line.split()) == 1 and _atom_count(line) is not None
+
+
+def _is_atom_line(line: str) -> bool:
+    fields = line.split()
+    try:
+        return len(fields) >= 4 and all(np.isfinite(float(v)) for v in fields[1:4])
+    except ValueError:
+        return False
+
+
+def _next_count_line(lines: Sequence[str], start: int) -> int:
+    return next((j for j in range(start, len(lines)) if _is_count_line(lines[j])), len(lines))
+
+
+def _xyz_records(lines: Sequence[str], file: str) -> Iterator[tuple[str, int, str, list[str]] | InputError]:
+    """(record label, count line number, title, atom lines) of each multi-XYZ record, or the ``InputError`` of
+    a record whose count line is bad or disagrees with its atom lines (reading goes on at the next count line)."""
     i = record = 0
     while i < len(lines):
         if not lines[i].strip():
             i += 1
             continue
         record += 1
-        head = lines[i].strip()
-        try:
-            n = int(head.split()[0])
-        except ValueError:
-            raise ValueError(f"XYZ record {record} (line {i + 1}): expected an atom count, got {head[:40]!r}") from None
-        if n < 0:
-            raise ValueError(f"XYZ record {record} (line {i + 1}): negative atom count {n}")
+        n = _atom_count(lines[i])
+        if n is None:
+            yield InputError(f"expected an atom count, got {lines[i].strip()[:40]!r}", file, record, f"line {i + 1}")
+            i = _next_count_line(lines, i + 1)
+            continue
         title = lines[i + 1].strip() if i + 1 < len(lines) else ""
-        yield record, i + 1, title, lines[i + 2 : i + 2 + n] + [None] * max(0, i + 2 + n - len(lines))
-        i += 2 + n
+        label = f"{record} ({title or 'untitled'})"
+        j = i + 2
+        while j < min(i + 2 + n, len(lines)) and not _is_count_line(lines[j]):
+            j += 1
+        atoms = lines[i + 2 : j]
+        if len(atoms) < n:
+            yield InputError(f"the count line says {n} atoms but {len(atoms)} atom lines follow", file, label,
+                             f"line {i + 1}")
+        elif j < len(lines) and _is_atom_line(lines[j]):
+            yield InputError(f"the count line says {n} atoms but more atom lines follow (line {j + 1})", file,
+                             label, f"line {i + 1}")
+            j = _next_count_line(lines, j)
+        else:
+            yield label, i + 1, title, atoms
+        i = j
+
+
+def _xyz_molecule(atom_lines: Sequence[str], title: str, elements: Sequence[str] | None,
+                  max_atoms: int | None) -> Molecule:
+    symbols, coords = [], []
+    for k, line in enumerate(atom_lines):
+        fields = line.split()
+        if len(fields) < 4:
+            raise InputError(f"atom {k + 1} has no x y z coordinates")
+        symbols.append(fields[0].capitalize() if fields[0].isalpha() else fields[0])
+        try:
+            coords.append([float(v) for v in fields[1:4]])
+        except ValueError:
+            raise InputError(f"atom {k + 1} has non-numeric coordinates {fields[1:4]}") from None
+    pos = np.asarray(coords, dtype=np.float64).reshape(-1, 3)
+    _check(symbols, pos, elements, max_atoms)
+    return Molecule(tuple(symbols), pos, title)
 
 
 def read_xyz(
@@ -85,37 +142,30 @@ def read_xyz(
     elements: Sequence[str] | None = None,
     max_atoms: int | None = None,
     strict: bool = False,
-) -> tuple[list[Molecule], list[str]]:
+) -> tuple[list[Molecule], list[Skipped]]:
     """Multi-XYZ file (``.xyz`` or ``.xyz.gz``): count line, title line, ``El x y z`` lines per record."""
     path = Path(path)
     mols: list[Molecule] = []
-    errors: list[str] = []
-    for record, line_no, title, atom_lines in _parse_xyz_records(_open_text(path)):
-        where = f"{path.name} record {record} ({title or 'untitled'}, line {line_no})"
+    skipped: list[Skipped] = []
+    for item in _xyz_records(_open_text(path).splitlines(), path.name):
         try:
-            symbols, coords = [], []
-            for k, line in enumerate(atom_lines):
-                fields = line.split() if line is not None else []
-                if len(fields) < 4:
-                    raise ValueError(f"{where}: atom {k + 1} has no x y z coordinates")
-                symbols.append(fields[0].capitalize() if fields[0].isalpha() else fields[0])
-                try:
-                    coords.append([float(v) for v in fields[1:4]])
-                except ValueError:
-                    raise ValueError(f"{where}: atom {k + 1} has non-numeric coordinates {fields[1:4]}") from None
-            pos = np.asarray(coords, dtype=np.float64).reshape(-1, 3)
-            _check(symbols, pos, where, elements, max_atoms)
-            mols.append(Molecule(tuple(symbols), pos, title))
-        except ValueError as err:
+            if isinstance(item, InputError):
+                raise item
+            label, line_no, title, atom_lines = item
+            try:
+                mols.append(_xyz_molecule(atom_lines, title, elements, max_atoms))
+            except InputError as err:
+                raise InputError(err.message, path.name, label, f"line {line_no}") from None
+        except InputError as err:
             if strict:
                 raise
-            errors.append(str(err))
-    if not mols and not errors:
-        raise ValueError(f"{path}: empty file (no XYZ records)")
-    return mols, errors
+            skipped.append(Skipped.of(err))
+    if not mols and not skipped:
+        raise InputError("empty file (no XYZ records)", path.name)
+    return mols, skipped
 
 
-def _v2000_symbols(lines: Sequence[str], where: str) -> list[str] | None:
+def _v2000_symbols(lines: Sequence[str]) -> list[str] | None:
     """Element symbols of a V2000 atom block (columns 32-34, as written: RDKit turns unknown ones into ``*``),
     checking that every atom has numeric x, y, z (columns 1-30: RDKit reads blank fields as 0, which would
     silently move the atom to the origin). None for V3000 blocks."""
@@ -124,15 +174,13 @@ def _v2000_symbols(lines: Sequence[str], where: str) -> list[str] | None:
     try:
         n = int(lines[3][:3])
     except ValueError:
-        raise ValueError(f"{where}: counts line (record line 4) has no atom count: {lines[3][:40]!r}") from None
+        raise InputError(f"counts line (record line 4) has no atom count: {lines[3][:40]!r}") from None
     for k in range(n):
         line = lines[4 + k] if 4 + k < len(lines) else ""
         try:
             np.asarray([line[i : i + 10] for i in (0, 10, 20)], dtype=np.float64)
         except ValueError:
-            raise ValueError(
-                f"{where}: atom {k + 1} (record line {5 + k}) has no x y z coordinates: {line[:40]!r}"
-            ) from None
+            raise InputError(f"atom {k + 1} (record line {5 + k}) has no x y z coordinates: {line[:40]!r}") from None
     return [lines[4 + k][31:34].strip() for k in range(n)]
 
 
@@ -142,42 +190,47 @@ def read_sdf(
     elements: Sequence[str] | None = None,
     max_atoms: int | None = None,
     strict: bool = False,
-) -> tuple[list[Molecule], list[str]]:
-    """SDF (``.sdf`` or ``.sdf.gz``): atoms and 3D coordinates of each record (its bonds are ignored: the
-    metrics infer bonds from distances, as EDM does)."""
+) -> tuple[list[Molecule], list[Skipped]]:
+    """SDF (``.sdf`` or ``.sdf.gz``): atoms and 3D coordinates of each record, and the record's own bonds,
+    charges and aromatic flags as ``Molecule.bonded`` (the EDM metrics ignore them and infer bonds from
+    distances; the file-bond metrics use them)."""
     path = Path(path)
     text = _open_text(path)
-    blocks = [b for b in text.split("$$$$") if b.strip()]
+    blocks = [b.lstrip("\r\n") for b in text.split("$$$$") if b.strip()]
     if not blocks:
-        raise ValueError(f"{path}: empty file (no SDF records)")
+        raise InputError("empty file (no SDF records)", path.name)
     mols: list[Molecule] = []
-    errors: list[str] = []
+    skipped: list[Skipped] = []
     RDLogger.DisableLog("rdApp.*")
     try:
         for record, block in enumerate(blocks, start=1):
-            title = block.lstrip("\r\n").splitlines()[0].strip() if block.strip() else ""
-            where = f"{path.name} record {record} ({title or 'untitled'})"
+            title = block.splitlines()[0].strip()
             try:
-                raw = _v2000_symbols(block.lstrip("\r\n").splitlines(), where)
-                mol = Chem.MolFromMolBlock(block.lstrip("\r\n"), sanitize=False, removeHs=False, strictParsing=False)
-                if mol is None:
-                    raise ValueError(f"{where}: not a readable MOL block")
-                if mol.GetNumConformers() == 0 or mol.GetNumAtoms() == 0:
-                    raise ValueError(f"{where}: no atoms or coordinates")
-                conf = mol.GetConformer()
-                pos = np.asarray(conf.GetPositions(), dtype=np.float64)
-                if not conf.Is3D() and np.allclose(pos[:, 2], 0.0):
-                    raise ValueError(f"{where}: coordinates are 2D, 3D needed")
-                symbols = tuple(raw if raw is not None else (a.GetSymbol() for a in mol.GetAtoms()))
-                _check(symbols, pos, where, elements, max_atoms)
-                mols.append(Molecule(symbols, pos, title))
-            except ValueError as err:
+                mols.append(_sdf_molecule(block, title, elements, max_atoms))
+            except InputError as err:
+                located = InputError(err.message, path.name, f"{record} ({title or 'untitled'})")
                 if strict:
-                    raise
-                errors.append(str(err))
+                    raise located from None
+                skipped.append(Skipped.of(located))
     finally:
         RDLogger.EnableLog("rdApp.*")
-    return mols, errors
+    return mols, skipped
+
+
+def _sdf_molecule(block: str, title: str, elements: Sequence[str] | None, max_atoms: int | None) -> Molecule:
+    raw = _v2000_symbols(block.splitlines())
+    mol = Chem.MolFromMolBlock(block, sanitize=False, removeHs=False, strictParsing=False)
+    if mol is None:
+        raise InputError("not a readable MOL block")
+    if mol.GetNumConformers() == 0 or mol.GetNumAtoms() == 0:
+        raise InputError("no atoms or coordinates")
+    conf = mol.GetConformer()
+    pos = np.asarray(conf.GetPositions(), dtype=np.float64)
+    if not conf.Is3D() and np.allclose(pos[:, 2], 0.0):
+        raise InputError("coordinates are 2D, 3D needed")
+    symbols = tuple(raw if raw is not None else (a.GetSymbol() for a in mol.GetAtoms()))
+    _check(symbols, pos, elements, max_atoms)
+    return Molecule(symbols, pos, title, mol)
 
 
 def read_molecules(
@@ -186,7 +239,7 @@ def read_molecules(
     elements: Sequence[str] | None = None,
     max_atoms: int | None = None,
     strict: bool = False,
-) -> tuple[list[Molecule], list[str]]:
+) -> tuple[list[Molecule], list[Skipped]]:
     """Dispatch on the suffix: ``.sdf``/``.mol``/``.sdf.gz`` or ``.xyz``/``.xyz.gz``."""
     path = Path(path)
     suffixes = [s.lower() for s in path.suffixes]
@@ -197,7 +250,7 @@ def read_molecules(
         return read_sdf(path, elements=elements, max_atoms=max_atoms, strict=strict)
     if kind == ".xyz":
         return read_xyz(path, elements=elements, max_atoms=max_atoms, strict=strict)
-    raise ValueError(f"{path}: unknown molecule file type {kind or '(none)'!r}; use .sdf or .xyz")
+    raise InputError(f"unknown molecule file type {kind or '(none)'!r}; use .sdf or .xyz", str(path))
 
 
 def to_rdkit(mol: Molecule) -> Chem.Mol:
@@ -248,4 +301,4 @@ def write_molecules(path: str | Path, molecules: Sequence[Molecule]) -> Path:
         return write_sdf(path, molecules)
     if suffix == ".xyz":
         return write_xyz(path, molecules)
-    raise ValueError(f"{path}: cannot write {suffix or '(no suffix)'!r}; use .sdf or .xyz")
+    raise InputError(f"cannot write {suffix or '(no suffix)'!r}; use .sdf or .xyz", str(path))

@@ -5,7 +5,10 @@ triple bonds: order 0 if d >= b1 + 10; else 3 if the pair has a triple length an
 the pair has a double length and d < b2 + 5; else 1. An atom is stable when its summed bond order equals
 its allowed valence; a molecule when all its atoms are. Validity: an RDKit molecule from those bonds that
 sanitises; its largest fragment's SMILES is kept. Uniqueness over valid SMILES, novelty of unique SMILES
-against training SMILES made by the same code.
+against training SMILES made by the same code. This is the metric for generated structures.
+
+For files that carry bonds (SDF), ``file_bond_metrics`` judges validity and stability by the file's own bonds,
+charges and aromatic flags with RDKit instead (an aromatic benzene, ``[NH4+]`` or acetate is stable there).
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from rdkit import Chem, RDLogger
+
+from molgen.errors import InputError
+from molgen.progress import progress
 
 # Bond lengths in pm, as tabulated by EDM (from wiredchemist.com and chemistry-reference.com); symmetric.
 BONDS1: dict[tuple[str, str], int] = {}
@@ -216,7 +222,7 @@ def evaluate(
     uniqueness and novelty are 0 when nothing is valid (as EDM reports them)."""
     n_mol = n_atoms = stable_atoms = stable_mols = 0
     valid: list[str] = []
-    for symbols, positions in molecules:
+    for symbols, positions in progress(molecules, "molecule metrics"):
         stable = atom_stability(symbols, positions)
         n_mol += 1
         n_atoms += len(stable)
@@ -240,3 +246,65 @@ def evaluate(
         uniqueness=len(unique) / len(valid) if valid else 0.0,
         novelty=novelty,
     )
+
+
+def file_bond_check(mol: Chem.Mol) -> tuple[np.ndarray, str | None, int]:
+    """Stability and validity from a molecule's own bonds, charges and aromatic flags (as read from a file):
+    (per-atom stability [n], SMILES of the largest fragment or None, implicit hydrogens RDKit had to add).
+
+    Valid when RDKit sanitises it; an atom is stable when the molecule is valid and the atom has neither
+    implicit hydrogens nor unpaired electrons (its valence, for its charge, is filled by the file's atoms)."""
+    mol = Chem.Mol(mol)
+    RDLogger.DisableLog("rdApp.*")
+    try:
+        Chem.SanitizeMol(mol)
+    except (ValueError, RuntimeError):
+        return np.zeros(mol.GetNumAtoms(), dtype=bool), None, 0
+    finally:
+        RDLogger.EnableLog("rdApp.*")
+    implicit = [a.GetNumImplicitHs() for a in mol.GetAtoms()]
+    stable = np.array([h == 0 and a.GetNumRadicalElectrons() == 0 for h, a in zip(implicit, mol.GetAtoms())])
+    return stable.astype(bool), Chem.MolToSmiles(largest_fragment(mol)[0]), sum(implicit)
+
+
+@dataclass
+class FileBondMetrics:
+    """Stability and validity by the files' own bonds; ``implicit_h``: molecules RDKit had to add hydrogens to."""
+
+    n: int
+    atom_stability: float
+    mol_stability: float
+    validity: float
+    implicit_h: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return dict(self.__dict__)
+
+
+def file_bond_metrics(molecules: Iterable[Chem.Mol]) -> FileBondMetrics:
+    """``file_bond_check`` over molecules with their bonds as read from a file."""
+    n_mol = n_atoms = stable_atoms = stable_mols = n_valid = implicit_h = 0
+    for mol in molecules:
+        stable, smiles, implicit = file_bond_check(mol)
+        n_mol += 1
+        n_atoms += len(stable)
+        stable_atoms += int(stable.sum())
+        stable_mols += int(stable.all())
+        n_valid += smiles is not None
+        implicit_h += implicit > 0
+    if n_mol == 0:
+        raise InputError("no molecules to evaluate")
+    return FileBondMetrics(n_mol, stable_atoms / max(n_atoms, 1), stable_mols / n_mol, n_valid / n_mol, implicit_h)
+
+
+def hydrogen_warnings(symbols: Iterable[Sequence[str]], file_bonds: FileBondMetrics | None) -> list[str]:
+    """Warnings for missing hydrogens: no H atom in any molecule, or molecules whose file bonds leave valences
+    that RDKit fills with implicit hydrogens (EDM counts such atoms as unstable)."""
+    out = []
+    if not any("H" in s for s in symbols):
+        out.append("no molecule has hydrogen atoms: EDM stability counts every heavy atom that needs one as "
+                   "unstable; add explicit hydrogens")
+    if file_bonds is not None and file_bonds.implicit_h:
+        out.append(f"{file_bonds.implicit_h} of {file_bonds.n} molecules lack hydrogens their bonds need (RDKit adds "
+                   "them implicitly): their atoms are unstable by both metrics")
+    return out

@@ -197,10 +197,13 @@ def add_evaluate(parser: argparse.ArgumentParser, modality: str) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from molgen.errors import Skipped, skipped_summary
     from molgen.sequences.evaluate import evaluate_fasta
 
     torch.set_num_threads(1)
     result = evaluate_fasta(args.file, args.reference, nll=not args.no_nll)
+    skipped = [Skipped(**s) for s in result["skipped"]]
+    print(skipped_summary(skipped, result["n"], "sequences"), file=sys.stderr)
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,8 @@
 Reference (``data/sequences/reference_{rna,dna}.json``, derived from the held-out natural sequences): 3- and
 6-mer spectra; RNA: ViennaRNA MFE per nt and base-paired fraction; DNA: JASPAR 2024 CORE vertebrate motif hit
 rates of natural enhancers. Build them with ``python -m molgen.sequences.evaluate rna|dna [--data PATH]``.
+
+``evaluate_fasta`` evaluates every record it can read and lists the rest under ``skipped``.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from molgen.errors import InputError, Skipped
 from molgen.sequences.alphabets import DNA, RNA, Alphabet
 from molgen.sequences.data import load_dataset
-from molgen.sequences.io import read_sequences, validate
+from molgen.sequences.io import Record, read_records, screen
 from molgen.sequences.metrics import fold_stats, jaspar_pwms, kmer_frequencies, motif_hits, pearson
 from molgen.sequences.pretrained import SHIPPED_DIR, default_checkpoint, load_pretrained
 
@@ -73,8 +76,22 @@ def build_reference(modality: str, root: str | Path | None = None) -> dict[str, 
     return ref
 
 
+def usable_records(path: str | Path, alphabet: Alphabet | None = None) -> tuple[list[Record], list[Skipped]]:
+    """The records of ``path`` that can be evaluated (in ``alphabet``; by default RNA or DNA, as the letters
+    say) and the skipped rest; ``InputError`` when none is left."""
+    records, skipped = read_records(path)
+    alphabet = alphabet or (RNA if infer_modality([r.seq for r in records]) == "rna" else DNA)
+    records, bad = screen(records, alphabet, file=str(path))
+    skipped += bad
+    if not records:
+        first = f": {skipped[0]}" if skipped else ""
+        raise InputError(f"no sequences to evaluate ({len(skipped)} records skipped{first})", str(path))
+    return records, skipped
+
+
 def load_reference(reference: str) -> dict[str, Any]:
-    """``rna`` / ``dna`` -> shipped reference JSON; a FASTA/plain path -> its own statistics."""
+    """``rna`` / ``dna`` -> shipped reference JSON; a FASTA/plain path -> its own statistics (with the records
+    it skipped under ``skipped``)."""
     if reference in ("rna", "dna"):
         path = reference_path(reference)
         if not path.exists():
@@ -83,24 +100,30 @@ def load_reference(reference: str) -> dict[str, Any]:
                 f"`python -m molgen.sequences.evaluate {reference}`"
             )
         return json.loads(path.read_text())
-    records = read_sequences(reference)
-    modality = infer_modality([r.seq for r in records])
-    records = validate(records, RNA if modality == "rna" else DNA)
-    return sequence_stats([r.seq for r in records], modality)
+    records, skipped = usable_records(reference)
+    seqs = [r.seq for r in records]
+    return {**sequence_stats(seqs, infer_modality(seqs)), "skipped": [s.as_dict() for s in skipped]}
 
 
-def model_bits_per_token(seqs: list[str], modality: str, alphabet: Alphabet) -> float | None:
-    """NELBO (bits per nt) of ``seqs`` under the shipped default model (unconditional); None if absent."""
+def model_bits_per_token(seqs: list[str], modality: str, alphabet: Alphabet) -> dict[str, Any]:
+    """``model_bits_per_token``: NELBO (bits per nt) under the shipped default model (unconditional) of the
+    sequences it can score (up to its maximum length), their number, and a note on what was left out."""
     from molgen.sequences.training import heldout_bits_per_token
 
     ckpt = default_checkpoint(modality)
     if not ckpt.exists():
-        return None
+        return {"model_bits_per_token": None, "model_bits_per_token_note": f"no shipped model at {ckpt}"}
     pre = load_pretrained(ckpt)
-    if max(len(s) for s in seqs) > pre.model.config.max_length:
-        return None
-    x0 = torch.nn.utils.rnn.pad_sequence([alphabet.encode(s) for s in seqs], True, alphabet.pad_id)
-    return heldout_bits_per_token(pre.model, pre.process, x0, {})
+    limit = pre.model.config.max_length
+    scored = [s for s in seqs if len(s) <= limit]
+    out: dict[str, Any] = {"model_bits_per_token": None, "model_bits_per_token_n": len(scored)}
+    if len(scored) < len(seqs):
+        left_out = len(seqs) - len(scored)
+        out["model_bits_per_token_note"] = f"{left_out} sequence(s) longer than the model's {limit} nt left out"
+    if scored:
+        x0 = torch.nn.utils.rnn.pad_sequence([alphabet.encode(s) for s in scored], True, alphabet.pad_id)
+        out["model_bits_per_token"] = heldout_bits_per_token(pre.model, pre.process, x0, {})
+    return out
 
 
 def compare(samples: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
@@ -123,11 +146,12 @@ def compare(samples: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_fasta(path: str | Path, reference: str = "rna", nll: bool = True) -> dict[str, Any]:
-    """Evaluate sequences in ``path`` against a reference (``rna``, ``dna`` or a natural FASTA path)."""
+    """Evaluate the usable sequences in ``path`` against a reference (``rna``, ``dna`` or a natural FASTA
+    path); records that cannot be evaluated (here or in a reference file) are listed under ``skipped``."""
     ref = load_reference(str(reference))
     modality = ref["modality"]
     alphabet = RNA if modality == "rna" else DNA
-    records = validate(read_sequences(path), alphabet)
+    records, skipped = usable_records(path, alphabet)
     seqs = [r.seq for r in records]
     result: dict[str, Any] = {
         "file": str(path),
@@ -139,7 +163,8 @@ def evaluate_fasta(path: str | Path, reference: str = "rna", nll: bool = True) -
     if "natural_baseline" in ref:
         result["natural_baseline"] = ref["natural_baseline"]
     if nll:
-        result["model_bits_per_token"] = model_bits_per_token(seqs, modality, alphabet)
+        result.update(model_bits_per_token(seqs, modality, alphabet))
+    result["skipped"] = [s.as_dict() for s in skipped] + ref.get("skipped", [])
     return result
 
 
