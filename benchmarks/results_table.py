@@ -191,11 +191,21 @@ def _molecules(raw: dict) -> dict:
     return {"columns": MOLECULE_COLUMNS, "rows": rows}
 
 
+LIKELIHOOD_COLUMNS = [["states", "states", ""], ["n", "n", ""], ["bits_per_dim", "bits/dim", ".3f"],
+                      ["sd_states", "sd over states", ".3f"], ["sd_probe", "Hutchinson sd", ".3f"],
+                      ["seconds", "seconds", ".1f"]]
+
+
+def _likelihood(raw: dict) -> dict:
+    return {"columns": LIKELIHOOD_COLUMNS, "rows": raw["rows"]}
+
+
 # what a kind keeps of the benchmark's output under "raw" (default: all of it)
 RAW = {"samplers_overhead": lambda raw: {"rows": [r for r in raw["rows"] if r["target"] == "overhead"]}}
 
 KINDS = {"samplers": _samplers, "samplers_overhead": _samplers_overhead, "generation": _generation,
-         "guidance": _guidance, "sequences": _sequences, "structure": _structure, "molecules": _molecules}
+         "guidance": _guidance, "sequences": _sequences, "structure": _structure, "molecules": _molecules,
+         "likelihood": _likelihood}
 
 
 def record(kinds: list[str], names: list[str], command: list[str], cwd: Path = ROOT,

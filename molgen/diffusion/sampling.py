@@ -13,6 +13,8 @@ an affine fast path: a few fused multiply-adds of the state, the raw model outpu
 
 The model the loop calls is the user's model composed with optional wrappers (``Sampler.net``):
 ``torch.compile``, the step-scaled ODE (``molgen.diffusion.step_scale.StepScaled``) and autocast, in that order.
+A ``corrector`` (``molgen.diffusion.corrector``) adds Langevin steps after every transition (predictor-corrector
+sampling); without one every output is the predictor's alone.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
+from molgen.diffusion.corrector import get_corrector, langevin
 from molgen.diffusion.grids import get_grid
 from molgen.diffusion.linear_part import gaussian, step_for
 from molgen.diffusion.parameterization import check_prediction
@@ -129,6 +132,8 @@ class Sampler:
     linear_part: Any = None  # GaussianMoments: every step integrates their flow exactly, extrapolates the residual
     step_scale: float = 1.0  # AF3's eta for any solver: dy/drho = eta (y - D) / rho (molgen.diffusion.step_scale)
     step_scale_below: float | None = None  # rho = sigma / alpha below which it applies (None: the whole grid)
+    corrector: str | None = None  # "langevin": predictor-corrector sampling (molgen.diffusion.corrector)
+    corrector_options: Mapping[str, Any] | None = None  # langevin: snr (0.16), steps (1) after every transition
     n_steps: int = field(init=False)
     orders: list[int] = field(init=False)
 
@@ -166,6 +171,9 @@ class Sampler:
                                  "solver_options={'step_scale': ...})")
         if self.clip_x0 is not None and self.dynamic_threshold is not None:
             raise ValueError("choose one of clip_x0 and dynamic_threshold")
+        self.correction = None if self.corrector is None else get_corrector(self.corrector, self.corrector_options)
+        if self.correction is not None and self.step_scale != 1.0:
+            raise ValueError("a corrector samples the true marginals; the step-scaled ODE has none (step_scale=1)")
         if self.linear_part is not None and self.spec.linear_part is None:
             raise ValueError(
                 f"solver {self.spec.name!r} has no exact-linear-part form; linear_part works with "
@@ -222,7 +230,9 @@ class Sampler:
 
     @property
     def model_calls(self) -> int:
-        return model_calls(self.spec.kind, self.orders)
+        """Model evaluations of a run: the plan's, plus the corrector's steps after every transition."""
+        extra = 0 if self.correction is None else self.correction.steps * len(self.orders)
+        return model_calls(self.spec.kind, self.orders) + extra
 
     @property
     def affine(self) -> bool:
@@ -260,14 +270,19 @@ class Sampler:
         return replace(state, x0=x0, nan_step=model.record), x0
 
     def step(self, state: State, i: int, generator: torch.Generator | None = None) -> State:
-        """From t_i to t_{i+1}: the solver's step on its plan row, then projection and padding."""
+        """From t_i to t_{i+1}: the solver's step on its plan row, then projection and padding (and the
+        corrector's steps at t_{i+1}, when there is one)."""
         if not 0 <= i < self.n_steps - 1:
             raise IndexError(f"step {i} outside 0..{self.n_steps - 2}")
         model = BoundModel(self, state, i)
         noise = functools.partial(self.space.noise_like, state.x, state.mask, generator)
-        move = self._step(state.plan.row(i), state, model, noise)
+        row = state.plan.row(i)
+        move = self._step(row, state, model, noise)
         x = move.x if model.affine else self._keep(self.space.project(move.x, state.mask), state.mask, state.keep)
-        return replace(state, x=x, x0=move.x0, hist=move.hist, extra=move.extra, nan_step=model.record)
+        x0 = move.x0
+        if self.correction is not None:
+            x, x0 = langevin(self.correction, row, x, x0, state.mask, model, noise), None
+        return replace(state, x=x, x0=x0, hist=move.hist, extra=move.extra, nan_step=model.record)
 
     @staticmethod
     def select(state: State, index: Tensor) -> State:
@@ -428,6 +443,8 @@ def sample(
     linear_part: Any = None,
     step_scale: float = 1.0,
     step_scale_below: float | None = None,
+    corrector: str | None = None,
+    corrector_options: Mapping[str, Any] | None = None,
 ) -> Tensor:
     """Denoise ``x_T`` (drawn at the schedule's ``t_max``) with ``solver`` on a time ``grid``.
 
@@ -441,14 +458,16 @@ def sample(
     independent; with both (the same moments) the whole run, start included, follows the Gaussian flow exactly
     where the model adds nothing. ``step_scale`` eta != 1 integrates AF3's step-scaled ODE
     dy/drho = eta (y - D) / rho with any ODE solver (``molgen.diffusion.step_scale``), below
-    ``step_scale_below`` when given: the grid gives the noise levels the denoiser is told. Returns the x0
-    estimate at the last point.
+    ``step_scale_below`` when given: the grid gives the noise levels the denoiser is told. ``corrector="langevin"``
+    follows every transition with Langevin steps at the new grid point (predictor-corrector sampling,
+    ``molgen.diffusion.corrector``; ``corrector_options``: snr, steps). Returns the x0 estimate at the last point.
     """
     sampler = Sampler(
         model, schedule, solver, steps=steps, nfe=nfe, grid=grid, space=space, prediction=prediction,
         solver_options=solver_options, grid_options=grid_options, clip_x0=clip_x0,
         dynamic_threshold=dynamic_threshold, autocast=autocast, compile=compile, warm_start=warm_start,
-        linear_part=linear_part, step_scale=step_scale, step_scale_below=step_scale_below,
+        linear_part=linear_part, step_scale=step_scale, step_scale_below=step_scale_below, corrector=corrector,
+        corrector_options=corrector_options,
     )
     state = sampler.run(sampler.init(x_T, mask=mask, cond=cond), generator, callback)
     return sampler.finish(state)
