@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from molgen.geometry import centre
+
 
 def expand_mask(mask: Tensor | None, x: Tensor) -> Tensor | None:
     """Mask reshaped to broadcast against ``x`` (trailing singleton dimensions added)."""
@@ -61,14 +63,7 @@ class ZeroCoM(Euclidean):
     def project(self, x: Tensor, mask: Tensor | None) -> Tensor:
         if x.ndim != 3:
             raise ValueError(f"ZeroCoM expects x of shape [batch, atoms, features], got {tuple(x.shape)}")
-        pos = x[..., : self.n_dims]
-        if mask is None:
-            centred = pos - pos.mean(dim=1, keepdim=True)
-        else:
-            m = mask.to(x.dtype).unsqueeze(-1)
-            com = (pos * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1.0)
-            centred = (pos - com) * m
-        return torch.cat([centred, x[..., self.n_dims :]], dim=-1)
+        return torch.cat([centre(x[..., : self.n_dims], mask), x[..., self.n_dims :]], dim=-1)
 
     def rademacher(self, x: Tensor, mask: Tensor | None, generator: torch.Generator | None) -> Tensor:
         """Rademacher coordinates r_1..r_{n-1} per axis in the Helmert basis of the zero-CoM subspace over the n
