@@ -42,6 +42,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 metadata = MetaData()
 
@@ -133,11 +134,23 @@ def sample_id(round_: int, index: int) -> str:
     return f"r{round_:03d}-{index:05d}"
 
 
+class DatabaseUnavailable(OSError):
+    """The campaign database cannot be opened: an unreachable server, refused credentials, a bad URL."""
+
+
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine: Engine = create_engine(url)
-        metadata.create_all(self.engine)
+        try:
+            self.engine: Engine = create_engine(url)
+            metadata.create_all(self.engine)
+        except ModuleNotFoundError as err:
+            raise ModuleNotFoundError(f"the campaign database {mask_password(url)} needs its Python driver "
+                                      f"{err.name!r}: pip install {err.name}", name=err.name) from None
+        except (SQLAlchemyError, ValueError) as err:
+            reason = getattr(err, "orig", None) or err
+            raise DatabaseUnavailable(f"cannot open the campaign database {mask_password(url)}: "
+                                      f"{str(reason).strip().splitlines()[0]}") from None
 
     # ------------------------------------------------------------------------------------------ campaign
     def campaign(self) -> dict[str, Any] | None:
