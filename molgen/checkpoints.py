@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from molgen.errors import InputError
+
 
 def code_version() -> str:
     """Git commit of the working tree (with ``+dirty`` when it has changes), or the package version."""
@@ -73,7 +75,13 @@ def read_card(path: str | Path) -> dict:
     card_path = Path(path).with_suffix(".json")
     if not card_path.exists():
         raise FileNotFoundError(f"checkpoint {path} has no card {card_path} (config and provenance)")
-    return json.loads(card_path.read_text())
+    try:
+        card = json.loads(card_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"not a JSON card ({err})", str(card_path)) from None
+    if not isinstance(card, dict):
+        raise InputError("a card must be a JSON object", str(card_path))
+    return card
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
@@ -82,4 +90,32 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     card = read_card(path)
-    return torch.load(path, map_location=map_location, weights_only=True), card
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception:  # noqa: BLE001 - unpickling errors of any kind: nothing in the file was run
+        raise InputError("not a molgen checkpoint: not a torch file of tensors only (nothing in it was run)",
+                         str(path)) from None
+    if not isinstance(state, dict):
+        raise InputError(f"a checkpoint must hold a state dict, not {type(state).__name__}", str(path))
+    return state, card
+
+
+def card_config(card: Mapping[str, Any], path: str | Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The card's ``config`` holding ``keys``; a card of another kind of model is an ``InputError``."""
+    config = card.get("config")
+    missing = [k for k in keys if not isinstance(config, dict) or k not in config]
+    if not isinstance(config, dict) or missing:
+        raise InputError(f"the card has no model config{' with ' + ', '.join(missing) if missing else ''}: a "
+                         "checkpoint of another kind of model?", str(Path(path).with_suffix(".json")))
+    return config
+
+
+def load_weights(module: torch.nn.Module, state: Mapping[str, Any], path: str | Path) -> torch.nn.Module:
+    """``module.load_state_dict(state)``; weights of another architecture are an ``InputError`` naming the
+    checkpoint and the first missing, unexpected or misshapen keys."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        lines = [ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()]
+        raise InputError(f"weights of another architecture ({'; '.join(lines)[:300]})", str(path)) from None
+    return module

@@ -16,6 +16,8 @@ import dataclasses
 import json
 import os
 import time
+import types
+import typing
 from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,10 +59,11 @@ class GenerationConfig:
     out: str = "generated"
 
     def __post_init__(self) -> None:
+        _check_types(self)
         mod = get_modality(self.modality)
         if self.preset is None:
             object.__setattr__(self, "preset", "guided" if self.reward is not None else "default")
-        mod.preset(self.preset)  # an unknown preset fails here, listing the modality's presets
+        mod.preset(self.preset, self.solver, self.steps)  # an unknown preset or solver fails here, listed
         for name in ("n", "shard_size", "candidates", "particles"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -80,7 +83,10 @@ class GenerationConfig:
         unknown = sorted(set(values) - fields)
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(fields)}")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
 
     def identity(self) -> dict[str, Any]:
         """The fields that decide the samples (not where they are written; the guidance settings only with a
@@ -98,6 +104,18 @@ class GenerationConfig:
 
     def shard_range(self, k: int) -> range:
         return range(k * self.shard_size, min((k + 1) * self.shard_size, self.n))
+
+
+def _check_types(config: GenerationConfig) -> None:
+    """Every field has its declared type (int, str, or None where allowed), or a ``ValueError`` names it."""
+    hints = typing.get_type_hints(GenerationConfig)
+    for f in dataclasses.fields(config):
+        value, want = getattr(config, f.name), hints[f.name]
+        union = typing.get_origin(want) in (types.UnionType, typing.Union)
+        allowed = tuple(typing.get_args(want)) if union else (want,)
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise ValueError(f"{f.name} must be {names}, got {value!r}")
 
 
 def shard_seed(seed: int, shard: int) -> int:

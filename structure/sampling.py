@@ -55,15 +55,14 @@ MANY_STEPS = GridSettings(rho=7.0, sigma_last=SIGMA_MIN, warm_start=False)
 
 def load_model(path: str | Path, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX) -> BackboneDenoiser:
     """The shipped (or any exported) denoiser with the engine's ``edm`` schedule attached, in eval mode."""
-    from molgen.checkpoints import load_checkpoint
+    from molgen.checkpoints import card_config, load_checkpoint, load_weights
     from molgen.diffusion import get_schedule
 
     state, card = load_checkpoint(path)
     fields = set(ModelConfig.__dataclass_fields__)
-    cfg = ModelConfig(**{k: v for k, v in card["config"].items() if k in fields})
+    cfg = ModelConfig(**{k: v for k, v in card_config(card, path, ()).items() if k in fields})
     model = BackboneDenoiser(cfg, get_schedule("edm", sigma_min=sigma_min, sigma_max=sigma_max))
-    model.load_state_dict(state)
-    return model.eval().requires_grad_(False)
+    return load_weights(model, state, path).eval().requires_grad_(False)
 
 
 def check_length(model: BackboneDenoiser, length: int) -> None:

@@ -141,3 +141,13 @@ def test_a_bad_solver_creates_nothing_and_a_busy_folder_is_refused(tmp_path):
         with pytest.raises(FolderInUse, match="in use by another molgen process"):
             run_generation(cfg, progress=False)
     assert len(fasta(run_generation(cfg, progress=False).root)) == 2
+
+
+def test_a_config_file_with_a_wrong_type_is_named(tmp_path, capsys):
+    from molgen.cli import main
+
+    config = tmp_path / "job.yaml"
+    config.write_text("modality: rna\nn: ten\n")
+    assert main(["generate", "--config", str(config), "--out", str(tmp_path / "out")]) == 2
+    assert f"{config}: n must be int, got 'ten'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -45,9 +45,19 @@ class Sequences(Modality):
         return default_checkpoint(self.name)
 
     def load(self, checkpoint: str | Path | None = None, device: str | torch.device = "cpu") -> Any:
+        """The pretrained model; a checkpoint of another alphabet is refused."""
         from molgen.sequences.pretrained import load_pretrained
 
-        return load_pretrained(checkpoint or self.default_checkpoint(), device)
+        path = checkpoint or self.default_checkpoint()
+        return self.checked(load_pretrained(path, device), path)
+
+    def checked(self, pre: Any, path: str | Path) -> Any:
+        """``pre`` when its alphabet is this modality's, else an ``InputError`` naming the checkpoint."""
+        from molgen.errors import InputError
+
+        if pre.alphabet.name.lower() != self.name:
+            raise InputError(f"a {pre.alphabet.name} model, not a {self.name} one", str(path))
+        return pre
 
     def sample(self, model: Any, n: int, *, preset: Preset, seed: int, length: int | None = None,
                device: str | torch.device = "cpu") -> list[Any]:
@@ -77,7 +87,7 @@ class Sequences(Modality):
 
         path = Path(checkpoint) if checkpoint else self.default_checkpoint()
         with snapshot(path, self.name) as (copy, digest):
-            pre = load_pretrained(copy)
+            pre = self.checked(load_pretrained(copy), path)
         label = pre.label_id(condition) if condition is not None else None
         max_len = pre.model.config.max_length
         if length is not None and not 1 <= length <= max_len:

@@ -18,7 +18,7 @@ from rdkit import Chem
 from torch import Tensor, nn
 
 from molgen.batching import largest_batch
-from molgen.checkpoints import load_checkpoint
+from molgen.checkpoints import card_config, load_checkpoint, load_weights
 from molgen.diffusion import ZeroCoM, sample
 from molgen.diffusion.schedules import Schedule
 from molgen.diffusion.step_scale import applies
@@ -47,11 +47,11 @@ FIRST_NOISE = 4.0
 
 def load_model(path: str | Path | None = None) -> tuple[MoleculeDenoiser, dict[str, Any]]:
     """Denoiser (eval mode) and its config (atom-count histogram, property statistics) from a checkpoint."""
-    state, card = load_checkpoint(path or DEFAULT_CHECKPOINT)
-    config = card["config"]
+    path = path or DEFAULT_CHECKPOINT
+    state, card = load_checkpoint(path)
+    config = card_config(card, path, ("atom_hist",))
     model = MoleculeDenoiser(**{k: config[k] for k in MODEL_KEYS if k in config})
-    model.load_state_dict(state)
-    return model.eval(), config
+    return load_weights(model, state, path).eval(), config
 
 
 def sample_atom_counts(hist: Sequence[float], n: int, generator: torch.Generator | None = None) -> Tensor:

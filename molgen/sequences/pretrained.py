@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from molgen.checkpoints import load_checkpoint
+from molgen.checkpoints import card_config, load_checkpoint, load_weights
 from molgen.diffusion.discrete import MaskedDiffusion
 from molgen.sequences.alphabets import Alphabet, get_alphabet
 from molgen.sequences.data import REPO_ROOT, LengthDistribution
@@ -43,9 +43,8 @@ class Pretrained:
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
     """Build the denoiser and process from a checkpoint written by ``molgen train rna|dna``."""
     state, card = load_checkpoint(path, map_location=device)
-    cfg = card["config"]
-    model = SequenceDenoiser(DenoiserConfig(**cfg["denoiser"]))
-    model.load_state_dict(state)
+    cfg = card_config(card, path, ("denoiser", "alphabet"))
+    model = load_weights(SequenceDenoiser(DenoiserConfig(**cfg["denoiser"])), state, path)
     model.eval().to(device)
     alphabet = get_alphabet(cfg["alphabet"])
     process = build_process(
