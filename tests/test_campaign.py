@@ -3,6 +3,7 @@ refusal of another configuration, SDEdit-style refinement, the command line."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import signal
@@ -324,3 +325,86 @@ def test_database_passwords_never_reach_disk(monkeypatch):
     monkeypatch.setenv(PASSWORD_VARIABLE, "PASSWORD")
     assert database_url(Path("."), stored) == url
     assert database_url(Path("."), url) == url and mask_password(None) is None
+
+
+# ------------------------------------------------------------------------------------------------ fine-tuning
+FINETUNE = {"steps": 3, "batch": 6, "rank": 2, "lr": 0.05, "kl_bound": 5.0}
+
+
+def test_finetune_key_is_checked_and_part_of_the_identity():
+    from molgen.campaign.config import FinetuneSpec
+
+    plain = CampaignConfig.from_mapping(tiny())
+    assert plain.finetune is None and "finetune" not in plain.identity()  # older campaigns keep their identity
+    assert CampaignConfig.from_mapping(tiny(finetune=None)).identity_hash() == plain.identity_hash()
+    defaults = CampaignConfig.from_mapping(tiny(finetune={}))
+    assert defaults.finetune == FinetuneSpec() and defaults.identity_hash() != plain.identity_hash()
+    assert CampaignConfig.from_mapping(tiny(finetune={"beta": 3})).finetune.beta == 3.0
+    with pytest.raises(ValueError, match=r"finetune\.stepz"):
+        CampaignConfig.from_mapping(tiny(finetune={"stepz": 3}))
+    with pytest.raises(ValueError, match="finetune.lr must be a finite number > 0"):
+        CampaignConfig.from_mapping(tiny(finetune={"lr": 0}))
+    with pytest.raises(ValueError, match="fine-tuning between rounds is available for"):
+        CampaignConfig.from_mapping({"modality": "molecules", "rewards": [{"name": "qed", "spec": "qed"}],
+                                     "finetune": {}})
+
+
+def test_finetuned_rounds_count_their_calls_and_resume_with_the_same_weights(tmp_path, monkeypatch, uninterrupted):
+    cfg = CampaignConfig.from_mapping(tiny(finetune=FINETUNE))
+    full = Campaign(cfg, tmp_path / "full").run()
+    folder = tmp_path / "full" / "finetune"
+    assert sorted(p.name for p in folder.iterdir()) == [f"round-00{r}.{e}" for r in (2, 3) for e in ("json", "pt")]
+    cards = {r: json.loads((folder / f"round-00{r}.json").read_text())["provenance"] for r in (2, 3)}
+    assert [c["data_size"] for c in cards.values()] == [6, 12]  # every design scored before the round
+    for prov in cards.values():
+        assert prov["base_sha256"] == full.info()["checkpoint_sha256"]
+        assert prov["steps"] + len(prov["rolled_back"]) == 3 and prov["model_calls"] == 3 * 6 * 6
+    calls = full.rounds_frame().set_index("round")["model_calls"]
+    plain_calls = uninterrupted.rounds_frame().set_index("round")["model_calls"]
+    assert calls[1] == plain_calls[1] and calls[2] == plain_calls[2] + cards[2]["model_calls"]
+    s_full, s_plain = full.samples_frame(), uninterrupted.samples_frame()
+    assert s_full[s_full["round"] == 1]["sequence"].tolist() == s_plain[s_plain["round"] == 1]["sequence"].tolist()
+    assert s_full[s_full["round"] == 2]["sequence"].tolist() != s_plain[s_plain["round"] == 2]["sequence"].tolist()
+
+    crashed = Campaign(cfg, tmp_path / "crash")
+    original = RoundGenerator.generate
+
+    def fail_in_round_2(self, n, seed, reward, parents):
+        if parents:
+            raise RuntimeError("worker died")
+        return original(self, n, seed, reward, parents)
+
+    monkeypatch.setattr(RoundGenerator, "generate", fail_in_round_2)
+    with pytest.raises(RuntimeError, match="worker died"):
+        crashed.run()
+    monkeypatch.setattr(RoundGenerator, "generate", original)
+    assert (tmp_path / "crash" / "finetune" / "round-002.pt").is_file()  # saved before the round generated
+
+    import molgen.finetune
+
+    fresh = molgen.finetune.finetune
+
+    def only_round_3(base, process, tokens, *args, **kwargs):
+        assert len(tokens) == 12, "round 2's saved adapter should be read back, not trained again"
+        return fresh(base, process, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(molgen.finetune, "finetune", only_round_3)
+    resumed = Campaign(cfg, tmp_path / "crash").run()
+    for a, b in zip(frames(resumed), frames(full)):
+        pd.testing.assert_frame_equal(a, b)
+    Campaign(cfg, tmp_path / "crash", overwrite=True)  # a fresh start drops the adapters too
+    assert not (tmp_path / "crash" / "finetune").exists()
+
+
+def test_unusable_databases_are_named_without_their_password():
+    from molgen.campaign.store import DatabaseUnavailable, Store
+    from molgen.errors import EXIT_DEPENDENCY, EXIT_OS, exit_code
+
+    with pytest.raises(DatabaseUnavailable, match=r"nosuchdialect://u:\*\*\*@host/db") as bad:
+        Store("nosuchdialect://u:secret@host/db")
+    assert "secret" not in str(bad.value) and exit_code(bad.value) == EXIT_OS
+    if importlib.util.find_spec("psycopg") is not None:
+        pytest.skip("psycopg is installed: the missing-driver case cannot be shown")
+    with pytest.raises(ModuleNotFoundError, match=r"postgresql://u:\*\*\*@127.0.0.1:1/db needs its Python driver") as e:
+        Store("postgresql://u:secret@127.0.0.1:1/db")  # no driver installed here
+    assert exit_code(e.value) == EXIT_DEPENDENCY

@@ -54,7 +54,8 @@ def test_report_is_self_contained(campaign, tmp_path):
     for section in ("Rounds", "Reward distributions per round", "Reward versus naturalness", "Best designs",
                     "Configuration", "checkpoint_sha256"):
         assert section in html
-    assert html.count("<svg") == 4  # score, target, mfe distributions + the scatter
+    assert html.count("<svg") == 5  # score, target, mfe, naturalness distributions + the scatter
+    assert "mean naturalness" in html and "fine-tuning" in html
     best = c.selected().head(12)
     for seq in best["sequence"]:  # every selected design is shown with its MFE structure
         assert re.search(seq + r"\n[().]{12}</td>", html)

@@ -14,10 +14,13 @@
     guidance: {method: svdd, candidates: 4}        # unguided | bon | svdd | fk | dps (+ alpha, particles, lam, ...)
     selection: {rule: top_k, k: 16, min_distance: 0.3}   # top_k | pareto; objectives: rewards | rewards+naturalness
     refine: {fraction: 0.5, t: 0.5}    # rounds >= 2: this share of n refines the selection, re-noised to t
+    finetune: {}                       # rna/dna: before each round >= 2, fine-tune an adapter on every design
+                                       # scored so far (molgen.finetune; {} = defaults, null/absent = off)
     database: null                     # null = sqlite:///DIR/campaign.sqlite; or a SQLAlchemy URL
 
 ``identity()`` is what decides the designs: a folder holding a campaign of another identity is refused.
-``rounds`` and ``database`` are left out, so raising ``rounds`` continues a finished campaign.
+``rounds`` and ``database`` are left out, so raising ``rounds`` continues a finished campaign; ``finetune``
+is left out when null, so campaigns without it keep their identity.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from molgen.finetune import FinetuneSettings
 from molgen.guidance.fk import POTENTIALS
 from molgen.guidance.tasks import METHODS as GUIDANCE_METHODS
 from molgen.modalities import choose
@@ -37,6 +41,7 @@ from molgen.modalities import names as modality_names
 
 METHODS = tuple(m for m in GUIDANCE_METHODS if m != "svdd_mc")  # SVDD-MC needs a value net per reward
 RULES = ("top_k", "pareto")
+FINETUNE_MODALITIES = ("rna", "dna")  # the masked discrete models
 OBJECTIVES = ("rewards", "rewards+naturalness")
 
 
@@ -92,6 +97,26 @@ class RefineSpec:
 
 
 @dataclass(frozen=True)
+class FinetuneSpec:
+    """Reward fine-tuning between rounds (``molgen.finetune``): before round r >= 2 a rank-``rank`` adapter
+    on the campaign's model (round 2: from zero; later rounds: continuing the previous one) is trained for
+    ``steps`` steps (``batch`` designs each, Adam at ``lr``) on every design scored so far, weighted
+    softmax(beta * standardised score), with KL weight ``kl_weight`` to the pretrained model; a step pushing
+    the KL above ``kl_bound`` nats per masked token is rolled back."""
+
+    steps: int = FinetuneSettings.steps
+    lr: float = FinetuneSettings.lr
+    beta: float = FinetuneSettings.beta
+    kl_weight: float = FinetuneSettings.kl_weight
+    kl_bound: float = FinetuneSettings.kl_bound
+    rank: int = FinetuneSettings.rank
+    batch: int = FinetuneSettings.batch
+
+    def settings(self, seed: int) -> FinetuneSettings:
+        return FinetuneSettings(**dataclasses.asdict(self), seed=seed)
+
+
+@dataclass(frozen=True)
 class CampaignConfig:
     modality: str
     rewards: tuple[RewardSpec, ...]
@@ -105,6 +130,7 @@ class CampaignConfig:
     guidance: GuidanceSpec = field(default_factory=GuidanceSpec)
     selection: SelectionSpec = field(default_factory=SelectionSpec)
     refine: RefineSpec = field(default_factory=RefineSpec)
+    finetune: FinetuneSpec | None = None
     database: str | None = None
 
     def __post_init__(self) -> None:
@@ -144,6 +170,8 @@ class CampaignConfig:
         d = self.to_dict()
         d.pop("rounds")
         d.pop("database")
+        if d["finetune"] is None:
+            d.pop("finetune")
         return d
 
     def identity_hash(self) -> str:
@@ -183,6 +211,8 @@ def _build(cls: type, values: Any, where: str, prefix: str) -> Any:
     for key, value in values.items():
         if cls is CampaignConfig and key in _NESTED:
             kwargs[key] = _build(_NESTED[key], value or {}, where, f"{key}.")
+        elif cls is CampaignConfig and key == "finetune":
+            kwargs[key] = None if value is None else _build(FinetuneSpec, value, where, "finetune.")
         elif cls is CampaignConfig and key == "rewards":
             if not isinstance(value, list) or not value:
                 raise ValueError(f"{where}: rewards must be a non-empty list of {{name, spec, weight}}")
@@ -249,6 +279,23 @@ def validate(cfg: CampaignConfig) -> None:
         raise ValueError(f"refine.fraction must be in [0, 1], got {ref.fraction}")
     if not 0 < ref.t <= 1:
         raise ValueError(f"refine.t must be in (0, 1], got {ref.t}")
+    if cfg.finetune is not None:
+        _check_finetune(cfg.finetune, cfg.modality)
+
+
+def _check_finetune(ft: FinetuneSpec, modality: str) -> None:
+    if modality not in FINETUNE_MODALITIES:
+        raise ValueError(f"finetune: fine-tuning between rounds is available for {list(FINETUNE_MODALITIES)} "
+                         f"(masked discrete models), not {modality!r}")
+    for key in ("steps", "rank", "batch"):
+        if getattr(ft, key) < 1:
+            raise ValueError(f"finetune.{key} must be >= 1, got {getattr(ft, key)}")
+    for key in ("lr", "kl_bound"):
+        if not (getattr(ft, key) > 0 and math.isfinite(getattr(ft, key))):
+            raise ValueError(f"finetune.{key} must be a finite number > 0, got {getattr(ft, key)}")
+    for key in ("beta", "kl_weight"):
+        if not (getattr(ft, key) >= 0 and math.isfinite(getattr(ft, key))):
+            raise ValueError(f"finetune.{key} must be a finite number >= 0, got {getattr(ft, key)}")
 
 
 def _check_reward(r: RewardSpec, i: int, modality: str) -> None:

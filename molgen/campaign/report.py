@@ -1,7 +1,8 @@
 """``molgen report DIR``: one self-contained HTML page for a campaign (inline CSS and SVG, no script, no network).
 
-Sections: the rounds (status, counts, model calls, timings, best and mean score), reward distributions per
-round (box + points for every reward and the weighted score), score against naturalness with the Pareto
+Sections: the rounds (status, counts, model calls, timings, best and mean score, mean naturalness, the
+fine-tuning the round drew from), distributions per round (box + points for every reward, the weighted score
+and naturalness), score against naturalness with the Pareto
 front of the two (both maximised) and the current selection ringed, the best designs (RNA: sequence, ViennaRNA
 MFE structure and energy; DNA: sequence and GC; molecules: RDKit 2D depictions; backbones: CA trace and
 contact map), and the run's full configuration and provenance.
@@ -9,6 +10,7 @@ contact map), and the run's full configuration and provenance.
 
 from __future__ import annotations
 
+import json
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ import pandas as pd
 import yaml
 
 from molgen.campaign import svg
-from molgen.campaign.runner import Campaign, design_of
+from molgen.campaign.runner import Campaign, design_of, finetune_path
 from molgen.campaign.selection import pareto_front
 from molgen.modalities import get_modality
 
@@ -92,6 +94,7 @@ def _rounds_table(rounds: pd.DataFrame, samples: pd.DataFrame, campaign: Campaig
         return "<p>No round has run yet.</p>"
     sel = campaign.selections_frame()
     stats = samples.groupby("round")["score"].agg(["max", "mean"]) if len(samples) else pd.DataFrame()
+    natural = samples.groupby("round")["naturalness"].mean() if len(samples) else pd.Series(dtype=float)
     rows = []
     for _, r in rounds.iterrows():
         k = int(r["round"])
@@ -100,11 +103,22 @@ def _rounds_table(rounds: pd.DataFrame, samples: pd.DataFrame, campaign: Campaig
                      "seconds": seconds if r["status"] == "done" else None,
                      "best score": stats["max"].get(k) if len(stats) else None,
                      "mean score": stats["mean"].get(k) if len(stats) else None,
+                     "mean naturalness": natural.get(k),
+                     "fine-tuning": _finetuning(campaign, k),
                      "selected": int((sel["round"] == k).sum()) if len(sel) else 0,
                      "selection mean score": _selection_mean(sel, samples, k),
                      "refined": int(((samples["round"] == k) & (samples["origin"] == "refine")).sum())
                      if len(samples) else 0})
     return _table(pd.DataFrame(rows))
+
+
+def _finetuning(campaign: Campaign, round_: int) -> str | None:
+    """The fine-tuning the round drew from: steps kept (rolled back) and the final KL, from its card."""
+    card = finetune_path(campaign.root, round_).with_suffix(".json")
+    if not card.is_file():
+        return None
+    p = json.loads(card.read_text())["provenance"]
+    return f"{p['steps']} steps ({len(p['rolled_back'])} rolled back), KL {p['kl']:.3g}"
 
 
 def _selection_mean(sel: pd.DataFrame, samples: pd.DataFrame, round_: int) -> float | None:
@@ -115,7 +129,7 @@ def _selection_mean(sel: pd.DataFrame, samples: pd.DataFrame, round_: int) -> fl
 
 def _distributions(samples: pd.DataFrame, rewards: list[str]) -> str:
     plots = []
-    for col in ["score", *rewards]:
+    for col in ["score", *rewards, "naturalness"]:
         groups = {int(r): g[col].to_numpy(dtype=float) for r, g in samples.groupby("round")}
         plots.append(svg.distributions(groups, "score (weighted sum)" if col == "score" else col, col))
     return f'<div class="plots">{"".join(plots)}</div>'

@@ -5,6 +5,9 @@ Refinement (SDEdit) runs the same ``guide`` on a problem whose sampler starts at
 is the selected designs noised to t (``Modality.noise_to``: masked diffusion masks each token independently
 with probability 1 - alpha(t), an exact draw of q(x_t | x_0); continuous diffusion draws
 x_t = alpha(t) x_0 + sigma(t) eps in the zero-CoM space).
+
+``use_model`` swaps the sampler's denoiser (a fine-tuned copy, ``molgen.finetune``) for the following rounds;
+guidance runs on top of it, and naturalness is always measured under the campaign's own model.
 """
 
 from __future__ import annotations
@@ -43,6 +46,13 @@ class RoundGenerator:
         self.problem = get_problem(cfg.modality, steps=cfg.sampler.steps, solver=cfg.sampler.solver,
                                    checkpoint=cfg.checkpoint,
                                    length=cfg.sample_length() or self.modality.default_length)
+        self.sampling = self.problem  # the problem designs are drawn from (its model fine-tuned or not)
+
+    def use_model(self, model: Any | None) -> None:
+        """Draw the following rounds with ``model`` in place of the campaign's model (None: the campaign's)."""
+        base = self.problem.sampler
+        self.sampling = self.problem if model is None else dataclasses.replace(
+            self.problem, sampler=dataclasses.replace(base, model=model))
 
     def generate(self, n: int, seed: int, reward: Any, parents: Sequence[tuple[str, Design]]) -> RoundOutput:
         """``n`` designs: ``refine.fraction`` of them (when there are parents) refine the parents in turn."""
@@ -51,14 +61,14 @@ class RoundGenerator:
         designs: list[Design] = []
         calls = 0
         if n - n_refine:
-            res = self._guide(self.problem, reward, n - n_refine, seed)
+            res = self._guide(self.sampling, reward, n - n_refine, seed)
             designs += self.modality.designs(self.problem, res)
             calls += res.model_calls
         if n_refine:
             picked = [parents[i % len(parents)] for i in range(n_refine)]
             problem = self.refine_problem([d for _, d in picked])
             res = self._guide(problem, reward, n_refine, seed + 1)
-            for d, (pid, _) in zip(self.modality.designs(problem, res), picked):
+            for d, (pid, _) in zip(self.modality.designs(self.problem, res), picked):
                 designs.append(dataclasses.replace(d, parent=pid, origin="refine"))
             calls += res.model_calls
         return RoundOutput(designs, calls)
@@ -84,4 +94,4 @@ class RoundGenerator:
             m = None if mask is None else mask.repeat_interleave(per, 0)
             return [Draw(x_t, m, None if m is None else {"mask": m})]
 
-        return dataclasses.replace(self.problem, sampler=self.modality.partial_sampler(self.problem, t), draw=draw)
+        return dataclasses.replace(self.sampling, sampler=self.modality.partial_sampler(self.sampling, t), draw=draw)

@@ -12,11 +12,18 @@ sum_k w_k r_k; the guidance methods steer toward that weighted sum. Selection ra
 ``top_k`` by score, ``pareto`` by non-dominated front over the reward columns (and naturalness when asked),
 score breaking ties; ``min_distance`` then drops designs too close to a better one already kept.
 Everything goes into the SQL store; re-running continues after the last finished round.
+
+With ``finetune`` set, round r >= 2 is drawn (guidance on top) from the campaign's model with a low-rank
+adapter fine-tuned on every design of rounds < r and its score (``molgen.finetune``; round 2's adapter starts
+at zero, round r's continues round r - 1's; the KL is always to the campaign's model), saved as
+``DIR/finetune/round-RRR.pt`` with its card before the round generates; a resumed round reads it back, so it
+draws with the same weights. The fine-tuning's model calls count in the round's ``model_calls``.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +43,7 @@ from molgen.modalities import Design, Modality, get_modality
 from molgen.seeds import derived_seed
 
 CONFIG_FILE = "campaign.json"
+FINETUNE_DIR = "finetune"
 
 
 class Campaign:
@@ -82,6 +90,7 @@ class Campaign:
                              "use another directory or pass --overwrite")
         if overwrite:
             self.store.reset()
+            shutil.rmtree(self.root / FINETUNE_DIR, ignore_errors=True)
             existing = None
         row = {"name": cfg.name, "modality": cfg.modality, "config": json_text(cfg.to_dict()),
                "identity": cfg.identity_hash(), "checkpoint": str(ckpt),
@@ -148,6 +157,8 @@ class Campaign:
         seed = round_seed(cfg.seed, r)
         self.store.start_round(r, seed)
         t0 = time.perf_counter()
+        tuned, tuning_calls = self.finetuned(r) if cfg.finetune is not None and r >= 2 else (None, 0)
+        self.rounds.use_model(tuned)
         out = self.rounds.generate(cfg.n_per_round, seed, self.guide_reward(), self._parents(r))
         if len(out.designs) != cfg.n_per_round:
             raise RuntimeError(f"round {r}: generated {len(out.designs)} of {cfg.n_per_round} designs")
@@ -168,9 +179,34 @@ class Campaign:
         chosen = self._select(pd.concat([self.samples_frame(), _new_frame(samples, values)], ignore_index=True))
         t3 = time.perf_counter()
         self.store.commit_round(r, samples, scores, chosen, {
-            "model_calls": int(out.model_calls), "seconds_generate": t1 - t0, "seconds_score": t2 - t1,
+            "model_calls": int(out.model_calls) + tuning_calls, "seconds_generate": t1 - t0, "seconds_score": t2 - t1,
             "seconds_select": t3 - t2})
         return {"n": len(samples), "best": float(np.max(score)), "selected": len(chosen), "seconds": t3 - t0}
+
+    def finetuned(self, r: int) -> tuple[torch.nn.Module, int]:
+        """The adapted model round ``r`` draws from and the model calls its fine-tuning cost: read back from
+        ``finetune_path(root, r)`` when a previous attempt saved it, else fine-tuned from round r - 1's adapter
+        (round 2: from zero) on every design of the finished rounds (seed ``derived_seed("molgen-finetune",
+        seed, r)``) and saved there with its card."""
+        from molgen.finetune import finetune, load_adapter, save_adapter
+
+        problem = self.rounds.problem
+        base = problem.sampler.model
+        path = finetune_path(self.root, r)
+        if path.is_file() and path.with_suffix(".json").is_file():
+            model, card = load_adapter(path, base, problem.sha256)
+            return model, int(card["provenance"]["model_calls"])
+        frame = self.samples_frame()
+        tokens, _ = self.modality.encode(problem, [design_of(row) for _, row in frame.iterrows()])
+        scores = torch.tensor(frame["score"].to_numpy(dtype=np.float64))
+        settings = self.config.finetune.settings(derived_seed("molgen-finetune", self.config.seed, r))
+        reward = self.guide_reward()
+        start = self.finetuned(r - 1)[0] if r >= 3 else None
+        model, report = finetune(base, problem.sampler.process, tokens, scores, settings, penalty=reward.penalty,
+                                 start=start)
+        save_adapter(path, model, report, base_sha256=problem.sha256, settings=settings, reward=reward.name,
+                     base_checkpoint=str(problem.checkpoint))
+        return model, report.model_calls
 
     def _parents(self, r: int) -> list[tuple[str, Design]]:
         if r == 1 or self.config.refine.fraction == 0:
@@ -249,6 +285,11 @@ def status_text(campaign: Campaign) -> str:
             lines.append(f"  {row['id']}  score {row['score']:.4g}" + "".join(
                 f"  {c} {row[c]:.4g}" for c in cfg.reward_names) + extra)
     return "\n".join(lines)
+
+
+def finetune_path(root: Path, round_: int) -> Path:
+    """The adapter round ``round_`` of the campaign in ``root`` draws from (its card beside it, ``.json``)."""
+    return root / FINETUNE_DIR / f"round-{round_:03d}.pt"
 
 
 def round_seed(seed: int, round_: int) -> int:

@@ -1,0 +1,433 @@
+"""Reward fine-tuning of masked-diffusion denoisers: reward-weighted likelihood on scored designs, through a
+low-rank adapter, with a KL leash to the frozen pretrained model.
+
+Adapter (LoRA, Hu et al. 2021): every ``nn.Linear`` the denoiser calls as a module outside its transformer
+layers (the sequence denoiser's dilated-conv output projections and the output head; PyTorch's fused
+transformer path reads those layers' weights directly, so they stay frozen) becomes
+
+    y = W x + b + B A x,    A [r, d_in] ~ N(0, 1 / d_in),  B [d_out, r] = 0,
+
+so an adapter at initialisation leaves every output unchanged exactly; only A and B train.
+
+Objective on designs x_i with scores s_i (a NaN or infinite score counts as ``penalty``, the worst finite score
+when none is given):
+
+    z_i = (s_i - mean s) / std s,        w_i = softmax(beta z)_i
+    L(theta) = sum_i w_i NELBO_theta(x_i) / n_i  +  lambda KL
+
+with n_i the design's data tokens and, on the same corrupted batches x_t ~ q(x_t | x_i) used for the NELBO,
+
+    KL = mean over masked positions j of  sum_k p_theta(k | x_t) [log p_theta(k | x_t) - log p_ref(k | x_t)]
+
+(nats per masked token, p_ref the frozen model). Each step draws ``batch`` designs from w (importance
+resampling: the plain mean over the draw is an unbiased estimate of the weighted sum) and stratified times.
+beta = 0 and lambda = 0 give the plain per-token NELBO of the designs. A step whose loss or gradient is not
+finite, or after which the KL on its batch exceeds ``kl_bound``, is rolled back (adapter and optimiser state
+restored bit for bit) and reported.
+
+GRPO (``grpo``, Shao et al. 2024) on the sampler's own steps: G samples per prior state (a group) are drawn
+with the ancestral sampler, recording every state x_{t_k}; rewards r_i (a raising reward or a NaN value counts
+as ``penalty``) give advantages A_i = (r_i - mean_group r) / std_group r; each update minimises
+
+    -mean_{k,i} min(rho_ki A_i, clip(rho_ki, 1 - eps, 1 + eps) A_i) + lambda mean_k KL_k,
+    rho_ki = exp(log p_theta(step k of i) - log p_old(step k of i)),
+
+where a masked step's policy log-likelihood is that of the tokens it unmasked, sum over j with
+x_{t_k}^j = m != x_{t_{k+1}}^j of log p_theta(x_{t_{k+1}}^j | x_{t_k}) (which positions unmask does not depend
+on the model), and KL_k is the KL above on the masked positions of x_{t_k}. Roll-back as above.
+
+    model, report = finetune(base, process, tokens, scores, FinetuneSettings(steps=32))
+    save_adapter("ft.pt", model, report, base_sha256=digest, settings=FinetuneSettings(steps=32))
+    model, card = load_adapter("ft.pt", base, base_sha256=digest)
+    model, report = grpo(base, process, prior, reward, decode, GRPOSettings(iterations=8))
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from molgen.checkpoints import load_checkpoint, save_checkpoint
+from molgen.diffusion.discrete import DiscreteSampler, MaskedDiffusion
+
+CALLS_PER_ROW = 6  # model calls a fine-tuning row costs: adapted forward, backward (2), reference forward, check (2)
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Reward-weighted fine-tuning: ``steps`` Adam steps at ``lr`` on ``batch`` designs drawn from
+    softmax(beta z), KL weight ``kl_weight`` (lambda), roll-back bound ``kl_bound`` (nats per masked token),
+    adapter rank ``rank``."""
+
+    steps: int = 32
+    lr: float = 1e-2
+    beta: float = 4.0
+    kl_weight: float = 0.1
+    kl_bound: float = 1.0
+    rank: int = 8
+    batch: int = 64
+    seed: int = 0
+
+
+@dataclass
+class FinetuneReport:
+    """What a fine-tuning run did: steps kept, steps rolled back (step index and reason), the last kept step's
+    loss, NELBO and KL, the designs it saw and its model calls (rows x ``CALLS_PER_ROW``)."""
+
+    steps: int
+    rolled_back: list[tuple[int, str]] = field(default_factory=list)
+    loss: float = math.nan
+    nelbo: float = math.nan
+    kl: float = 0.0
+    data_size: int = 0
+    model_calls: int = 0
+    seconds: float = 0.0
+    reward_means: list[float] = field(default_factory=list)  # GRPO: mean reward of each iteration's rollouts
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "rolled_back": [list(r) for r in self.rolled_back]}
+
+
+# --------------------------------------------------------------------------------------------- adapter
+class LoRALinear(nn.Module):
+    """``y = base(x) + (x A^T) B^T`` with the base layer frozen; B starts at zero."""
+
+    def __init__(self, base: nn.Linear, rank: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        d_out, d_in = base.weight.shape
+        self.lora_a = nn.Parameter(torch.randn(rank, d_in, generator=generator) / math.sqrt(d_in))
+        self.lora_b = nn.Parameter(torch.zeros(d_out, rank))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + (x @ self.lora_a.T) @ self.lora_b.T
+
+
+def adapter_targets(model: nn.Module) -> list[str]:
+    """Names of the linear layers an adapter wraps: every ``nn.Linear`` outside transformer layers."""
+    inside = [name for name, m in model.named_modules() if isinstance(m, nn.TransformerEncoderLayer)]
+    return [name for name, m in model.named_modules() if type(m) is nn.Linear
+            and not any(name.startswith(p + ".") for p in inside)]
+
+
+def with_adapter(base: nn.Module, rank: int, seed: int = 0) -> nn.Module:
+    """A copy of ``base`` with every frozen parameter and a rank-``rank`` LoRA on ``adapter_targets``."""
+    if rank < 1:
+        raise ValueError(f"adapter rank must be >= 1, got {rank}")
+    model = copy.deepcopy(base).requires_grad_(False)
+    targets = adapter_targets(model)
+    if not targets:
+        raise ValueError(f"{type(base).__name__} has no linear layer an adapter can wrap")
+    g = torch.Generator().manual_seed(seed)
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, g))
+    return model
+
+
+def adapter_state(model: nn.Module) -> dict[str, Tensor]:
+    """The adapter's trainable tensors (cloned), by parameter name."""
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def restore(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy ``state`` (``adapter_state``) back into the model's adapter, bit for bit."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
+
+
+# --------------------------------------------------------------------------------------------- objective
+def design_weights(scores: Tensor, beta: float, penalty: float | None = None) -> Tensor:
+    """w = softmax(beta z), z the standardised scores; a non-finite score counts as ``penalty`` (default: the
+    worst finite score, 0 when none is finite); equal scores give equal weights."""
+    s = scores.double()
+    finite = torch.isfinite(s)
+    if penalty is None:
+        penalty = float(s[finite].min()) if bool(finite.any()) else 0.0
+    s = torch.where(finite, s, torch.full_like(s, penalty))
+    std = s.std(unbiased=False) if len(s) > 1 else torch.zeros((), dtype=s.dtype)
+    z = (s - s.mean()) / std if float(std) > 0 else torch.zeros_like(s)
+    return torch.softmax(beta * z, 0)
+
+
+def objective(model: nn.Module, ref: nn.Module, process: MaskedDiffusion, x0: Tensor, weights: Tensor,
+              t: Tensor, generator: torch.Generator | None, kl_weight: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, weighted NELBO per token, KL per masked token) on one corrupted batch x_t ~ q(x_t | x0) at times t
+    (the module docstring's L); the reference sees the same x_t."""
+    x_t = process.corrupt(x0, t, generator)
+    masked = x_t == process.mask_id
+    logp = torch.log_softmax(model(x_t, t).float(), -1)
+    nll = -logp.gather(-1, x0.clamp(max=process.n_tokens - 1)[..., None]).squeeze(-1)
+    nll = torch.where(masked, nll, torch.zeros_like(nll)).sum(-1)
+    per_token = process.schedule.weight(t.to(torch.float64)).float() * nll / process.is_data(x0).sum(-1).clamp_min(1)
+    nelbo = (weights.to(per_token.dtype) * per_token).sum()
+    kl = masked_kl(logp, ref, x_t, t, masked)
+    return nelbo + kl_weight * kl, nelbo, kl
+
+
+def masked_kl(logp: Tensor, ref: nn.Module, x_t: Tensor, t: Tensor, masked: Tensor) -> Tensor:
+    """Mean over masked positions of KL(p_theta || p_ref) per position (0 when nothing is masked)."""
+    with torch.no_grad():
+        logr = torch.log_softmax(ref(x_t, t).float(), -1)
+    kl = (logp.exp() * (logp - logr)).sum(-1)
+    n = masked.sum()
+    return torch.where(masked, kl, torch.zeros_like(kl)).sum() / n.clamp_min(1)
+
+
+def _finite_grads(model: nn.Module) -> bool:
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------------------------- training
+def finetune(base: nn.Module, process: MaskedDiffusion, tokens: Tensor, scores: Tensor,
+             settings: FinetuneSettings = FinetuneSettings(), penalty: float | None = None,
+             start: nn.Module | None = None) -> tuple[nn.Module, FinetuneReport]:
+    """Fine-tune a rank-``settings.rank`` adapter on ``base`` (left untouched, the KL reference) toward the
+    designs ``tokens`` [N, L] with ``scores`` [N], from the adapter of ``start`` (a model of ``with_adapter``
+    of the same rank) or from zero; returns the adapted model (eval mode) and its report."""
+    if len(tokens) != len(scores) or not len(tokens):
+        raise ValueError(f"fine-tuning needs one score per design, got {len(tokens)} designs, {len(scores)} scores")
+    t0 = time.perf_counter()
+    s = settings
+    ref = base
+    model = with_adapter(base, s.rank, s.seed).eval()  # eval: no dropout, so the KL check is deterministic
+    if start is not None:
+        restore(model, lora_state(start))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=s.lr)
+    w = design_weights(scores, s.beta, penalty)
+    g = torch.Generator().manual_seed(s.seed)
+    report = FinetuneReport(steps=0, data_size=len(tokens))
+    rows = 0
+    with torch.enable_grad():
+        for step in range(s.steps):
+            idx = torch.multinomial(w, s.batch, replacement=True, generator=g)
+            x0 = tokens[idx]
+            t = process.sample_t(len(x0), g)
+            uniform = torch.full((len(x0),), 1.0 / len(x0))
+            rows += len(x0)
+            saved, saved_opt = adapter_state(model), copy.deepcopy(opt.state_dict())
+            corrupt_seed = int(torch.randint(0, 2**62, (), generator=g))  # the check sees the step's x_t
+            loss = objective(model, ref, process, x0, uniform, t, torch.Generator().manual_seed(corrupt_seed),
+                             s.kl_weight)[0]
+            if not bool(torch.isfinite(loss)):
+                report.rolled_back.append((step, "non-finite loss"))
+                continue
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if not _finite_grads(model):
+                report.rolled_back.append((step, "non-finite gradient"))
+                continue
+            opt.step()
+            with torch.no_grad():
+                after = objective(model, ref, process, x0, uniform, t,
+                                  torch.Generator().manual_seed(corrupt_seed), s.kl_weight)
+            if not (bool(torch.isfinite(after[0])) and float(after[2]) <= s.kl_bound):
+                restore(model, saved)
+                opt.load_state_dict(saved_opt)
+                report.rolled_back.append((step, f"KL {float(after[2]):.4g} above bound {s.kl_bound:g}"
+                                           if bool(torch.isfinite(after[0])) else "non-finite loss after step"))
+                continue
+            report.steps += 1
+            report.loss, report.nelbo, report.kl = float(after[0]), float(after[1]), float(after[2])
+    report.model_calls = rows * CALLS_PER_ROW
+    report.seconds = time.perf_counter() - t0
+    return model.requires_grad_(False), report
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+def save_adapter(path: str | Path, model: nn.Module, report: FinetuneReport, *, base_sha256: str,
+                 settings: FinetuneSettings, reward: str = "", base_checkpoint: str = "") -> Path:
+    """Write the adapter's tensors to ``path`` and its card (base model SHA-256, reward, settings, steps, KL,
+    data size, roll-backs, model calls) beside it (``molgen.checkpoints.save_checkpoint``)."""
+    state = lora_state(model)
+    config = {"adapter": {"kind": "lora", "rank": settings.rank, "targets": adapter_targets_of(model)},
+              "settings": asdict(settings)}
+    provenance = {"base_sha256": base_sha256, "base_checkpoint": base_checkpoint, "reward": reward,
+                  **report.as_dict()}
+    return save_checkpoint(path, state, config, provenance=provenance)
+
+
+def lora_state(model: nn.Module) -> dict[str, Tensor]:
+    """The adapter tensors of a model built by ``with_adapter`` (trainable or frozen), by name."""
+    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")}
+
+
+def adapter_targets_of(model: nn.Module) -> list[str]:
+    """Names of the adapted layers of a model built by ``with_adapter``."""
+    return [name for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def load_adapter(path: str | Path, base: nn.Module, base_sha256: str | None = None) -> tuple[nn.Module, dict]:
+    """``base`` with the adapter saved at ``path`` and its card; a card made for other base weights
+    (``base_sha256`` given and different) is refused."""
+    state, card = load_checkpoint(path)
+    made_for = card["provenance"]["base_sha256"]
+    if base_sha256 is not None and made_for != base_sha256:
+        raise ValueError(f"adapter {path} was fine-tuned from base weights {made_for[:12]}..., not "
+                         f"{base_sha256[:12]}...")
+    model = with_adapter(base, int(card["config"]["adapter"]["rank"])).eval()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    lora_missing = [k for k in missing if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")]
+    if lora_missing or unexpected:
+        raise ValueError(f"adapter {path} does not fit this model (missing {lora_missing}, unexpected {unexpected})")
+    return model.requires_grad_(False), card
+
+
+# --------------------------------------------------------------------------------------------- GRPO
+@dataclass(frozen=True)
+class GRPOSettings:
+    """GRPO on the ancestral sampler's own steps: ``iterations`` rollouts of ``groups`` x ``group_size`` samples
+    (``steps`` sampler steps), each followed by ``epochs`` clipped policy updates (ratio clip ``clip``, Adam at
+    ``lr``) with KL weight ``kl_weight``, roll-back bound ``kl_bound``, adapter rank ``rank``."""
+
+    iterations: int = 4
+    groups: int = 4
+    group_size: int = 8
+    epochs: int = 2
+    steps: int = 16
+    clip: float = 0.2
+    kl_weight: float = 0.1
+    kl_bound: float = 1.0
+    lr: float = 1e-2
+    rank: int = 8
+    seed: int = 0
+
+
+@dataclass
+class Rollout:
+    """The sampler's states x_{t_0}, ..., x_{t_K} ([K + 1, B, L]), the grid times [K + 1] and, per step k,
+    the sampling policy's log-likelihood of the tokens it unmasked ([K, B])."""
+
+    states: Tensor
+    times: Tensor
+    old_logp: Tensor
+
+
+def unmasked_logp(log_p0: Tensor, x_t: Tensor, x_s: Tensor, mask_id: int) -> Tensor:
+    """log-likelihood of a transition's unmasked tokens, sum over j with x_t^j = m != x_s^j of
+    log p(x_s^j | x_t), [B]. The rest of the ancestral transition (which positions unmask) does not depend on
+    the model, so this is the policy's part of the step's log-likelihood."""
+    new = (x_t == mask_id) & (x_s != mask_id)
+    lp = log_p0.gather(-1, torch.where(new, x_s, torch.zeros_like(x_s))[..., None]).squeeze(-1)
+    return torch.where(new, lp, torch.zeros_like(lp)).sum(-1)
+
+
+@torch.no_grad()
+def rollout(model: nn.Module, process: MaskedDiffusion, x_T: Tensor, steps: int, generator: torch.Generator
+            ) -> Rollout:
+    """Ancestral sampling from x_T with every state and the per-step log-likelihoods recorded."""
+    smp = DiscreteSampler(model, process, "ancestral", steps)
+    st = smp.init(x_T)
+    states, logps = [st.x], []
+    for i in range(smp.n_steps - 1):
+        st = smp.step(st, i, generator)  # st.log_p0 stays the one the step drew from
+        logps.append(unmasked_logp(st.log_p0, states[-1], st.x, process.mask_id))
+        states.append(st.x)
+    smp.finish(st)
+    return Rollout(torch.stack(states), smp.grid.float(), torch.stack(logps))
+
+
+def safe_rewards(reward: Callable[[Any], Any], samples: Sequence[Any], penalty: float) -> Tensor:
+    """The reward of each sample, [N] float64; a reward that raises scores every sample ``penalty``, a NaN or
+    infinite value scores that sample ``penalty``."""
+    try:
+        r = torch.as_tensor(reward(samples), dtype=torch.float64).reshape(len(samples))
+    except Exception:  # noqa: BLE001 - a failing reward is a penalty, never a NaN gradient
+        r = torch.full((len(samples),), float(penalty), dtype=torch.float64)
+    return torch.where(torch.isfinite(r), r, torch.full_like(r, float(penalty)))
+
+
+def group_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """A_i = (r_i - mean_g r) / std_g r within each group of ``group_size`` consecutive samples (0 where the
+    group's rewards are all equal)."""
+    r = rewards.double().reshape(-1, group_size)
+    std = r.std(-1, unbiased=False, keepdim=True)
+    a = (r - r.mean(-1, keepdim=True)) / std.clamp_min(1e-12)
+    return torch.where(std > 0, a, torch.zeros_like(a)).reshape(-1)
+
+
+def clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip: float) -> Tensor:
+    """PPO's clipped objective as a loss: -mean min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = exp(logp - old)."""
+    ratio = torch.exp(logp - old_logp)
+    a = advantages.to(ratio.dtype)
+    return -torch.minimum(ratio * a, ratio.clamp(1.0 - clip, 1.0 + clip) * a).mean()
+
+
+def grpo_loss(model: nn.Module, ref: nn.Module, process: MaskedDiffusion, ro: Rollout, advantages: Tensor,
+              clip: float, kl_weight: float) -> tuple[Tensor, Tensor]:
+    """(loss, KL): the clipped surrogate over every step k and sample, plus kl_weight times the mean over
+    steps of KL(p_theta || p_ref) on the masked positions of x_{t_k}."""
+    surrogate, kl = torch.zeros(()), torch.zeros(())
+    n = len(ro.old_logp)
+    for k in range(n):
+        x_t = ro.states[k]
+        t = ro.times[k].expand(len(x_t))
+        logp0 = torch.log_softmax(model(x_t, t).float(), -1)
+        logp = unmasked_logp(logp0, x_t, ro.states[k + 1], process.mask_id)
+        surrogate = surrogate + clipped_surrogate(logp, ro.old_logp[k], advantages, clip) / n
+        kl = kl + masked_kl(logp0, ref, x_t, t, x_t == process.mask_id) / n
+    return surrogate + kl_weight * kl, kl
+
+
+def grpo(base: nn.Module, process: MaskedDiffusion, prior: Callable[[int, torch.Generator], Tensor],
+         reward: Callable[[Any], Any], decode: Callable[[Tensor], Sequence[Any]],
+         settings: GRPOSettings = GRPOSettings(), penalty: float = -1.0) -> tuple[nn.Module, FinetuneReport]:
+    """GRPO (Shao et al. 2024) of a rank-``settings.rank`` adapter on ``base`` (the frozen KL reference):
+    ``prior(groups, g)`` gives one prior state per group, each repeated ``group_size`` times; the rewards
+    ``reward(decode(tokens))`` (failures: ``penalty``) give group-relative advantages; each update minimises
+    ``grpo_loss``. Model calls: rollout rows x steps, plus six per row and step of each update."""
+    s = settings
+    t0 = time.perf_counter()
+    model = with_adapter(base, s.rank, s.seed).eval()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=s.lr)
+    g = torch.Generator().manual_seed(s.seed)
+    report = FinetuneReport(steps=0)
+    calls = 0
+    for it in range(s.iterations):
+        x_T = prior(s.groups, g).repeat_interleave(s.group_size, 0)
+        ro = rollout(model, process, x_T, s.steps, g)
+        rewards = safe_rewards(reward, decode(ro.states[-1]), penalty)
+        adv = group_advantages(rewards, s.group_size)
+        report.reward_means.append(float(rewards.mean()))
+        report.data_size += len(x_T)
+        calls += len(x_T) * s.steps
+        for epoch in range(s.epochs):
+            step = it * s.epochs + epoch
+            calls += len(x_T) * s.steps * CALLS_PER_ROW
+            saved, saved_opt = adapter_state(model), copy.deepcopy(opt.state_dict())
+            with torch.enable_grad():
+                loss = grpo_loss(model, base, process, ro, adv, s.clip, s.kl_weight)[0]
+                if not bool(torch.isfinite(loss)):
+                    report.rolled_back.append((step, "non-finite loss"))
+                    continue
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            if not _finite_grads(model):
+                report.rolled_back.append((step, "non-finite gradient"))
+                continue
+            opt.step()
+            with torch.no_grad():
+                after, kl = grpo_loss(model, base, process, ro, adv, s.clip, s.kl_weight)
+            if not (bool(torch.isfinite(after)) and float(kl) <= s.kl_bound):
+                restore(model, saved)
+                opt.load_state_dict(saved_opt)
+                report.rolled_back.append((step, f"KL {float(kl):.4g} above bound {s.kl_bound:g}"
+                                           if bool(torch.isfinite(after)) else "non-finite loss after step"))
+                continue
+            report.steps += 1
+            report.loss, report.kl = float(after), float(kl)
+    report.model_calls = calls
+    report.seconds = time.perf_counter() - t0
+    return model.requires_grad_(False), report
