@@ -186,7 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exit_code(err)
         if code is None or args.debug:
             raise
-        print(f"molgen {args.command}: error: {err}", file=sys.stderr)
+        text = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename and err.strerror else err
+        print(f"molgen {args.command}: error: {text}", file=sys.stderr)
         return code
 
 

@@ -381,3 +381,64 @@ def test_fuzz_spec_parsers(spec: str) -> None:
             parse(spec)
         except ValueError:  # the documented error of the spec parsers (InputError is one)
             pass
+
+
+REWARD_WORDS = ["qed", "sa", "logp", "validity", "gc", "rna_mfe", "rna_target", "jaspar", "helix", "rg", "linear",
+                "quadratic", "nope", "+", "*", ":", ",", "=", "0.5", "-1", "nan", "inf", "((..))", "MA0099.3", " "]
+
+
+@FUZZ
+@given(words=st.lists(st.sampled_from(REWARD_WORDS), max_size=8))
+def test_fuzz_reward_specs(words: list[str]) -> None:
+    """Reward specs built from reward names, operators and arguments: a parsed reward or a ValueError."""
+    from molgen.guidance.rewards import parse_reward
+
+    try:
+        parse_reward("".join(words))
+    except ValueError:
+        pass
+
+
+CAMPAIGN_KEYS = ["name", "modality", "rounds", "n_per_round", "length", "seed", "rewards", "guidance", "sampler",
+                 "selection", "refine", "database", "checkpoint", "finetune", "bogus"]
+YAML_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 300) | st.floats(allow_nan=True) | st.text(max_size=12)
+    | st.sampled_from(["rna", "dna", "molecules", "backbones", "svdd", "top_k", "pareto", "gc", "rna_mfe"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(
+        ["name", "spec", "weight", "method", "rule", "k", "steps", "solver", "fraction", "t", "x"]), inner, max_size=4),
+    max_leaves=12)
+
+
+@FUZZ
+@given(doc=st.dictionaries(st.sampled_from(CAMPAIGN_KEYS), YAML_VALUES, max_size=8) | YAML_VALUES,
+       raw=st.text(max_size=40))
+def test_fuzz_campaign_yaml(fuzz_dir: Path, doc, raw: str) -> None:
+    """Campaign YAML, as documents of the right keys with any values and as raw text: a config or a ValueError."""
+    import yaml
+
+    from molgen.campaign import CampaignConfig
+
+    for i, text in enumerate((yaml.safe_dump(doc), raw)):
+        path = fuzz_dir / f"campaign_{i}.yaml"
+        path.write_text(text)
+        try:
+            CampaignConfig.from_yaml(path)
+        except ValueError:
+            pass
+
+
+def test_sdf_records_with_blank_titles_are_read(tmp_path: Path) -> None:
+    """RDKit writes unnamed molecules with a blank title line; every record keeps its header of three lines."""
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    from molgen.molecules.io import read_sdf
+
+    path = tmp_path / "unnamed.sdf"
+    with Chem.SDWriter(str(path)) as writer:
+        for smiles in ("CCO", "C1CC1", "N"):
+            mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+            AllChem.EmbedMolecule(mol, randomSeed=0)
+            writer.write(mol)
+    mols, skipped = read_sdf(path)
+    assert not skipped and [len(m.symbols) for m in mols] == [9, 9, 4]

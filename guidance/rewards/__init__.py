@@ -67,8 +67,9 @@ def check_failures(reward: Reward, max_share: float) -> None:
     share = failed_share(reward)
     if share > max_share:
         errors = [r.stats.last_error for r in (reward, *getattr(reward, "parts", ())) if r.stats.last_error]
+        last = errors[-1] if errors else "the scores were NaN or infinite"
         raise RewardFailures(f"{share:.0%} of the samples scored by reward {reward.name!r} failed (more than "
-                             f"{max_share:.0%}); last error: {errors[-1] if errors else 'none recorded'}")
+                             f"{max_share:.0%}); last error: {last}")
 
 
 def resolve_length(reward: Reward, length: int | None, option: str = "--length") -> int | None:

@@ -184,6 +184,13 @@ def _v2000_symbols(lines: Sequence[str]) -> list[str] | None:
     return [lines[4 + k][31:34].strip() for k in range(n)]
 
 
+def sdf_blocks(text: str) -> list[str]:
+    """The MOL blocks of an SDF text: split at ``$$$$`` lines, each block starting at its title line (which may
+    be blank, as RDKit writes unnamed molecules)."""
+    parts = text.split("$$$$")
+    return [parts[0], *(p[2:] if p.startswith("\r\n") else p[1:] if p.startswith("\n") else p for p in parts[1:])]
+
+
 def read_sdf(
     path: str | Path,
     *,
@@ -196,7 +203,7 @@ def read_sdf(
     distances; the file-bond metrics use them)."""
     path = Path(path)
     text = _open_text(path)
-    blocks = [b.lstrip("\r\n") for b in text.split("$$$$") if b.strip()]
+    blocks = [b for b in sdf_blocks(text) if b.strip()]
     if not blocks:
         raise InputError("empty file (no SDF records)", path.name)
     mols: list[Molecule] = []
