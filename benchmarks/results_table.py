@@ -200,12 +200,26 @@ def _likelihood(raw: dict) -> dict:
     return {"columns": LIKELIHOOD_COLUMNS, "rows": raw["rows"]}
 
 
+RELIABILITY_COLUMNS = [["case", "case", ""], ["expected", "expected", ""], ["outcome", "outcome", ""],
+                       ["ok", "ok", ""]]
+
+
+def _reliability(raw: dict) -> dict:
+    rows = [{**r, "outcome": r["outcome"].replace("|", "/")[:220]} for r in raw["rows"]]
+    if raw.get("fuzz"):
+        f = raw["fuzz"]
+        rows.append({"case": f"fuzz: every reader and spec parser, {f['examples_per_test']} examples per test",
+                     "expected": "only the documented input errors escape", "outcome": f"{f['summary']}",
+                     "ok": f["passed"]})
+    return {"columns": RELIABILITY_COLUMNS, "rows": rows}
+
+
 # what a kind keeps of the benchmark's output under "raw" (default: all of it)
 RAW = {"samplers_overhead": lambda raw: {"rows": [r for r in raw["rows"] if r["target"] == "overhead"]}}
 
 KINDS = {"samplers": _samplers, "samplers_overhead": _samplers_overhead, "generation": _generation,
          "guidance": _guidance, "sequences": _sequences, "structure": _structure, "molecules": _molecules,
-         "likelihood": _likelihood}
+         "likelihood": _likelihood, "reliability": _reliability}
 
 
 def record(kinds: list[str], names: list[str], command: list[str], cwd: Path = ROOT,
@@ -387,7 +401,8 @@ def render() -> str:
             doc["title"], f"`{doc['command']}`", doc["commit"], doc["date"], doc["hardware"])) + " |")
     lines.append("")
     for path, doc in docs:
-        lines += [f"## {doc['title']}", ""]
+        # snippet markers: a docs page can include one section, --8<-- "benchmarks/RESULTS.md:NAME"
+        lines += [f"## {doc['title']}", "", f"<!-- --8<-- [start:{path.stem}] -->"]
         if doc.get("description"):
             lines += [doc["description"], ""]
         lines += [
@@ -399,7 +414,7 @@ def render() -> str:
         ]
         if doc.get("source"):
             lines.append(f"- source: {doc['source']}")
-        lines += ["", *render_table(doc), ""]
+        lines += ["", *render_table(doc), f"<!-- --8<-- [end:{path.stem}] -->", ""]
     return "\n".join(lines)
 
 
