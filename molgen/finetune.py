@@ -185,6 +185,33 @@ def masked_kl(logp: Tensor, ref: nn.Module, x_t: Tensor, t: Tensor, masked: Tens
     return torch.where(masked, kl, torch.zeros_like(kl)).sum() / n.clamp_min(1)
 
 
+def guarded_step(model: nn.Module, opt: torch.optim.Optimizer, terms: Callable[[], tuple[Tensor, ...]],
+                 kl_bound: float) -> tuple[tuple[Tensor, ...], str | None]:
+    """One optimiser step on ``terms()[0]`` (``terms`` returns the loss, the KL and anything else to report),
+    kept only when the loss and gradient are finite and, re-evaluated after the step, the loss is finite and the
+    KL at most ``kl_bound``; otherwise the adapter and optimiser state are restored bit for bit. Returns the
+    terms after the step and None, or the reason of the rollback."""
+    saved, saved_opt = adapter_state(model), copy.deepcopy(opt.state_dict())
+    with torch.enable_grad():
+        loss = terms()[0]
+        if not bool(torch.isfinite(loss)):
+            return (), "non-finite loss"
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    if not _finite_grads(model):
+        return (), "non-finite gradient"
+    opt.step()
+    with torch.no_grad():
+        after = terms()
+    if bool(torch.isfinite(after[0])) and float(after[1]) <= kl_bound:
+        return after, None
+    restore(model, saved)
+    opt.load_state_dict(saved_opt)
+    why = f"KL {float(after[1]):.4g} above bound {kl_bound:g}" if bool(torch.isfinite(after[0])) else \
+        "non-finite loss after step"
+    return (), why
+
+
 def _finite_grads(model: nn.Module) -> bool:
     return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.requires_grad)
 
@@ -217,30 +244,19 @@ def finetune(base: nn.Module, process: MaskedDiffusion, tokens: Tensor, scores: 
             t = process.sample_t(len(x0), g)
             uniform = torch.full((len(x0),), 1.0 / len(x0))
             rows += len(x0)
-            saved, saved_opt = adapter_state(model), copy.deepcopy(opt.state_dict())
             corrupt_seed = int(torch.randint(0, 2**62, (), generator=g))  # the check sees the step's x_t
-            loss = objective(model, ref, process, x0, uniform, t, torch.Generator().manual_seed(corrupt_seed),
-                             s.kl_weight)[0]
-            if not bool(torch.isfinite(loss)):
-                report.rolled_back.append((step, "non-finite loss"))
-                continue
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if not _finite_grads(model):
-                report.rolled_back.append((step, "non-finite gradient"))
-                continue
-            opt.step()
-            with torch.no_grad():
-                after = objective(model, ref, process, x0, uniform, t,
-                                  torch.Generator().manual_seed(corrupt_seed), s.kl_weight)
-            if not (bool(torch.isfinite(after[0])) and float(after[2]) <= s.kl_bound):
-                restore(model, saved)
-                opt.load_state_dict(saved_opt)
-                report.rolled_back.append((step, f"KL {float(after[2]):.4g} above bound {s.kl_bound:g}"
-                                           if bool(torch.isfinite(after[0])) else "non-finite loss after step"))
+
+            def terms(x0=x0, t=t, uniform=uniform, seed=corrupt_seed) -> tuple[Tensor, ...]:
+                loss, nelbo, kl = objective(model, ref, process, x0, uniform, t, torch.Generator().manual_seed(seed),
+                                            s.kl_weight)
+                return loss, kl, nelbo
+
+            after, why = guarded_step(model, opt, terms, s.kl_bound)
+            if why:
+                report.rolled_back.append((step, why))
                 continue
             report.steps += 1
-            report.loss, report.nelbo, report.kl = float(after[0]), float(after[1]), float(after[2])
+            report.loss, report.kl, report.nelbo = (float(v) for v in after)
     report.model_calls = rows * CALLS_PER_ROW
     report.seconds = time.perf_counter() - t0
     return model.requires_grad_(False), report
@@ -406,28 +422,15 @@ def grpo(base: nn.Module, process: MaskedDiffusion, prior: Callable[[int, torch.
         for epoch in range(s.epochs):
             step = it * s.epochs + epoch
             calls += len(x_T) * s.steps * CALLS_PER_ROW
-            saved, saved_opt = adapter_state(model), copy.deepcopy(opt.state_dict())
-            with torch.enable_grad():
-                loss = grpo_loss(model, base, process, ro, adv, s.clip, s.kl_weight)[0]
-                if not bool(torch.isfinite(loss)):
-                    report.rolled_back.append((step, "non-finite loss"))
-                    continue
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            if not _finite_grads(model):
-                report.rolled_back.append((step, "non-finite gradient"))
-                continue
-            opt.step()
-            with torch.no_grad():
-                after, kl = grpo_loss(model, base, process, ro, adv, s.clip, s.kl_weight)
-            if not (bool(torch.isfinite(after)) and float(kl) <= s.kl_bound):
-                restore(model, saved)
-                opt.load_state_dict(saved_opt)
-                report.rolled_back.append((step, f"KL {float(kl):.4g} above bound {s.kl_bound:g}"
-                                           if bool(torch.isfinite(after)) else "non-finite loss after step"))
+            def terms(ro=ro, adv=adv) -> tuple[Tensor, ...]:
+                return grpo_loss(model, base, process, ro, adv, s.clip, s.kl_weight)
+
+            after, why = guarded_step(model, opt, terms, s.kl_bound)
+            if why:
+                report.rolled_back.append((step, why))
                 continue
             report.steps += 1
-            report.loss, report.kl = float(after), float(kl)
+            report.loss, report.kl = float(after[0]), float(after[1])
     report.model_calls = calls
     report.seconds = time.perf_counter() - t0
     return model.requires_grad_(False), report

@@ -15,7 +15,6 @@ bad-input error is an ``InputError`` naming the file.
 
 from __future__ import annotations
 
-import gzip
 import io
 import warnings
 from collections.abc import Iterable
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from molgen.errors import InputError, Skipped
+from molgen.files import read_bytes
 
 BACKBONE_ATOMS = ("N", "CA", "C", "O")
 THREE_TO_ONE = {
@@ -111,12 +111,7 @@ class Backbone:
 
 
 def _open_text(path: Path) -> io.StringIO:
-    raw = path.read_bytes()
-    if path.suffix.lower() == ".gz":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as err:
-            raise InputError(f"not a valid gzip file ({err})", str(path)) from err
+    raw = read_bytes(path)
     try:
         return io.StringIO(raw.decode())
     except UnicodeDecodeError as err:

@@ -9,7 +9,6 @@ charges and aromatic flags in ``Molecule.bonded`` (for the file-bond metrics).
 
 from __future__ import annotations
 
-import gzip
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 from rdkit import Chem, RDLogger
 
 from molgen.errors import InputError, Skipped
+from molgen.files import read_bytes
 from molgen.molecules.metrics import ELEMENTS, build_rdkit
 
 
@@ -39,15 +39,7 @@ class Molecule:
 
 
 def _open_text(path: Path) -> str:
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    data = path.read_bytes()
-    if path.suffix.lower() == ".gz":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as err:
-            raise InputError(f"not a valid gzip file ({err})", path.name) from err
-    return data.decode("utf-8", errors="replace")
+    return read_bytes(path).decode("utf-8", errors="replace")
 
 
 def _check(symbols: Sequence[str], pos: np.ndarray, elements: Sequence[str] | None, max_atoms: int | None) -> None:

@@ -9,12 +9,12 @@ alphabet and lengths outside a range. ``read_sequences`` and ``validate`` raise 
 from __future__ import annotations
 
 import dataclasses
-import gzip
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from molgen.errors import InputError, Skipped
+from molgen.files import read_bytes
 from molgen.sequences.alphabets import Alphabet
 
 
@@ -32,16 +32,7 @@ class Record:
 
 
 def _read_lines(path: str | Path) -> list[bytes]:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"sequence file {path} does not exist")
-    raw = path.read_bytes()
-    if path.suffix.lower() == ".gz":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as err:
-            raise InputError(f"not a valid gzip file ({err})", str(path)) from err
-    return raw.splitlines()
+    return read_bytes(path).splitlines()
 
 
 def _decode(line: bytes | str) -> tuple[str, str | None]:
