@@ -12,21 +12,15 @@ import numpy as np
 import pytest
 import torch
 
+from molgen.geometry import centre
 from molgen.molecules.data import ATOM_TYPES, load_subset, parse_xyz_field
 from molgen.molecules.io import Molecule, read_molecules, read_sdf, read_xyz, write_sdf, write_xyz
 from molgen.molecules.metrics import atom_stability, bond_matrix, bond_order, evaluate, valid_smiles
-from molgen.molecules.model import MoleculeDenoiser, centre
+from molgen.molecules.model import MoleculeDenoiser
 from molgen.molecules.train import SizeBucketBatches
+from molgen.testing import assert_equivariant
 
 torch.set_num_threads(1)
-
-
-def random_rotation(generator: torch.Generator, reflect: bool = False) -> torch.Tensor:
-    q, r = torch.linalg.qr(torch.randn(3, 3, generator=generator, dtype=torch.float64))
-    q = q * torch.sign(torch.diagonal(r))
-    if (torch.det(q) < 0) != reflect:
-        q[:, 0] = -q[:, 0]
-    return q
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +45,10 @@ def noisy_batch(model: MoleculeDenoiser, g: torch.Generator, sizes: tuple[int, .
 def test_model_is_e3_equivariant(tiny: MoleculeDenoiser, reflect: bool) -> None:
     g = torch.Generator().manual_seed(1)
     x, t, mask = noisy_batch(tiny, g)
-    rot = random_rotation(g, reflect)
-    shift = torch.randn(1, 1, 3, generator=g, dtype=torch.float64) * 5
-    x_moved = x.clone()
-    x_moved[..., :3] = (x[..., :3] @ rot.T + shift) * mask.unsqueeze(-1)
+    # centred x0 positions rotate with the input and ignore its translation; the type features are invariant
+    assert_equivariant(lambda a, m: tiny(a, t, mask=m), x, mask=mask, output="vectors", reflect=reflect,
+                       generator=g, atol=1e-9, rtol=0)
     out = tiny(x, t, mask=mask)
-    out_moved = tiny(x_moved, t, mask=mask)
-    assert torch.allclose(out_moved[..., :3], (out[..., :3] @ rot.T) * mask.unsqueeze(-1), atol=1e-9)
-    assert torch.allclose(out_moved[..., 3:], out[..., 3:], atol=1e-9)
     com = (out[..., :3] * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
     assert torch.allclose(com, torch.zeros_like(com), atol=1e-10)
     assert not torch.allclose(out[..., :3], tiny.coefficients(t)["c_skip"] * x[..., :3], atol=1e-3)
@@ -66,10 +56,9 @@ def test_model_is_e3_equivariant(tiny: MoleculeDenoiser, reflect: bool) -> None:
 
 def test_model_is_permutation_equivariant(tiny: MoleculeDenoiser) -> None:
     g = torch.Generator().manual_seed(2)
-    x, t, mask = noisy_batch(tiny, g, sizes=(8, 8, 8))
-    perm = torch.randperm(8, generator=g)
-    out = tiny(x, t, mask=mask)
-    assert torch.allclose(tiny(x[:, perm], t, mask=mask), out[:, perm], atol=1e-10)
+    x, t, mask = noisy_batch(tiny, g, sizes=(8, 5, 7))  # padding moves with the atoms
+    assert_equivariant(lambda a, m: tiny(a, t, mask=m), x, mask=mask, output="vectors", permute=True,
+                       translate=False, generator=g, atol=1e-10, rtol=0)
 
 
 def test_padded_atoms_never_leak(tiny: MoleculeDenoiser) -> None:
@@ -267,8 +256,8 @@ def test_bad_records_are_named_and_skipped(tmp_path) -> None:
     path.write_text(GOOD_XYZ + "2\nalien\nXx 0 0 0\nH 1 0 0\n" + "2\nshort\nC 0 0\nH 1 0 0\n" + GOOD_XYZ)
     mols, errors = read_xyz(path)
     assert len(mols) == 2 and len(errors) == 2
-    assert "record 2 (alien" in errors[0] and "Xx" in errors[0]
-    assert "record 3 (short" in errors[1] and "coordinates" in errors[1]
+    assert "record 2 (alien" in str(errors[0]) and "Xx" in str(errors[0])
+    assert "record 3 (short" in str(errors[1]) and "coordinates" in str(errors[1])
     with pytest.raises(ValueError, match="record 2"):
         read_xyz(path, strict=True)
     water = tmp_path / "water.xyz"
@@ -297,12 +286,12 @@ def test_bad_sdf_records_are_named_and_skipped(tmp_path) -> None:
     mols, errors = read_sdf(path)
     assert [m.name for m in mols] == ["water"] and np.allclose(mols[0].positions, water.positions)
     assert len(errors) == 3
-    assert "record 1 (blank)" in errors[0] and "atom 2 (record line 6) has no x y z coordinates" in errors[0]
-    assert "record 2 (cut)" in errors[1] and "atom 2" in errors[1]
-    assert "record 4 (alien)" in errors[2] and "unknown element" in errors[2] and "Q" in errors[2]
+    assert "record 1 (blank)" in str(errors[0]) and "atom 2 (record line 6) has no x y z coordinates" in str(errors[0])
+    assert "record 2 (cut)" in str(errors[1]) and "atom 2" in str(errors[1])
+    assert "record 4 (alien)" in str(errors[2]) and "unknown element" in str(errors[2]) and "Q" in str(errors[2])
     with pytest.raises(ValueError, match=r"record 1 \(blank\)"):
         read_sdf(path, strict=True)
-    with pytest.raises(ValueError, match=r"good.sdf record 1 \(water\): 3 atoms, more than the 2 supported"):
+    with pytest.raises(ValueError, match=r"good.sdf: record 1 \(water\): 3 atoms, more than the 2 supported"):
         read_sdf(tmp_path / "good.sdf", strict=True, max_atoms=2)
     empty = tmp_path / "empty.xyz"
     empty.write_text("\n\n")
@@ -336,7 +325,7 @@ def test_evaluate_cli_skips_broken_records(tmp_path) -> None:
     assert main(["evaluate", "molecules", str(tmp_path / "mixed.sdf"), "--json", str(out), "--reference", "none"]) == 0
     result = json.loads(out.read_text())
     assert {"n", "atom_stability", "mol_stability", "validity", "uniqueness", "novelty"} <= set(result)
-    assert result["n"] == 3 and result["n_broken"] == 1 and "record 4" in result["broken"][0]
+    assert result["n"] == 3 and result["n_skipped"] == 1 and result["skipped"][0]["record"].startswith("4 ")
     assert main(["evaluate", "molecules", str(tmp_path / "missing.sdf")]) == 2
 
 
@@ -553,3 +542,132 @@ def test_tiny_model_overfits_water_and_regenerates_it() -> None:
     assert waters[0] >= 28 and waters[1] < 16  # composition learnt; untrained rarely gets it
     assert scores[0].mol_stability >= 0.3 and scores[1].mol_stability <= 0.1
     assert scores[0].atom_stability > scores[1].atom_stability + 0.4
+
+
+def coupling_case(seed: int, n: int = 12, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zero-CoM QM9 positions of ``batch`` subset molecules with ``n`` atoms and zero-CoM noise [B, n, 9]."""
+    data = subset()
+    idx = torch.nonzero(data["n_atoms"] == n).flatten()[seed * batch : (seed + 1) * batch]
+    mask = torch.ones(batch, n, dtype=torch.bool)
+    x0 = centre(data["positions"][idx, :n].double(), mask)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(batch, n, 3 + len(ATOM_TYPES) + 1, generator=g, dtype=torch.float64)
+    return x0, torch.cat([centre(noise[..., :3], mask), noise[..., 3:]], -1), mask
+
+
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_ot_coupling_never_increases_transport_cost(rounds: int) -> None:
+    from molgen.molecules.coupling import ot_couple, transport_cost
+
+    for seed in range(3):
+        x0, noise, mask = coupling_case(seed)
+        before = transport_cost(x0, noise, mask)
+        after = transport_cost(x0, ot_couple(x0, noise, mask, rounds), mask)
+        assert (after <= before + 1e-9).all() and (after < 0.8 * before).all()
+
+
+def test_ot_coupling_permutes_rows_rotates_positions_and_keeps_the_centre() -> None:
+    """Coupled noise = P noise with positions turned by one rotation: the feature rows are the noise's (as a
+    multiset), the positions are the same rows rigidly rotated, and the centre of mass stays at zero."""
+    from molgen.geometry import kabsch
+    from molgen.molecules.coupling import ot_couple
+
+    x0, noise, mask = coupling_case(0)
+    out = ot_couple(x0, noise, mask)
+    for i in range(len(x0)):
+        perm = torch.cdist(out[i, :, 3:], noise[i, :, 3:]).argmin(1)  # the continuous features identify each row
+        assert sorted(perm.tolist()) == list(range(x0.shape[1]))
+        assert torch.equal(out[i, :, 3:], noise[i, perm, 3:])
+        rot = kabsch(noise[i, perm, :3], out[i, :, :3])
+        assert torch.allclose(noise[i, perm, :3] @ rot, out[i, :, :3], atol=1e-10)
+        assert torch.allclose(rot @ rot.T, torch.eye(3, dtype=rot.dtype), atol=1e-12)
+        assert torch.det(rot) == pytest.approx(1.0)
+    assert torch.allclose(out[..., :3].mean(1), torch.zeros(len(x0), 3, dtype=out.dtype), atol=1e-12)
+
+
+def test_ot_coupling_is_rotation_equivariant() -> None:
+    from molgen.molecules.coupling import ot_couple
+    from molgen.testing import random_rotation
+
+    x0, noise, mask = coupling_case(1)
+    rot = random_rotation(torch.Generator().manual_seed(3), dtype=torch.float64)
+    out = ot_couple(x0, noise, mask)
+    turned = ot_couple(x0 @ rot.T, noise, mask)
+    assert torch.allclose(turned[..., :3], out[..., :3] @ rot.T, atol=1e-9)
+    assert torch.equal(turned[..., 3:], out[..., 3:])
+
+
+def test_ot_coupling_leaves_padding_alone() -> None:
+    from molgen.molecules.coupling import ot_couple
+
+    x0, noise, _ = coupling_case(0)
+    mask = torch.arange(x0.shape[1]) < torch.tensor([12, 9, 5]).unsqueeze(1)
+    x0, noise = centre(x0, mask), torch.cat([centre(noise[..., :3], mask), noise[..., 3:]], -1)
+    out = ot_couple(x0, noise, mask)
+    assert torch.equal(out[~mask], noise[~mask])
+    for i, n in enumerate((12, 9, 5)):
+        assert torch.allclose(out[i, :n], ot_couple(x0[i : i + 1, :n], noise[i : i + 1, :n], mask[i : i + 1, :n])[0])
+
+
+def test_training_times_lean_towards_the_data() -> None:
+    from molgen.molecules.train import sample_times
+
+    u = torch.rand(200_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.equal(sample_times(u, 0.001, 0.999), 0.001 + 0.998 * u)
+    s = (sample_times(u, 0.001, 0.999, beta=2.0) - 0.001) / 0.998
+    assert 0.0 <= float(s.min()) and float(s.max()) <= 1.0
+    assert float(s.mean()) == pytest.approx(1 / 3, abs=3e-3)  # Beta(1, 2)
+    assert float((s < 0.5).double().mean()) == pytest.approx(0.75, abs=3e-3)
+
+
+def test_x0_model_predicts_the_same_on_the_flow_path(tiny: MoleculeDenoiser) -> None:
+    """Warm start onto ``linear_flow``: at equal log-SNR the flow state is the VP state times alpha_f / alpha_vp,
+    and the preconditioned denoiser sees scale-free inputs and lambda, so it predicts the same x0."""
+    from molgen.diffusion.schedules import get_schedule
+
+    flow = copy.deepcopy(tiny)
+    flow.schedule = get_schedule("linear_flow")
+    g = torch.Generator().manual_seed(4)
+    x, t, mask = noisy_batch(tiny, g)
+    t_flow = flow.schedule.t_of_lam(tiny.schedule.lam(t))
+    k = (flow.schedule.alpha(t_flow) / tiny.schedule.alpha(t)).view(-1, 1, 1)
+    assert torch.allclose(flow(x * k, t_flow, mask=mask), tiny(x, t, mask=mask), atol=1e-9)
+
+
+def test_records_with_unrepresentable_atoms_are_named_and_skipped() -> None:
+    import pandas as pd
+
+    from molgen.molecules.data import PROPERTIES, frame_to_tensors
+
+    rows = [
+        {"Index": 1, "SMILES": "C", "N_atoms": 2, "Elements": "['C','H']", "XYZ_Ang": "[[0.,0.,0.],[1.,0.,0.]]"},
+        {"Index": 2, "SMILES": "S", "N_atoms": 2, "Elements": "['S','H']", "XYZ_Ang": "[[0.,0.,0.],[1.3,0.,0.]]"},
+        {"Index": 3, "SMILES": "O", "N_atoms": 2, "Elements": "['O','H']", "XYZ_Ang": "[[0.,0.,0.],[0.9,0.,0.]]"},
+    ]
+    frame = pd.DataFrame([{**r, **{col: 0.0 for col, _ in PROPERTIES}} for r in rows])
+    with pytest.warns(UserWarning, match=r"skipped 1 records .*index 2 \(S\)"):
+        data = frame_to_tensors(frame)
+    assert data["index"].tolist() == [1, 3] and data["smiles"] == ["C", "O"]
+    assert data["skipped"] == ["index 2 (S)"]
+    assert data["types"][1, :2].tolist() == [ATOM_TYPES.index("O"), ATOM_TYPES.index("H")]
+
+
+def test_flow_recipe_warm_starts_from_a_checkpoint(tmp_path) -> None:
+    from molgen.checkpoints import load_checkpoint
+    from molgen.molecules.train import build_parser, train
+
+    small = ["--data", "subset", "--hidden", "16", "--edge-hidden", "8", "--layers", "1", "--batch-size", "8",
+             "--print-every", "1000", "--max-steps", "2"]
+    train(build_parser().parse_args([*small, "--run-dir", str(tmp_path / "base")]))
+    base_state, base_card = load_checkpoint(tmp_path / "base" / "ema.pt")
+    flow = ["--run-dir", str(tmp_path / "flow"), "--schedule", "linear_flow", "--coupling", "ot", "--time-beta", "2",
+            "--init", str(tmp_path / "base" / "ema.pt"), "--keep-exports", "--lr", "0"]
+    train(build_parser().parse_args([*small, *flow]))
+    state, card = load_checkpoint(tmp_path / "flow" / "ema.pt")
+    assert load_checkpoint(tmp_path / "flow" / "exports" / "step_2.pt")[1]["provenance"]["global_step"] == 2
+    assert card["config"]["schedule"] == "linear_flow" and card["provenance"]["global_step"] == 2
+    init = card["provenance"]["init"]
+    assert init["global_step"] == 2 and init["train_wall_s"] == pytest.approx(base_card["provenance"]["train_wall_s"])
+    assert all(torch.equal(state[k], v) for k, v in base_state.items())  # lr 0: the weights are the init's
+    with pytest.raises(ValueError, match="hidden"):
+        train(build_parser().parse_args([*small, *flow[:-2], "--hidden", "24", "--run-dir", str(tmp_path / "x")]))

@@ -4,8 +4,9 @@ A processed data set is a dict of tensors (padded to ``MAX_ATOMS`` = 29 atoms):
 ``positions`` float32 [M, 29, 3] in Angstrom, ``types`` int64 [M, 29] (index into ``ATOM_TYPES``,
 -1 = padding),
 ``n_atoms`` int64 [M], ``props`` float32 [M, P] (columns ``PROPERTIES``), ``smiles`` list[str] (QM9's own),
-``index`` int64 [M] (QM9 molecule number). Full QM9 is split like EDM (Cormorant): a fixed-seed permutation,
-100,000 train, 10 % test, the rest validation.
+``index`` int64 [M] (QM9 molecule number), ``skipped`` list[str] (records left out because they hold atoms
+outside ``ATOM_TYPES``, each named by QM9 number and SMILES). Full QM9 is split like EDM (Cormorant): a
+fixed-seed permutation, 100,000 train, 10 % test, the rest validation.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +62,27 @@ def parse_xyz_field(text: str, n_atoms: int) -> np.ndarray:
     return xyz.reshape(n_atoms, 3)
 
 
+def unrepresentable(frame: pd.DataFrame) -> list[str]:
+    """Names (``index N (SMILES)``) of the records holding an element outside ``ATOM_TYPES``."""
+    known = set(ATOM_TYPES)
+    return [
+        f"index {i} ({smiles})"
+        for i, smiles, elements in zip(frame["Index"], frame["SMILES"], frame["Elements"])
+        if not set(parse_elements(elements)) <= known
+    ]
+
+
 def frame_to_tensors(frame: pd.DataFrame) -> dict:
-    """Parse a QM9 frame (columns as in ``qm9pack``) into the padded tensor dict described above."""
+    """Parse a QM9 frame (columns as in ``qm9pack``) into the padded tensor dict described above; records with
+    atoms the model cannot represent are skipped with a warning that names and counts them."""
+    skipped = unrepresentable(frame)
+    if skipped:
+        keep = [set(parse_elements(e)) <= set(ATOM_TYPES) for e in frame["Elements"]]
+        frame = frame[keep].reset_index(drop=True)
+        warnings.warn(
+            f"skipped {len(skipped)} records with atoms outside {', '.join(ATOM_TYPES)}: {', '.join(skipped)}",
+            stacklevel=2,
+        )
     m = len(frame)
     positions = torch.zeros(m, MAX_ATOMS, 3, dtype=torch.float32)
     types = torch.full((m, MAX_ATOMS), -1, dtype=torch.int64)
@@ -81,6 +102,7 @@ def frame_to_tensors(frame: pd.DataFrame) -> dict:
         "props": props,
         "smiles": [str(s) for s in frame["SMILES"]],
         "index": torch.tensor(frame["Index"].to_numpy(), dtype=torch.int64),
+        "skipped": skipped,
     }
 
 
@@ -88,6 +110,7 @@ def select(data: dict, idx: Tensor) -> dict:
     """Rows ``idx`` of a processed data set."""
     out = {k: v[idx] for k, v in data.items() if isinstance(v, Tensor)}
     out["smiles"] = [data["smiles"][i] for i in idx.tolist()]
+    out["skipped"] = list(data.get("skipped", []))
     return out
 
 

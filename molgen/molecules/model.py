@@ -24,14 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from molgen.diffusion.schedules import get_schedule
+from molgen.geometry import centre
 from molgen.molecules.data import ATOM_TYPES, ATOMIC_NUMBERS
-
-
-def centre(pos: Tensor, mask: Tensor) -> Tensor:
-    """Subtract the centre of mass over real atoms; padded atoms are set to zero."""
-    m = mask.unsqueeze(-1).to(pos.dtype)
-    com = (pos * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1.0)
-    return (pos - com) * m
 
 
 def sinusoidal(x: Tensor, n_freq: int, max_period: float = 64.0) -> Tensor:

@@ -5,7 +5,16 @@ Run (resumes from ``RUN_DIR/last.ckpt`` when it exists, so re-running the same c
     nice -n 10 python -m molgen.molecules.train --data qm9 --run-dir runs/molecules/qm9_x0 --threads 1
 
 Every ``--ckpt-minutes`` it writes ``last.ckpt`` (full state) and ``ema.pt`` + ``ema.json`` (EMA weights as a
-molgen checkpoint with its card; load with ``molgen.molecules.sampling.load_model``).
+molgen checkpoint with its card; load with ``molgen.molecules.sampling.load_model``); with ``--keep-exports`` also
+``exports/step_N.pt`` + ``.json`` (every export, for ``benchmarks/molecule_training.py``).
+
+Flow-matching recipe (all off by default): ``--schedule linear_flow`` (x_t = (1 - t) x0 + t eps, still an x0
+model), ``--coupling ot`` (equivariant OT coupling of each molecule's noise, ``molgen.molecules.coupling``),
+``--time-beta 2`` (t ~ Beta(1, 2): density 2 (1 - t), falling from the data end to zero at pure noise) and
+``--init CKPT`` (start a new run from a molgen checkpoint's weights, e.g. the shipped model):
+
+    nice -n 5 python -m molgen.molecules.train --data qm9 --run-dir runs/molecules/qm9_flow_ot --threads 1 \
+        --schedule linear_flow --coupling ot --time-beta 2 --init data/molecules/qm9_egnn.pt
 """
 
 from __future__ import annotations
@@ -24,8 +33,10 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from molgen.checkpoints import hardware, save_checkpoint
+from molgen.checkpoints import hardware, load_checkpoint, save_checkpoint
 from molgen.ema import ema_update
+from molgen.geometry import centre
+from molgen.molecules.coupling import ot_couple
 from molgen.molecules.data import (
     MAX_ATOMS,
     PROPERTY_NAMES,
@@ -33,7 +44,7 @@ from molgen.molecules.data import (
     load_dataset,
     property_stats,
 )
-from molgen.molecules.model import MoleculeDenoiser, centre
+from molgen.molecules.model import MoleculeDenoiser
 from molgen.optim import lr_factor
 
 MODEL_KEYS = (
@@ -142,8 +153,16 @@ def collate(items: list[tuple[Tensor, Tensor, Tensor]]) -> dict[str, Tensor]:
     return {"positions": pos, "types": types, "mask": mask, "props": torch.stack([c for _, _, c in items])}
 
 
+def sample_times(u: Tensor, t_min: float, t_max: float, beta: float = 1.0) -> Tensor:
+    """Training times from uniforms u: t = t_min + (t_max - t_min) s with s ~ Beta(1, beta), i.e.
+    s = 1 - (1 - u)^(1 / beta) (density beta (1 - s)^(beta - 1); beta = 1: uniform, beta > 1: near the data)."""
+    s = u if beta == 1.0 else 1.0 - (1.0 - u).pow(1.0 / beta)
+    return t_min + (t_max - t_min) * s
+
+
 class MoleculeDiffusion(L.LightningModule):
-    """Denoiser + EMA copy; loss from ``MoleculeDenoiser.loss`` at t ~ U(t_min, t_max) of the schedule."""
+    """Denoiser + EMA copy; loss from ``MoleculeDenoiser.loss`` at t ~ t_min + (t_max - t_min) Beta(1, time_beta)
+    of the schedule, with independent or OT-coupled noise (``coupling``)."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
@@ -163,9 +182,11 @@ class MoleculeDiffusion(L.LightningModule):
         b = pos.shape[0]
         x0 = self.net.encode(pos, types, mask)
         sched = self.net.schedule
-        t = sched.t_min + (sched.t_max - sched.t_min) * torch.rand(b, device=pos.device)
+        t = sample_times(torch.rand(b, device=pos.device), sched.t_min, sched.t_max, self.config["time_beta"])
         eps = torch.randn_like(x0) * mask.unsqueeze(-1)
         eps = torch.cat([centre(eps[..., :3], mask), eps[..., 3:]], -1)
+        if self.config["coupling"] == "ot":
+            eps = ot_couple(x0, eps, mask, self.config["ot_rounds"])
         props = batch["props"] if self.net.properties else None
         drop = torch.rand(b, device=pos.device) < self.config["cond_drop"] if props is not None else None
         out = self.net.loss(x0, types, mask, t, eps, props, drop, type_weight=self.config["type_weight"])
@@ -205,7 +226,10 @@ class MoleculeDiffusion(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["train_seconds"] = self.train_seconds()
-        export_ema(self, Path(self.config["run_dir"]) / "ema.pt")
+        run_dir = Path(self.config["run_dir"])
+        export_ema(self, run_dir / "ema.pt")
+        if self.config.get("keep_exports"):
+            export_ema(self, run_dir / "exports" / f"step_{self.global_step}.pt")
 
 
 def model_config(module: MoleculeDiffusion) -> dict[str, Any]:
@@ -233,6 +257,8 @@ def export_ema(module: MoleculeDiffusion, path: Path, metrics: dict | None = Non
         "hardware": hardware(),
         "metrics": metrics or {},
     }
+    if cfg.get("init"):
+        provenance["init"] = cfg["init"]
     return save_checkpoint(path, module.ema.state_dict(), model_config(module), provenance=provenance)
 
 
@@ -260,7 +286,11 @@ DEFAULTS: dict[str, Any] = {
     "grad_clip": 1.0,
     "seed": 0,
     "print_every": 50,
+    "coupling": "independent",
+    "ot_rounds": 2,
+    "time_beta": 1.0,
 }
+CHOICES: dict[str, tuple[str, ...]] = {"coupling": ("independent", "ot")}
 
 
 COOL_DOWN_KEYS = ("decay_start", "decay_steps")  # may be set when resuming: branch a cool-down off any checkpoint
@@ -275,6 +305,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--ckpt-minutes", type=float, default=5.0, help="checkpoint interval")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--accelerator", default="auto")
+    p.add_argument("--init", default=None, help="start a new run from this molgen checkpoint's weights")
+    p.add_argument("--keep-exports", action="store_true", help="also keep every EMA export as exports/step_N.pt")
     for key, value in DEFAULTS.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, list):
@@ -282,7 +314,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         elif key in COOL_DOWN_KEYS:  # None: keep the run's stored value (or the default)
             p.add_argument(flag, type=int, default=None, help=f"given again on resume, overrides (default {value})")
         else:
-            p.add_argument(flag, type=type(value), default=value)
+            p.add_argument(flag, type=type(value), default=value, choices=CHOICES.get(key))
     return p
 
 
@@ -293,6 +325,27 @@ def legacy_batches_done(ckpt_path: Path) -> int | None:
     if fit["state_dict"].get("combined_loader"):
         return None
     return int(fit["epoch_loop.batch_progress"]["current"]["ready"])
+
+
+def read_init(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+    """(weights, model config, summary) of a molgen checkpoint; the summary (path, steps, training wall time
+    including that of the checkpoint's own init) goes on the cards of a run started from it."""
+    state, card = load_checkpoint(path)
+    prov = card.get("provenance", {})
+    total = float(prov.get("init", {}).get("train_wall_s", 0.0)) + float(prov.get("train_wall_s", 0.0))
+    return state, card["config"], {"path": str(path), "global_step": prov.get("global_step"),
+                                   "train_wall_s": round(total, 1)}
+
+
+def warm_start(module: MoleculeDiffusion, state: dict[str, Tensor], init_config: dict[str, Any]) -> None:
+    """Load weights into the network and its EMA; the architecture and feature scales must match (the schedule
+    may differ: the denoiser sees lambda and scale-free inputs, so an x0 model keeps its predictions)."""
+    keys = [k for k in MODEL_KEYS if k != "schedule"]
+    diff = {k: (init_config.get(k), module.config[k]) for k in keys if init_config.get(k) != module.config[k]}
+    if diff:
+        raise ValueError(f"--init checkpoint differs from this run in {diff} (checkpoint, run)")
+    module.net.load_state_dict(state)
+    module.ema.load_state_dict(state)
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -314,13 +367,18 @@ def train(args: argparse.Namespace) -> Path:
     config.update(
         {
             "run_dir": str(run_dir),
+            "keep_exports": args.keep_exports,
             "command": " ".join([getattr(args, "prog", "python -m molgen.molecules.train"), *sys.argv[1:]]),
-            "data_desc": f"{args.data} train split ({len(data['n_atoms'])} molecules)",
+            "data_desc": f"{args.data} train split ({len(data['n_atoms'])} molecules, "
+            f"{len(data.get('skipped', []))} skipped with unrepresentable atoms)",
             "atom_hist": atom_count_histogram(data["n_atoms"]).tolist(),
             "prop_mean": mean.tolist(),
             "prop_std": std.tolist(),
         }
     )
+    init = read_init(args.init) if args.init else None
+    if init:
+        config["init"] = init[2]
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     dataset = MoleculeSet(data, prop_idx, mean, std)
     loader = ResumableLoader(
@@ -330,6 +388,9 @@ def train(args: argparse.Namespace) -> Path:
         num_workers=0,
     )
     module = MoleculeDiffusion(config)
+    last = run_dir / "last.ckpt"
+    if init and not last.exists():
+        warm_start(module, init[0], init[1])
     ckpt = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=run_dir,
         save_last=True,
@@ -352,10 +413,9 @@ def train(args: argparse.Namespace) -> Path:
         limit_val_batches=0,
         log_every_n_steps=50,
     )
-    last = run_dir / "last.ckpt"
     if last.exists() and (done := legacy_batches_done(last)) and done < len(loader.batch_sampler):
         loader.batch_sampler.load_state_dict({"served": done})
-    trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None)
+    trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None, weights_only=True)
     trainer.save_checkpoint(last)
     return run_dir
 
