@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import counting
 
 from molgen.diffusion import (
     GRIDS,
@@ -265,17 +266,6 @@ def test_sde_samplers_match_the_target_moments(solver, schedule):
 
 
 # ---------------------------------------------------------------------------------------------- contracts
-def counting(model):
-    calls = [0]
-
-    def wrapped(x, t, **cond):
-        calls[0] += 1
-        return model(x, t, **cond)
-
-    wrapped.prediction = model.prediction
-    return wrapped, calls
-
-
 @pytest.mark.parametrize("solver", sorted(SOLVERS))
 @pytest.mark.parametrize("nfe", [1, 3, 8])
 def test_model_calls_match_the_budget(solver, nfe):

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import counting
 
 from molgen.diffusion import (
     Euclidean,
@@ -129,17 +130,6 @@ def test_predictor_corrector_beats_the_predictor_alone_on_a_mixture():
 
     alone, pc = energy_distance(run(None), target), energy_distance(run("langevin"), target)
     assert pc < 0.75 * alone
-
-
-def counting(model):
-    calls = [0]
-
-    def wrapped(x, t, **cond):
-        calls[0] += 1
-        return model(x, t, **cond)
-
-    wrapped.prediction = model.prediction
-    return wrapped, calls
 
 
 @pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "unipc", "heun", "ddpm_ancestral", "af3"])
