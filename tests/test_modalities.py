@@ -108,3 +108,13 @@ def test_guided_problem_uses_the_guided_preset():
     assert (problem.sampler.solver, problem.sampler.steps) == (preset.solver, preset.steps)
     assert problem.settings["preset"] == "guided" and problem.settings["length"] == 12
     assert get_problem("rna", steps=3, length=12).sampler.steps == 3
+
+
+def test_sample_outputs_record_their_preset(tmp_path):
+    import json
+
+    out = tmp_path / "r.fasta"
+    assert main(["sample", "rna", "--n", "2", "--steps", "3", "--out", str(out)]) == 0
+    record = json.loads(out.with_name("r.fasta.json").read_text())
+    assert record["preset"] == "default" and record["steps"] == 3 and record["solver"] == "cached_ancestral"
+    assert record["n"] == 2 and record["seed"] == 0

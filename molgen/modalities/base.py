@@ -61,6 +61,16 @@ class Design:
     naturalness: float = math.nan
 
 
+def write_sampling_record(out: str | Path, preset: Preset, **facts: Any) -> Path:
+    """``OUT.json`` beside a sample file: the preset it was drawn with (after the caller's overrides) and the
+    run's facts (seed, n, checkpoint, ...), so every output says how it was made."""
+    import json
+
+    path = Path(f"{out}.json")
+    path.write_text(json.dumps({**preset.as_dict(), **facts}, indent=2, default=str) + "\n")
+    return path
+
+
 class Modality:
     """What molgen needs from one kind of design. Subclasses set the class attributes and implement the
     methods; the continuous modalities share the re-noising of designs for refinement defined here."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -74,11 +75,12 @@ def run_sample(args: argparse.Namespace) -> int:
     import torch
 
     from molgen.molecules.io import write_molecules
-    from molgen.molecules.sampling import load_model, sample_molecules
+    from molgen.molecules.sampling import load_model, sample_molecules, sampler_settings
 
     if Path(args.out).suffix.lower() not in (".sdf", ".xyz"):
         raise ValueError(f"--out {args.out}: use a .sdf or .xyz file name")
     from molgen.modalities import get_modality
+    from molgen.modalities.base import write_sampling_record
 
     torch.set_num_threads(args.threads)
     preset = get_modality("molecules").preset(args.preset, args.solver, args.steps)
@@ -103,6 +105,11 @@ def run_sample(args: argparse.Namespace) -> int:
     )
     elapsed = time.perf_counter() - start
     write_molecules(args.out, mols)
+    write_sampling_record(args.out, dataclasses.replace(preset, options=options), n=len(mols), seed=args.seed,
+                          atoms=args.atoms, condition=args.condition, guidance=args.guidance,
+                          checkpoint=args.checkpoint or "shipped",
+                          resolved=sampler_settings(preset.solver, options.get("step_scale"),
+                                                    options.get("step_scale_below"), options.get("first_noise")))
     print(f"wrote {len(mols)} molecules to {args.out} ({elapsed:.1f} s, {len(mols) / elapsed:.1f} molecules/s)")
     return 0
 

@@ -162,6 +162,7 @@ def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
 
 def run_sample(args: argparse.Namespace) -> int:
     from molgen.modalities import get_modality
+    from molgen.modalities.base import write_sampling_record
     from molgen.sequences.sampling import generate
 
     mod = get_modality(args.modality)
@@ -182,6 +183,9 @@ def run_sample(args: argparse.Namespace) -> int:
         device=args.device,
     )
     write_fasta(args.out, records)
+    write_sampling_record(args.out, preset, eta=args.eta, n=len(records), seed=args.seed, length=args.length,
+                          condition=args.condition, guidance_scale=args.guidance_scale,
+                          checkpoint=args.checkpoint or "shipped")
     wall = time.perf_counter() - start
     print(f"wrote {len(records)} sequences to {args.out} ({preset.solver}, {preset.steps} steps, {wall:.1f} s)")
     return 0
