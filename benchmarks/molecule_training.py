@@ -36,11 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from molgen.checkpoints import hardware, load_checkpoint, read_card
+from molgen.checkpoints import hardware, read_card
 from molgen.molecules.metrics import atom_stability, evaluate
 from molgen.molecules.model import MoleculeDenoiser
-from molgen.molecules.sampling import sample_molecules
-from molgen.molecules.train import MODEL_KEYS
+from molgen.molecules.sampling import load_model, sample_molecules
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -87,14 +86,12 @@ def frozen_model(path: Path, tries: int = 3) -> tuple[MoleculeDenoiser, dict[str
     """(model, config, provenance) from weights and a card of the same export (re-read while a training run
     rewrites them between the two reads)."""
     for _ in range(tries):
-        state, card = load_checkpoint(path)
+        card = read_card(path)
+        model, config = load_model(path)
         if read_card(path)["provenance"].get("global_step") == card["provenance"].get("global_step"):
             break
         time.sleep(2.0)
-    config = card["config"]
-    model = MoleculeDenoiser(**{k: config[k] for k in MODEL_KEYS if k in config})
-    model.load_state_dict(state)
-    return model.eval(), config, card["provenance"]
+    return model, config, card["provenance"]
 
 
 def cpu_hours(provenance: dict[str, Any]) -> float:

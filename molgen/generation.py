@@ -325,9 +325,11 @@ class ShardGenerator(L.LightningModule):
         self.model = self.store.adapter.load(self.config, self.device)
 
     def predict_step(self, batch: list[int], batch_idx: int) -> int:
+        """Generate the batch's shards of this rank (the loader holds only pending shards: ``ShardStore.pending``
+        checked them against their checksums once)."""
         made = 0
         for k in batch:
-            if k % self.trainer.world_size != self.trainer.global_rank or self.store.is_done(k):
+            if k % self.trainer.world_size != self.trainer.global_rank:
                 continue
             start = time.perf_counter()
             n = len(self.config.shard_range(k))

@@ -44,6 +44,21 @@ def tiny(**over) -> dict:
     return cfg
 
 
+def crash_in_round_2(campaign: Campaign, monkeypatch) -> None:
+    """Run ``campaign`` until its round 2 starts generating (the first round with parents), then kill it."""
+    original = RoundGenerator.generate
+
+    def fail_in_round_2(self, n, seed, reward, parents):
+        if parents:
+            raise RuntimeError("worker died")
+        return original(self, n, seed, reward, parents)
+
+    monkeypatch.setattr(RoundGenerator, "generate", fail_in_round_2)
+    with pytest.raises(RuntimeError, match="worker died"):
+        campaign.run()
+    monkeypatch.setattr(RoundGenerator, "generate", original)
+
+
 def write_yaml(path: Path, values: dict) -> Path:
     import yaml
 
@@ -131,17 +146,7 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, monkeypatch, unin
         assert set(s_full.loc[(s_full["round"] == r) & (s_full["origin"] == "refine"), "parent"]) <= parents
 
     crashed = Campaign(cfg, tmp_path / "crash")
-    original = RoundGenerator.generate
-
-    def fail_in_round_2(self, n, seed, reward, parents):
-        if parents:  # round 2 is the first round with parents
-            raise RuntimeError("worker died")
-        return original(self, n, seed, reward, parents)
-
-    monkeypatch.setattr(RoundGenerator, "generate", fail_in_round_2)
-    with pytest.raises(RuntimeError, match="worker died"):
-        crashed.run()
-    monkeypatch.setattr(RoundGenerator, "generate", original)
+    crash_in_round_2(crashed, monkeypatch)
     rounds = crashed.rounds_frame()
     assert rounds["status"].tolist() == ["done", "running"]
     assert crashed.samples_frame()["round"].tolist() == [1] * 6
@@ -367,17 +372,7 @@ def test_finetuned_rounds_count_their_calls_and_resume_with_the_same_weights(tmp
     assert s_full[s_full["round"] == 2]["sequence"].tolist() != s_plain[s_plain["round"] == 2]["sequence"].tolist()
 
     crashed = Campaign(cfg, tmp_path / "crash")
-    original = RoundGenerator.generate
-
-    def fail_in_round_2(self, n, seed, reward, parents):
-        if parents:
-            raise RuntimeError("worker died")
-        return original(self, n, seed, reward, parents)
-
-    monkeypatch.setattr(RoundGenerator, "generate", fail_in_round_2)
-    with pytest.raises(RuntimeError, match="worker died"):
-        crashed.run()
-    monkeypatch.setattr(RoundGenerator, "generate", original)
+    crash_in_round_2(crashed, monkeypatch)
     assert (tmp_path / "crash" / "finetune" / "round-002.pt").is_file()  # saved before the round generated
 
     import molgen.finetune
