@@ -25,6 +25,7 @@ def verb_modules() -> dict[str, dict[str, str]]:
         "evaluate": {**hooks, "sequences": "molgen.sequences.cli"},
         "train": hooks,
         "guide": dict.fromkeys(hooks, "molgen.guidance.cli"),
+        "design": {"rna": "molgen.sequences.cli"},
     }
 
 

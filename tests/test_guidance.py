@@ -494,7 +494,7 @@ def molgen_guide(capsys, tmp_path, *argv: str, out: str = "o"):
 @pytest.mark.parametrize("argv, message", [
     (["rna", "--reward", "nope"], "unknown reward 'nope'"),
     (["rna", "--reward", "rna_target:((.."], "unmatched '('"),
-    (["rna", "--reward", "rna_target:(x)"], "position 1"),
+    (["rna", "--reward", "rna_target:(x)"], "position 2"),
     (["dna", "--reward", "jaspar:MA9999.9"], "unknown JASPAR matrix ID 'MA9999.9'"),
     (["dna", "--reward", "jaspar"], "bad arguments"),
     (["dna", "--reward", "gc", "--candidates", "0"], "--candidates must be >= 1"),

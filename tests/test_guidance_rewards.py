@@ -46,8 +46,22 @@ def test_rna_rewards_known_values_and_bad_targets():
     assert target.stats.failures == 2 and "position 11" in target.stats.last_error
     with pytest.raises(ValueError, match="unmatched"):
         parse_reward("rna_target:((..")
-    with pytest.raises(ValueError, match="position 1"):
+    with pytest.raises(ValueError, match="position 2: character 'x'"):
         parse_reward("rna_target:(x)")
+
+
+def test_rna_ensemble_rewards_are_the_partition_function_figures():
+    pytest.importorskip("RNA")
+    from molgen.sequences.structure import ensemble
+
+    seqs = ["GGGGAAAACCCC", "GGGAAAACCCAA"]
+    prob = parse_reward("rna_target_probability:((((....))))")(seqs).tolist()
+    defect = parse_reward("rna_ensemble_defect:((((....))))")(seqs).tolist()
+    for s, p, d in zip(seqs, prob, defect):
+        e = ensemble(s, "((((....))))")
+        assert p == pytest.approx(e.target_probability, rel=1e-5) and d == pytest.approx(-e.ensemble_defect, rel=1e-5)
+        assert 0 <= p <= 1 and -1 <= d <= 0
+    assert prob[0] > prob[1] and defect[0] > defect[1]  # the first folds into the target, the second cannot
 
 
 def test_dna_rewards_known_values():

@@ -373,10 +373,10 @@ def test_fuzz_molecule_readers(fuzz_dir: Path, valid_files: dict[str, bytes], su
 @FUZZ
 @given(spec=st.text(alphabet="AB0123456789-,. ()x=" + "é", max_size=30))
 def test_fuzz_spec_parsers(spec: str) -> None:
-    from molgen.guidance.rewards.nucleic import check_dot_bracket
     from molgen.molecules.cli import parse_conditions
+    from molgen.sequences.structure import parse_dot_bracket
 
-    for parse in (parse_contig, check_dot_bracket, lambda s: parse_conditions(s.split(","))):
+    for parse in (parse_contig, parse_dot_bracket, lambda s: parse_conditions(s.split(","))):
         try:
             parse(spec)
         except ValueError:  # the documented error of the spec parsers (InputError is one)

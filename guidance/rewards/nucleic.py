@@ -3,6 +3,9 @@
 * ``rna_mfe``: -MFE in kcal/mol of the ViennaRNA minimum-free-energy fold (higher = more stable).
 * ``rna_target:DOTBRACKET``: -(base-pair distance between the MFE structure and the target) / length,
   in [-1, 0] (0 = folds into the target); the sequence must have the target's length.
+* ``rna_target_probability:DOTBRACKET``: the target's Boltzmann probability in the sequence's ensemble, in [0, 1].
+* ``rna_ensemble_defect:DOTBRACKET``: minus the ensemble defect (expected fraction of nucleotides out of their
+  target state), in [-1, 0]. Both from one ViennaRNA partition function (``molgen.sequences.structure``).
 * ``gc`` / ``gc:target=0.5``: GC fraction, or -|GC - target|.
 * ``jaspar:MATRIX_ID``: best window of the JASPAR matrix on either strand, as (score - min) / (max - min) of
   its log2-odds PWM (uniform background, pseudocount 0.8), in [0, 1].
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from molgen.guidance.rewards import Reward, register
+from molgen.sequences.structure import bp_distance, ensemble, fold, parse_dot_bracket
 
 DNA = "ACGT"
 
@@ -27,22 +31,6 @@ def _clean(seq: object, letters: str) -> str:
     if bad is not None or not s:
         raise ValueError(f"invalid sequence {seq[:30]!r}: position {bad} is not one of {letters}")
     return s
-
-
-def check_dot_bracket(target: str) -> str:
-    """A balanced dot-bracket string; raises ValueError naming the first bad position."""
-    if not isinstance(target, str) or not target:
-        raise ValueError("rna_target needs a dot-bracket structure, e.g. rna_target:((((....))))")
-    depth = 0
-    for i, c in enumerate(target):
-        if c not in ".()":
-            raise ValueError(f"dot-bracket {target!r}: character {c!r} at position {i} is not '.', '(' or ')'")
-        depth += {"(": 1, ")": -1}.get(c, 0)
-        if depth < 0:
-            raise ValueError(f"dot-bracket {target!r}: unmatched ')' at position {i}")
-    if depth:
-        raise ValueError(f"dot-bracket {target!r}: {depth} unmatched '('")
-    return target
 
 
 @dataclass
@@ -58,25 +46,33 @@ class RNAMFE(Reward):
 
 @dataclass
 class RNATarget(Reward):
+    """A target structure's reward; ``term`` is ``distance``, ``probability`` or ``defect`` (see above)."""
+
     target: str = ""
+    term: str = "distance"
     name: str = "rna_target"
     penalty: float = -1.0
 
     def __post_init__(self) -> None:
-        check_dot_bracket(self.target)
+        parse_dot_bracket(self.target, "rna_target")
+        if self.term not in TERMS:
+            raise ValueError(f"unknown rna_target term {self.term!r}; choose one of {', '.join(TERMS)}")
         super().__post_init__()
 
     def lengths(self) -> set[int]:
         return {len(self.target)}
 
     def score_one(self, sample: object) -> float:
-        import RNA
-
         seq = _clean(sample, "ACGU")
         if len(seq) != len(self.target):
             raise ValueError(f"sequence length {len(seq)} differs from the target's {len(self.target)}")
-        structure = RNA.fold(seq)[0]
-        return -RNA.bp_distance(structure, self.target) / len(seq)
+        if self.term == "distance":
+            return -bp_distance(fold(seq)[0], self.target) / len(seq)
+        e = ensemble(seq, self.target)
+        return e.target_probability if self.term == "probability" else -e.ensemble_defect
+
+
+TERMS = ("distance", "probability", "defect")
 
 
 @dataclass
@@ -144,6 +140,12 @@ def _best_window(pwm: np.ndarray, idx: np.ndarray) -> float:
 register("rna_mfe", "rna", "-MFE (kcal/mol) of the ViennaRNA fold")(lambda: RNAMFE())
 register("rna_target", "rna", "-(bp distance of the MFE structure to a target dot-bracket) / length")(
     lambda target: RNATarget(target=str(target))
+)
+register("rna_target_probability", "rna", "Boltzmann probability of a target dot-bracket in the ensemble")(
+    lambda target: RNATarget(target=str(target), term="probability", name="rna_target_probability", penalty=0.0)
+)
+register("rna_ensemble_defect", "rna", "-(ensemble defect against a target dot-bracket), in [-1, 0]")(
+    lambda target: RNATarget(target=str(target), term="defect", name="rna_ensemble_defect")
 )
 register("gc", "sequence", "GC fraction (RNA or DNA), or -|GC - target| with target=")(
     lambda target=None: GC(target=target)

@@ -166,6 +166,37 @@ def _log(p: torch.Tensor) -> torch.Tensor:
     return torch.log(p.clamp(min=0.0))
 
 
+# --------------------------------------------------------------------------------------------- pairs
+def pair_tokens(
+    log_p0: torch.Tensor,
+    x: torch.Tensor,
+    partners: torch.Tensor,
+    allowed: torch.Tensor,
+    pick: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """A letter for every position, drawn by ``pick`` (argmax over the last axis, or a Gumbel draw) so that
+    paired positions always hold an allowed pair.
+
+    For a pair (i, j) with both ends masked, ``(a, b) ~ p_i(a) p_j(b) 1[allowed(a, b)]`` is drawn once (at the
+    lower index) and both ends take their letter; an end whose mate is already the letter m draws from
+    ``p_i(a) 1[allowed(a, m)]``; an unpaired position (``partners < 0``) draws from ``p_i``. ``allowed`` [K, K] is
+    symmetric.
+    """
+    k = allowed.shape[0]
+    lp = log_p0.double()
+    log_allowed = torch.zeros(k, k, dtype=torch.float64, device=lp.device).masked_fill(~allowed, -math.inf)
+    paired = partners >= 0
+    mate_idx = partners.clamp(min=0)
+    mate = x.gather(1, mate_idx)
+    joint = lp[..., :, None] + lp.gather(1, mate_idx[..., None].expand_as(lp))[..., None, :] + log_allowed
+    ab = pick(joint.flatten(-2))
+    lead = partners > torch.arange(x.shape[1], device=x.device)[None, :]
+    both = torch.where(lead, ab // k, (ab % k).gather(1, mate_idx))
+    one = pick(lp + log_allowed.t()[mate.clamp(max=k - 1)])
+    free = pick(lp)
+    return torch.where(paired & (mate >= k), both, torch.where(paired, one, free))
+
+
 # --------------------------------------------------------------------------------------------- sampler
 @dataclass
 class DiscreteState:
@@ -329,6 +360,10 @@ class DiscreteSampler:
     cached for the step); ``st = step(st, i, gen)`` for ``i in range(n_steps - 1)``; ``select(st, index)``;
     ``x0 = finish(st)``. Each step calls the model at most once. ``grid``: a name (``time_grid``) or the
     times themselves, from 1 to 0.
+
+    Pair-aware sampling (``pairing``: [K, K] allowed letter pairs, with ``cond["partners"]`` [B, L], ``-1`` where
+    unpaired): an unmasking step opens both ends of a pair together and draws them from ``pair_tokens``, so
+    every sample holds an allowed pair at every paired position.
     """
 
     model: Callable[..., torch.Tensor]
@@ -337,8 +372,11 @@ class DiscreteSampler:
     steps: int = 32
     grid: str | torch.Tensor = "time_uniform"
     options: Mapping[str, Any] | None = None
+    pairing: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        if self.pairing is not None and not torch.equal(self.pairing, self.pairing.t()):
+            raise ValueError("pairing must be a symmetric [K, K] table of allowed letter pairs")
         if self.solver not in DISCRETE_SAMPLERS:
             raise ValueError(
                 f"unknown discrete sampler {self.solver!r}; choose one of {sorted(DISCRETE_SAMPLERS)}"
@@ -385,12 +423,32 @@ class DiscreteSampler:
             return st, st.x
         if st.at != i:
             st = self._refresh(st, i)
-        best = st.log_p0.argmax(-1)
+        if self.pairing is None:
+            best = st.log_p0.argmax(-1)
+        else:
+            best = pair_tokens(st.log_p0, st.x, self._partners(st), self.pairing, lambda w: w.argmax(-1))
         return st, torch.where(st.x == self.process.mask_id, best, st.x)
+
+    def _partners(self, st: DiscreteState) -> torch.Tensor:
+        partners = st.cond.get("partners")
+        if partners is None or partners.shape != st.x.shape:
+            raise ValueError("pair-aware sampling needs cond['partners'] with the shape of the tokens")
+        return partners
+
+    def _couple(self, st: DiscreteState, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Pair-aware unmasking: positions the transition opened, and their masked mates, take ``pair_tokens``."""
+        if self.pairing is None:
+            return x
+        partners = self._partners(st)
+        mask = self.process.mask_id
+        opened = (st.x == mask) & (x != mask)
+        mate_opened = opened.gather(1, partners.clamp(min=0)) & (partners >= 0) & (st.x == mask)
+        tokens = pair_tokens(st.log_p0, st.x, partners, self.pairing, lambda w: gumbel_argmax(w, generator))
+        return torch.where(opened | mate_opened, tokens, x)
 
     def move(self, st: DiscreteState, s: torch.Tensor, generator: torch.Generator | None = None) -> DiscreteState:
         """The registered transition from the state's times to ``s`` [B], from its ``log p(x0 | x_t)``."""
-        x = self.spec.transition(self.process, st, s, generator, self.options)
+        x = self._couple(st, self.spec.transition(self.process, st, s, generator, self.options), generator)
         return replace(st, x=x, t=s, stale=st.stale | (x != st.x).any(-1))
 
     def step(self, st: DiscreteState, i: int, generator: torch.Generator | None = None) -> DiscreteState:
@@ -400,7 +458,7 @@ class DiscreteSampler:
             return self.move(st, torch.full_like(st.t, float(self.grid[i + 1])), generator)
         steps_left = torch.full_like(st.t, self.n_steps - 1 - i, dtype=torch.long)
         n = (st.x == self.process.mask_id).sum(-1)
-        x = _first_hitting(self.process, st, steps_left, generator, self.options)
+        x = self._couple(st, _first_hitting(self.process, st, steps_left, generator, self.options), generator)
         k = n - (x == self.process.mask_id).sum(-1)
         s = first_hitting_time(self.process.schedule, st.t, n, k, generator)
         return replace(st, x=x, t=s, stale=st.stale | (x != st.x).any(-1))
@@ -440,9 +498,10 @@ def sample_discrete(
     cond: Cond | None = None,
     grid: str = "time_uniform",
     options: Mapping[str, Any] | None = None,
+    pairing: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run a registered sampler from ``x_T`` (mask tokens where to generate) and return the tokens."""
-    return DiscreteSampler(model, process, solver, steps, grid, options).run(x_T, cond, generator).x
+    return DiscreteSampler(model, process, solver, steps, grid, options, pairing).run(x_T, cond, generator).x
 
 
 class ClassifierFreeGuidance(torch.nn.Module):

@@ -41,19 +41,41 @@ def add_train(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument(
         "--lr-decay-steps", type=int, default=0, help="cosine decay of the lr to lr/10 at this step (0: constant)"
     )
-    parser.add_argument("--d-model", type=int, default=96)
-    parser.add_argument("--layers", type=int, default=1, help="attention layers after the convs")
+    parser.add_argument("--d-model", type=int, default=None, help="default 96")
+    parser.add_argument("--layers", type=int, default=None, help="attention layers after the convs (1; --design: 2)")
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--d-ff", type=int, default=192)
+    parser.add_argument("--d-ff", type=int, default=None, help="default 192")
     parser.add_argument("--conv-dilations", default="1,2,4,8", help="dilated conv blocks before attention")
     parser.add_argument("--schedule", default="loglinear", choices=["loglinear", "cosine"])
     parser.add_argument("--unconditional", action="store_true", help="DNA: ignore the enhancer labels")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--val-every", type=int, default=500)
+    if modality == "rna":
+        parser.add_argument("--design", action="store_true",
+                            help="train the structure-conditioned design model p(sequence | dot-bracket)")
+        parser.add_argument("--synthetic", type=int, default=40_000,
+                            help="--design: synthetic sequence/MFE-structure pairs folded by ViennaRNA")
     parser.add_argument("--seed", type=int, default=0)
 
 
+SIZES = {"plain": {"d_model": 96, "layers": 1, "d_ff": 192}, "design": {"d_model": 96, "layers": 2, "d_ff": 192}}
+
+
 def run_train(args: argparse.Namespace) -> int:
+    design = getattr(args, "design", False)
+    for key, value in SIZES["design" if design else "plain"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if design:
+        from molgen.sequences.design_training import run_train_design
+
+        if args.out == "runs/sequences/rna":
+            args.out = "runs/sequences/rna_design"
+        return run_train_design(args)
+    return run_train_plain(args)
+
+
+def run_train_plain(args: argparse.Namespace) -> int:
     from molgen.checkpoints import hardware, save_checkpoint
     from molgen.sequences.data import LengthDistribution, load_dataset, resolve_data_root
     from molgen.sequences.model import DenoiserConfig, n_parameters
@@ -213,4 +235,59 @@ def run_evaluate(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text + "\n")
     print(text)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- design
+def add_design(parser: argparse.ArgumentParser, modality: str) -> None:
+    from molgen.sequences.design import DEFAULT_METHOD, METHODS
+
+    parser.add_argument("--target", required=True,
+                        help="dot-bracket structure, or a file of them (>name lines, then one structure each)")
+    parser.add_argument("--n", type=int, default=1, help="designs per target (solved ones end a target early)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--seconds", type=float, default=None, help="wall-clock budget per target (default 10)")
+    budget.add_argument("--calls", type=int, default=None, help="model-call budget per target (sequences evaluated)")
+    parser.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS)
+    parser.add_argument("--plain-tokens", action="store_true", help="draw letters one by one, not as base pairs")
+    parser.add_argument("--checkpoint", default=None, help="default data/sequences/rna_design.pt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="FASTA of the designs")
+    parser.add_argument("--json", default=None, help="per-target summary JSON")
+
+
+def run_design(args: argparse.Namespace) -> int:
+    from molgen.errors import InputError
+    from molgen.sequences.design import Budget, design_rna, load_design_model, read_targets
+    from molgen.sequences.io import Record
+
+    torch.set_num_threads(1)
+    targets = read_targets(args.target)
+    budget = Budget(seconds=args.seconds if args.seconds or args.calls else 10.0, calls=args.calls)
+    if len(targets) == 1 and isinstance(targets[0], InputError):
+        raise targets[0]
+    model = None if args.method == "inverse_fold" else load_design_model(args.checkpoint)
+    summaries, records = [], []
+    for target in targets:
+        if isinstance(target, InputError):
+            print(f"skipped: {target}", file=sys.stderr)
+            summaries.append({"name": target.record, "error": str(target)})
+            continue
+        try:
+            result = design_rna(target, args.n, budget, args.method, model, args.seed, pair_aware=not args.plain_tokens)
+        except InputError as err:
+            print(f"skipped: {err}", file=sys.stderr)
+            summaries.append({"name": target.name, "error": str(err)})
+            continue
+        summary = result.summary()
+        summaries.append(summary)
+        records += [Record(f"{target.name}_{k} bp_distance={d.bp_distance} p_target={d.target_probability:.3g} "
+                           f"ensemble_defect={d.ensemble_defect:.3g}", d.sequence)
+                    for k, d in enumerate(result.designs)]
+        print(f"{target.name}: {'solved' if result.solved else 'not solved'} (best bp distance "
+              f"{summary['bp_distance']['best']}, {summary['seconds']:.1f} s, {result.model_calls} model calls)")
+    write_fasta(args.out, records)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"method": args.method, "targets": summaries}, indent=2) + "\n")
     return 0

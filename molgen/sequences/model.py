@@ -1,4 +1,11 @@
-"""Bidirectional transformer denoiser for masked diffusion: ``model(x_t, t, labels=None) -> logits``."""
+"""Bidirectional transformer denoiser for masked diffusion: ``model(x_t, t, labels=None, partners=None) -> logits``.
+
+With ``pair_conditioning`` the denoiser reads a target secondary structure: ``partners[b, i] = j`` when i pairs
+with j, ``UNPAIRED`` (-1) when i is unpaired, ``UNSPECIFIED`` (-2) when the structure says nothing about i
+(classifier-free dropout, or a partial constraint). Each position's structural state is embedded, and after
+every block a position adds a learned map of its partner's features, ``h_i += W_k LN(h_{p(i)})``, so that the
+two ends of a pair see each other from the first layer whatever their distance.
+"""
 
 from __future__ import annotations
 
@@ -26,12 +33,23 @@ class DenoiserConfig:
     dropout: float = 0.0
     n_classes: int = 0
     time_conditioning: bool = False
+    pair_conditioning: bool = False
 
     def __post_init__(self):
         self.conv_dilations = tuple(self.conv_dilations)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "conv_dilations": list(self.conv_dilations)}
+
+
+UNPAIRED, UNSPECIFIED = -1, -2  # the non-partner values of ``partners``
+
+
+def structure_states(partners: torch.Tensor) -> torch.Tensor:
+    """States 0 unpaired, 1 opens a pair (partner to the right), 2 closes one, 3 unspecified, [B, L]."""
+    pos = torch.arange(partners.shape[1], device=partners.device)[None, :]
+    opens = torch.where(partners > pos, 1, 2)
+    return torch.where(partners == UNPAIRED, 0, torch.where(partners == UNSPECIFIED, 3, opens))
 
 
 def time_features(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -81,6 +99,10 @@ class SequenceDenoiser(nn.Module):
             else None
         )
         self.convs = nn.ModuleList(DilatedConvBlock(c.d_model, c.kernel_size, d) for d in c.conv_dilations)
+        n_blocks = len(c.conv_dilations) + c.n_layers
+        self.state = nn.Embedding(4, c.d_model) if c.pair_conditioning else None
+        self.pair_norms = nn.ModuleList(nn.LayerNorm(c.d_model) for _ in range(n_blocks if c.pair_conditioning else 0))
+        self.pair_maps = nn.ModuleList(nn.Linear(c.d_model, c.d_model) for _ in range(len(self.pair_norms)))
         layer = nn.TransformerEncoderLayer(
             c.d_model, c.n_heads, c.d_ff, c.dropout, activation="gelu", batch_first=True, norm_first=True
         )
@@ -90,7 +112,14 @@ class SequenceDenoiser(nn.Module):
         self.norm = nn.LayerNorm(c.d_model)
         self.head = nn.Linear(c.d_model, c.n_tokens)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        partners: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, L, K]; ``partners`` is read by a pair-conditioned denoiser and ignored by others."""
         c = self.config
         if x_t.shape[1] > c.max_length:
             raise ValueError(f"sequence length {x_t.shape[1]} exceeds the model's maximum {c.max_length}")
@@ -104,11 +133,24 @@ class SequenceDenoiser(nn.Module):
         if self.time is not None:
             h = h + self.time(time_features(t, c.d_model))[:, None, :]
         pad = x_t == c.pad_id
-        for block in self.convs:
-            h = block(h, (~pad).float())
-        if self.encoder is not None:
-            h = self.encoder(h, src_key_padding_mask=pad)
+        if self.state is not None:
+            if partners is None:
+                partners = torch.full_like(x_t, UNSPECIFIED)
+            if partners.shape != x_t.shape or int(partners.max()) >= x_t.shape[1]:
+                raise ValueError(f"partners {tuple(partners.shape)} must match the tokens {tuple(x_t.shape)}")
+            h = h + self.state(structure_states(partners))
+        blocks = [*self.convs, *(self.encoder.layers if self.encoder is not None else [])]
+        for k, block in enumerate(blocks):
+            h = block(h, (~pad).float()) if k < len(self.convs) else block(h, src_key_padding_mask=pad)
+            if self.state is not None:
+                h = self._exchange(h, partners, k)
         return self.head(self.norm(h))
+
+    def _exchange(self, h: torch.Tensor, partners: torch.Tensor, k: int) -> torch.Tensor:
+        """``h_i + W_k LN(h_{p(i)})`` at paired positions."""
+        idx = partners.clamp(min=0)[..., None].expand_as(h)
+        mate = self.pair_maps[k](self.pair_norms[k](h.gather(1, idx)))
+        return h + mate * (partners >= 0)[..., None]
 
 
 def n_parameters(model: nn.Module) -> int:

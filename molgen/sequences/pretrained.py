@@ -17,10 +17,14 @@ from molgen.sequences.training import build_process
 SHIPPED_DIR = REPO_ROOT / "data" / "sequences"
 
 
-def default_checkpoint(modality: str) -> Path:
-    if modality not in ("rna", "dna"):
-        raise ValueError(f"no default checkpoint for modality {modality!r}; choose rna or dna")
-    return SHIPPED_DIR / f"{modality}_default.pt"
+SHIPPED = {"rna": "rna_default.pt", "dna": "dna_default.pt", "rna_design": "rna_design.pt"}
+
+
+def default_checkpoint(model: str) -> Path:
+    """The shipped checkpoint of ``rna``, ``dna`` or ``rna_design`` (the structure-conditioned RNA model)."""
+    if model not in SHIPPED:
+        raise ValueError(f"no default checkpoint for {model!r}; choose one of {', '.join(SHIPPED)}")
+    return SHIPPED_DIR / SHIPPED[model]
 
 
 @dataclass

@@ -17,7 +17,7 @@ from molgen.diffusion.discrete import MaskedDiffusion, MaskingSchedule
 from molgen.ema import ema_update
 from molgen.optim import lr_factor
 from molgen.progress import bars_enabled
-from molgen.sequences.model import DenoiserConfig, SequenceDenoiser
+from molgen.sequences.model import UNSPECIFIED, DenoiserConfig, SequenceDenoiser
 
 NELBO_TIMES = 4  # stratified times of every NELBO molgen reports (cards, evaluation, naturalness)
 
@@ -31,7 +31,8 @@ def build_process(
 class MaskedDiffusionModule(L.LightningModule):
     """Trains ``SequenceDenoiser`` on the MDLM NELBO (per data token); keeps an EMA copy for evaluation.
 
-    Classifier-free dropout: with probability ``p_uncond`` a label is replaced by the null label.
+    Classifier-free dropout: with probability ``p_uncond`` a label is replaced by the null label, or (a
+    pair-conditioned denoiser, batches ``(x0, partners)``) a row's structure by ``UNSPECIFIED``.
     Learning rate: linear warm-up, then constant, or (``decay_steps`` > 0) cosine decay to lr / 10 at
     ``decay_steps``, constant after.
     """
@@ -54,7 +55,15 @@ class MaskedDiffusionModule(L.LightningModule):
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
         self.process = build_process(cfg.n_tokens, cfg.pad_id, mask_id, schedule)
 
-    def _cond(self, labels: torch.Tensor | None, drop: bool) -> dict:
+    def _cond(self, extra: torch.Tensor | None, drop: bool, width: int) -> dict:
+        """The denoiser's conditioning from a batch's second tensor (labels, or partners cropped to width)."""
+        if extra is not None and self.net.config.pair_conditioning:
+            partners = extra[:, :width]
+            if drop and self.hparams.p_uncond > 0:
+                null = torch.rand(len(partners), device=partners.device) < self.hparams.p_uncond
+                partners = torch.where(null[:, None], torch.full_like(partners, UNSPECIFIED), partners)
+            return {"partners": partners}
+        labels = extra
         if labels is None or self.net.config.n_classes == 0:
             return {}
         if drop and self.hparams.p_uncond > 0:
@@ -69,9 +78,9 @@ class MaskedDiffusionModule(L.LightningModule):
         return x0[:, :width]
 
     def training_step(self, batch, batch_idx):
-        x0, labels = batch if len(batch) == 2 else (batch[0], None)
+        x0, extra = batch if len(batch) == 2 else (batch[0], None)
         x0 = self._crop(x0, self.net.config.pad_id)
-        loss = self.process.loss(self.net, x0, cond=self._cond(labels, True))
+        loss = self.process.loss(self.net, x0, cond=self._cond(extra, True, x0.shape[1]))
         per_token = loss.sum() / self.process.is_data(x0).sum()
         self.log("train_nats_per_token", per_token, prog_bar=True)
         return per_token
@@ -80,10 +89,11 @@ class MaskedDiffusionModule(L.LightningModule):
         ema_update(self.ema, self.net, self.global_step, self.hparams.ema_decay)
 
     def validation_step(self, batch, batch_idx):
-        x0, labels = batch if len(batch) == 2 else (batch[0], None)
+        x0, extra = batch if len(batch) == 2 else (batch[0], None)
         x0 = self._crop(x0, self.net.config.pad_id)
         gen = torch.Generator(device=x0.device).manual_seed(1000 + batch_idx)
-        nelbo = self.process.nelbo(self.ema, x0, n_t=NELBO_TIMES, generator=gen, cond=self._cond(labels, False))
+        cond = self._cond(extra, False, x0.shape[1])
+        nelbo = self.process.nelbo(self.ema, x0, n_t=NELBO_TIMES, generator=gen, cond=cond)
         n_tok = self.process.is_data(x0).sum()
         self.log(
             "val_bits_per_token",
@@ -172,7 +182,7 @@ def heldout_bits_per_token(
     for i in range(0, len(x0), batch):
         xb = x0[i : i + batch]
         xb = xb[:, : int(process.is_data(xb).sum(-1).max())]
-        cb = {k: v[i : i + batch] for k, v in cond.items()}
+        cb = {k: v[i : i + batch, : xb.shape[1]] if v.dim() == 2 else v[i : i + batch] for k, v in cond.items()}
         total += float(process.nelbo(model, xb, n_t=n_t, generator=gen, cond=cb).sum())
         n_tok += int(process.is_data(xb).sum())
     return total / n_tok / float(torch.log(torch.tensor(2.0)))

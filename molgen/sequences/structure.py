@@ -1,0 +1,185 @@
+"""RNA secondary structure: dot-bracket parsing, ViennaRNA folding metrics, and sequence-structure pairs.
+
+A pseudoknot-free secondary structure on ``L`` nucleotides is a set of nested base pairs, written as a
+dot-bracket string and held as ``partners``: ``partners[i] = j`` when i pairs with j, ``-1`` when i is unpaired.
+
+Metrics (ViennaRNA, Turner 2004 parameters at 37 C):
+
+* ``bp_distance(a, b) = |P(a) symmetric-difference P(b)|``, the number of base pairs in one structure only;
+* target probability ``p(s*) = exp(-E(s*) / kT) / Z``, the Boltzmann weight of the target in the ensemble;
+* ensemble defect ``ED = 1 - (1/L) sum_i [ sum_j P_ij 1(i-j in s*) + P_i^unpaired 1(i unpaired in s*) ]``,
+  the expected fraction of nucleotides in another state than the target's (0 = the ensemble is the target).
+
+Training pairs: ``synthetic_pair`` draws a sequence (uniform letters, or letters laid on a random nested
+structure: complementary stems, A-rich loops, then mutated) and returns it with its exact MFE structure, so
+that the model learns p(sequence | structure) on pairs where the structure is the sequence's own fold.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from molgen.errors import InputError
+from molgen.sequences.alphabets import RNA
+
+PAIRS = ("GC", "CG", "AU", "UA", "GU", "UG")  # canonical and wobble pairs ViennaRNA scores
+PSEUDOKNOT_BRACKETS = "[]{}<>"
+MIN_HAIRPIN = 3  # ViennaRNA forbids hairpin loops shorter than 3 nt
+
+
+def allowed_pairs() -> torch.Tensor:
+    """[4, 4] bool over RNA letters ``ACGU``: True where (a, b) can pair; symmetric."""
+    out = torch.zeros(RNA.size, RNA.size, dtype=torch.bool)
+    for a, b in PAIRS:
+        out[RNA.letters.index(a), RNA.letters.index(b)] = True
+    return out
+
+
+def parse_dot_bracket(structure: str, record: str | int | None = None) -> list[int]:
+    """Partners of a pseudoknot-free dot-bracket string; a bad character, an unmatched bracket or a pseudoknot
+    bracket raises ``InputError`` naming the (1-based) position."""
+    if not isinstance(structure, str) or not structure.strip():
+        raise InputError("empty dot-bracket structure, expected e.g. ((((....))))", record=record)
+    structure = structure.strip()
+    partners, stack = [-1] * len(structure), []
+    for i, c in enumerate(structure):
+        if c == "(":
+            stack.append(i)
+        elif c == ")":
+            if not stack:
+                raise InputError("unmatched ')'", record=record, position=i + 1)
+            j = stack.pop()
+            partners[i], partners[j] = j, i
+        elif c in PSEUDOKNOT_BRACKETS:
+            raise InputError(f"{c!r}: pseudoknots are not supported (only '(', ')' and '.')", record=record,
+                             position=i + 1)
+        elif c != ".":
+            raise InputError(f"character {c!r} is not '(', ')' or '.'", record=record, position=i + 1)
+    if stack:
+        raise InputError(f"unmatched '(' ({len(stack)} in all)", record=record, position=stack[0] + 1)
+    return partners
+
+
+def dot_bracket(partners: Sequence[int]) -> str:
+    """The dot-bracket string of a nested ``partners`` list (inverse of ``parse_dot_bracket``)."""
+    return "".join("." if j < 0 else "(" if j > i else ")" for i, j in enumerate(partners))
+
+
+def sharp_hairpins(partners: Sequence[int]) -> list[int]:
+    """1-based positions of pairs closing a hairpin loop of fewer than ``MIN_HAIRPIN`` nt (no sequence can
+    fold into them under ViennaRNA's model)."""
+    out = []
+    for i, j in enumerate(partners):
+        if j > i and all(partners[k] < 0 for k in range(i + 1, j)) and j - i - 1 < MIN_HAIRPIN:
+            out.append(i + 1)
+    return out
+
+
+def partners_tensor(structures: Sequence[Sequence[int]], length: int | None = None) -> torch.Tensor:
+    """[B, length] long: each row's partners, ``-1`` where unpaired and after its end."""
+    length = max(len(p) for p in structures) if length is None else length
+    out = torch.full((len(structures), length), -1, dtype=torch.long)
+    for b, p in enumerate(structures):
+        out[b, : len(p)] = torch.tensor(list(p), dtype=torch.long)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- ViennaRNA
+def fold(seq: str) -> tuple[str, float]:
+    """MFE structure and free energy (kcal/mol) of an RNA sequence."""
+    import RNA as vienna
+
+    structure, energy = vienna.fold(seq)
+    return structure, float(energy)
+
+
+def bp_distance(a: str, b: str) -> int:
+    import RNA as vienna
+
+    return int(vienna.bp_distance(a, b))
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    """Boltzmann-ensemble figures of a sequence against a target structure."""
+
+    mfe_structure: str
+    target_probability: float
+    ensemble_defect: float
+
+
+def ensemble(seq: str, target: str) -> Ensemble:
+    """MFE structure, target probability and ensemble defect from one ViennaRNA partition function."""
+    import RNA as vienna
+
+    fc = vienna.fold_compound(seq)
+    structure, energy = fc.mfe()
+    fc.exp_params_rescale(energy)
+    fc.pf()
+    return Ensemble(structure, float(fc.pr_structure(target)), float(fc.ensemble_defect(target)))
+
+
+def wrong_positions(structure: str, target: str) -> list[int]:
+    """0-based positions whose partner (or unpaired state) differs between two structures of one length."""
+    a, b = parse_dot_bracket(structure), parse_dot_bracket(target)
+    return [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+
+
+# --------------------------------------------------------------------------------------------- training pairs
+def random_structure(length: int, rng: random.Random, tries: int = 60) -> list[int]:
+    """A random nested structure: stems of 3-9 pairs placed where they nest with the ones already placed,
+    each closing at least ``MIN_HAIRPIN`` nt."""
+    partners = [-1] * length
+    for _ in range(tries):
+        stem = rng.randint(3, 9)
+        loop = rng.randint(MIN_HAIRPIN, max(MIN_HAIRPIN, min(40, length // 2)))
+        span = 2 * stem + loop
+        if span > length:
+            continue
+        i = rng.randrange(0, length - span + 1)
+        j = i + span - 1 - rng.randint(0, max(0, (length - i - span) // 2))
+        if j - i + 1 < span or j >= length:
+            continue
+        outer = [(i + k, j - k) for k in range(stem)]
+        if all(partners[a] < 0 and partners[b] < 0 for a, b in outer) and _nests(partners, i, j):
+            for a, b in outer:
+                partners[a], partners[b] = b, a
+    return partners
+
+
+def _nests(partners: list[int], i: int, j: int) -> bool:
+    """True when a pair (i, j) crosses no existing pair."""
+    return all(partners[k] < 0 or i <= partners[k] <= j for k in range(i + 1, j))
+
+
+PAIR_WEIGHTS = (0.3, 0.3, 0.15, 0.15, 0.05, 0.05)  # GC CG AU UA GU UG when stems are laid down
+LOOP_WEIGHTS = (0.4, 0.2, 0.2, 0.2)  # A C G U in loops
+
+
+def seeded_sequence(partners: Sequence[int], rng: random.Random, mutate: float = 0.08) -> str:
+    """Letters on a structure: a random pair per stem pair, A-rich loops, then a ``mutate`` fraction redrawn."""
+    seq = [""] * len(partners)
+    for i, j in enumerate(partners):
+        if j < 0:
+            seq[i] = rng.choices(RNA.letters, LOOP_WEIGHTS)[0]
+        elif j > i:
+            seq[i], seq[j] = rng.choices(PAIRS, PAIR_WEIGHTS)[0]
+    for i in range(len(seq)):
+        if rng.random() < mutate:
+            seq[i] = rng.choice(RNA.letters)
+    return "".join(seq)
+
+
+def synthetic_pair(length: int, rng: random.Random) -> tuple[str, str]:
+    """(sequence, its MFE structure): half uniform letters with a random GC content, half seeded on a random
+    structure; the structure is always the exact ViennaRNA fold of the sequence."""
+    if rng.random() < 0.5:
+        gc = rng.uniform(0.3, 0.7)
+        seq = "".join(rng.choices(RNA.letters, ((1 - gc) / 2, gc / 2, gc / 2, (1 - gc) / 2), k=length))
+    else:
+        seq = seeded_sequence(random_structure(length, rng), rng)
+    return seq, fold(seq)[0]
