@@ -17,7 +17,7 @@ temporary file that the benchmark writes), then stores one table per KIND in ben
 the current commit (``git rev-parse --short HEAD``, flagged when the working tree has uncommitted changes), the
 UTC date and a description of the hardware; the benchmark's whole output is kept under ``raw``. KIND selects how
 the table is read from the output: samplers, samplers_overhead, generation, guidance, sequences, structure,
-molecules.
+molecules, likelihood, reliability, rna_design.
 """
 
 from __future__ import annotations
@@ -214,12 +214,28 @@ def _reliability(raw: dict) -> dict:
     return {"columns": RELIABILITY_COLUMNS, "rows": rows}
 
 
+RNA_DESIGN_COLUMNS = [["band", "length (nt)", ""], ["method", "method", ""], ["targets", "targets", ""],
+                      ["solve_rate", "solved", ".2f"], ["solve_rate_se", "(SE)", ".2f"],
+                      ["median_bp_distance", "median bp distance", ".1f"],
+                      ["median_target_probability", "median p(target)", ".3g"],
+                      ["median_ensemble_defect", "median ensemble defect", ".3f"],
+                      ["median_seconds", "median s", ".2f"], ["median_model_calls", "median model calls", ".0f"],
+                      ["refused", "refused (too long)", ""], ["diversity", "designs' Hamming diversity", ".3f"]]
+
+
+def _rna_design(raw: dict) -> dict:
+    rows = list(raw["rows"]) + [{"band": "20-60, 4 designs each", "method": d["method"], "targets": d["targets"],
+                                 "diversity": d["mean_pairwise_hamming"]} for d in raw.get("diversity", [])]
+    return {"columns": RNA_DESIGN_COLUMNS, "rows": rows}
+
+
 # what a kind keeps of the benchmark's output under "raw" (default: all of it)
-RAW = {"samplers_overhead": lambda raw: {"rows": [r for r in raw["rows"] if r["target"] == "overhead"]}}
+RAW = {"samplers_overhead": lambda raw: {"rows": [r for r in raw["rows"] if r["target"] == "overhead"]},
+       "rna_design": lambda raw: {k: v for k, v in raw.items() if k != "runs"}}  # per-target runs stay in --json
 
 KINDS = {"samplers": _samplers, "samplers_overhead": _samplers_overhead, "generation": _generation,
          "guidance": _guidance, "sequences": _sequences, "structure": _structure, "molecules": _molecules,
-         "likelihood": _likelihood, "reliability": _reliability}
+         "likelihood": _likelihood, "reliability": _reliability, "rna_design": _rna_design}
 
 
 def record(kinds: list[str], names: list[str], command: list[str], cwd: Path = ROOT,
