@@ -267,11 +267,12 @@ def _sample(pre: Any, target: Target, n: int, budget: Budget, counter: Counter, 
     gen = torch.Generator().manual_seed(seed)
     sampler = PairSampler(pre, target, counter, steps, gen, pair_aware)
     seqs: list[str] = []
+    solved = 0
     while True:
         batch = [RNA.decode(r) for r in sampler.sample(population)]
         seqs += batch
-        counter.folding_calls += len(batch)
-        if sum(fold(s)[0] == target.structure for s in seqs) >= n or counter.spent(budget):
+        solved += n_solved(batch, target, counter)
+        if solved >= n or counter.spent(budget):
             return seqs
 
 
@@ -290,6 +291,7 @@ def _guided(kind: str) -> Any:
         rows = min(population, GUIDED_ROWS) * (FK_PARTICLES if kind == "fk" else 1)
         cond = {"partners": torch.tensor(target.partners)[None].expand(rows, -1)}
         seqs: list[str] = []
+        solved = 0
         while True:
             x_T = pre.process.prior(torch.full((rows,), len(target.structure)))
             if kind == "svdd":
@@ -301,7 +303,8 @@ def _guided(kind: str) -> Any:
             counter.model_calls += res.model_calls
             counter.folding_calls += res.reward_calls
             seqs += _decode(res.samples)
-            if sum(fold(s)[0] == target.structure for s in seqs) >= n or counter.spent(budget):
+            solved += n_solved(_decode(res.samples), target, counter)
+            if solved >= n or counter.spent(budget):
                 return seqs
 
     return run
@@ -309,6 +312,12 @@ def _guided(kind: str) -> Any:
 
 def _decode(tokens: torch.Tensor) -> list[str]:
     return [RNA.decode(r) for r in tokens]
+
+
+def n_solved(seqs: Sequence[str], target: Target, counter: Counter) -> int:
+    """How many of ``seqs`` fold into the target (one folding each, counted)."""
+    counter.folding_calls += len(seqs)
+    return sum(fold(s)[0] == target.structure for s in seqs)
 
 
 def _inverse_fold(target: Target, n: int, budget: Budget, counter: Counter, seed: int) -> list[str]:
@@ -319,6 +328,7 @@ def _inverse_fold(target: Target, n: int, budget: Budget, counter: Counter, seed
     rng = random.Random(seed)
     ctx = multiprocessing.get_context("fork")
     seqs: list[str] = []
+    solved = 0
     while budget.seconds is None or counter.seconds() < budget.seconds:
         start = "".join(rng.choice(RNA.letters) for _ in target.structure)
         left = None if budget.seconds is None else budget.seconds - counter.seconds()
@@ -330,7 +340,8 @@ def _inverse_fold(target: Target, n: int, budget: Budget, counter: Counter, seed
         child.kill()
         child.join()
         seqs.append(seq or start)
-        if sum(fold(s)[0] == target.structure for s in seqs) >= n:
+        solved += seq is not None and fold(seq)[0] == target.structure
+        if solved >= n:
             break
     return seqs or ["".join(rng.choice(RNA.letters) for _ in target.structure)]
 
