@@ -1,4 +1,6 @@
-"""``--batch-size auto``: the largest batch whose model call fits the device's memory.
+"""Batches: ``--batch-size auto`` for sampling, and size-bucketed, resumable batches for training.
+
+``--batch-size auto``: the largest batch whose model call fits the device's memory.
 
 On CUDA, one probe at a small batch measures the peak memory per row; activations grow linearly with the batch,
 so b = headroom * free / per_row predicts the largest batch, which is then tried and halved until it runs. On a
@@ -8,6 +10,7 @@ CPU, memory is not the limit (throughput stops growing long before it is), so ``
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 import torch
@@ -64,3 +67,66 @@ def largest_batch(
     free, _ = torch.cuda.mem_get_info(device)
     guess = min(limit, int(headroom * free / per_row))
     return halve_until_fits(fits, guess) if guess > probe else probe
+
+
+class SizeBucketBatches(torch.utils.data.Sampler):
+    """Batches of items with the same size key (a molecule's atom count: no padding; a sequence's length
+    bucket), shuffled per epoch with a seeded generator: epoch e uses seed ``seed + e``. Resumable:
+    ``state_dict`` records the epoch and how many of its batches were handed out, and after ``load_state_dict``
+    that epoch continues where it stopped instead of replaying its first batches."""
+
+    def __init__(self, sizes: torch.Tensor, batch_size: int, seed: int = 0) -> None:
+        self.sizes, self.batch_size, self.seed, self.epoch = sizes, batch_size, seed, 0
+        self.served = 0  # batches of the current epoch handed out so far
+        self._resume: int | None = None
+
+    def _batches(self) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        out: list[torch.Tensor] = []
+        for n in torch.unique(self.sizes).tolist():
+            idx = torch.nonzero(self.sizes == n).flatten()
+            idx = idx[torch.randperm(len(idx), generator=g)]
+            out.extend(idx.split(self.batch_size))
+        order = torch.randperm(len(out), generator=g).tolist()
+        return [out[i] for i in order]
+
+    @property
+    def sampler(self) -> SizeBucketBatches:
+        """Lightning calls ``set_epoch`` on ``batch_sampler.sampler`` (not on the batch sampler itself) at each
+        epoch start: that is this object."""
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at each epoch start (also after resuming)."""
+        self.epoch = epoch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "served": self.served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """The next epoch iterated starts at batch ``served`` (Lightning's view of which epoch that is can
+        differ from the saved ``epoch`` after a checkpoint written when ``max_steps`` stopped the run; its batch
+        count inside the epoch continues from ``served`` either way)."""
+        self._resume = int(state["served"])
+
+    def __iter__(self):
+        batches = self._batches()
+        start = min(self._resume or 0, len(batches))
+        self._resume = None
+        for k in range(start, len(batches)):
+            self.served = k + 1
+            yield batches[k].tolist()
+
+    def __len__(self) -> int:
+        counts = torch.bincount(self.sizes)
+        return int(sum(math.ceil(c / self.batch_size) for c in counts.tolist() if c))
+
+
+class ResumableLoader(torch.utils.data.DataLoader):
+    """DataLoader whose position inside an epoch is saved in Lightning checkpoints (via its batch sampler)."""
+
+    def state_dict(self) -> dict[str, int]:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.load_state_dict(state)

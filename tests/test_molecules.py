@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from molgen.batching import SizeBucketBatches
 from molgen.geometry import centre
 from molgen.molecules.data import ATOM_TYPES, load_subset, parse_xyz_field
 from molgen.molecules.io import Molecule, read_molecules, read_sdf, read_xyz, write_sdf, write_xyz
 from molgen.molecules.metrics import atom_stability, bond_matrix, bond_order, evaluate, valid_smiles
 from molgen.molecules.model import MoleculeDenoiser
-from molgen.molecules.train import SizeBucketBatches
 from molgen.testing import assert_equivariant
 
 torch.set_num_threads(1)

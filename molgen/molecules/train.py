@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from datetime import timedelta
@@ -33,6 +32,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from molgen.batching import ResumableLoader, SizeBucketBatches
 from molgen.checkpoints import hardware, load_checkpoint, save_checkpoint
 from molgen.ema import ema_update
 from molgen.geometry import centre
@@ -60,69 +60,6 @@ MODEL_KEYS = (
     "feature_var",
     "properties",
 )
-
-
-class SizeBucketBatches(torch.utils.data.Sampler):
-    """Batches of molecules with the same atom count (no padding), shuffled per epoch with a seeded
-    generator: epoch e uses seed ``seed + e``. Resumable: ``state_dict`` records the epoch and how many of its
-    batches were handed out, and after ``load_state_dict`` that epoch continues where it stopped instead of
-    replaying its first batches."""
-
-    def __init__(self, n_atoms: Tensor, batch_size: int, seed: int = 0) -> None:
-        self.n_atoms, self.batch_size, self.seed, self.epoch = n_atoms, batch_size, seed, 0
-        self.served = 0  # batches of the current epoch handed out so far
-        self._resume: int | None = None
-
-    def _batches(self) -> list[Tensor]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        out: list[Tensor] = []
-        for n in torch.unique(self.n_atoms).tolist():
-            idx = torch.nonzero(self.n_atoms == n).flatten()
-            idx = idx[torch.randperm(len(idx), generator=g)]
-            out.extend(idx.split(self.batch_size))
-        order = torch.randperm(len(out), generator=g).tolist()
-        return [out[i] for i in order]
-
-    @property
-    def sampler(self) -> SizeBucketBatches:
-        """Lightning calls ``set_epoch`` on ``batch_sampler.sampler`` (not on the batch sampler itself) at each
-        epoch start: that is this object."""
-        return self
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at each epoch start (also after resuming)."""
-        self.epoch = epoch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "served": self.served}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """The next epoch iterated starts at batch ``served`` (Lightning's view of which epoch that is can
-        differ from the saved ``epoch`` after a checkpoint written when ``max_steps`` stopped the run; its batch
-        count inside the epoch continues from ``served`` either way)."""
-        self._resume = int(state["served"])
-
-    def __iter__(self):
-        batches = self._batches()
-        start = min(self._resume or 0, len(batches))
-        self._resume = None
-        for k in range(start, len(batches)):
-            self.served = k + 1
-            yield batches[k].tolist()
-
-    def __len__(self) -> int:
-        counts = torch.bincount(self.n_atoms)
-        return int(sum(math.ceil(c / self.batch_size) for c in counts.tolist() if c))
-
-
-class ResumableLoader(torch.utils.data.DataLoader):
-    """DataLoader whose position inside an epoch is saved in Lightning checkpoints (via its batch sampler)."""
-
-    def state_dict(self) -> dict[str, int]:
-        return self.batch_sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batch_sampler.load_state_dict(state)
 
 
 class MoleculeSet(torch.utils.data.Dataset):

@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import gzip
 import json
 import random
-import shlex
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
+from molgen.batching import ResumableLoader, SizeBucketBatches
 from molgen.progress import progress
 from molgen.sequences.alphabets import RNA
 from molgen.sequences.data import holdout, resolve_data_root
@@ -44,6 +44,8 @@ from molgen.sequences.structure import (
 HELDOUT_FAMILIES = ("tRNA", "5s", "srp")
 BPRNA_HELDOUT = 0.1
 MIN_LENGTH, MAX_LENGTH = 16, 200
+LENGTH_BUCKET = 8  # a training batch holds sequences of lengths within one bucket of this many nt
+P_UNSPECIFIED = 0.05  # classifier-free dropout: a training structure replaced by "unspecified"
 DATA_NOTE = (
     "synthetic ViennaRNA MFE pairs (16-200 nt) + bpRNA-1m(90) short entries (90 % hash split) + ArchiveII "
     f"families other than {', '.join(HELDOUT_FAMILIES)} (windows <= 200 nt), pseudoknot-free"
@@ -76,6 +78,7 @@ def _nested(seq: str, structure: str) -> bool:
             and "(" in structure)
 
 
+@functools.lru_cache(maxsize=4)
 def split_entries(root: Path) -> tuple[list[Entry], list[Entry]]:
     """(training, held-out) nested entries; held-out = the held-out families and bpRNA's hash split."""
     train, held = [], []
@@ -131,30 +134,6 @@ def encode(pairs: Sequence[tuple[str, Sequence[int]]], max_length: int) -> tuple
     return tokens, partners_tensor([p for _, p in pairs], max_length)
 
 
-class LengthBatches(Sampler[list[int]]):
-    """Batches of similar lengths (shuffled, sorted within pools of 50 batches, batches shuffled): less padding."""
-
-    def __init__(self, lengths: torch.Tensor, batch_size: int, seed: int):
-        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.lengths) // self.batch_size
-
-    def __iter__(self) -> Iterator[list[int]]:
-        gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        self.epoch += 1
-        order = torch.randperm(len(self.lengths), generator=gen)
-        pool = 50 * self.batch_size
-        batches = []
-        for k in range(0, len(order) - self.batch_size + 1, pool):
-            chunk = order[k : k + pool]
-            chunk = chunk[self.lengths[chunk].argsort()]
-            batches += [chunk[i : i + self.batch_size].tolist()
-                        for i in range(0, len(chunk) - self.batch_size + 1, self.batch_size)]
-        for i in torch.randperm(len(batches), generator=gen).tolist():
-            yield batches[i]
-
-
 def training_pairs(root: Path, out: Path, n_synthetic: int, seed: int) -> tuple[list, list]:
     """(training, held-out) (sequence, partners) pairs; the synthetic part is cached in the run folder."""
     cache = out / "synthetic.json"
@@ -178,7 +157,13 @@ def run_train_design(args: argparse.Namespace) -> int:
     from molgen.sequences.data import LengthDistribution
     from molgen.sequences.model import DenoiserConfig, n_parameters
     from molgen.sequences.pretrained import default_checkpoint, load_pretrained
-    from molgen.sequences.training import NELBO_TIMES, MaskedDiffusionModule, fit, heldout_bits_per_token
+    from molgen.sequences.training import (
+        NELBO_TIMES,
+        MaskedDiffusionModule,
+        fit,
+        heldout_bits_per_token,
+        train_command,
+    )
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -190,12 +175,13 @@ def run_train_design(args: argparse.Namespace) -> int:
         conv_dilations=tuple(int(d) for d in args.conv_dilations.split(",") if d), pair_conditioning=True,
     )
     module = MaskedDiffusionModule(cfg.to_dict(), RNA.mask_id, args.schedule, lr=args.lr,
-                                   decay_steps=args.lr_decay_steps, p_uncond=0.05)
+                                   decay_steps=args.lr_decay_steps, p_uncond=P_UNSPECIFIED)
     print(f"rna design: {len(train)} training / {len(held)} held-out pairs; {n_parameters(module.net)} parameters",
           flush=True)
     x, p = encode(train, MAX_LENGTH)
     lengths = (x != RNA.pad_id).sum(-1)
-    train_dl = DataLoader(TensorDataset(x, p), batch_sampler=LengthBatches(lengths, args.batch_size, args.seed))
+    batches = SizeBucketBatches(lengths // LENGTH_BUCKET, args.batch_size, args.seed)
+    train_dl = ResumableLoader(TensorDataset(x, p), batch_sampler=batches)
     rng = random.Random(args.seed)
     held_sample = rng.sample(held, min(512, len(held)))
     hx, hp = encode(held_sample, MAX_LENGTH)
@@ -210,7 +196,7 @@ def run_train_design(args: argparse.Namespace) -> int:
         "schedule": args.schedule,
         "length_distribution": LengthDistribution.from_lengths(lengths.tolist()).to_dict(),
         "label_names": [],
-        "p_uncond": 0.05,
+        "p_uncond": P_UNSPECIFIED,
     }
     ema = module.ema.eval()
     bits = {
@@ -218,8 +204,7 @@ def run_train_design(args: argparse.Namespace) -> int:
         "no_structure": heldout_bits_per_token(ema, module.process, hx, {}),
     }
     provenance = {
-        "command": "molgen train " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("rna"):])
-        if "rna" in sys.argv else " ".join(sys.argv),
+        "command": train_command("rna"),
         "data": DATA_NOTE,
         "n_train": len(train),
         "n_heldout": len(held),
