@@ -129,11 +129,11 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def diversity(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from molgen.sequences.design import hamming_diversity
+    from molgen.sequences.design import diversity as hamming
 
     rows = []
     for method in METHODS:
-        values = [hamming_diversity(r["sequences"]) for r in runs if r["method"] == method and "error" not in r]
+        values = [hamming(r["sequences"]) for r in runs if r["method"] == method and "error" not in r]
         values = [v for v in values if v is not None]
         if values:
             rows.append({"method": method, "targets": len(values), "mean_pairwise_hamming": statistics.mean(values)})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import statistics
 import subprocess
 import sys
 
@@ -19,7 +18,7 @@ from molgen.sequences.design import (
     Budget,
     Target,
     design_rna,
-    hamming_diversity,
+    diversity,
     read_targets,
     remask_positions,
     stages,
@@ -280,8 +279,8 @@ def test_design_refuses_bad_targets_and_lengths():
 
 
 def test_hamming_diversity():
-    assert hamming_diversity(["AAAA", "AAAU", "UUUU"]) == pytest.approx((0.25 + 1 + 0.75) / 3)
-    assert hamming_diversity(["AAAA"]) is None
+    assert diversity(["AAAA", "AAAU", "UUUU"]) == pytest.approx((0.25 + 1 + 0.75) / 3)
+    assert diversity(["AAAA"]) is None
 
 
 def test_design_command_writes_fasta_and_summary(tmp_path):
@@ -317,17 +316,18 @@ def test_windows_keep_only_the_pairs_inside_them():
     assert short == [(seq[:50], [-1] * 50)]
 
 
-def test_length_batches_partition_each_epoch_into_similar_lengths():
-    from molgen.sequences.design_training import LengthBatches
+def test_length_buckets_partition_each_epoch_into_similar_lengths():
+    from molgen.batching import SizeBucketBatches
+    from molgen.sequences.design_training import LENGTH_BUCKET
 
     lengths = torch.randint(16, 200, (1000,), generator=torch.Generator().manual_seed(0))
-    sampler = LengthBatches(lengths, 10, seed=0)
-    for _ in range(2):
+    sampler = SizeBucketBatches(lengths // LENGTH_BUCKET, 10, seed=0)
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
         batches = list(sampler)
         flat = [i for b in batches for i in b]
-        assert len(batches) == len(sampler) == 100 and len(set(flat)) == len(flat) == 1000
-        spread = statistics.mean(float(lengths[b].max() - lengths[b].min()) for b in batches)
-        assert spread < 0.2 * float(lengths.max() - lengths.min())  # random batches would spread ~0.8
+        assert len(batches) == len(sampler) and len(set(flat)) == len(flat) == 1000
+        assert all(int(lengths[b].max() - lengths[b].min()) < LENGTH_BUCKET for b in batches)
 
 
 def test_encode_pads_tokens_and_partners():

@@ -44,6 +44,9 @@ class RNAMFE(Reward):
         return -float(RNA.fold(_clean(sample, "ACGU"))[1])
 
 
+TERMS = ("distance", "probability", "defect")  # what RNATarget scores
+
+
 @dataclass
 class RNATarget(Reward):
     """A target structure's reward; ``term`` is ``distance``, ``probability`` or ``defect`` (see above)."""
@@ -71,8 +74,6 @@ class RNATarget(Reward):
         e = ensemble(seq, self.target)
         return e.target_probability if self.term == "probability" else -e.ensemble_defect
 
-
-TERMS = ("distance", "probability", "defect")
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,8 @@ def add_train(parser: argparse.ArgumentParser, modality: str) -> None:
         "--data", default=None, help="data path holding rna/ and dna/ (default ../shared/data)"
     )
     parser.add_argument(
-        "--out", default=f"runs/sequences/{modality}", help="run folder (resumes from last.ckpt)"
+        "--out", default=None, help=f"run folder, resumed from its last.ckpt (default runs/sequences/{modality}, "
+        "--design: runs/sequences/rna_design)"
     )
     parser.add_argument("--export", default=None, help="shipped checkpoint path (default data/sequences/...)")
     parser.add_argument(
@@ -66,11 +66,10 @@ def run_train(args: argparse.Namespace) -> int:
     for key, value in SIZES["design" if design else "plain"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.out = args.out or f"runs/sequences/{args.modality}{'_design' if design else ''}"
     if design:
         from molgen.sequences.design_training import run_train_design
 
-        if args.out == "runs/sequences/rna":
-            args.out = "runs/sequences/rna_design"
         return run_train_design(args)
     return run_train_plain(args)
 
@@ -80,7 +79,14 @@ def run_train_plain(args: argparse.Namespace) -> int:
     from molgen.sequences.data import LengthDistribution, load_dataset, resolve_data_root
     from molgen.sequences.model import DenoiserConfig, n_parameters
     from molgen.sequences.pretrained import default_checkpoint, load_pretrained
-    from molgen.sequences.training import NELBO_TIMES, MaskedDiffusionModule, fit, heldout_bits_per_token, loaders
+    from molgen.sequences.training import (
+        NELBO_TIMES,
+        MaskedDiffusionModule,
+        fit,
+        heldout_bits_per_token,
+        loaders,
+        train_command,
+    )
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -126,9 +132,7 @@ def run_train_plain(args: argparse.Namespace) -> int:
         "p_uncond": 0.1,
     }
     provenance = {
-        "command": "molgen train " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index(modality) :])
-        if modality in sys.argv
-        else " ".join(sys.argv),
+        "command": train_command(modality),
         "data": DATA_NOTE[modality],
         "n_train": len(train),
         "n_heldout": len(test),
@@ -240,13 +244,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------- design
 def add_design(parser: argparse.ArgumentParser, modality: str) -> None:
-    from molgen.sequences.design import DEFAULT_METHOD, METHODS
+    from molgen.sequences.design import DEFAULT_METHOD, METHODS, Budget
 
     parser.add_argument("--target", required=True,
                         help="dot-bracket structure, or a file of them (>name lines, then one structure each)")
     parser.add_argument("--n", type=int, default=1, help="designs per target (solved ones end a target early)")
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--seconds", type=float, default=None, help="wall-clock budget per target (default 10)")
+    budget.add_argument("--seconds", type=float, default=None,
+                        help=f"wall-clock budget per target (default {Budget.seconds:g})")
     budget.add_argument("--calls", type=int, default=None, help="model-call budget per target (sequences evaluated)")
     parser.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS)
     parser.add_argument("--plain-tokens", action="store_true", help="draw letters one by one, not as base pairs")
@@ -263,7 +268,7 @@ def run_design(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     targets = read_targets(args.target)
-    budget = Budget(seconds=args.seconds if args.seconds or args.calls else 10.0, calls=args.calls)
+    budget = Budget(args.seconds, args.calls) if args.seconds or args.calls else Budget()
     if len(targets) == 1 and isinstance(targets[0], InputError):
         raise targets[0]
     model = None if args.method == "inverse_fold" else load_design_model(args.checkpoint)

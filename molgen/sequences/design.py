@@ -47,6 +47,7 @@ STAGE_ROUNDS = 10  # refinement rounds per domain at most
 NEST_RATIO = 0.75  # a domain is refined on its own only if its largest refined part spans less than this share
 GUIDED_ROWS = 2  # designs per SVDD / FK pass (a pass ends only at its last step)
 SVDD_CANDIDATES = 4  # SVDD's children per step
+REPORT_POOL = 4  # designs per requested one that get the partition function before the final ranking
 FK_PARTICLES, FK_LAMBDA = 4, 20.0  # FK steering: particles per design, tilt exp(lambda r) with r = -d_bp / L
 
 
@@ -138,17 +139,17 @@ class TargetResult:
             "model_calls": self.model_calls,
             "folding_calls": self.folding_calls,
             "seconds": round(self.seconds, 3),
-            "diversity": hamming_diversity([d.sequence for d in self.designs]),
+            "diversity": diversity([d.sequence for d in self.designs]),
             "designs": [asdict(d) for d in self.designs],
         }
 
 
-def hamming_diversity(seqs: Sequence[str]) -> float | None:
-    """Mean pairwise fraction of differing positions of equal-length sequences (None below two)."""
-    if len(seqs) < 2:
-        return None
-    pairs = [(a, b) for i, a in enumerate(seqs) for b in seqs[i + 1 :]]
-    return sum(sum(x != y for x, y in zip(a, b)) / len(a) for a, b in pairs) / len(pairs)
+def diversity(seqs: Sequence[str]) -> float | None:
+    """Mean pairwise Hamming fraction of designs of one target (``guidance.tasks.pairwise_hamming``); None below
+    two designs."""
+    from molgen.guidance.tasks import pairwise_hamming
+
+    return pairwise_hamming(torch.stack([RNA.encode(s) for s in seqs])) if len(seqs) > 1 else None
 
 
 def objective(seq: str, target: str) -> tuple[float, str]:
@@ -415,17 +416,22 @@ def design_rna(
         run = {"refine": _refine, "sample": _sample, "svdd": _guided("svdd"), "fk": _guided("fk")}[method]
         seqs = run(pre, target, n, budget, counter, seed, population, steps, pair_aware)
     seconds = counter.seconds()
-    designs = sorted((_report(s, target.structure) for s in dict.fromkeys(seqs)),
-                     key=lambda d: (d.bp_distance, -d.target_probability))[: max(n, 1)]
-    counter.folding_calls += len(set(seqs))
+    designs = best_designs(list(dict.fromkeys(seqs)), target.structure, n, counter)
     folding_calls = None if method == "inverse_fold" else counter.folding_calls  # its folds run inside ViennaRNA
     return TargetResult(target.name, target.structure, method, designs, counter.model_calls, folding_calls, seconds)
 
 
-def _report(seq: str, target: str) -> Design:
-    e = ensemble(seq, target)
-    return Design(seq, e.mfe_structure, bp_distance(e.mfe_structure, target), e.target_probability,
-                  e.ensemble_defect)
+def best_designs(seqs: list[str], target: str, n: int, counter: Counter) -> list[Design]:
+    """The ``n`` best of distinct ``seqs``, by base-pair distance, then target probability: every one is folded,
+    and only the ``REPORT_POOL * n`` closest get the partition function (3-4 foldings' worth each)."""
+    distance = {s: bp_distance(fold(s)[0], target) for s in seqs}
+    pool = sorted(seqs, key=distance.__getitem__)[: REPORT_POOL * n]
+    counter.folding_calls += len(seqs) + len(pool)
+    designs = []
+    for s in pool:
+        e = ensemble(s, target)
+        designs.append(Design(s, e.mfe_structure, distance[s], e.target_probability, e.ensemble_defect))
+    return sorted(designs, key=lambda d: (d.bp_distance, -d.target_probability))[:n]
 
 
 def load_design_model(checkpoint: str | Path | None = None) -> Any:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,13 @@ from molgen.progress import bars_enabled
 from molgen.sequences.model import UNSPECIFIED, DenoiserConfig, SequenceDenoiser
 
 NELBO_TIMES = 4  # stratified times of every NELBO molgen reports (cards, evaluation, naturalness)
+
+
+def train_command(modality: str) -> str:
+    """The command line of this training run as a user types it (``molgen train MODALITY ...``), for its card."""
+    argv = sys.argv
+    return ("molgen train " + " ".join(shlex.quote(a) for a in argv[argv.index(modality):])
+            if modality in argv else " ".join(argv))
 
 
 def build_process(
