@@ -100,6 +100,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state, card
 
 
+def read_init(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(weights, model config, summary) of a molgen checkpoint to warm-start a new run from; the summary (path,
+    steps, training wall time including that of the checkpoint's own init) goes on the new run's card."""
+    state, card = load_checkpoint(path)
+    prov = card.get("provenance", {})
+    own = prov.get("train_wall_s", prov.get("train_wall_s_total", 0.0))  # molecule / sequence cards
+    total = float(prov.get("init", {}).get("train_wall_s", 0.0)) + float(own)
+    return state, card["config"], {"path": str(path), "global_step": prov.get("global_step"),
+                                   "train_wall_s": round(total, 1)}
+
+
 def card_config(card: Mapping[str, Any], path: str | Path, keys: tuple[str, ...]) -> dict[str, Any]:
     """The card's ``config`` holding ``keys``; a card of another kind of model is an ``InputError``."""
     config = card.get("config")

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from molgen.batching import ResumableLoader, SizeBucketBatches
-from molgen.checkpoints import hardware, load_checkpoint, save_checkpoint
+from molgen.checkpoints import hardware, read_init, save_checkpoint
 from molgen.ema import ema_update
 from molgen.geometry import centre
 from molgen.molecules.coupling import ot_couple
@@ -262,16 +262,6 @@ def legacy_batches_done(ckpt_path: Path) -> int | None:
     if fit["state_dict"].get("combined_loader"):
         return None
     return int(fit["epoch_loop.batch_progress"]["current"]["ready"])
-
-
-def read_init(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
-    """(weights, model config, summary) of a molgen checkpoint; the summary (path, steps, training wall time
-    including that of the checkpoint's own init) goes on the cards of a run started from it."""
-    state, card = load_checkpoint(path)
-    prov = card.get("provenance", {})
-    total = float(prov.get("init", {}).get("train_wall_s", 0.0)) + float(prov.get("train_wall_s", 0.0))
-    return state, card["config"], {"path": str(path), "global_step": prov.get("global_step"),
-                                   "train_wall_s": round(total, 1)}
 
 
 def warm_start(module: MoleculeDiffusion, state: dict[str, Tensor], init_config: dict[str, Any]) -> None:

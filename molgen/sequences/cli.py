@@ -55,6 +55,8 @@ def add_train(parser: argparse.ArgumentParser, modality: str) -> None:
                             help="train the structure-conditioned design model p(sequence | dot-bracket)")
         parser.add_argument("--synthetic", type=int, default=40_000,
                             help="--design: synthetic sequence/MFE-structure pairs folded by ViennaRNA")
+        parser.add_argument("--init", default=None,
+                            help="--design: start a new run from a design checkpoint's weights (e.g. the shipped one)")
     parser.add_argument("--seed", type=int, default=0)
 
 

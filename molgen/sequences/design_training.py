@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from molgen.batching import ResumableLoader, SizeBucketBatches
+from molgen.errors import InputError
 from molgen.progress import progress
 from molgen.sequences.alphabets import RNA
 from molgen.sequences.data import holdout, resolve_data_root
@@ -153,7 +154,7 @@ def training_pairs(root: Path, out: Path, n_synthetic: int, seed: int) -> tuple[
 
 def run_train_design(args: argparse.Namespace) -> int:
     """``molgen train rna --design``: train and export the structure-conditioned model with its card."""
-    from molgen.checkpoints import hardware, save_checkpoint
+    from molgen.checkpoints import hardware, load_weights, read_init, save_checkpoint
     from molgen.sequences.data import LengthDistribution
     from molgen.sequences.model import DenoiserConfig, n_parameters
     from molgen.sequences.pretrained import default_checkpoint, load_pretrained
@@ -176,6 +177,13 @@ def run_train_design(args: argparse.Namespace) -> int:
     )
     module = MaskedDiffusionModule(cfg.to_dict(), RNA.mask_id, args.schedule, lr=args.lr,
                                    decay_steps=args.lr_decay_steps, p_uncond=P_UNSPECIFIED)
+    init = read_init(args.init) if args.init else None
+    if init and not (out / "last.ckpt").exists():
+        if init[1].get("denoiser") != cfg.to_dict():
+            raise InputError("--init: a checkpoint of another architecture (its denoiser config differs from this "
+                             "run's sizes)", args.init)
+        for net in (module.net, module.ema):
+            load_weights(net, init[0], args.init)
     print(f"rna design: {len(train)} training / {len(held)} held-out pairs; {n_parameters(module.net)} parameters",
           flush=True)
     x, p = encode(train, MAX_LENGTH)
@@ -212,6 +220,7 @@ def run_train_design(args: argparse.Namespace) -> int:
         "hardware": hardware(),
         "threads": args.threads,
         "parameters": n_parameters(module.net),
+        **({"init": init[2]} if init else {}),
         **stats,
         "weights": f"EMA (molgen.ema: decay {module.hparams.ema_decay} after warm-up)",
         "metrics": {
