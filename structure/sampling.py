@@ -112,8 +112,7 @@ def make_sampler(
     grid_options = {"t_min": max(float(sched.t_of_rho(settings.sigma_last)), sched.t_min)}
     if grid == "karras":
         grid_options["rho"] = settings.rho
-    if warm:
-        grid_options["t_max"] = float(sched.t_of_rho(WARM_START_SIGMA))
+    grid_options["t_max"] = float(sched.t_of_rho(WARM_START_SIGMA)) if warm else sched.t_max
     return Sampler(
         model,
         sched,

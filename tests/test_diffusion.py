@@ -27,8 +27,8 @@ from molgen.diffusion.analytic import (
     GaussianMixtureDenoiser,
     GaussianMoments,
     exact_ode_solution,
-    warm_start_ends,
 )
+from molgen.diffusion.defaults import warm_start_ends
 from molgen.diffusion.parameterization import PREDICTIONS, from_x0, to_x0
 
 F64 = torch.float64
@@ -652,7 +652,8 @@ def test_fast_path_equals_the_reference_solver(solver, budget):
 
     eps_model.prediction = "eps"
     x_T = noise(5, 2, seed=3, scale=sch.prior_std)
-    s = Sampler(eps_model, sch, solver, grid="karras" if solver == "af3" else "logsnr", **budget)
+    s = Sampler(eps_model, sch, solver, grid="karras" if solver == "af3" else "logsnr",
+                grid_options={"t_max": sch.t_max, "t_min": sch.t_min}, **budget)
     got = s.finish(s.run(s.init(x_T), torch.Generator().manual_seed(4)))
     want = REFERENCES[solver](Reference(s, mixture, torch.Generator().manual_seed(4)), x_T, s)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
@@ -809,7 +810,9 @@ def test_linear_part_solves_gaussian_data_exactly_in_any_number_of_steps(solver,
     model = GaussianData(sch, moments)
     x_T = noise(16, moments.mean.numel(), seed=1, scale=sch.prior_std)
     for steps, warm in ((2, None), (3, moments), (5, None)):
-        s = Sampler(model, sch, solver, steps=steps, grid="time_uniform", linear_part=moments, warm_start=warm)
+        ends = None if warm else {"t_max": sch.t_max, "t_min": sch.t_min}
+        s = Sampler(model, sch, solver, steps=steps, grid="time_uniform", linear_part=moments, warm_start=warm,
+                    grid_options=ends)
         state = s.init(x_T)
         for i in range(s.n_steps - 1):
             state = s.step(state, i)

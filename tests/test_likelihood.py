@@ -126,6 +126,7 @@ def test_predictor_corrector_beats_the_predictor_alone_on_a_mixture():
 
     def run(corrector):
         return sample(mix, sch, x_T, solver="ddpm_ancestral", steps=10, generator=gen(2), corrector=corrector,
+                      grid_options={"t_max": sch.t_max, "t_min": sch.t_min},
                       corrector_options={"snr": 0.16, "steps": 2} if corrector else None)
 
     alone, pc = energy_distance(run(None), target), energy_distance(run("langevin"), target)

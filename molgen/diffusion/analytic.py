@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from molgen.diffusion.defaults import ends_as_times, warm_start_ends
 from molgen.diffusion.schedules import Schedule
 
 
@@ -207,18 +208,4 @@ class GaussianMoments:
         if not self.sigma_data > 0:
             raise ValueError("moments with zero covariance give no scale for the grid ends: pass t_max, t_min")
         first, last = (self.sigma_data * r for r in warm_start_ends(nfe))
-        to_t = [float(schedule.t_of_rho(r)) for r in (first, last)]
-        return {"t_max": min(to_t[0], schedule.t_max), "t_min": max(to_t[1], schedule.t_min)}
-
-
-def warm_start_ends(nfe: int) -> tuple[float, float]:
-    """(first, last) model evaluation of a warm-started run of ``nfe`` calls, as rho = sigma / alpha in units of
-    the data's standard deviation: first = 5 n / 4 (the Gaussian approximation is good to O(sigma_data^2 / rho^2)
-    there, and more calls afford a longer path), last = 0.3 min(1, (5 / n)^1.5) (few calls stop early and
-    denoise, many go close to the data). The rule was fitted once on development problems that are not
-    benchmark targets (two other 64-D Gaussian mixtures, the QM9 molecules with 17 and 18 atoms, a 6-component
-    2-D mixture): there the best first point lay at 3-4, 4-15 (flat), 10, 10-15 and 15-25 sigma_data for 3, 5,
-    8, 10 and 20 calls. ``benchmarks/samplers.py`` measures on other problems."""
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
-        raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
-    return 1.25 * nfe, 0.3 * min(1.0, (5.0 / nfe) ** 1.5)
+        return ends_as_times(schedule, first, last)

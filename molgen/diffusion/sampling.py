@@ -30,14 +30,21 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from molgen.diffusion.corrector import get_corrector, langevin
+from molgen.diffusion.defaults import cold_ends, default_solver, ends_as_times
 from molgen.diffusion.grids import get_grid
 from molgen.diffusion.linear_part import gaussian, step_for
 from molgen.diffusion.parameterization import check_prediction
-from molgen.diffusion.plan import Plan, Points, State, points
+from molgen.diffusion.plan import Plan, Points, State, column, points
 from molgen.diffusion.schedules import Schedule, get_schedule
-from molgen.diffusion.solvers import SOLVERS, get_solver
+from molgen.diffusion.solvers import SOLVERS, compensate, get_solver
 from molgen.diffusion.spaces import Euclidean, expand_mask
 from molgen.diffusion.step_scale import StepScaled, anchor, scaled_times
+
+
+def unit_scale(at: Points) -> Tensor:
+    """s = sqrt(alpha^2 + sigma^2) at grid points ``at``: the standard deviation of x_t for unit-variance data,
+    so that x_T / s(t_max) * s(t_0) carries noise from t_max to t_0 along the flow of unit-variance Gaussian data."""
+    return (at.alpha**2 + at.sigma**2).sqrt()
 
 
 def select(state: State, index: Tensor) -> State:
@@ -116,7 +123,7 @@ class Sampler:
 
     model: Callable[..., Tensor]
     schedule: Schedule | str
-    solver: str
+    solver: str | None = None  # None: defaults.default_solver for the call count
     steps: int | None = None
     nfe: int | None = None
     grid: str | Tensor = "logsnr"
@@ -134,6 +141,8 @@ class Sampler:
     step_scale_below: float | None = None  # rho = sigma / alpha below which it applies (None: the whole grid)
     corrector: str | None = None  # "langevin": predictor-corrector sampling (molgen.diffusion.corrector)
     corrector_options: Mapping[str, Any] | None = None  # langevin: snr (0.16), steps (1) after every transition
+    compensation: Any = None  # per-transition ratios on the higher-order term (solvers.compensate; diffusion.tune)
+    noise_at_t_max: bool | None = None  # x_T drawn at t_max, carried to a lower first point; None: where the rule is
     n_steps: int = field(init=False)
     orders: list[int] = field(init=False)
 
@@ -143,17 +152,25 @@ class Sampler:
         t_grid, grid_options, grid_key = self._grid()
         key = None if grid_key is None else (
             self.spec.name, self.schedule, grid_key, tuple(self.orders), tuple(sorted(self.options.items())),
-            self.prediction, self.linear_part, self.step_scale, self.step_scale_below,
+            self.prediction, self.linear_part, self.step_scale, self.step_scale_below, self.compensation,
         )
         try:
             hash(key)
         except TypeError:  # unhashable grid options: plan without memoising
             key = None
         self.plan = _memoised_plan(key, self, t_grid, grid_options)
+        carry = self.noise_at_t_max if self.noise_at_t_max is not None else self._rule_start
+        t_max = torch.tensor([self.schedule.t_max], dtype=torch.float64)
+        self.noise_scale = float(unit_scale(points(self.schedule, t_max, self.net_prediction)))
+        first = unit_scale(column(self.plan.grid, 0))
+        self.carries = bool(carry and self.warm_start is None and ((first / self.noise_scale - 1).abs() > 1e-12).any())
         self._step = self.spec.step if self.linear_part is None else step_for(self.spec.linear_part)
 
     def _check(self) -> None:
         self.schedule = get_schedule(self.schedule)
+        if self.solver is None:
+            budget = self.steps if self.steps is not None else self.nfe
+            self.solver = default_solver(budget if isinstance(budget, int) and budget >= 1 else len(self.grid))
         self.spec = get_solver(self.solver)
         self.options = self.spec.check_options(self.solver_options or {})
         self.space = self.space if self.space is not None else Euclidean()
@@ -174,6 +191,11 @@ class Sampler:
         self.correction = None if self.corrector is None else get_corrector(self.corrector, self.corrector_options)
         if self.correction is not None and self.step_scale != 1.0:
             raise ValueError("a corrector samples the true marginals; the step-scaled ODE has none (step_scale=1)")
+        if self.compensation is not None:
+            if not self.spec.compensable or self.linear_part is not None:
+                raise ValueError(f"compensation applies to the linear multistep solvers "
+                                 f"{sorted(n for n, s in SOLVERS.items() if s.compensable)}, without linear_part")
+            self.compensation = tuple(float(r) for r in self.compensation)
         if self.linear_part is not None and self.spec.linear_part is None:
             raise ValueError(
                 f"solver {self.spec.name!r} has no exact-linear-part form; linear_part works with "
@@ -183,10 +205,14 @@ class Sampler:
     def _grid(self) -> tuple[Tensor | None, dict[str, Any], tuple | None]:
         """(explicit grid [1 or B, n] or None, named grid's options, grid key); sets n_steps and orders."""
         grid_options = dict(self.grid_options or {})
+        self._rule_start = False
         if not isinstance(self.grid, Tensor):
             self.n_steps, self.orders = plan_orders(self.spec.kind, self.options["order"], self.steps, self.nfe)
-            if self.warm_start is not None and not {"t_max", "t_min"} <= grid_options.keys():
-                grid_options = {**self.warm_start.grid_ends(self.schedule, self.model_calls), **grid_options}
+            if not {"t_max", "t_min"} <= grid_options.keys():
+                ends = (self.warm_start.grid_ends(self.schedule, self.model_calls) if self.warm_start is not None
+                        else ends_as_times(self.schedule, *cold_ends(self.model_calls, self.grid)))
+                self._rule_start = "t_max" not in grid_options
+                grid_options = {**ends, **grid_options}
             return None, grid_options, (self.grid, tuple(sorted(grid_options.items())))
         grid = self.grid.to(torch.float64)
         t_grid = grid.reshape(grid.shape[0], -1).T.contiguous()  # [n] or [n, B] -> [1 or B, n]
@@ -254,6 +280,8 @@ class Sampler:
                 raise ValueError(f"linear_part moments are for states of shape {tuple(self.linear_part.mean.shape)}, "
                                  f"got {tuple(x_T.shape[1:])}")
         x = self.space.project(x_T, mask)
+        if self.carries:  # x_T at t_max -> the first grid point, on the plan's device copy (no host transfer)
+            x = x * (unit_scale(self.plan.on(x_T).at(0)) / self.noise_scale)
         if self.warm_start is not None:
             if mask is not None:
                 raise ValueError("warm_start needs fixed-size states (no padding mask)")
@@ -402,6 +430,10 @@ def make_plan(sampler: Sampler, t_grid: Tensor | None, grid_options: Mapping[str
         coef = gaussian(sampler.schedule, grid, orders, sampler.linear_part, sampler.spec.linear_part)
     else:
         coef = sampler.spec.plan(sampler.schedule, grid, orders, sampler.options)
+    if sampler.compensation is not None:
+        if len(sampler.compensation) != len(orders):
+            raise ValueError(f"compensation has {len(sampler.compensation)} ratios for {len(orders)} transitions")
+        coef = compensate(coef, grid, torch.tensor(sampler.compensation, dtype=torch.float64)[None])
     return Plan(grid, coef, tuple(orders))
 
 
@@ -423,7 +455,7 @@ def sample(
     schedule: Schedule | str,
     x_T: Tensor,
     *,
-    solver: str,
+    solver: str | None = None,
     steps: int | None = None,
     nfe: int | None = None,
     grid: str | Tensor = "logsnr",
@@ -445,8 +477,16 @@ def sample(
     step_scale_below: float | None = None,
     corrector: str | None = None,
     corrector_options: Mapping[str, Any] | None = None,
+    compensation: Any = None,
+    noise_at_t_max: bool | None = None,
 ) -> Tensor:
     """Denoise ``x_T`` (drawn at the schedule's ``t_max``) with ``solver`` on a time ``grid``.
+
+    Without a ``solver``, the default one for the number of calls (``molgen.diffusion.defaults``); a named grid's
+    ends not given in ``grid_options`` follow the default rule for that number of calls (the first call below
+    ``t_max`` for few calls: x_T is carried there along the flow of unit-variance Gaussian data, the identity on
+    variance-preserving schedules). ``noise_at_t_max`` says whether x_T is noise at ``t_max`` to carry to a lower
+    first point of any grid (True; tuned plans) or already a state there (False); None: only where the rule put it.
 
     ``steps`` is the number of grid points (= model calls for multistep solvers); ``nfe`` instead gives a model
     call budget that singlestep solvers spread over mixed orders. ``grid`` is a name or an explicit
@@ -460,14 +500,16 @@ def sample(
     dy/drho = eta (y - D) / rho with any ODE solver (``molgen.diffusion.step_scale``), below
     ``step_scale_below`` when given: the grid gives the noise levels the denoiser is told. ``corrector="langevin"``
     follows every transition with Langevin steps at the new grid point (predictor-corrector sampling,
-    ``molgen.diffusion.corrector``; ``corrector_options``: snr, steps). Returns the x0 estimate at the last point.
+    ``molgen.diffusion.corrector``; ``corrector_options``: snr, steps). ``compensation``: per-transition ratios on
+    the higher-order term of dpmpp_2m/3m and deis (``solvers.compensate``; fitted by ``molgen.diffusion.tune``).
+    Returns the x0 estimate at the last point.
     """
     sampler = Sampler(
         model, schedule, solver, steps=steps, nfe=nfe, grid=grid, space=space, prediction=prediction,
         solver_options=solver_options, grid_options=grid_options, clip_x0=clip_x0,
         dynamic_threshold=dynamic_threshold, autocast=autocast, compile=compile, warm_start=warm_start,
         linear_part=linear_part, step_scale=step_scale, step_scale_below=step_scale_below, corrector=corrector,
-        corrector_options=corrector_options,
+        corrector_options=corrector_options, compensation=compensation, noise_at_t_max=noise_at_t_max,
     )
     state = sampler.run(sampler.init(x_T, mask=mask, cond=cond), generator, callback)
     return sampler.finish(state)

@@ -92,6 +92,15 @@ def linear(feature: str, grid: Points, a: Tensor, w: Tensor, c: Tensor | None = 
     return Linear(a, w, a + w0 * fx[:, :-1], w0 * fo[:, :-1], feature, c)
 
 
+def compensate(plan: Linear, grid: Points, ratios: Tensor) -> Linear:
+    """DC-Solver-style compensation of a linear multistep plan: transition i's higher-order correction scaled by
+    ratios [1, T], w_i <- W_i e_0 + r_i (w_i - W_i e_0) with W_i = sum_m w_{i,m} (the first-order weight, matched
+    by every order). r = 1 is the solver itself, r = 0 its first-order step (DDIM / Euler)."""
+    first = torch.zeros_like(plan.w)
+    first[..., 0] = plan.w.sum(-1)
+    return linear(plan.feature, grid, plan.a, first + ratios[..., None] * (plan.w - first), plan.c)
+
+
 def exp_multistep(kappa: float, stochastic: bool) -> Builder:
     """ddim / dpmpp_2m / dpmpp_3m (kappa = 1) and ddpm_ancestral / dpmpp_2m_sde (kappa = 2, with noise)."""
 
@@ -438,6 +447,7 @@ class SolverSpec:
     max_order: float = 1  # the highest ``order`` option the plan supports
     fractional_order: bool = False  # whether ``order`` may lie between integers (ghvb)
     linear_part: str | None = None  # with an exact Gaussian part: the residual polynomial's variable
+    compensable: bool = False  # a higher-order linear multistep ODE plan: ``compensate`` scales its correction
 
     @property
     def calls_per_step(self) -> int:
@@ -478,16 +488,16 @@ SOLVERS: dict[str, SolverSpec] = {
                    "DPM-Solver-3, singlestep, data prediction", {"order": 3}, max_order=3),
         SolverSpec("dpmpp_2m", "multistep", exp_multistep(1.0, False), linear_step, False,
                    "DPM-Solver++(2M), exact integration of the linear interpolant", {"order": 2}, max_order=2,
-                   linear_part="l"),
+                   linear_part="l", compensable=True),
         SolverSpec("dpmpp_3m", "multistep", exp_multistep(1.0, False), linear_step, False,
                    "DPM-Solver++(3M), exact integration of the quadratic interpolant", {"order": 3}, max_order=3,
-                   linear_part="l"),
+                   linear_part="l", compensable=True),
         SolverSpec("unipc", "multistep", unipc, unipc_step, False,
                    "UniPC bh2 predictor-corrector (order 2 predictor + corrector)", {"order": 2}, max_order=3,
                    linear_part="unipc"),
         SolverSpec("deis", "multistep", ab_rho, linear_step, False,
                    "DEIS rho-AB: Adams-Bashforth on eps in rho (order 3)", {"order": 3}, max_order=4,
-                   linear_part="rho"),
+                   linear_part="rho", compensable=True),
         SolverSpec("ghvb", "multistep", ghvb, ghvb_step, False,
                    "Generalised heavy-ball momentum on rho-AB (fractional order)", {"order": 1.5},
                    max_order=2, fractional_order=True),

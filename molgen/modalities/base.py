@@ -161,7 +161,7 @@ class Modality:
         sampler's last time (few-step grids stop early), the grid runs down to the schedule's end. It starts from
         the given noisy states, so without the sampler's warm start (which carries pure noise)."""
         smp = problem.sampler
-        options = {**(smp.grid_options or {}), "t_max": float(t)}
+        options = {"t_min": smp.schedule.t_min, **(smp.grid_options or {}), "t_max": float(t)}
         if options.get("t_min", smp.schedule.t_min) >= t:
             options["t_min"] = smp.schedule.t_min
         return dataclasses.replace(smp, steps=max(2, math.ceil(smp.steps * t) + 1), nfe=None, grid_options=options,

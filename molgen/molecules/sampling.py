@@ -22,6 +22,7 @@ from molgen.checkpoints import card_config, load_checkpoint, load_weights
 from molgen.diffusion import ZeroCoM, sample
 from molgen.diffusion.schedules import Schedule
 from molgen.diffusion.step_scale import applies
+from molgen.diffusion.tune import TunedPlan, tune
 from molgen.molecules.io import Molecule, to_rdkit
 from molgen.molecules.model import MoleculeDenoiser
 from molgen.molecules.train import MODEL_KEYS
@@ -137,10 +138,21 @@ def grid_ends(schedule: Schedule, first_noise: float, last_noise: float | None) 
             raise ValueError(f"{name} must be > 0 (sigma/alpha in Angstrom), got {value}")
     if last_noise is not None and not first_noise > last_noise:
         raise ValueError(f"first_noise ({first_noise}) must be above last_noise ({last_noise})")
-    ends = {"t_max": min(float(schedule.t_of_rho(first_noise)), schedule.t_max)}
-    if last_noise is not None:
-        ends["t_min"] = float(schedule.t_of_rho(last_noise))
-    return ends
+    return {"t_max": min(float(schedule.t_of_rho(first_noise)), schedule.t_max),
+            "t_min": schedule.t_min if last_noise is None else float(schedule.t_of_rho(last_noise))}
+
+
+def tune_plan(model: MoleculeDenoiser, config: Mapping[str, Any], nfe: int, *, batch: int = 128,
+              budget_s: float = 120.0, seed: int = 0, progress: Any = None) -> TunedPlan:
+    """A sampling plan of ``nfe`` calls fitted to ``model`` (``molgen.diffusion.tune``) on ``batch`` noise draws
+    with atom counts from the training histogram, against the model's own many-step ODE solution."""
+    g = torch.Generator().manual_seed(seed)
+    counts = sample_atom_counts(config["atom_hist"], batch, g).clamp(1, int(config.get("max_atoms", 29)))
+    mask = torch.arange(int(counts.max())) < counts[:, None]
+    space = ZeroCoM(3)
+    x_T = space.noise_like(torch.zeros(batch, mask.shape[1], model.n_features), mask, g) * model.schedule.prior_std
+    return tune(model, model.schedule, x_T, nfe=nfe, budget_s=budget_s, mask=mask, cond={"mask": mask},
+                space=space, progress=progress)
 
 
 @torch.no_grad()
@@ -164,6 +176,7 @@ def sample_molecules(
     first_noise: float | None = None,
     last_noise: float | None = None,
     device: str | torch.device = "cpu",
+    plan: TunedPlan | None = None,
 ) -> list[Molecule]:
     """Generate ``n`` molecules. Atom counts: ``atoms`` (one int for all, or one per molecule) or drawn from
     the training histogram. Same seed -> same molecules (on the same device and batch size). ``batch_size="auto"``:
@@ -171,7 +184,8 @@ def sample_molecules(
     step-scaled ODE below sigma/alpha = ``step_scale_below`` (``molgen.diffusion.step_scale``). The grid runs from
     sigma/alpha = ``first_noise`` (Angstrom; inf: the schedule's start) to ``last_noise`` (default: the schedule's
     end), with the schedule's prior N(0, prior_std^2) at its start; t_max / t_min in ``grid_options`` take
-    precedence. Defaults: ``sampler_settings``."""
+    precedence. Defaults: ``sampler_settings``. A ``plan`` (``tune_plan``, fitted on this model) replaces the
+    solver, grid and step scale."""
     device = torch.device(device)
     model = model.to(device)
     if n < 1:
@@ -199,6 +213,8 @@ def sample_molecules(
     space = ZeroCoM(3)
     scale = sampler_settings(solver, step_scale, step_scale_below, first_noise)
     grid_options = {**grid_ends(model.schedule, scale.pop("first_noise"), last_noise), **(grid_options or {})}
+    run = plan.kwargs if plan is not None else {"solver": solver, "steps": steps, "grid": grid,
+                                                "solver_options": solver_options, "grid_options": grid_options, **scale}
     for chunk in size_chunks(counts, batch_size):
         c = counts[chunk]
         width = int(c.max())
@@ -208,21 +224,9 @@ def sample_molecules(
         cond: dict[str, Tensor] = {"mask": mask}
         if props is not None:
             cond["props"] = props.expand(len(chunk), -1).contiguous().to(device)
-        x0 = sample(
-            denoiser,
-            model.schedule,
-            x_T,
-            solver=solver,
-            steps=steps,
-            grid=grid,
-            generator=g,
-            mask=mask,
-            cond=cond,
-            space=space,
-            solver_options=solver_options,
-            grid_options=grid_options,
-            **scale,
-        )
+        if plan is not None:
+            plan.check(model, model.schedule, x_T, mask=mask)
+        x0 = sample(denoiser, model.schedule, x_T, generator=g, mask=mask, cond=cond, space=space, **run)
         names = [f"molgen_{seed}_{idx}" for idx in chunk.tolist()]
         for idx, mol in zip(chunk.tolist(), decode_molecules(model, x0, mask, names)):
             out[idx] = mol
