@@ -16,8 +16,8 @@ temporary file that the benchmark writes), then stores one table per KIND in ben
 (default NAME = KIND; title, description and order of an existing file are kept) with the command,
 the current commit (``git rev-parse --short HEAD``, flagged when the working tree has uncommitted changes), the
 UTC date and a description of the hardware; the benchmark's whole output is kept under ``raw``. KIND selects how
-the table is read from the output: samplers, samplers_overhead, generation, guidance, sequences, structure,
-molecules, likelihood, reliability, rna_design.
+the table is read from the output: samplers, samplers_overhead, samplers_defaults, generation, guidance, sequences,
+structure, molecules, likelihood, reliability, rna_design.
 """
 
 from __future__ import annotations
@@ -89,6 +89,18 @@ def _samplers(raw: dict) -> dict:
                     ["diffusers", "diffusers best", ""], ["diffusers_error", "error", ".4f"],
                     ["ratio", "ratio", ".2f"], ["cold_ratio", "cold ratio", ".2f"]],
         "rows": rows,
+    }
+
+
+def _samplers_defaults(raw: dict) -> dict:
+    return {
+        "columns": [["target", "target", ""], ["nfe", "NFE", ""], ["diffusers_best", "diffusers best", ""],
+                    ["diffusers_error", "error", ".4f"], ["default", "molgen default", ""],
+                    ["default_ratio", "default ratio", ".2f"], ["best_named_grid", "best named grid, default ends", ""],
+                    ["best_named_grid_ratio", "ratio", ".2f"], ["tuned", "tuned plan", ""],
+                    ["tuned_ratio", "tuned ratio", ".2f"], ["tune_seconds", "tuning s", ".0f"],
+                    ["tune_model_calls", "tuning calls", ".0f"]],
+        "rows": raw["summary"]["defaults"],
     }
 
 
@@ -231,9 +243,11 @@ def _rna_design(raw: dict) -> dict:
 
 # what a kind keeps of the benchmark's output under "raw" (default: all of it)
 RAW = {"samplers_overhead": lambda raw: {"rows": [r for r in raw["rows"] if r["target"] == "overhead"]},
+       "samplers_defaults": lambda raw: {"defaults": raw["summary"]["defaults"]},
        "rna_design": lambda raw: {k: v for k, v in raw.items() if k != "runs"}}  # per-target runs stay in --json
 
-KINDS = {"samplers": _samplers, "samplers_overhead": _samplers_overhead, "generation": _generation,
+KINDS = {"samplers": _samplers, "samplers_overhead": _samplers_overhead, "samplers_defaults": _samplers_defaults,
+         "generation": _generation,
          "guidance": _guidance, "sequences": _sequences, "structure": _structure, "molecules": _molecules,
          "likelihood": _likelihood, "reliability": _reliability, "rna_design": _rna_design}
 

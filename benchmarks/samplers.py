@@ -13,11 +13,17 @@ Configurations, fixed in advance and the same for every target. diffusers: each 
 spacing options (linspace, trailing, karras, exponential and beta sigmas, lu_lambdas, where it has them).
 molgen: each solver on five grids x five last-evaluation levels rho_min, each started cold at t_max and
 warm-started (``warm_start=GaussianMoments``: x_T carried in closed form along the flow of the data's Gaussian
-approximation to rho = 5 n / 4 sigma_data for n calls, ``analytic.warm_start_ends``, a rule fitted on other
+approximation to rho = 5 n / 4 sigma_data for n calls, ``defaults.warm_start_ends``, a rule fitted on other
 problems), and, for the solvers that have the form, warm-started with the Gaussian flow also integrated exactly at
 every step ("+lin": ``linear_part=GaussianMoments`` too, the solver's polynomial acts on the residual D - D_G only).
 Both use the data's mean and covariance (the mixture's, the 742 molecules'), which diffusers' schedulers cannot
 take; the summary also gives molgen's best without them ("cold") and with the warm start only ("warm").
+
+Defaults and tuned plans ("defaults" in the summary): the plain ``sample(model, schedule, x_T, steps=n)`` (no
+solver, no grid options: ``molgen.diffusion.defaults``, a rule frozen before this benchmark), the default solver
+on each named grid with its default ends, and a plan ``molgen.diffusion.tune`` fitted in ``--tune-seconds`` on
+512 other noise draws (seed + 100), measured on the benchmark's noise. Targets: the three above and a 16-D
+mixture of 6 narrow, unequal components.
 
     python benchmarks/samplers.py --json results/samplers.json [--quick] [--targets mixture_64d,...]
 """
@@ -40,6 +46,8 @@ import torch
 
 from molgen.diffusion import SOLVERS, get_schedule, sample
 from molgen.diffusion.analytic import EmpiricalDenoiser, GaussianMixtureDenoiser, exact_ode_solution
+from molgen.diffusion.defaults import default_solver
+from molgen.diffusion.tune import tune
 
 ROOT = Path(__file__).resolve().parent.parent
 QM9_SUBSET = ROOT / "data" / "molecules" / "qm9_subset_5000.csv.gz"
@@ -82,6 +90,15 @@ def mixture_64d(seed: int = 0) -> GaussianMixtureDenoiser:
     means = torch.randn(16, 64, generator=g, dtype=torch.float64)
     stds = 0.2 + 0.4 * torch.rand(16, generator=g, dtype=torch.float64)
     weights = -torch.log(torch.rand(16, generator=g, dtype=torch.float64))  # Exp(1), normalised: Dirichlet(1)
+    return GaussianMixtureDenoiser(means, stds, weights / weights.sum(), SCHEDULE)
+
+
+def mixture_16d(seed: int = 0) -> GaussianMixtureDenoiser:
+    """6 narrow components in 16-D, means N(0, 1), stds U(0.05, 0.15), unequal (Dirichlet(1)) weights."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    stds = 0.05 + 0.1 * torch.rand(6, generator=g, dtype=torch.float64)
+    weights = -torch.log(torch.rand(6, generator=g, dtype=torch.float64))
     return GaussianMixtureDenoiser(means, stds, weights / weights.sum(), SCHEDULE)
 
 
@@ -216,10 +233,12 @@ def overhead_pair(runs: tuple, repeats: int) -> list[float]:
 
 # ------------------------------------------------------------------------------------------------- main
 SCHEDULE = get_schedule("vp_linear")
-TARGETS = {"mixture_2d": mixture_2d, "mixture_64d": mixture_64d, "qm9_empirical": None}  # qm9: from --qm9
+TARGETS = {"mixture_2d": mixture_2d, "mixture_16d": mixture_16d, "mixture_64d": mixture_64d,
+           "qm9_empirical": None}  # qm9: from --qm9
+TUNE_NOISE = 512  # draws tune() fits on (a seed the measured noise does not use)
 
 
-def run_target(name: str, denoiser, n: int, nfes, quick: bool, seed: int = 0) -> list[dict]:
+def run_target(name: str, denoiser, n: int, nfes, quick: bool, seed: int = 0, tune_s: float = 0.0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(n, denoiser.dim, generator=g, dtype=torch.float64) * SCHEDULE.prior_std
     exact = denoiser.sample_data(n, torch.Generator().manual_seed(seed + 1))
@@ -240,12 +259,13 @@ def run_target(name: str, denoiser, n: int, nfes, quick: bool, seed: int = 0) ->
         for nfe in nfes:
             for grid in grids:
                 # the same configurations for every target: each last-evaluation level, from t_max (cold) and
-                # warm-started at the first point of analytic.warm_start_ends (a rule fitted on other problems)
+                # warm-started at the first point of defaults.warm_start_ends (a rule fitted on other problems)
                 # and, where the solver has the form, with the Gaussian part exact at every step ("+lin")
                 modes = [("", {}), ("+warm", {"warm_start": moments})]
                 modes += [("+lin", {"warm_start": moments, "linear_part": moments})] if spec.linear_part else []
-                configs = [
-                    (f"{grid}@{r:g}{suffix}", {"t_min": t_of_rho(r)}, extra)
+                configs = [  # cold runs start at t_max; warm ones at the warm-start rule's first point
+                    (f"{grid}@{r:g}{suffix}", {"t_min": t_of_rho(r), **({} if extra else {"t_max": SCHEDULE.t_max})},
+                     extra)
                     for r in (RHO_MIN[1:] if quick else RHO_MIN) for suffix, extra in modes
                 ]
                 for label, grid_options, extra in configs:
@@ -257,6 +277,21 @@ def run_target(name: str, denoiser, n: int, nfes, quick: bool, seed: int = 0) ->
                         "error": None if spec.stochastic else rms_distance(x, reference(SCHEDULE.t_max)),
                         "sliced_w": sliced_w2(x, exact),
                     })
+    for nfe in nfes:  # the defaults: no solver, no grid options (molgen.diffusion.defaults), then each named grid
+        for grid in (None, *GRIDS):
+            x = sample(denoiser, SCHEDULE, x_T, steps=nfe, **({"grid": grid} if grid else {}))
+            rows.append({"target": name, "impl": "molgen_default", "solver": default_solver(nfe),
+                         "grid": grid or "default", "nfe": nfe, "error": rms_distance(x, reference(SCHEDULE.t_max)),
+                         "sliced_w": sliced_w2(x, exact)})
+    for nfe in nfes if tune_s > 0 else ():
+        fit_noise = torch.randn(TUNE_NOISE, denoiser.dim, generator=torch.Generator().manual_seed(seed + 100),
+                                dtype=torch.float64) * SCHEDULE.prior_std
+        plan = tune(denoiser, SCHEDULE, fit_noise, nfe=nfe, budget_s=tune_s)
+        x = sample(denoiser, SCHEDULE, x_T, **plan.kwargs)
+        rows.append({"target": name, "impl": "molgen_tuned", "solver": plan.solver, "grid": "tuned", "nfe": nfe,
+                     "error": rms_distance(x, reference(SCHEDULE.t_max)), "sliced_w": sliced_w2(x, exact),
+                     "tune_seconds": plan.fit["seconds"], "tune_model_calls": plan.fit["model_calls"],
+                     "tune_batch": plan.fit["batch"], "compensation": plan.compensation})
     for solver, (cls_name, kwargs) in PAIRS.items():
         for nfe in nfes:
             steps = (nfe + 1) // 2 if solver == "heun" else nfe
@@ -279,7 +314,7 @@ def summarise(rows: list[dict]) -> dict:
     warm start ("warm", no ``linear_part``)."""
     best: dict = {}
     for r in rows:
-        if r["error"] is None:
+        if r["error"] is None or r["impl"] in ("molgen_default", "molgen_tuned"):
             continue
         keys = [(r["target"], r["nfe"], r["impl"])]
         if r["impl"] == "molgen" and not r.get("warm_start"):
@@ -306,7 +341,32 @@ def summarise(rows: list[dict]) -> dict:
             "warm_ratio": w["error"] / d["error"] if d else None,
             "cold_ratio": c["error"] / d["error"] if d else None,
         })
-    return {"best": table}
+    return {"best": table, "defaults": defaults_and_tuned(rows, best)}
+
+
+def defaults_and_tuned(rows: list[dict], best: dict) -> list[dict]:
+    """Per (target, NFE): the default run (no solver or grid options), the best named grid on its default ends,
+    the tuned plan (fitted on other noise), each against diffusers' best."""
+    out = []
+    for (target, nfe, impl), d in sorted(best.items()):
+        if impl != "diffusers":
+            continue
+        mine = [r for r in rows if r["target"] == target and r["nfe"] == nfe]
+        default = next(r for r in mine if r["impl"] == "molgen_default" and r["grid"] == "default")
+        named = min((r for r in mine if r["impl"] == "molgen_default" and r["grid"] != "default"),
+                    key=lambda r: r["error"])
+        tuned = next((r for r in mine if r["impl"] == "molgen_tuned"), None)
+        out.append({
+            "target": target, "nfe": nfe, "diffusers_best": f"{d['solver']}/{d['grid']}", "diffusers_error": d["error"],
+            "default": f"{default['solver']}/logsnr", "default_error": default["error"],
+            "default_ratio": default["error"] / d["error"],
+            "best_named_grid": f"{named['solver']}/{named['grid']}",
+            "best_named_grid_ratio": named["error"] / d["error"],
+            "tuned": tuned and f"{tuned['solver']}{'+comp' if tuned['compensation'] else ''}",
+            "tuned_error": tuned and tuned["error"], "tuned_ratio": tuned and tuned["error"] / d["error"],
+            "tune_seconds": tuned and tuned["tune_seconds"], "tune_model_calls": tuned and tuned["tune_model_calls"],
+        })
+    return out
 
 
 def main() -> None:
@@ -318,6 +378,8 @@ def main() -> None:
                         help=f"comma-separated subset of {', '.join(TARGETS)} (default: all)")
     parser.add_argument("--nfe", default=",".join(map(str, NFES)), help="comma-separated model-call budgets")
     parser.add_argument("--no-overhead", action="store_true", help="skip the overhead measurement")
+    parser.add_argument("--tune-seconds", type=float, default=30.0,
+                        help="tune() budget per target and NFE for the tuned section (0: skip it)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     names = [t for t in args.targets.split(",") if t]
@@ -335,7 +397,7 @@ def main() -> None:
             print(f"qm9_empirical skipped: {args.qm9} not found", file=sys.stderr)
             continue
         denoiser = EmpiricalDenoiser(qm9_points(args.qm9), SCHEDULE) if name == "qm9_empirical" else TARGETS[name]()
-        rows += run_target(name, denoiser, n, nfes, args.quick)
+        rows += run_target(name, denoiser, n, nfes, args.quick, tune_s=args.tune_seconds)
     x = torch.randn(1024, 64, dtype=torch.float64)
     for solver, (cls_name, kwargs) in PAIRS.items() if not args.no_overhead else ():
         runs = (molgen_runner(solver, x, 9), diffusers_runner(cls_name, kwargs, x, 5 if solver == "heun" else 9))
@@ -353,6 +415,10 @@ def main() -> None:
               f"cold {r['molgen_cold_error']:.4f} ({r['molgen_cold_best']})  "
               f"diffusers {r['diffusers_error']:.4f} ({r['diffusers_best']})  "
               f"ratio {r['ratio']:.2f} (cold {r['cold_ratio']:.2f})")
+    for r in summary["defaults"]:
+        tuned = f"tuned {r['tuned_ratio']:.2f} ({r['tuned']}, {r['tune_seconds']:.0f} s)" if r["tuned"] else ""
+        print(f"{r['target']:>14} nfe {r['nfe']:>2}: default {r['default_ratio']:.2f}  best named grid "
+              f"{r['best_named_grid_ratio']:.2f} ({r['best_named_grid']})  {tuned}")
     for r in rows:
         if r["target"] == "overhead" and r["impl"] == "diffusers":
             print(f"overhead {r['solver']:>9}: molgen/diffusers per step = {r['ratio']:.2f}")

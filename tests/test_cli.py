@@ -57,3 +57,21 @@ def test_guide_takes_the_target_length_and_refuses_another(tmp_path, capsys):
     assert not out.exists()
     assert cli.main([*base, "--out", str(out)]) == 0
     assert {len(r.seq) for r in read_sequences(out)} == {len(target)}
+
+
+def test_tune_molecules_writes_a_plan_that_sampling_uses_and_another_model_refuses(tmp_path, capsys):
+    import json
+
+    plan = tmp_path / "plan.json"
+    assert cli.main(["tune", "molecules", "--nfe", "4", "--batch", "8", "--seconds", "2", "--out", str(plan)]) == 0
+    fitted = json.loads(plan.read_text())
+    assert fitted["nfe"] == 4 and len(fitted["times"]) >= 2 and fitted["fitted_on"]["state"][0] is None
+    out = tmp_path / "mols.sdf"
+    assert cli.main(["sample", "molecules", "--n", "3", "--plan", str(plan), "--out", str(out)]) == 0
+    assert out.read_text().count("$$$$") == 3
+    fitted["fitted_on"]["model"] = "0123456789abcdef"
+    plan.write_text(json.dumps(fitted))
+    capsys.readouterr()
+    assert cli.main(["sample", "molecules", "--n", "3", "--plan", str(plan), "--out", str(out)]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "fitted on something else (model" in err and str(plan) in err

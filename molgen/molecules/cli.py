@@ -24,6 +24,8 @@ def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
                                                        "preset's")
     parser.add_argument("--steps", type=int, default=None, help="grid points = model calls for multistep solvers")
     parser.add_argument("--grid", default=None, help="time grid (molgen.diffusion.GRIDS); default: the preset's")
+    parser.add_argument("--plan", default=None,
+                        help="a sampling plan from `molgen tune molecules` (replaces solver, steps, grid, step scale)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output .sdf or .xyz")
     parser.add_argument("--checkpoint", default=None, help="default: the shipped data/molecules/qm9_egnn.pt")
@@ -74,6 +76,7 @@ def parse_conditions(items: list[str]) -> dict[str, float]:
 def run_sample(args: argparse.Namespace) -> int:
     import torch
 
+    from molgen.diffusion.tune import TunedPlan
     from molgen.molecules.io import write_molecules
     from molgen.molecules.sampling import load_model, sample_molecules, sampler_settings
 
@@ -88,6 +91,7 @@ def run_sample(args: argparse.Namespace) -> int:
              "first_noise": args.first_noise, "last_noise": args.last_noise}
     options = {**preset.options, **{k: v for k, v in given.items() if v is not None}}
     model, config = load_model(args.checkpoint)
+    plan = TunedPlan.load(args.plan) if args.plan else None
     start = time.perf_counter()
     mols = sample_molecules(
         model,
@@ -101,6 +105,7 @@ def run_sample(args: argparse.Namespace) -> int:
         guidance=args.guidance,
         batch_size=args.batch_size,
         device=args.device,
+        plan=plan,
         **options,
     )
     elapsed = time.perf_counter() - start
@@ -111,6 +116,33 @@ def run_sample(args: argparse.Namespace) -> int:
                           resolved=sampler_settings(preset.solver, options.get("step_scale"),
                                                     options.get("step_scale_below"), options.get("first_noise")))
     print(f"wrote {len(mols)} molecules to {args.out} ({elapsed:.1f} s, {len(mols) / elapsed:.1f} molecules/s)")
+    return 0
+
+
+def add_tune(parser: argparse.ArgumentParser, modality: str) -> None:
+    parser.add_argument("--nfe", type=int, required=True, help="model calls of the plan")
+    parser.add_argument("--out", required=True, help="the plan file (JSON), for `molgen sample molecules --plan`")
+    parser.add_argument("--checkpoint", default=None, help="default: the shipped data/molecules/qm9_egnn.pt")
+    parser.add_argument("--batch", type=int, default=128, help="noise draws (half fitted on, half scoring)")
+    parser.add_argument("--seconds", type=float, default=120.0, help="tuning budget")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    import torch
+
+    from molgen.molecules.sampling import load_model, tune_plan
+
+    torch.set_num_threads(args.threads)
+    model, config = load_model(args.checkpoint)
+    plan = tune_plan(model, config, args.nfe, batch=args.batch, budget_s=args.seconds, seed=args.seed,
+                     progress=lambda line: print(line, file=sys.stderr))
+    plan.save(args.out)
+    f = plan.fit
+    print(f"wrote {args.out}: {plan.solver}, {plan.nfe} calls; RMS distance to the model's {f['reference_steps']}-step "
+          f"ODE solution on held-out noise {f['heldout_error']:.4g} (engine default "
+          f"{f['heldout_default_error']:.4g}); {f['seconds']:.0f} s, {f['model_calls']} batched model calls")
     return 0
 
 

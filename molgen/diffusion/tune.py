@@ -1,0 +1,318 @@
+"""Sampling plans fitted to a model: ``plan = tune(model, schedule, x_T, nfe=5)``, then
+``sample(model, schedule, x_T, **plan.kwargs)``.
+
+No data are needed: the target is the model's own probability-flow ODE, solved with many steps
+(``reference_steps`` of DPM-Solver++(3M) over the schedule's whole range) from a batch of the user's noise. On half
+of that batch ``tune`` fits, within ``budget_s`` seconds,
+
+1. the solver (every ODE solver that runs in ``nfe`` calls on the default grid, then the best three on every
+   named grid with its default ends),
+2. the time grid: free points, log rho = log(sigma / alpha) of the first and last call and the interior spacing,
+   by Nelder-Mead on log RMS distance to the reference, from the best named grid,
+3. for dpmpp_2m / dpmpp_3m / deis, DC-Solver-style compensation ratios r_i on each transition's higher-order
+   correction (``solvers.compensate``: r = 1 is the solver, r = 0 its first-order step), jointly with the grid,
+
+and reports the error of the default and of the plan on the other half (noise the fit never saw). A plan records
+what it was fitted on (schedule, prediction, state shape, a fingerprint of the weights) and ``check`` refuses it
+for anything else; it saves to and loads from a small JSON file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from molgen.diffusion.sampling import Sampler
+from molgen.diffusion.schedules import Schedule, get_schedule
+from molgen.diffusion.solvers import SOLVERS
+from molgen.errors import InputError
+
+PLAN_FORMAT = "molgen-sampling-plan/1"
+REFERENCE_SOLVER = "dpmpp_3m"
+NAMED_GRIDS = ("logsnr", "time_uniform", "time_quadratic", "karras", "sigmoid")
+TOP_SOLVERS = 3  # solvers whose grid is fitted (the best on their default grids)
+MAX_RATIO = 2.0  # compensation ratios stay in [0, 2]: between the first-order step and twice the correction
+
+
+def fingerprint(model: Any) -> str:
+    """SHA-256 (16 hex digits) of a module's weights by name, or the class name of any other callable."""
+    if not isinstance(model, torch.nn.Module):
+        return f"{type(model).__module__}.{type(model).__qualname__}"
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TunedPlan:
+    """A solver, its grid times (descending, float64) and compensation ratios for ``nfe`` model calls, with what
+    it was fitted on (``fitted_on``) and how it scored (``fit``)."""
+
+    solver: str
+    nfe: int
+    times: tuple[float, ...]
+    compensation: tuple[float, ...] | None
+    fitted_on: dict[str, Any]
+    fit: dict[str, Any]
+    source: str = field(default="sampling plan", compare=False, repr=False)  # the file it was read from
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``sample`` / ``Sampler``: solver, the explicit grid, the call budget, ratios."""
+        budget = "nfe" if SOLVERS[self.solver].kind == "singlestep" else "steps"
+        kw: dict[str, Any] = {"solver": self.solver, "grid": torch.tensor(self.times, dtype=torch.float64),
+                              budget: self.nfe, "noise_at_t_max": True}
+        if self.compensation is not None:
+            kw["compensation"] = self.compensation
+        return kw
+
+    def check(self, model: Any, schedule: Schedule | str, x_T: Tensor, prediction: str | None = None,
+              mask: Tensor | None = None) -> None:
+        """Refuse the plan (``InputError`` naming what differs and the plan's file) for another model, schedule,
+        prediction or state shape than it was fitted on."""
+        now = describe(model, get_schedule(schedule), x_T, prediction, mask)
+        diff = {k: (self.fitted_on.get(k), v) for k, v in now.items() if self.fitted_on.get(k) != v}
+        if diff:
+            said = "; ".join(f"{k}: fitted on {a!r}, given {b!r}" for k, (a, b) in diff.items())
+            raise InputError(f"the sampling plan was fitted on something else ({said})", self.source)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fields_ = {k: v for k, v in asdict(self).items() if k != "source"}
+        path.write_text(json.dumps({"format": PLAN_FORMAT, **fields_}, indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> TunedPlan:
+        """Read a plan file; anything but a well-formed plan is an ``InputError`` naming the file."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise InputError("no such sampling plan file", str(path)) from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InputError(f"not a sampling plan (not JSON: {err})", str(path)) from None
+        if not isinstance(raw, dict) or raw.get("format") != PLAN_FORMAT:
+            raise InputError(f"not a sampling plan (no format {PLAN_FORMAT!r})", str(path))
+        try:
+            plan = cls(str(raw["solver"]), int(raw["nfe"]), tuple(float(t) for t in raw["times"]),
+                       None if raw["compensation"] is None else tuple(float(r) for r in raw["compensation"]),
+                       dict(raw["fitted_on"]), dict(raw["fit"]), str(path))
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputError(f"malformed sampling plan ({type(err).__name__}: {err})", str(path)) from None
+        if plan.solver not in SOLVERS or len(plan.times) < 1 or any(
+                not a > b for a, b in zip(plan.times, plan.times[1:])):
+            raise InputError("malformed sampling plan (unknown solver or times not strictly decreasing)", str(path))
+        return plan
+
+
+def describe(model: Any, schedule: Schedule, x_T: Tensor, prediction: str | None, mask: Tensor | None = None
+             ) -> dict[str, Any]:
+    """What a plan is fitted on: the schedule, the prediction, one state's shape (with a padding mask, the size
+    axis 1 as null: padded states come in every size) and the model's fingerprint."""
+    state: list[int | None] = list(x_T.shape[1:])
+    if mask is not None:
+        state[0] = None
+    return {"schedule": schedule.name, "prediction": prediction or getattr(model, "prediction", None),
+            "state": state, "model": fingerprint(model)}
+
+
+class _Counted:
+    """The model with a count of its (batched) calls."""
+
+    def __init__(self, model: Callable[..., Tensor]) -> None:
+        self.model, self.calls = model, 0
+        self.prediction = getattr(model, "prediction", None)
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+        self.calls += 1
+        return self.model(x, t, **cond)
+
+
+def meets(solver: str, nfe: int) -> bool:
+    """Whether ``solver`` makes at least one step of its own order in ``nfe`` calls (a singlestep solver of
+    order k needs k + 1: one step and the final denoising)."""
+    spec = SOLVERS[solver]
+    return spec.kind == "multistep" or nfe >= spec.calls_per_step + 1
+
+
+def _rho_grid(schedule: Schedule, theta: np.ndarray, n: int, bounds: tuple[float, float]) -> Tensor:
+    """Times of an n-point grid from theta = (log rho_first, log(log rho_first - log rho_last), z_1..z_{n-2}):
+    interior points at cumulative softmax([0, z]) fractions of the way in log rho; ends clipped to ``bounds``."""
+    lo, hi = bounds
+    first = min(max(theta[0], lo + 1e-3), hi)
+    last = max(first - math.exp(min(theta[1], 5.0)), lo)
+    if n == 1:
+        return schedule.t_of_rho(torch.tensor([math.exp(first)], dtype=torch.float64))
+    w = np.exp(np.concatenate([[0.0], theta[2:]]) - max(0.0, float(np.max(theta[2:], initial=0.0))))
+    frac = np.concatenate([[0.0], np.cumsum(w) / w.sum()])
+    log_rho = torch.tensor(first + frac * (last - first), dtype=torch.float64)
+    t = schedule.t_of_rho(log_rho.exp())
+    for j in range(1, n):  # keep strictly decreasing despite clipping and round-off
+        t[j] = torch.minimum(t[j], t[j - 1] * (1 - 1e-9))
+    return t
+
+
+def _theta_of(schedule: Schedule, times: Tensor) -> np.ndarray:
+    """The parameters reproducing grid ``times`` [n]."""
+    log_rho = schedule.rho(times.to(torch.float64)).log().numpy()
+    theta = [log_rho[0], math.log(max(log_rho[0] - log_rho[-1], 1e-6))]
+    steps = np.maximum(log_rho[:-1] - log_rho[1:], 1e-9)
+    return np.array(theta + list(np.log(steps[1:] / steps[0])))
+
+
+def tune(
+    model: Callable[..., Tensor],
+    schedule: Schedule | str,
+    x_T: Tensor,
+    *,
+    nfe: int,
+    budget_s: float = 60.0,
+    solvers: tuple[str, ...] | None = None,
+    mask: Tensor | None = None,
+    cond: Mapping[str, Tensor] | None = None,
+    space: Any = None,
+    prediction: str | None = None,
+    reference_steps: int = 64,
+    compensation: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> TunedPlan:
+    """Fit a sampling plan of at most ``nfe`` model calls to ``model`` on the noise ``x_T`` (a batch of at least 4,
+    split in halves: fitted on the first, scored on the second); ``solvers`` restricts the search."""
+    schedule = get_schedule(schedule)
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
+    if x_T.shape[0] < 4:
+        raise ValueError(f"tune needs a batch of at least 4 noise draws (half to fit, half to score), "
+                         f"got {x_T.shape[0]}")
+    names = [s for s in SOLVERS if not SOLVERS[s].stochastic] if solvers is None else list(solvers)
+    for s in names:
+        if s not in SOLVERS or SOLVERS[s].stochastic:
+            ode = sorted(n for n, v in SOLVERS.items() if not v.stochastic)
+            raise ValueError(f"tune fits ODE solvers; {s!r} is not one ({ode})")
+    counted = _Counted(model)
+    start = time.monotonic()
+    common = {"space": space, "prediction": prediction}
+    half = x_T.shape[0] // 2
+    parts = [_part(x_T, mask, cond, slice(0, half)), _part(x_T, mask, cond, slice(half, None))]
+    full = {"t_max": schedule.t_max, "t_min": schedule.t_min}
+    refs = [_run(Sampler(counted, schedule, REFERENCE_SOLVER, steps=reference_steps, grid_options=full, **common), p)
+            for p in parts]
+
+    def sampler(solver: str, **kw: Any) -> Sampler:
+        budget = {"nfe": nfe} if SOLVERS[solver].kind == "singlestep" else {"steps": nfe}
+        return Sampler(counted, schedule, solver, **budget, **common, noise_at_t_max=True, **kw)
+
+    def error(smp: Sampler, part: int = 0) -> float:
+        return _rms(_run(smp, parts[part]), refs[part], parts[part][1])
+
+    meetable = [s for s in names if meets(s, nfe)]
+    if solvers is not None and len(meetable) < len(names):
+        cannot = [f"{s} (needs {SOLVERS[s].calls_per_step + 1})" for s in names if s not in meetable]
+        raise ValueError(f"solver(s) {', '.join(cannot)} cannot make a step of their order in {nfe} model calls")
+    default = Sampler(counted, schedule, None, steps=nfe, **common)
+    on_logsnr = sorted((error(sampler(s)), s) for s in meetable)[:TOP_SOLVERS]
+    chosen = [(s, min((error(sampler(s, grid=g)), g) for g in NAMED_GRIDS)) for _, s in on_logsnr]
+    chosen.sort(key=lambda kv: kv[1][0])
+    say = progress or (lambda _: None)
+    say(f"tune: {len(meetable)} solvers on the default grid, {TOP_SOLVERS} on every named grid; best start "
+        f"{chosen[0][0]}/{chosen[0][1][1]} ({chosen[0][1][0]:.4g})")
+    bounds = tuple(float(schedule.rho(torch.tensor(t, dtype=torch.float64)).log()) for t in (schedule.t_min,
+                                                                                         schedule.t_max))
+    results = []
+    for k, (solver, (err0, grid)) in enumerate(chosen):
+        deadline = start + budget_s * (k + 1) / len(chosen)
+        results.append(_fit(sampler, error, schedule, solver, sampler(solver, grid=grid), err0, bounds,
+                            compensation and SOLVERS[solver].compensable, deadline))
+        say(f"tune: {solver} fitted to {results[-1][0]:.4g} (from {err0:.4g})")
+    err, solver, times, ratios = min(results, key=lambda r: r[0])
+    plan_kw = {"grid": times, **({"compensation": ratios} if ratios is not None else {})}
+    tuned = sampler(solver, **plan_kw)
+    fit = {
+        "fit_error": err, "fit_default_error": error(default),
+        "heldout_error": error(tuned, 1), "heldout_default_error": error(default, 1),
+        "default_solver": default.solver, "batch": x_T.shape[0], "reference_steps": reference_steps,
+        "seconds": round(time.monotonic() - start, 2), "model_calls": counted.calls,
+    }
+    return TunedPlan(solver, nfe, tuple(float(t) for t in tuned.t_grid[0]),
+                     None if ratios is None else tuple(float(r) for r in ratios),
+                     describe(model, schedule, x_T, prediction, mask), fit)
+
+
+def _fit(sampler: Callable[..., Sampler], error: Callable[[Sampler], float], schedule: Schedule, solver: str,
+         start: Sampler, start_error: float, bounds: tuple[float, float], compensable: bool, deadline: float
+         ) -> tuple[float, str, Tensor, tuple[float, ...] | None]:
+    """Nelder-Mead on (grid parameters, compensation ratios) until ``deadline``; the best point seen."""
+    from scipy.optimize import minimize
+
+    times0 = start.t_grid[0].clone()
+    n = times0.numel()
+    theta0 = _theta_of(schedule, times0)
+    n_ratios = len(start.orders) if compensable else 0
+    x0 = np.concatenate([theta0, np.ones(n_ratios)])
+    best = [start_error, times0, None]
+
+    class Done(Exception):
+        pass
+
+    def objective(v: np.ndarray) -> float:
+        if time.monotonic() > deadline:
+            raise Done
+        times = _rho_grid(schedule, v[: len(theta0)], n, bounds)
+        ratios = tuple(min(max(float(r), 0.0), MAX_RATIO) for r in v[len(theta0):]) if n_ratios else None
+        try:
+            err = error(sampler(solver, grid=times, **({"compensation": ratios} if ratios else {})))
+        except (ValueError, FloatingPointError):
+            return 1e9
+        if not math.isfinite(err):
+            return 1e9
+        if err < best[0]:
+            best[:] = [err, times, ratios]
+        return math.log(err + 1e-300)
+
+    steps = np.concatenate([np.full(len(theta0), 0.25), np.full(n_ratios, 0.2)])
+    simplex = np.vstack([x0] + [x0 + np.eye(len(x0))[i] * steps[i] for i in range(len(x0))])
+    try:
+        while time.monotonic() < deadline:  # restart from the best point while time is left
+            res = minimize(objective, simplex[0], method="Nelder-Mead",
+                           options={"initial_simplex": simplex, "adaptive": True, "xatol": 1e-4, "fatol": 1e-6,
+                                    "maxfev": 4000})
+            v = res.x
+            simplex = np.vstack([v] + [v + np.eye(len(v))[i] * steps[i] * 0.5 for i in range(len(v))])
+    except Done:
+        pass
+    return best[0], solver, best[1], best[2]
+
+
+def _part(x_T: Tensor, mask: Tensor | None, cond: Mapping[str, Tensor] | None, rows: slice) -> tuple:
+    """Rows ``rows`` of the noise, its mask and the per-sample conditioning tensors."""
+    per_sample = {k: v[rows] if isinstance(v, Tensor) and v.shape[:1] == x_T.shape[:1] else v
+                  for k, v in (cond or {}).items()}
+    return x_T[rows], None if mask is None else mask[rows], per_sample
+
+
+@torch.no_grad()
+def _run(smp: Sampler, part: tuple) -> Tensor:
+    x_T, mask, cond = part
+    return smp.finish(smp.run(smp.init(x_T, mask=mask, cond=cond)))
+
+
+def _rms(x: Tensor, ref: Tensor, mask: Tensor | None) -> float:
+    """RMS over samples of the distance to the reference (over the real entries of padded states)."""
+    d = (x - ref).to(torch.float64) ** 2
+    if mask is not None:
+        d = d * mask.reshape(*mask.shape, *([1] * (d.ndim - mask.ndim))).to(d.dtype)
+    return float(d.flatten(1).sum(1).mean().sqrt())

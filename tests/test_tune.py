@@ -1,0 +1,147 @@
+"""Default ends and solver by call count, compensation, the noise carry, and plans fitted by ``tune``."""
+
+import json
+
+import pytest
+import torch
+
+from molgen.diffusion import Sampler, get_schedule, sample
+from molgen.diffusion.analytic import GaussianMixtureDenoiser
+from molgen.diffusion.defaults import COLD_ENDS, cold_ends, default_solver
+from molgen.diffusion.tune import TunedPlan, meets, tune
+from molgen.errors import InputError
+
+F64 = torch.float64
+
+
+def noise(n, d, seed=0, scale=1.0):
+    return scale * torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def mixture(sch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return GaussianMixtureDenoiser(1.5 * torch.randn(4, 2, generator=g, dtype=F64),
+                                   torch.tensor([0.1, 0.2, 0.15, 0.3], dtype=F64), None, sch)
+
+
+class Counting:
+    def __init__(self, model):
+        self.model, self.calls, self.prediction = model, 0, model.prediction
+
+    def __call__(self, x, t):
+        self.calls += 1
+        return self.model(x, t)
+
+
+@pytest.mark.parametrize("grid", sorted(COLD_ENDS))
+def test_cold_ends_shorten_few_call_runs_and_span_the_schedule_for_many(grid):
+    firsts, lasts = zip(*(cold_ends(n, grid) for n in range(1, 200)))
+    assert all(a < b for a, b in zip(firsts, firsts[1:])) and all(a >= b for a, b in zip(lasts, lasts[1:]))
+    sch = get_schedule("vp_linear")
+    s = Sampler(mixture(sch), sch, "dpmpp_2m", steps=400, grid=grid)
+    assert float(s.t_grid[0, 0]) == sch.t_max and float(s.t_grid[0, -1]) == pytest.approx(sch.t_min)
+    few = Sampler(mixture(sch), sch, "dpmpp_2m", steps=3, grid=grid)
+    assert float(sch.rho(few.t_grid[0, 0])) == pytest.approx(cold_ends(3, grid)[0])
+
+
+def test_sample_without_a_solver_uses_the_default_for_the_call_count():
+    sch = get_schedule("vp_cosine")
+    mix, x_T = mixture(sch), noise(8, 2, seed=1)
+    for n in (3, 5, 8, 20):
+        assert torch.equal(sample(mix, sch, x_T, steps=n), sample(mix, sch, x_T, solver=default_solver(n), steps=n))
+    with pytest.raises(ValueError, match="nfe must be"):
+        default_solver(0)
+
+
+def test_the_rule_start_carries_noise_along_the_unit_gaussian_flow():
+    """For unit Gaussian data the exact flow from t_max is x_t = s(t) / s(t_max) x_T (s^2 = alpha^2 + sigma^2):
+    a rule-shortened run on the flow-matching path, whose s is not 1, must end at x_T / s(t_max)."""
+    sch = get_schedule("linear_flow")
+    unit = GaussianMixtureDenoiser(torch.zeros(1, 3, dtype=F64), 1.0, None, sch)
+    x_T = noise(16, 3, seed=2, scale=sch.prior_std)
+    exact = x_T / sch.prior_std
+    s = Sampler(unit, sch, "dpmpp_3m", steps=40, grid_options={"t_min": sch.t_min})
+    assert float(s.t_grid[0, 0]) < sch.t_max and s.carries
+    carried = float((s.finish(s.run(s.init(x_T))) - exact).abs().max())
+    given = Sampler(unit, sch, "dpmpp_3m", steps=40, grid_options={"t_max": float(s.t_grid[0, 0]), "t_min": sch.t_min})
+    assert not given.carries  # an explicit first point: x_T is taken as the state there
+    uncarried = float((given.finish(given.run(given.init(x_T))) - exact).abs().max())
+    assert carried < 2e-3 and uncarried > 3 * carried, (carried, uncarried)
+    vp = get_schedule("vp_linear")
+    assert not Sampler(mixture(vp), vp, "dpmpp_2m", steps=5).carries  # the identity on VP schedules
+
+
+def test_compensation_interpolates_between_first_order_and_the_solver():
+    sch = get_schedule("vp_cosine")
+    mix, x_T = mixture(sch), noise(32, 2, seed=3)
+    plain = sample(mix, sch, x_T, solver="dpmpp_3m", steps=6)
+    assert torch.equal(sample(mix, sch, x_T, solver="dpmpp_3m", steps=6, compensation=[1.0] * 5), plain)
+    torch.testing.assert_close(sample(mix, sch, x_T, solver="dpmpp_2m", steps=6, compensation=[0.0] * 5),
+                               sample(mix, sch, x_T, solver="ddim", steps=6), rtol=0, atol=1e-12)
+    half = sample(mix, sch, x_T, solver="dpmpp_2m", steps=6, compensation=[0.5] * 5)
+    assert not torch.allclose(half, plain)
+    with pytest.raises(ValueError, match="5 transitions"):
+        sample(mix, sch, x_T, solver="dpmpp_2m", steps=6, compensation=[1.0] * 4)
+    with pytest.raises(ValueError, match="linear multistep"):
+        sample(mix, sch, x_T, solver="unipc", steps=6, compensation=[1.0] * 5)
+
+
+def test_meets_needs_one_step_of_the_solvers_order():
+    assert meets("dpmpp_3m", 1) and meets("heun", 3) and not meets("heun", 2) and not meets("dpm_solver_3", 3)
+
+
+@pytest.fixture(scope="module")
+def tuned():
+    sch = get_schedule("vp_linear")
+    mix = mixture(sch)
+    return sch, mix, tune(mix, sch, noise(256, 2, seed=10), nfe=4, budget_s=4.0)
+
+
+def test_a_tuned_plan_beats_the_default_on_noise_it_never_saw(tuned):
+    sch, mix, plan = tuned
+    fresh = noise(512, 2, seed=11)
+    whole = {"t_max": sch.t_max, "t_min": sch.t_min}
+    reference = sample(mix, sch, fresh, solver="dpmpp_3m", steps=200, grid_options=whole)
+
+    def rms(x):
+        return float(((x - reference) ** 2).sum(1).mean().sqrt())
+
+    counted = Counting(mix)
+    got = sample(counted, sch, fresh, **plan.kwargs)
+    assert counted.calls <= plan.nfe
+    assert rms(got) < 0.8 * rms(sample(mix, sch, fresh, steps=4))
+    assert plan.fit["heldout_error"] < plan.fit["heldout_default_error"]
+    assert plan.fit["model_calls"] > 0 and plan.fit["seconds"] >= 0
+
+
+def test_plans_round_trip_and_refuse_what_they_were_not_fitted_on(tuned, tmp_path):
+    sch, mix, plan = tuned
+    path = plan.save(tmp_path / "plan.json")
+    back = TunedPlan.load(path)
+    assert back == plan
+    back.check(mix, sch, noise(3, 2))
+    with pytest.raises(InputError, match="schedule"):
+        back.check(mix, get_schedule("vp_cosine"), noise(3, 2))
+    with pytest.raises(InputError, match="state"):
+        back.check(mix, sch, noise(3, 5))
+    net = torch.nn.Linear(2, 2)
+    net.prediction = "x0"
+    with pytest.raises(InputError, match="model"):
+        back.check(net, sch, noise(3, 2))
+    bad = tmp_path / "bad.json"
+    for text, match in (("{", "not JSON"), (json.dumps({"format": "x"}), "format"),
+                        (json.dumps({**json.loads(path.read_text()), "times": [0.1, 0.5]}), "decreasing")):
+        bad.write_text(text)
+        with pytest.raises(InputError, match=match):
+            TunedPlan.load(bad)
+
+
+def test_tune_names_what_it_cannot_do():
+    sch = get_schedule("vp_linear")
+    mix = mixture(sch)
+    with pytest.raises(ValueError, match="cannot make a step"):
+        tune(mix, sch, noise(8, 2), nfe=2, solvers=("heun",), budget_s=1)
+    with pytest.raises(ValueError, match="ODE solvers"):
+        tune(mix, sch, noise(8, 2), nfe=4, solvers=("ddpm_ancestral",), budget_s=1)
+    with pytest.raises(ValueError, match="at least 4"):
+        tune(mix, sch, noise(2, 2), nfe=4, budget_s=1)
