@@ -16,8 +16,8 @@ temporary file that the benchmark writes), then stores one table per KIND in ben
 (default NAME = KIND; title, description and order of an existing file are kept) with the command,
 the current commit (``git rev-parse --short HEAD``, flagged when the working tree has uncommitted changes), the
 UTC date and a description of the hardware; the benchmark's whole output is kept under ``raw``. KIND selects how
-the table is read from the output: samplers, samplers_overhead, samplers_defaults, generation, guidance, sequences,
-structure, molecules, likelihood, reliability, rna_design.
+the table is read from the output: samplers, samplers_overhead, samplers_defaults, default_ends, generation,
+guidance, sequences, structure, molecules, likelihood, reliability, rna_design.
 """
 
 from __future__ import annotations
@@ -102,6 +102,17 @@ def _samplers_defaults(raw: dict) -> dict:
                     ["tune_model_calls", "tuning calls", ".0f"]],
         "rows": raw["summary"]["defaults"],
     }
+
+
+def _default_ends(raw: dict) -> dict:
+    chosen = raw["chosen"]
+    rows = [{"rule": f"{grid} grid ends", "choice": f"first {v['c_first']:g} n, last {v['c_last']:g} min(1, (5/n)^1.5)",
+             "ratio": v["geomean_ratio"]} for grid, v in chosen["grids"].items()]
+    rows += [{"rule": f"solver for {n} calls (logsnr)", "choice": v["solver"], "ratio": v["geomean_ratio"]}
+             for n, v in chosen["solvers"].items()]
+    return {"columns": [["rule", "rule", ""], ["choice", "chosen", ""],
+                        ["ratio", "geometric-mean error / diffusers' best, development problems", ".3f"]],
+            "rows": rows}
 
 
 def _samplers_overhead(raw: dict) -> dict:
@@ -247,6 +258,7 @@ RAW = {"samplers_overhead": lambda raw: {"rows": [r for r in raw["rows"] if r["t
        "rna_design": lambda raw: {k: v for k, v in raw.items() if k != "runs"}}  # per-target runs stay in --json
 
 KINDS = {"samplers": _samplers, "samplers_overhead": _samplers_overhead, "samplers_defaults": _samplers_defaults,
+         "default_ends": _default_ends,
          "generation": _generation,
          "guidance": _guidance, "sequences": _sequences, "structure": _structure, "molecules": _molecules,
          "likelihood": _likelihood, "reliability": _reliability, "rna_design": _rna_design}
