@@ -104,6 +104,8 @@ def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
         parser.add_argument(f"--{name}", type=float, default=None, help=f"af3 option (default {value})")
     parser.add_argument("--step-scale", type=float, default=None,
                         help="AF3's step scale eta, for af3 and every ODE solver (default 1.5; 1 = plain ODE)")
+    parser.add_argument("--plan", type=Path, default=None,
+                        help="a sampling plan from `molgen tune backbones` (replaces solver, steps, grid, step scale)")
 
 
 def sample_preset(args: argparse.Namespace):
@@ -132,6 +134,7 @@ def run_sample(args: argparse.Namespace) -> int:
     import torch
 
     from molgen.batching import largest_batch
+    from molgen.diffusion.tune import TunedPlan
     from molgen.modalities.backbones import sampler_keywords
     from molgen.progress import progress
     from molgen.structure.io import backbone_from_ca, write_backbone
@@ -148,6 +151,9 @@ def run_sample(args: argparse.Namespace) -> int:
     keywords.setdefault("step_scale", default_step_scale(preset.solver))
     opts = _solver_options(args, preset.solver)
     model = load_model(args.checkpoint).to(args.device)
+    plan = TunedPlan.load(args.plan) if args.plan else None
+    if plan and args.contig:
+        raise ValueError("--plan is not applied to motif scaffolding (its replacement steps are the preset's)")
     t0 = time.time()
     if args.contig:
         bbs, res = scaffold_from_file(model, args.motif_pdb, args.contig, args.n, seed=args.seed,
@@ -167,7 +173,7 @@ def run_sample(args: argparse.Namespace) -> int:
         for start in progress(range(0, args.n, batch), "sampling batches"):
             k = min(batch, args.n - start)
             ca = sample_ca(model, k, args.length, preset.solver, preset.steps, generator=g, solver_options=opts,
-                           ideal_bonds=args.ideal_bonds, **keywords)
+                           ideal_bonds=args.ideal_bonds, plan=plan, **keywords)
             bbs += [backbone_from_ca(c.numpy(), name=f"sample_{start + j:04d}") for j, c in enumerate(ca)]
         extra = {}
     wall = time.time() - t0
@@ -183,10 +189,36 @@ def run_sample(args: argparse.Namespace) -> int:
         "ideal_bonds": args.ideal_bonds,
         "checkpoint": str(args.checkpoint),
         "seconds_per_backbone": wall / len(bbs),
+        "plan": plan and plan.record(),
         **extra,
     }
     (args.out / "sampling.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(json.dumps(meta))
+    return 0
+
+
+def add_tune(parser: argparse.ArgumentParser, modality: str) -> None:
+    parser.add_argument("--nfe", type=int, required=True, help="model calls of the plan")
+    parser.add_argument("--length", type=int, default=100, help="residues per backbone the plan is fitted for")
+    parser.add_argument("--out", type=Path, required=True, help="the plan file (JSON), for `molgen sample --plan`")
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--batch", type=int, default=32, help="noise draws (half fitted on, half scoring)")
+    parser.add_argument("--seconds", type=float, default=120.0, help="tuning budget")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    import sys
+
+    from molgen.structure.sampling import load_model, tune_plan
+
+    plan = tune_plan(load_model(args.checkpoint), args.length, args.nfe, batch=args.batch, budget_s=args.seconds,
+                     seed=args.seed, progress=lambda line: print(line, file=sys.stderr))
+    plan.save(args.out)
+    f = plan.fit
+    print(f"wrote {args.out}: {plan.solver}, {plan.nfe} calls, {args.length} residues; RMS distance to the model's "
+          f"{f['reference_steps']}-step ODE solution on held-out noise {f['heldout_error']:.4g} A (engine default "
+          f"{f['heldout_default_error']:.4g} A); {f['seconds']:.0f} s, {f['model_calls']} batched model calls")
     return 0
 
 

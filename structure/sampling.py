@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from molgen.geometry import centre, rmsd_superposed, superpose
 from molgen.structure.geometry import project_ca_bonds
 from molgen.structure.io import Backbone, backbone_from_ca, read_backbone
 from molgen.structure.model import BackboneDenoiser, ModelConfig
+
+if TYPE_CHECKING:
+    from molgen.diffusion.tune import TunedPlan
 
 SIGMA_MIN, SIGMA_MAX = 0.02, 80.0
 WARM_START_SIGMA = 5.0  # first model call (A) of a warm-started run
@@ -127,6 +131,21 @@ def make_sampler(
     )
 
 
+def tune_plan(model: BackboneDenoiser, length: int, nfe: int, *, batch: int = 32, budget_s: float = 120.0,
+              seed: int = 0, progress: Any = None) -> TunedPlan:
+    """A sampling plan of ``nfe`` calls for chains of ``length`` residues fitted to ``model``
+    (``molgen.diffusion.tune``, warm-started from the chain-shaped prior as the default few-step runs are) on
+    ``batch`` noise draws, against the model's own many-step ODE solution."""
+    from molgen.diffusion import ZeroCoM
+    from molgen.diffusion.tune import tune
+    from molgen.structure.prior import chain_prior
+
+    check_length(model, length)
+    x_T = initial_noise(model, batch, length, torch.Generator().manual_seed(seed))
+    return tune(model, model.schedule, x_T, nfe=nfe, budget_s=budget_s, space=ZeroCoM(3),
+                warm_start=chain_prior(length), progress=progress)
+
+
 def initial_noise(model: BackboneDenoiser, n: int, length: int, generator: torch.Generator) -> Tensor:
     """x_T = prior_std * z, z ~ N(0, I) projected to zero centre of mass; [n, length, 3]."""
     return model.schedule.prior_std * centre(torch.randn(n, length, 3, generator=generator))
@@ -147,18 +166,28 @@ def sample_ca(
     ideal_bonds: bool = False,
     step_scale: float | None = None,
     generator: torch.Generator | None = None,
+    plan: TunedPlan | None = None,
 ) -> Tensor:
     """``n`` CA traces [n, length, 3] (Angstrom) on the model's device, every draw from one CPU generator
     (``generator``, else one seeded with ``seed``; a run in batches passes one generator to all of them);
     ``ideal_bonds`` projects each trace onto CA-CA = 3.80 A (``structure.geometry.project_ca_bonds``);
-    ``settings`` and ``step_scale`` as in ``make_sampler``."""
+    ``settings`` and ``step_scale`` as in ``make_sampler``. A ``plan`` (``tune_plan``, fitted on this model and
+    length) replaces solver, grid and step scale."""
     check_length(model, length)
     g = torch.Generator().manual_seed(seed) if generator is None else generator
     device = next(model.parameters()).device
     x_T = (initial_noise(model, n, length, g) if x_T is None else x_T).to(device)
     if device.type != "cpu":  # the solver's own noise is drawn on the device, seeded from the CPU stream
         g = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
-    sampler = make_sampler(model, solver, steps, length, grid, solver_options, settings, step_scale)
+    if plan is None:
+        sampler = make_sampler(model, solver, steps, length, grid, solver_options, settings, step_scale)
+    else:
+        from molgen.diffusion import Sampler, ZeroCoM
+        from molgen.structure.prior import chain_prior
+
+        warm = chain_prior(length) if plan.fitted_on.get("warm_start") else None
+        plan.check(model, model.schedule, x_T, warm_start=warm)
+        sampler = Sampler(model, model.schedule, space=ZeroCoM(3), warm_start=warm, **plan.kwargs)
     x0 = sampler.finish(sampler.run(sampler.init(x_T), g)).cpu()
     return project_ca_bonds(x0) if ideal_bonds else x0
 

@@ -69,9 +69,26 @@ def test_tune_molecules_writes_a_plan_that_sampling_uses_and_another_model_refus
     out = tmp_path / "mols.sdf"
     assert cli.main(["sample", "molecules", "--n", "3", "--plan", str(plan), "--out", str(out)]) == 0
     assert out.read_text().count("$$$$") == 3
+    assert json.loads((tmp_path / "mols.sdf.json").read_text())["plan"]["file"] == str(plan)
     fitted["fitted_on"]["model"] = "0123456789abcdef"
     plan.write_text(json.dumps(fitted))
     capsys.readouterr()
     assert cli.main(["sample", "molecules", "--n", "3", "--plan", str(plan), "--out", str(out)]) == EXIT_INPUT
     err = capsys.readouterr().err
     assert "fitted on something else (model" in err and str(plan) in err
+
+
+def test_tune_backbones_fits_one_length_and_sampling_follows_it(tmp_path, capsys):
+    import json
+
+    plan = tmp_path / "plan.json"
+    assert cli.main(["tune", "backbones", "--nfe", "4", "--length", "40", "--batch", "4", "--seconds", "2",
+                     "--out", str(plan)]) == 0
+    assert json.loads(plan.read_text())["fitted_on"]["warm_start"] is True
+    out = tmp_path / "bb"
+    assert cli.main(["sample", "backbones", "--n", "2", "--length", "40", "--plan", str(plan), "--out", str(out)]) == 0
+    assert json.loads((out / "sampling.json").read_text())["plan"]["nfe"] == 4
+    capsys.readouterr()
+    assert cli.main(["sample", "backbones", "--n", "2", "--length", "48", "--plan", str(plan),
+                     "--out", str(tmp_path / "other")]) == EXIT_INPUT
+    assert "state: fitted on [40, 3]" in capsys.readouterr().err

@@ -78,11 +78,16 @@ class TunedPlan:
             kw["compensation"] = self.compensation
         return kw
 
+    def record(self) -> dict[str, Any]:
+        """What an output's sampling record says about the plan it was drawn with."""
+        return {"file": self.source, "solver": self.solver, "nfe": self.nfe, "times": list(self.times),
+                "compensation": self.compensation}
+
     def check(self, model: Any, schedule: Schedule | str, x_T: Tensor, prediction: str | None = None,
-              mask: Tensor | None = None) -> None:
+              mask: Tensor | None = None, warm_start: Any = None) -> None:
         """Refuse the plan (``InputError`` naming what differs and the plan's file) for another model, schedule,
-        prediction or state shape than it was fitted on."""
-        now = describe(model, get_schedule(schedule), x_T, prediction, mask)
+        prediction, state shape or start (warm or not) than it was fitted on."""
+        now = describe(model, get_schedule(schedule), x_T, prediction, mask, warm_start)
         diff = {k: (self.fitted_on.get(k), v) for k, v in now.items() if self.fitted_on.get(k) != v}
         if diff:
             said = "; ".join(f"{k}: fitted on {a!r}, given {b!r}" for k, (a, b) in diff.items())
@@ -119,15 +124,16 @@ class TunedPlan:
         return plan
 
 
-def describe(model: Any, schedule: Schedule, x_T: Tensor, prediction: str | None, mask: Tensor | None = None
-             ) -> dict[str, Any]:
+def describe(model: Any, schedule: Schedule, x_T: Tensor, prediction: str | None, mask: Tensor | None = None,
+             warm_start: Any = None) -> dict[str, Any]:
     """What a plan is fitted on: the schedule, the prediction, one state's shape (with a padding mask, the size
-    axis 1 as null: padded states come in every size) and the model's fingerprint."""
+    axis 1 as null: padded states come in every size), the model's fingerprint and whether runs start warm
+    (``Sampler(warm_start=...)``: the caller passes the same moments again)."""
     state: list[int | None] = list(x_T.shape[1:])
     if mask is not None:
         state[0] = None
     return {"schedule": schedule.name, "prediction": prediction or getattr(model, "prediction", None),
-            "state": state, "model": fingerprint(model)}
+            "state": state, "model": fingerprint(model), "warm_start": warm_start is not None}
 
 
 class _Counted:
@@ -186,12 +192,14 @@ def tune(
     cond: Mapping[str, Tensor] | None = None,
     space: Any = None,
     prediction: str | None = None,
+    warm_start: Any = None,
     reference_steps: int = 64,
     compensation: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> TunedPlan:
     """Fit a sampling plan of at most ``nfe`` model calls to ``model`` on the noise ``x_T`` (a batch of at least 4,
-    split in halves: fitted on the first, scored on the second); ``solvers`` restricts the search."""
+    split in halves: fitted on the first, scored on the second); ``solvers`` restricts the search. With
+    ``warm_start`` (``GaussianMoments``) every fitted run starts warm from them, the reference still cold."""
     schedule = get_schedule(schedule)
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
@@ -212,9 +220,10 @@ def tune(
     refs = [_run(Sampler(counted, schedule, REFERENCE_SOLVER, steps=reference_steps, grid_options=full, **common), p)
             for p in parts]
 
-    def sampler(solver: str, **kw: Any) -> Sampler:
-        budget = {"nfe": nfe} if SOLVERS[solver].kind == "singlestep" else {"steps": nfe}
-        return Sampler(counted, schedule, solver, **budget, **common, noise_at_t_max=True, **kw)
+    def sampler(solver: str | None, **kw: Any) -> Sampler:
+        budget = {"nfe": nfe} if solver and SOLVERS[solver].kind == "singlestep" else {"steps": nfe}
+        return Sampler(counted, schedule, solver, **budget, **common, warm_start=warm_start, noise_at_t_max=True,
+                       **kw)
 
     def error(smp: Sampler, part: int = 0) -> float:
         return _rms(_run(smp, parts[part]), refs[part], parts[part][1])
@@ -223,7 +232,7 @@ def tune(
     if solvers is not None and len(meetable) < len(names):
         cannot = [f"{s} (needs {SOLVERS[s].calls_per_step + 1})" for s in names if s not in meetable]
         raise ValueError(f"solver(s) {', '.join(cannot)} cannot make a step of their order in {nfe} model calls")
-    default = Sampler(counted, schedule, None, steps=nfe, **common)
+    default = sampler(None)
     on_logsnr = sorted((error(sampler(s)), s) for s in meetable)[:TOP_SOLVERS]
     chosen = [(s, min((error(sampler(s, grid=g)), g) for g in NAMED_GRIDS)) for _, s in on_logsnr]
     chosen.sort(key=lambda kv: kv[1][0])
@@ -249,7 +258,7 @@ def tune(
     }
     return TunedPlan(solver, nfe, tuple(float(t) for t in tuned.t_grid[0]),
                      None if ratios is None else tuple(float(r) for r in ratios),
-                     describe(model, schedule, x_T, prediction, mask), fit)
+                     describe(model, schedule, x_T, prediction, mask, warm_start), fit)
 
 
 def _fit(sampler: Callable[..., Sampler], error: Callable[[Sampler], float], schedule: Schedule, solver: str,

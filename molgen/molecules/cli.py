@@ -112,7 +112,7 @@ def run_sample(args: argparse.Namespace) -> int:
     write_molecules(args.out, mols)
     write_sampling_record(args.out, dataclasses.replace(preset, options=options), n=len(mols), seed=args.seed,
                           atoms=args.atoms, condition=args.condition, guidance=args.guidance,
-                          checkpoint=args.checkpoint or "shipped",
+                          checkpoint=args.checkpoint or "shipped", plan=plan and plan.record(),
                           resolved=sampler_settings(preset.solver, options.get("step_scale"),
                                                     options.get("step_scale_below"), options.get("first_noise")))
     print(f"wrote {len(mols)} molecules to {args.out} ({elapsed:.1f} s, {len(mols) / elapsed:.1f} molecules/s)")
