@@ -16,8 +16,8 @@ temporary file that the benchmark writes), then stores one table per KIND in ben
 (default NAME = KIND; title, description and order of an existing file are kept) with the command,
 the current commit (``git rev-parse --short HEAD``, flagged when the working tree has uncommitted changes), the
 UTC date and a description of the hardware; the benchmark's whole output is kept under ``raw``. KIND selects how
-the table is read from the output: samplers, samplers_overhead, samplers_defaults, default_ends, generation,
-guidance, sequences, structure, molecules, likelihood, reliability, rna_design.
+the table is read from the output: samplers, samplers_overhead, samplers_defaults, default_ends, tuned_plans,
+generation, guidance, sequences, structure, molecules, likelihood, reliability, rna_design.
 """
 
 from __future__ import annotations
@@ -112,6 +112,17 @@ def _default_ends(raw: dict) -> dict:
              for n, v in chosen["solvers"].items()]
     return {"columns": [["rule", "rule", ""], ["choice", "chosen", ""],
                         ["ratio", "geometric-mean error / diffusers' best, development problems", ".3f"]],
+            "rows": rows}
+
+
+def _tuned_plans(raw: dict) -> dict:
+    rows = [{**r, "solver": r.get("solver") if r["sampler"] == "tuned plan" else None} for r in raw["rows"]]
+    return {"columns": [["modality", "modality", ""], ["nfe", "NFE", ""], ["sampler", "sampler", ""],
+                        ["solver", "plan's solver", ""], ["mol_stability", "molecule stability", ".1%"],
+                        ["atom_stability", "atom stability", ".1%"], ["validity", "validity", ".1%"],
+                        ["ca_ca_valid", "CA-CA valid", ".3f"], ["clash_rate", "clashes", ".3f"],
+                        ["helix", "helix", ".2f"], ["strand", "strand", ".2f"],
+                        ["tune_seconds", "tuning s", ".0f"], ["tune_model_calls", "tuning calls", ".0f"]],
             "rows": rows}
 
 
@@ -258,7 +269,7 @@ RAW = {"samplers_overhead": lambda raw: {"rows": [r for r in raw["rows"] if r["t
        "rna_design": lambda raw: {k: v for k, v in raw.items() if k != "runs"}}  # per-target runs stay in --json
 
 KINDS = {"samplers": _samplers, "samplers_overhead": _samplers_overhead, "samplers_defaults": _samplers_defaults,
-         "default_ends": _default_ends,
+         "default_ends": _default_ends, "tuned_plans": _tuned_plans,
          "generation": _generation,
          "guidance": _guidance, "sequences": _sequences, "structure": _structure, "molecules": _molecules,
          "likelihood": _likelihood, "reliability": _reliability, "rna_design": _rna_design}
