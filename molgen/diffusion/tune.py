@@ -12,9 +12,10 @@ of that batch ``tune`` fits, within ``budget_s`` seconds,
 3. for dpmpp_2m / dpmpp_3m / deis, DC-Solver-style compensation ratios r_i on each transition's higher-order
    correction (``solvers.compensate``: r = 1 is the solver, r = 0 its first-order step), jointly with the grid,
 
-and reports the error of the default and of the plan on the other half (noise the fit never saw). A plan records
-what it was fitted on (schedule, prediction, state shape, a fingerprint of the weights) and ``check`` refuses it
-for anything else; it saves to and loads from a small JSON file.
+then keeps, of each solver's fit and the default sampler, the one with the lowest error on the other half of
+the batch and reports both errors there (that half only chooses among four candidates; nothing is fitted on it).
+A plan records what it was fitted on (schedule, prediction, state shape, a fingerprint of the weights, a warm
+start) and ``check`` refuses it for anything else; it saves to and loads from a small JSON file.
 """
 
 from __future__ import annotations
@@ -247,12 +248,15 @@ def tune(
         results.append(_fit(sampler, error, schedule, solver, sampler(solver, grid=grid), err0, bounds,
                             compensation and SOLVERS[solver].compensable, deadline))
         say(f"tune: {solver} fitted to {results[-1][0]:.4g} (from {err0:.4g})")
-    err, solver, times, ratios = min(results, key=lambda r: r[0])
-    plan_kw = {"grid": times, **({"compensation": ratios} if ratios is not None else {})}
-    tuned = sampler(solver, **plan_kw)
+    results.append((error(default), default.solver, default.t_grid[0].clone(), None))
+    candidates = []
+    for err, solver, times, ratios in results:  # each solver's fit, and the default itself
+        smp = sampler(solver, grid=times, **({"compensation": ratios} if ratios is not None else {}))
+        candidates.append((error(smp, 1), err, solver, smp, ratios))
+    heldout, err, solver, tuned, ratios = min(candidates, key=lambda c: c[0])
     fit = {
         "fit_error": err, "fit_default_error": error(default),
-        "heldout_error": error(tuned, 1), "heldout_default_error": error(default, 1),
+        "heldout_error": heldout, "heldout_default_error": error(default, 1),
         "default_solver": default.solver, "batch": x_T.shape[0], "reference_steps": reference_steps,
         "seconds": round(time.monotonic() - start, 2), "model_calls": counted.calls,
     }
