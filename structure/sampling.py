@@ -135,7 +135,7 @@ def tune_plan(model: BackboneDenoiser, length: int, nfe: int, *, batch: int = 32
               seed: int = 0, progress: Any = None) -> TunedPlan:
     """A sampling plan of ``nfe`` calls for chains of ``length`` residues fitted to ``model``
     (``molgen.diffusion.tune``, warm-started from the chain-shaped prior as the default few-step runs are) on
-    ``batch`` noise draws, against the model's own many-step ODE solution."""
+    ``batch`` noise draws, against the many-step solution of the step-scaled ODE the preset samples."""
     from molgen.diffusion import ZeroCoM
     from molgen.diffusion.tune import tune
     from molgen.structure.prior import chain_prior
@@ -143,7 +143,7 @@ def tune_plan(model: BackboneDenoiser, length: int, nfe: int, *, batch: int = 32
     check_length(model, length)
     x_T = initial_noise(model, batch, length, torch.Generator().manual_seed(seed))
     return tune(model, model.schedule, x_T, nfe=nfe, budget_s=budget_s, space=ZeroCoM(3),
-                warm_start=chain_prior(length), progress=progress)
+                warm_start=chain_prior(length), step_scale=STEP_SCALE, progress=progress)
 
 
 def initial_noise(model: BackboneDenoiser, n: int, length: int, generator: torch.Generator) -> Tensor:

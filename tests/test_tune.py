@@ -145,3 +145,14 @@ def test_tune_names_what_it_cannot_do():
         tune(mix, sch, noise(8, 2), nfe=4, solvers=("ddpm_ancestral",), budget_s=1)
     with pytest.raises(ValueError, match="at least 4"):
         tune(mix, sch, noise(2, 2), nfe=4, budget_s=1)
+
+
+def test_a_plan_fitted_on_the_step_scaled_ode_keeps_the_scale_and_the_given_grid(tmp_path):
+    sch = get_schedule("edm")
+    mix = GaussianMixtureDenoiser(torch.tensor([[-3.0, 0.0], [3.0, 1.0]], dtype=F64), 0.5, None, sch)
+    plan = tune(mix, sch, noise(16, 2, seed=4, scale=sch.prior_std), nfe=4, budget_s=1.0, step_scale=1.5)
+    assert plan.kwargs["step_scale"] == 1.5
+    smp = Sampler(mix, sch, **plan.kwargs)
+    assert torch.equal(smp.grid_times[0], torch.tensor(plan.times, dtype=F64))
+    assert not torch.equal(smp.t_grid[0], smp.grid_times[0])  # the state runs on the scaled times
+    assert TunedPlan.load(plan.save(tmp_path / "p.json")).kwargs["step_scale"] == 1.5

@@ -114,6 +114,7 @@ class Plan:
     grid: Points
     coef: Any
     orders: tuple[int, ...]
+    told: Tensor | None = None  # a step-scaled run's grid as given (``grid`` holds its state times)
     cache: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
     def _memo(self, key: tuple, make: Callable[[], Any]) -> Any:

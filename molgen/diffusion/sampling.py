@@ -239,6 +239,12 @@ class Sampler:
         return net if self.autocast is None else Autocast(net, self.autocast)
 
     @property
+    def grid_times(self) -> Tensor:
+        """The grid as given [B or 1, n], float64: the noise levels the denoiser is told (``t_grid`` holds a
+        step-scaled run's state times)."""
+        return self.plan.told if self.plan.told is not None else self.plan.grid.t
+
+    @property
     def net_prediction(self) -> str:
         """What ``net`` returns: the model's prediction, or x0 from a step-scaled model."""
         return self.prediction if self.step_scale == 1.0 else "x0"
@@ -421,6 +427,7 @@ def make_plan(sampler: Sampler, t_grid: Tensor | None, grid_options: Mapping[str
     the steps receive, and the solver family's coefficients (or the exact-linear-part ones)."""
     if t_grid is None:
         t_grid = get_grid(sampler.grid, sampler.schedule, sampler.n_steps, **grid_options)[None]
+    told = t_grid
     if sampler.step_scale != 1.0:
         t_grid = scaled_times(sampler.schedule, t_grid, sampler.step_scale, sampler.step_scale_below)
     grid, orders = points(sampler.schedule, t_grid, sampler.net_prediction), list(sampler.orders)
@@ -434,7 +441,7 @@ def make_plan(sampler: Sampler, t_grid: Tensor | None, grid_options: Mapping[str
         if len(sampler.compensation) != len(orders):
             raise ValueError(f"compensation has {len(sampler.compensation)} ratios for {len(orders)} transitions")
         coef = compensate(coef, grid, torch.tensor(sampler.compensation, dtype=torch.float64)[None])
-    return Plan(grid, coef, tuple(orders))
+    return Plan(grid, coef, tuple(orders), told=told if sampler.step_scale != 1.0 else None)
 
 
 def _memoised_plan(key: tuple | None, sampler: Sampler, t_grid: Tensor | None,

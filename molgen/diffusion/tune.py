@@ -67,6 +67,8 @@ class TunedPlan:
     compensation: tuple[float, ...] | None
     fitted_on: dict[str, Any]
     fit: dict[str, Any]
+    step_scale: float = 1.0  # AF3's step-scaled ODE the plan was fitted on (molgen.diffusion.step_scale)
+    step_scale_below: float | None = None
     source: str = field(default="sampling plan", compare=False, repr=False)  # the file it was read from
 
     @property
@@ -77,6 +79,8 @@ class TunedPlan:
                               budget: self.nfe, "noise_at_t_max": True}
         if self.compensation is not None:
             kw["compensation"] = self.compensation
+        if self.step_scale != 1.0:
+            kw.update(step_scale=self.step_scale, step_scale_below=self.step_scale_below)
         return kw
 
     def record(self) -> dict[str, Any]:
@@ -116,7 +120,8 @@ class TunedPlan:
         try:
             plan = cls(str(raw["solver"]), int(raw["nfe"]), tuple(float(t) for t in raw["times"]),
                        None if raw["compensation"] is None else tuple(float(r) for r in raw["compensation"]),
-                       dict(raw["fitted_on"]), dict(raw["fit"]), str(path))
+                       dict(raw["fitted_on"]), dict(raw["fit"]), float(raw.get("step_scale", 1.0)),
+                       None if raw.get("step_scale_below") is None else float(raw["step_scale_below"]), str(path))
         except (KeyError, TypeError, ValueError) as err:
             raise InputError(f"malformed sampling plan ({type(err).__name__}: {err})", str(path)) from None
         if plan.solver not in SOLVERS or len(plan.times) < 1 or any(
@@ -194,13 +199,16 @@ def tune(
     space: Any = None,
     prediction: str | None = None,
     warm_start: Any = None,
+    step_scale: float = 1.0,
+    step_scale_below: float | None = None,
     reference_steps: int = 64,
     compensation: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> TunedPlan:
     """Fit a sampling plan of at most ``nfe`` model calls to ``model`` on the noise ``x_T`` (a batch of at least 4,
     split in halves: fitted on the first, scored on the second); ``solvers`` restricts the search. With
-    ``warm_start`` (``GaussianMoments``) every fitted run starts warm from them, the reference still cold."""
+    ``warm_start`` (``GaussianMoments``) every fitted run starts warm from them, the reference still cold; with
+    ``step_scale`` the target and every run are AF3's step-scaled ODE (as a modality's preset samples it)."""
     schedule = get_schedule(schedule)
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
@@ -214,7 +222,7 @@ def tune(
             raise ValueError(f"tune fits ODE solvers; {s!r} is not one ({ode})")
     counted = _Counted(model)
     start = time.monotonic()
-    common = {"space": space, "prediction": prediction}
+    common = {"space": space, "prediction": prediction, "step_scale": step_scale, "step_scale_below": step_scale_below}
     half = x_T.shape[0] // 2
     parts = [_part(x_T, mask, cond, slice(0, half)), _part(x_T, mask, cond, slice(half, None))]
     full = {"t_max": schedule.t_max, "t_min": schedule.t_min}
@@ -248,7 +256,7 @@ def tune(
         results.append(_fit(sampler, error, schedule, solver, sampler(solver, grid=grid), err0, bounds,
                             compensation and SOLVERS[solver].compensable, deadline))
         say(f"tune: {solver} fitted to {results[-1][0]:.4g} (from {err0:.4g})")
-    results.append((error(default), default.solver, default.t_grid[0].clone(), None))
+    results.append((error(default), default.solver, default.grid_times[0].clone(), None))
     candidates = []
     for err, solver, times, ratios in results:  # each solver's fit, and the default itself
         smp = sampler(solver, grid=times, **({"compensation": ratios} if ratios is not None else {}))
@@ -260,9 +268,9 @@ def tune(
         "default_solver": default.solver, "batch": x_T.shape[0], "reference_steps": reference_steps,
         "seconds": round(time.monotonic() - start, 2), "model_calls": counted.calls,
     }
-    return TunedPlan(solver, nfe, tuple(float(t) for t in tuned.t_grid[0]),
+    return TunedPlan(solver, nfe, tuple(float(t) for t in tuned.grid_times[0]),
                      None if ratios is None else tuple(float(r) for r in ratios),
-                     describe(model, schedule, x_T, prediction, mask, warm_start), fit)
+                     describe(model, schedule, x_T, prediction, mask, warm_start), fit, step_scale, step_scale_below)
 
 
 def _fit(sampler: Callable[..., Sampler], error: Callable[[Sampler], float], schedule: Schedule, solver: str,
@@ -271,7 +279,7 @@ def _fit(sampler: Callable[..., Sampler], error: Callable[[Sampler], float], sch
     """Nelder-Mead on (grid parameters, compensation ratios) until ``deadline``; the best point seen."""
     from scipy.optimize import minimize
 
-    times0 = start.t_grid[0].clone()
+    times0 = start.grid_times[0].clone()
     n = times0.numel()
     theta0 = _theta_of(schedule, times0)
     n_ratios = len(start.orders) if compensable else 0

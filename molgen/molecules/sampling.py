@@ -145,14 +145,15 @@ def grid_ends(schedule: Schedule, first_noise: float, last_noise: float | None) 
 def tune_plan(model: MoleculeDenoiser, config: Mapping[str, Any], nfe: int, *, batch: int = 128,
               budget_s: float = 120.0, seed: int = 0, progress: Any = None) -> TunedPlan:
     """A sampling plan of ``nfe`` calls fitted to ``model`` (``molgen.diffusion.tune``) on ``batch`` noise draws
-    with atom counts from the training histogram, against the model's own many-step ODE solution."""
+    with atom counts from the training histogram, against the many-step solution of the ODE the preset samples
+    (AF3's step scale ``STEP_SCALE`` below ``STEP_SCALE_BELOW``)."""
     g = torch.Generator().manual_seed(seed)
     counts = sample_atom_counts(config["atom_hist"], batch, g).clamp(1, int(config.get("max_atoms", 29)))
     mask = torch.arange(int(counts.max())) < counts[:, None]
     space = ZeroCoM(3)
     x_T = space.noise_like(torch.zeros(batch, mask.shape[1], model.n_features), mask, g) * model.schedule.prior_std
     return tune(model, model.schedule, x_T, nfe=nfe, budget_s=budget_s, mask=mask, cond={"mask": mask},
-                space=space, progress=progress)
+                space=space, step_scale=STEP_SCALE, step_scale_below=STEP_SCALE_BELOW, progress=progress)
 
 
 @torch.no_grad()
