@@ -184,7 +184,8 @@ def sample_molecules(
     the largest batch of the widest molecules that fits the device (``molgen.batching``). ODE solvers integrate AF3's
     step-scaled ODE below sigma/alpha = ``step_scale_below`` (``molgen.diffusion.step_scale``). The grid runs from
     sigma/alpha = ``first_noise`` (Angstrom; inf: the schedule's start) to ``last_noise`` (default: the schedule's
-    end), with the schedule's prior N(0, prior_std^2) at its start; t_max / t_min in ``grid_options`` take
+    end), with the schedule's prior N(0, prior_std^2) at its start, carried to the first call along the flow of
+    unit-variance Gaussian data (the identity on VP schedules); t_max / t_min in ``grid_options`` take
     precedence. Defaults: ``sampler_settings``. A ``plan`` (``tune_plan``, fitted on this model) replaces the
     solver, grid and step scale."""
     device = torch.device(device)
@@ -214,7 +215,7 @@ def sample_molecules(
     space = ZeroCoM(3)
     scale = sampler_settings(solver, step_scale, step_scale_below, first_noise)
     grid_options = {**grid_ends(model.schedule, scale.pop("first_noise"), last_noise), **(grid_options or {})}
-    run = plan.kwargs if plan is not None else {"solver": solver, "steps": steps, "grid": grid,
+    run = plan.kwargs if plan is not None else {"solver": solver, "steps": steps, "grid": grid, "noise_at_t_max": True,
                                                 "solver_options": solver_options, "grid_options": grid_options, **scale}
     for chunk in size_chunks(counts, batch_size):
         c = counts[chunk]
