@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import samplers as bench  # noqa: E402 - the shared targets, metrics and diffusers driver
 
 from molgen.diffusion import SOLVERS, sample  # noqa: E402
-from molgen.diffusion.analytic import EmpiricalDenoiser, GaussianMixtureDenoiser, exact_ode_solution  # noqa: E402
+from molgen.diffusion.analytic import EmpiricalDenoiser, GaussianMixtureDenoiser  # noqa: E402
+from molgen.diffusion.defaults import ends_as_times, rule_ends  # noqa: E402
 
 SCHEDULE = bench.SCHEDULE
 NFES = (3, 4, 5, 6, 8, 10)
@@ -71,37 +72,16 @@ PROBLEMS = {
 }
 
 
-def ends(c_first: float, c_last: float, n: int) -> dict[str, float]:
-    first, last = c_first * n, c_last * min(1.0, (5.0 / n) ** 1.5)
-    return {"t_max": min(float(SCHEDULE.t_of_rho(first)), SCHEDULE.t_max),
-            "t_min": max(float(SCHEDULE.t_of_rho(last)), SCHEDULE.t_min)}
-
-
 def sweep(name: str, denoiser, n: int) -> list[dict]:
     x_T = torch.randn(n, denoiser.dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    refs: dict[float, torch.Tensor] = {}
-
-    def reference(t_start: float) -> torch.Tensor:
-        key = round(t_start, 6)
-        if key not in refs:
-            refs[key] = exact_ode_solution(denoiser, x_T, SCHEDULE, t_start=t_start)
-        return refs[key]
-
+    reference = bench.ode_references(denoiser, x_T)
     ref = reference(SCHEDULE.t_max)
     rows = []
     for nfe in NFES:
-        best = math.inf
-        for solver, (cls, kwargs) in bench.PAIRS.items():
-            for grid in bench.DIFFUSERS_GRIDS:
-                scheduler = bench.make_scheduler(cls, kwargs, grid)
-                if scheduler is not None:
-                    steps = (nfe + 1) // 2 if solver == "heun" else nfe
-                    x, _, t_start = bench.diffusers_sample(scheduler, denoiser, x_T, steps)
-                    best = min(best, bench.rms_distance(x, reference(t_start)))
+        best = min(run[-1] for run in bench.diffusers_runs(denoiser, x_T, nfe, reference))
         for solver, grid, c_first, c_last in itertools.product(SOLVER_SET, bench.GRIDS, C_FIRST, C_LAST):
-            budget = {"nfe": nfe} if SOLVERS[solver].kind == "singlestep" else {"steps": nfe}
-            x = sample(denoiser, SCHEDULE, x_T, solver=solver, grid=grid, grid_options=ends(c_first, c_last, nfe),
-                       **budget)
+            ends = ends_as_times(SCHEDULE, *rule_ends(c_first, c_last, nfe))
+            x = sample(denoiser, SCHEDULE, x_T, solver=solver, grid=grid, grid_options=ends, nfe=nfe)
             rows.append({"problem": name, "nfe": nfe, "solver": solver, "grid": grid, "c_first": c_first,
                          "c_last": c_last, "ratio": bench.rms_distance(x, ref) / best})
     print(f"{name}: {len(rows)} runs", file=sys.stderr)

@@ -238,10 +238,8 @@ TARGETS = {"mixture_2d": mixture_2d, "mixture_16d": mixture_16d, "mixture_64d": 
 TUNE_NOISE = 512  # draws tune() fits on (a seed the measured noise does not use)
 
 
-def run_target(name: str, denoiser, n: int, nfes, quick: bool, seed: int = 0, tune_s: float = 0.0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    x_T = torch.randn(n, denoiser.dim, generator=g, dtype=torch.float64) * SCHEDULE.prior_std
-    exact = denoiser.sample_data(n, torch.Generator().manual_seed(seed + 1))
+def ode_references(denoiser, x_T: torch.Tensor):
+    """reference(t_start): the exact ODE solution from x_T taken at t_start, solved once per start."""
     refs: dict[float, torch.Tensor] = {}
 
     def reference(t_start: float) -> torch.Tensor:
@@ -249,6 +247,26 @@ def run_target(name: str, denoiser, n: int, nfes, quick: bool, seed: int = 0, tu
         if key not in refs:
             refs[key] = exact_ode_solution(denoiser, x_T, SCHEDULE, t_start=t_start)
         return refs[key]
+
+    return reference
+
+
+def diffusers_runs(denoiser, x_T: torch.Tensor, nfe: int, reference):
+    """Every diffusers scheduler x spacing at ``nfe`` calls: (solver, spacing, x0, calls, error to reference)."""
+    for solver, (cls_name, kwargs) in PAIRS.items():
+        steps = (nfe + 1) // 2 if solver == "heun" else nfe
+        for grid in DIFFUSERS_GRIDS:
+            scheduler = make_scheduler(cls_name, kwargs, grid)
+            if scheduler is not None:
+                x, calls, t_start = diffusers_sample(scheduler, denoiser, x_T, steps)
+                yield solver, grid, x, calls, rms_distance(x, reference(t_start))
+
+
+def run_target(name: str, denoiser, n: int, nfes, quick: bool, seed: int = 0, tune_s: float = 0.0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(n, denoiser.dim, generator=g, dtype=torch.float64) * SCHEDULE.prior_std
+    exact = denoiser.sample_data(n, torch.Generator().manual_seed(seed + 1))
+    reference = ode_references(denoiser, x_T)
 
     rows = []
     grids = ("logsnr", "time_uniform", "karras") if quick else GRIDS
@@ -292,18 +310,10 @@ def run_target(name: str, denoiser, n: int, nfes, quick: bool, seed: int = 0, tu
                      "error": rms_distance(x, reference(SCHEDULE.t_max)), "sliced_w": sliced_w2(x, exact),
                      "tune_seconds": plan.fit["seconds"], "tune_model_calls": plan.fit["model_calls"],
                      "tune_batch": plan.fit["batch"], "compensation": plan.compensation})
-    for solver, (cls_name, kwargs) in PAIRS.items():
-        for nfe in nfes:
-            steps = (nfe + 1) // 2 if solver == "heun" else nfe
-            for grid in DIFFUSERS_GRIDS:
-                scheduler = make_scheduler(cls_name, kwargs, grid)
-                if scheduler is None:
-                    continue
-                x, calls, t_start = diffusers_sample(scheduler, denoiser, x_T, steps)
-                rows.append({
-                    "target": name, "impl": "diffusers", "solver": solver, "grid": grid, "nfe": nfe, "calls": calls,
-                    "error": rms_distance(x, reference(t_start)), "sliced_w": sliced_w2(x, exact),
-                })
+    for nfe in nfes:
+        for solver, grid, x, calls, error in diffusers_runs(denoiser, x_T, nfe, reference):
+            rows.append({"target": name, "impl": "diffusers", "solver": solver, "grid": grid, "nfe": nfe,
+                         "calls": calls, "error": error, "sliced_w": sliced_w2(x, exact)})
     print(f"{name}: {len(rows)} rows", file=sys.stderr)
     return rows
 

@@ -214,11 +214,7 @@ def run_tune(args: argparse.Namespace) -> int:
 
     plan = tune_plan(load_model(args.checkpoint), args.length, args.nfe, batch=args.batch, budget_s=args.seconds,
                      seed=args.seed, progress=lambda line: print(line, file=sys.stderr))
-    plan.save(args.out)
-    f = plan.fit
-    print(f"wrote {args.out}: {plan.solver}, {plan.nfe} calls, {args.length} residues; RMS distance to the model's "
-          f"{f['reference_steps']}-step ODE solution on held-out noise {f['heldout_error']:.4g} A (engine default "
-          f"{f['heldout_default_error']:.4g} A); {f['seconds']:.0f} s, {f['model_calls']} batched model calls")
+    print(f"wrote {plan.save(args.out)} ({args.length} residues, distances in A): {plan.summary()}")
     return 0
 
 

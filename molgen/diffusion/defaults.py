@@ -37,11 +37,17 @@ def _check_nfe(nfe: int) -> None:
         raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
 
 
+def rule_ends(c_first: float, c_last: float, nfe: int) -> tuple[float, float]:
+    """(first, last) = (c_first n, c_last min(1, (5 / n)^1.5)), the form of both default rules."""
+    _check_nfe(nfe)
+    return c_first * nfe, c_last * min(1.0, (5.0 / nfe) ** 1.5)
+
+
 def cold_ends(nfe: int, grid: str = "logsnr") -> tuple[float, float]:
     """(first, last) model evaluation of a cold run of ``nfe`` calls on ``grid``, as rho = sigma / alpha."""
-    _check_nfe(nfe)
-    c_first, c_last = COLD_ENDS.get(grid, COLD_ENDS["logsnr"])
-    return c_first * nfe, c_last * min(1.0, (5.0 / nfe) ** 1.5)
+    if grid not in COLD_ENDS:
+        raise ValueError(f"unknown time grid {grid!r}; choose one of {sorted(COLD_ENDS)}")
+    return rule_ends(*COLD_ENDS[grid], nfe)
 
 
 def warm_start_ends(nfe: int) -> tuple[float, float]:
@@ -52,8 +58,7 @@ def warm_start_ends(nfe: int) -> tuple[float, float]:
     benchmark targets (two other 64-D Gaussian mixtures, the QM9 molecules with 17 and 18 atoms, a 6-component
     2-D mixture): there the best first point lay at 3-4, 4-15 (flat), 10, 10-15 and 15-25 sigma_data for 3, 5,
     8, 10 and 20 calls. ``benchmarks/samplers.py`` measures on other problems."""
-    _check_nfe(nfe)
-    return 1.25 * nfe, 0.3 * min(1.0, (5.0 / nfe) ** 1.5)
+    return rule_ends(1.25, 0.3, nfe)
 
 
 def ends_as_times(schedule: Schedule, first: float, last: float) -> dict[str, float]:

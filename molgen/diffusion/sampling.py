@@ -168,9 +168,13 @@ class Sampler:
 
     def _check(self) -> None:
         self.schedule = get_schedule(self.schedule)
-        if self.solver is None:
+        if self.solver is None:  # the default for the call count (an explicit grid's length when none is given)
             budget = self.steps if self.steps is not None else self.nfe
-            self.solver = default_solver(budget if isinstance(budget, int) and budget >= 1 else len(self.grid))
+            if budget is None and isinstance(self.grid, Tensor):
+                budget = self.grid.shape[0]
+            if budget is None:
+                raise ValueError("give steps= or nfe= (the default solver depends on the number of calls)")
+            self.solver = default_solver(budget)
         self.spec = get_solver(self.solver)
         self.options = self.spec.check_options(self.solver_options or {})
         self.space = self.space if self.space is not None else Euclidean()

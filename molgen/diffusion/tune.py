@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from molgen.diffusion.grids import GRIDS
 from molgen.diffusion.sampling import Sampler
 from molgen.diffusion.schedules import Schedule, get_schedule
 from molgen.diffusion.solvers import SOLVERS
@@ -40,7 +41,6 @@ from molgen.errors import InputError
 
 PLAN_FORMAT = "molgen-sampling-plan/1"
 REFERENCE_SOLVER = "dpmpp_3m"
-NAMED_GRIDS = ("logsnr", "time_uniform", "time_quadratic", "karras", "sigmoid")
 TOP_SOLVERS = 3  # solvers whose grid is fitted (the best on their default grids)
 MAX_RATIO = 2.0  # compensation ratios stay in [0, 2]: between the first-order step and twice the correction
 
@@ -74,14 +74,20 @@ class TunedPlan:
     @property
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``sample`` / ``Sampler``: solver, the explicit grid, the call budget, ratios."""
-        budget = "nfe" if SOLVERS[self.solver].kind == "singlestep" else "steps"
         kw: dict[str, Any] = {"solver": self.solver, "grid": torch.tensor(self.times, dtype=torch.float64),
-                              budget: self.nfe, "noise_at_t_max": True}
+                              "nfe": self.nfe, "noise_at_t_max": True}
         if self.compensation is not None:
             kw["compensation"] = self.compensation
         if self.step_scale != 1.0:
             kw.update(step_scale=self.step_scale, step_scale_below=self.step_scale_below)
         return kw
+
+    def summary(self) -> str:
+        """One line on the plan and its fit, for the command line."""
+        f = self.fit
+        return (f"{self.solver}, {self.nfe} calls; RMS distance to the model's {f['reference_steps']}-step ODE "
+                f"solution on held-out noise {f['heldout_error']:.4g} (engine default "
+                f"{f['heldout_default_error']:.4g}); {f['seconds']:.0f} s, {f['model_calls']} batched model calls")
 
     def record(self) -> dict[str, Any]:
         """What an output's sampling record says about the plan it was drawn with."""
@@ -230,9 +236,7 @@ def tune(
             for p in parts]
 
     def sampler(solver: str | None, **kw: Any) -> Sampler:
-        budget = {"nfe": nfe} if solver and SOLVERS[solver].kind == "singlestep" else {"steps": nfe}
-        return Sampler(counted, schedule, solver, **budget, **common, warm_start=warm_start, noise_at_t_max=True,
-                       **kw)
+        return Sampler(counted, schedule, solver, nfe=nfe, **common, warm_start=warm_start, noise_at_t_max=True, **kw)
 
     def error(smp: Sampler, part: int = 0) -> float:
         return _rms(_run(smp, parts[part]), refs[part], parts[part][1])
@@ -243,7 +247,7 @@ def tune(
         raise ValueError(f"solver(s) {', '.join(cannot)} cannot make a step of their order in {nfe} model calls")
     default = sampler(None)
     on_logsnr = sorted((error(sampler(s)), s) for s in meetable)[:TOP_SOLVERS]
-    chosen = [(s, min((error(sampler(s, grid=g)), g) for g in NAMED_GRIDS)) for _, s in on_logsnr]
+    chosen = [(s, min((error(sampler(s, grid=g)), g) for g in GRIDS)) for _, s in on_logsnr]
     chosen.sort(key=lambda kv: kv[1][0])
     say = progress or (lambda _: None)
     say(f"tune: {len(meetable)} solvers on the default grid, {TOP_SOLVERS} on every named grid; best start "
@@ -256,15 +260,15 @@ def tune(
         results.append(_fit(sampler, error, schedule, solver, sampler(solver, grid=grid), err0, bounds,
                             compensation and SOLVERS[solver].compensable, deadline))
         say(f"tune: {solver} fitted to {results[-1][0]:.4g} (from {err0:.4g})")
-    results.append((error(default), default.solver, default.grid_times[0].clone(), None))
-    candidates = []
-    for err, solver, times, ratios in results:  # each solver's fit, and the default itself
+    default_errors = (error(default), error(default, 1))
+    candidates = [(default_errors[1], default_errors[0], default.solver, default, None)]
+    for err, solver, times, ratios in results:  # each solver's fit, against the default itself
         smp = sampler(solver, grid=times, **({"compensation": ratios} if ratios is not None else {}))
         candidates.append((error(smp, 1), err, solver, smp, ratios))
     heldout, err, solver, tuned, ratios = min(candidates, key=lambda c: c[0])
     fit = {
-        "fit_error": err, "fit_default_error": error(default),
-        "heldout_error": heldout, "heldout_default_error": error(default, 1),
+        "fit_error": err, "fit_default_error": default_errors[0],
+        "heldout_error": heldout, "heldout_default_error": default_errors[1],
         "default_solver": default.solver, "batch": x_T.shape[0], "reference_steps": reference_steps,
         "seconds": round(time.monotonic() - start, 2), "model_calls": counted.calls,
     }

@@ -138,11 +138,7 @@ def run_tune(args: argparse.Namespace) -> int:
     model, config = load_model(args.checkpoint)
     plan = tune_plan(model, config, args.nfe, batch=args.batch, budget_s=args.seconds, seed=args.seed,
                      progress=lambda line: print(line, file=sys.stderr))
-    plan.save(args.out)
-    f = plan.fit
-    print(f"wrote {args.out}: {plan.solver}, {plan.nfe} calls; RMS distance to the model's {f['reference_steps']}-step "
-          f"ODE solution on held-out noise {f['heldout_error']:.4g} (engine default "
-          f"{f['heldout_default_error']:.4g}); {f['seconds']:.0f} s, {f['model_calls']} batched model calls")
+    print(f"wrote {plan.save(args.out)}: {plan.summary()}")
     return 0
 
 

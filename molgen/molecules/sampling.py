@@ -215,6 +215,8 @@ def sample_molecules(
     space = ZeroCoM(3)
     scale = sampler_settings(solver, step_scale, step_scale_below, first_noise)
     grid_options = {**grid_ends(model.schedule, scale.pop("first_noise"), last_noise), **(grid_options or {})}
+    if plan is not None:  # one check for every chunk: padded states are described by their feature width
+        plan.check(model, model.schedule, torch.zeros(1, 1, model.n_features), mask=torch.ones(1, 1, dtype=torch.bool))
     run = plan.kwargs if plan is not None else {"solver": solver, "steps": steps, "grid": grid, "noise_at_t_max": True,
                                                 "solver_options": solver_options, "grid_options": grid_options, **scale}
     for chunk in size_chunks(counts, batch_size):
@@ -226,8 +228,6 @@ def sample_molecules(
         cond: dict[str, Tensor] = {"mask": mask}
         if props is not None:
             cond["props"] = props.expand(len(chunk), -1).contiguous().to(device)
-        if plan is not None:
-            plan.check(model, model.schedule, x_T, mask=mask)
         x0 = sample(denoiser, model.schedule, x_T, generator=g, mask=mask, cond=cond, space=space, **run)
         names = [f"molgen_{seed}_{idx}" for idx in chunk.tolist()]
         for idx, mol in zip(chunk.tolist(), decode_molecules(model, x0, mask, names)):
