@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from molgen.batching import largest_batch
 from molgen.checkpoints import card_config, load_checkpoint, load_weights
 from molgen.diffusion import ZeroCoM, sample
+from molgen.diffusion.classifier_free import ClassifierFree
 from molgen.diffusion.schedules import Schedule
 from molgen.diffusion.step_scale import applies
 from molgen.diffusion.tune import TunedPlan, tune
@@ -61,24 +62,6 @@ def sample_atom_counts(hist: Sequence[float], n: int, generator: torch.Generator
     if probs.sum() <= 0:
         raise ValueError("atom-count histogram is empty")
     return torch.multinomial(probs / probs.sum(), n, replacement=True, generator=generator)
-
-
-class Guided(nn.Module):
-    """Classifier-free guidance in x0 space: x0 = x0_uncond + w (x0_cond - x0_uncond)."""
-
-    prediction = "x0"
-
-    def __init__(self, model: MoleculeDenoiser, scale: float) -> None:
-        super().__init__()
-        self.model, self.scale = model, scale
-
-    def forward(self, x_t: Tensor, t: Tensor, mask: Tensor, props: Tensor) -> Tensor:
-        drop = torch.ones(x_t.shape[0], dtype=torch.bool, device=x_t.device)
-        cond = self.model(x_t, t, mask=mask, props=props, drop=~drop)
-        if self.scale == 1.0:
-            return cond
-        uncond = self.model(x_t, t, mask=mask, props=props, drop=drop)
-        return uncond + self.scale * (cond - uncond)
 
 
 def size_chunks(counts: Tensor, batch_size: int, slack: float = 1.25) -> list[Tensor]:
@@ -208,7 +191,7 @@ def sample_molecules(
     props = None
     if condition:
         props = normalise_condition(condition, config)
-        denoiser = Guided(model, guidance)
+        denoiser = ClassifierFree(model, guidance, keys=("props",))
     if batch_size == "auto":
         batch_size = largest_batch(lambda b: one_call(denoiser, model, b, int(counts.max()), props, device), device)
     out: list[Molecule | None] = [None] * n
