@@ -70,9 +70,10 @@ def backbones(steps: int, probes: int) -> list[dict]:
     from molgen.structure.sampling import DEFAULT_CHECKPOINT, load_model, sample_ca
 
     model = load_model(DEFAULT_CHECKPOINT)
-    segments, names = load_segments([TS50_DIR], min_length=60)
-    ca = centre(torch.stack([torch.from_numpy(s[:60]) for s in segments[:4]]))
-    rows = [measure(f"TS50 crops ({', '.join(names[:4])}, first 60)", model, ca, None, steps, probes)]
+    segments = load_segments([TS50_DIR], min_length=60)[:4]
+    ca = centre(torch.stack([torch.from_numpy(s.ca[:60]) for s in segments]))
+    names = ", ".join(s.name for s in segments)
+    rows = [measure(f"TS50 crops ({names}, first 60)", model, ca, None, steps, probes)]
     x = centre(sample_ca(model, 4, 60, "dpmpp_2m", 10, seed=0))
     rows.append(measure("4 sampled backbones of 60", model, x, None, steps, probes))
     noisy = centre(x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1)))

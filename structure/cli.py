@@ -29,6 +29,15 @@ def add_train(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--local-coord", type=int, default=3, help="new run: neighbour coordinate head (0 = off)")
     parser.add_argument("--bond-feature", action="store_true",
                         help="new run: CA-CA bond deviation in noise units as a message feature")
+    parser.add_argument("--ss-condition", action="store_true",
+                        help="new run: secondary-structure conditioning (per-residue labels and composition)")
+    parser.add_argument("--pair-dim", type=int, default=0,
+                        help="new run: width of the pair track with triangle updates (0 = off)")
+    parser.add_argument("--pair-blocks", type=int, default=2, help="new run: (outgoing, incoming) triangle pairs")
+    parser.add_argument("--scop", action=argparse.BooleanOptionalAction, default=True,
+                        help="train on the SCOPe 40 %% CA traces too (default: yes)")
+    parser.add_argument("--held-out", type=float, default=0.05,
+                        help="fraction of chains held out by sequence cluster (listed in OUT/held_out.txt)")
     parser.add_argument("--p-mean", type=float, default=-1.2, help="ln sigma ~ N(ln sigma_data + p_mean, p_std^2)")
     parser.add_argument("--p-std", type=float, default=1.5)
 
@@ -42,7 +51,8 @@ def train_config(args: argparse.Namespace) -> dict:
         from molgen.checkpoints import load_checkpoint
 
         base.update({k: v for k, v in load_checkpoint(args.init)[1]["config"].items() if k in base})
-    return {**base, "fine_rbf": args.fine_rbf, "local_coord": args.local_coord, "bond_feature": args.bond_feature}
+    return {**base, "fine_rbf": args.fine_rbf, "local_coord": args.local_coord, "bond_feature": args.bond_feature,
+            "ss_condition": args.ss_condition, "pair_dim": args.pair_dim, "pair_blocks": args.pair_blocks}
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -55,7 +65,7 @@ def run_train(args: argparse.Namespace) -> int:
     path = train(
         args.out,
         args.export,
-        default_sources(args.data_path),
+        default_sources(args.data_path, scop=args.scop),
         args.max_steps,
         args.max_minutes,
         seed=args.seed,
@@ -68,6 +78,7 @@ def run_train(args: argparse.Namespace) -> int:
         config=train_config(args),
         p_mean=args.p_mean,
         p_std=args.p_std,
+        held_out=args.held_out,
     )
     print(f"exported EMA weights to {path}")
     return 0
@@ -106,6 +117,11 @@ def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
                         help="AF3's step scale eta, for af3 and every ODE solver (default 1.5; 1 = plain ODE)")
     parser.add_argument("--plan", type=Path, default=None,
                         help="a sampling plan from `molgen tune backbones` (replaces solver, steps, grid, step scale)")
+    parser.add_argument("--ss", default=None,
+                        help="secondary structure to ask for: a composition such as E:0.4,H:0.2 (the rest coil) "
+                             "or a per-residue H/E/C string of --length letters (needs an --ss-condition model)")
+    parser.add_argument("--ss-guidance", type=float, default=1.0,
+                        help="classifier-free guidance weight of --ss (1: conditional model; >1 costs 2 calls/step)")
 
 
 def sample_preset(args: argparse.Namespace):
@@ -139,6 +155,7 @@ def run_sample(args: argparse.Namespace) -> int:
     from molgen.progress import progress
     from molgen.structure.io import backbone_from_ca, write_backbone
     from molgen.structure.sampling import default_step_scale, load_model, sample_ca, scaffold_from_file
+    from molgen.structure.sse import parse_ss
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
@@ -147,6 +164,9 @@ def run_sample(args: argparse.Namespace) -> int:
     if args.contig and args.ideal_bonds:
         raise ValueError("--ideal-bonds is not applied to motif scaffolding (it would move the fixed motif)")
     preset = sample_preset(args)
+    ss = parse_ss(args.ss) if args.ss else None
+    if ss and args.contig:
+        raise ValueError("--ss is not applied to motif scaffolding")
     keywords = sampler_keywords(preset)
     keywords.setdefault("step_scale", default_step_scale(preset.solver))
     opts = _solver_options(args, preset.solver)
@@ -173,7 +193,7 @@ def run_sample(args: argparse.Namespace) -> int:
         for start in progress(range(0, args.n, batch), "sampling batches"):
             k = min(batch, args.n - start)
             ca = sample_ca(model, k, args.length, preset.solver, preset.steps, generator=g, solver_options=opts,
-                           ideal_bonds=args.ideal_bonds, plan=plan, **keywords)
+                           ideal_bonds=args.ideal_bonds, plan=plan, ss=ss, ss_guidance=args.ss_guidance, **keywords)
             bbs += [backbone_from_ca(c.numpy(), name=f"sample_{start + j:04d}") for j, c in enumerate(ca)]
         extra = {}
     wall = time.time() - t0
@@ -190,6 +210,7 @@ def run_sample(args: argparse.Namespace) -> int:
         "checkpoint": str(args.checkpoint),
         "seconds_per_backbone": wall / len(bbs),
         "plan": plan and plan.record(),
+        "ss": ss and {"request": ss.describe(), "guidance": args.ss_guidance},
         **extra,
     }
     (args.out / "sampling.json").write_text(json.dumps(meta, indent=2) + "\n")

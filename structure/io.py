@@ -9,8 +9,10 @@ without CA is an error naming chain and residue (``strict=False`` leaves it out 
 ``Backbone.breaks``. Those where residues are missing (a residue left out, or a jump in the residue numbers)
 are ``Backbone.gaps``: geometry metrics do not count them as bonds, while a break between consecutively
 numbered residues (a generated model's stretched bond) stays a defect of the coordinates. ``read_backbones``
-reads a list of files and returns what it could not read as ``Skipped`` records instead of raising. Every
-bad-input error is an ``InputError`` naming the file.
+reads a list of files and returns what it could not read as ``Skipped`` records instead of raising.
+``read_cal`` reads CA-only traces in the ``.cal`` text format (``>name`` lines, then one residue per line:
+one-letter code and x, y, z in Angstrom, tab-separated; optionally gzipped), each as a ``Backbone`` whose
+N, C and O are missing. Every bad-input error is an ``InputError`` naming the file.
 """
 
 from __future__ import annotations
@@ -189,6 +191,51 @@ def read_backbones(paths: Iterable[Path], min_length: int = MIN_RESIDUES) -> tup
         backbones.append(bb)
         skipped += [Skipped(str(path), label, "no CA atom: left out (a chain break)") for label in bb.dropped]
     return backbones, skipped
+
+
+def _cal_chain(path: Path, name: str, rows: list[tuple[str, np.ndarray]]) -> Backbone:
+    coords = np.full((len(rows), 4, 3), np.nan, dtype=np.float32)
+    coords[:, 1] = np.stack([xyz for _, xyz in rows])
+    seq = "".join(aa if aa in ONE_TO_THREE else "X" for aa, _ in rows)
+    bb = Backbone(coords, seq, "A", name=name, missing=[f"{name}: CA-only trace (no N, C, O)"])
+    bb.gaps = find_gaps(bb.coords)  # CA-only sets leave out unresolved residues: every long CA-CA is a gap
+    bb.breaks = [describe_break(bb, i) for i in bb.gaps]
+    return bb
+
+
+def read_cal(path: str | Path) -> list[Backbone]:
+    """Every chain of a ``.cal`` file (``>name``, then ``AA<tab>x<tab>y<tab>z`` per residue) as CA-only
+    backbones, in file order. A malformed line is an ``InputError`` naming the file and the line."""
+    path = Path(path)
+    chains: list[Backbone] = []
+    name, rows = None, []
+    for number, line in enumerate(_open_text(path), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith(">"):
+            if name is not None and rows:
+                chains.append(_cal_chain(path, name, rows))
+            name, rows = line[1:].split()[0] if line[1:].strip() else f"chain{len(chains) + 1}", []
+            continue
+        fields = line.split()
+        where = f"line {number}"
+        if name is None:
+            raise InputError("residue line before the first '>name' header", str(path), position=where)
+        if len(fields) != 4:
+            raise InputError(f"expected 'AA x y z', got {len(fields)} field(s)", str(path), position=where)
+        try:
+            xyz = np.array([float(v) for v in fields[1:]], dtype=np.float32)
+        except ValueError as err:
+            raise InputError(f"coordinates are not numbers ({err})", str(path), position=where) from err
+        if not np.isfinite(xyz).all():
+            raise InputError("coordinates are not finite numbers", str(path), position=where)
+        rows.append((fields[0].upper(), xyz))
+    if name is not None and rows:
+        chains.append(_cal_chain(path, name, rows))
+    if not chains:
+        raise InputError("no chains found (a .cal file holds '>name' headers and 'AA x y z' lines)", str(path))
+    return chains
 
 
 def _linked(a, b) -> bool:

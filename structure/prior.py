@@ -68,7 +68,7 @@ def _write_law(data_path: str | None, target: Path) -> None:
     """Measure the law on the training chains and write it as a Python module."""
     from molgen.structure.data import default_sources, load_segments
 
-    chains, _ = load_segments(default_sources(data_path))
+    chains = [s.ca for s in load_segments(default_sources(data_path, scop=False))]
     law = distance_law(chains)
     rows = ",\n".join("    " + ", ".join(f"{v:.2f}" for v in law[i : i + 10]) for i in range(0, len(law), 10))
     target.write_text(

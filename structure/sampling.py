@@ -22,10 +22,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from molgen.diffusion.classifier_free import ClassifierFree
 from molgen.geometry import centre, rmsd_superposed, superpose
 from molgen.structure.geometry import project_ca_bonds
 from molgen.structure.io import Backbone, backbone_from_ca, read_backbone
 from molgen.structure.model import BackboneDenoiser, ModelConfig
+from molgen.structure.sse import SSRequest
 
 if TYPE_CHECKING:
     from molgen.diffusion.tune import TunedPlan
@@ -94,11 +96,12 @@ def make_sampler(
     solver_options: dict | None = None,
     settings: GridSettings = FEW_STEPS,
     step_scale: float | None = None,
+    net: torch.nn.Module | None = None,
 ):
     """Engine sampler on the model's schedule in ZeroCoM(3), its grid placed by ``settings`` (a Karras grid
     takes its rho); ``step_scale`` (default ``default_step_scale``) is AF3's eta: af3's option, and for ODE
     solvers the step-scaled ODE of the engine (its grid is the noise levels the denoiser is told). A warm start
-    needs the chain ``length``."""
+    needs the chain ``length``. ``net`` is what the solver calls (default the model; a guidance wrapper)."""
     from molgen.diffusion import Sampler, ZeroCoM
     from molgen.structure.prior import chain_prior
 
@@ -118,7 +121,7 @@ def make_sampler(
         grid_options["rho"] = settings.rho
     grid_options["t_max"] = float(sched.t_of_rho(WARM_START_SIGMA)) if warm else sched.t_max
     return Sampler(
-        model,
+        model if net is None else net,
         sched,
         solver,
         steps=steps,
@@ -167,28 +170,39 @@ def sample_ca(
     step_scale: float | None = None,
     generator: torch.Generator | None = None,
     plan: TunedPlan | None = None,
+    ss: SSRequest | None = None,
+    ss_guidance: float = 1.0,
 ) -> Tensor:
     """``n`` CA traces [n, length, 3] (Angstrom) on the model's device, every draw from one CPU generator
     (``generator``, else one seeded with ``seed``; a run in batches passes one generator to all of them);
     ``ideal_bonds`` projects each trace onto CA-CA = 3.80 A (``structure.geometry.project_ca_bonds``);
     ``settings`` and ``step_scale`` as in ``make_sampler``. A ``plan`` (``tune_plan``, fitted on this model and
-    length) replaces solver, grid and step scale."""
+    length) replaces solver, grid and step scale. ``ss`` asks a model with ``ss_condition`` for a secondary
+    structure, with classifier-free guidance weight ``ss_guidance`` (1: the conditional model alone; above 1,
+    two calls per step)."""
     check_length(model, length)
+    net, cond = model, {}
+    if ss is not None:
+        if not model.cfg.ss_condition:
+            raise ValueError("this backbone model has no secondary-structure conditioning; train one with "
+                             "`molgen train backbones --ss-condition`")
+        net, cond = ClassifierFree(model, ss_guidance, keys=("ss", "composition")), ss.tensors(n, length)
     g = torch.Generator().manual_seed(seed) if generator is None else generator
     device = next(model.parameters()).device
     x_T = (initial_noise(model, n, length, g) if x_T is None else x_T).to(device)
     if device.type != "cpu":  # the solver's own noise is drawn on the device, seeded from the CPU stream
         g = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
     if plan is None:
-        sampler = make_sampler(model, solver, steps, length, grid, solver_options, settings, step_scale)
+        sampler = make_sampler(model, solver, steps, length, grid, solver_options, settings, step_scale, net)
     else:
         from molgen.diffusion import Sampler, ZeroCoM
         from molgen.structure.prior import chain_prior
 
         warm = chain_prior(length) if plan.fitted_on.get("warm_start") else None
         plan.check(model, model.schedule, x_T, warm_start=warm)
-        sampler = Sampler(model, model.schedule, space=ZeroCoM(3), warm_start=warm, **plan.kwargs)
-    x0 = sampler.finish(sampler.run(sampler.init(x_T), g)).cpu()
+        sampler = Sampler(net, model.schedule, space=ZeroCoM(3), warm_start=warm, **plan.kwargs)
+    cond = {k: v.to(device) for k, v in cond.items()}
+    x0 = sampler.finish(sampler.run(sampler.init(x_T, cond=cond), g)).cpu()
     return project_ca_bonds(x0) if ideal_bonds else x0
 
 

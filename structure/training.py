@@ -8,9 +8,16 @@ distance term vanishes next to the coordinate term as sigma -> 0 (its errors sca
 scales as 1 / sigma^2), exactly where the final bond lengths are set; max(lambda, 1) gives it the coordinate
 term's weighting below sigma ~ 1 A and keeps weight 1 between 1 A and s_d / 2.
 
+Chains whose coordinates are rounded to 0.1 A (the CA-only SCOPe set) carry no loss at sigma below
+``data.ROUNDED_SIGMA``: there the rounding error would be a sizeable part of the target.
+
+Secondary-structure conditioning (a model with ``ss_condition``) is trained classifier-free: each chain is
+given nothing (probability ``SS_DROP[0]``), its P-SEA composition (``SS_DROP[1]``), or its composition and
+per-residue labels (the rest).
+
 Warm start (``init``): a new run can start from exported weights whose config lacks the zero-initialised
-extensions of ``structure.model`` (``fine_rbf``, ``local_coord``); the extended model computes the same
-function at step 0.
+extensions of ``structure.model`` (``fine_rbf``, ``local_coord``, ``bond_feature``, ``ss_condition``); the
+extended model computes the same function at step 0.
 """
 
 from __future__ import annotations
@@ -30,35 +37,58 @@ from molgen.ema import ema_update
 from molgen.geometry import centre
 from molgen.optim import lr_factor
 from molgen.progress import bars_enabled
-from molgen.structure.data import crop_batch, load_segments
+from molgen.structure.data import (
+    ROUNDED_SIGMA,
+    CropBatch,
+    Segment,
+    crop_batch,
+    held_out_split,
+    load_backbones,
+    segments_of,
+)
 from molgen.structure.model import BackboneDenoiser, ModelConfig, safe_norm
+from molgen.structure.sse import UNKNOWN_SS, composition_of
 
 LOCAL_OFFSETS = (1, 2, 3, 4)
+ZERO_INIT = ("fine", "coord_local", "bond", "ss_residue", "ss_chain")  # extensions a warm start may lack
+# (and the whole pair track, ``pair.*``, whose projections into the messages start at zero)
+SS_DROP = (0.25, 0.4)  # P(no conditioning), P(composition only); the rest also get per-residue labels
+
+
+def ss_dropout(batch: CropBatch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """Classifier-free conditioning of a crop batch (``SS_DROP``): ``ss`` [B, N] and ``composition`` [B, 3]."""
+    u = torch.rand(batch.x.shape[0], generator=generator)
+    composition = composition_of(batch.ss, batch.mask)
+    composition[u < SS_DROP[0]] = math.nan
+    per_residue = (u >= sum(SS_DROP))[:, None] & batch.mask
+    return {"ss": torch.where(per_residue, batch.ss, UNKNOWN_SS), "composition": composition}
 
 
 def edm_loss(
     model: BackboneDenoiser,
-    x0: Tensor,
-    mask: Tensor,
+    batch: CropBatch,
     p_mean: float = -1.2,
     p_std: float = 1.5,
     generator: torch.Generator | None = None,
     local_weight: str = "edm",
 ) -> tuple[Tensor, dict[str, float]]:
     """EDM denoising loss plus local-distance loss (see module docstring); returns (loss, parts)."""
+    x0, mask = batch.x, batch.mask
     b = x0.shape[0]
     sd = model.cfg.sigma_data
     ln_sigma = math.log(sd) + p_mean + p_std * torch.randn(b, generator=generator)
     sigma = ln_sigma.exp()
     eps = centre(torch.randn(x0.shape, generator=generator), mask)
-    pred = model.denoise(x0 + sigma[:, None, None] * eps, sigma, mask)
+    cond = ss_dropout(batch, generator) if model.cfg.ss_condition else {}
+    pred = model.denoise(x0 + sigma[:, None, None] * eps, sigma, mask, **cond)
     m = mask.to(x0.dtype)
     n = m.sum(1)
     weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
-    denoise = (weight * ((pred - x0) ** 2).sum(-1).mul(m).sum(1) / (3 * n)).mean()
+    target = (~(batch.rounded & (sigma < ROUNDED_SIGMA))).to(x0.dtype)  # see ROUNDED_SIGMA
+    denoise = (target * weight * ((pred - x0) ** 2).sum(-1).mul(m).sum(1) / (3 * n)).mean()
     if local_weight not in ("edm", "flat"):
         raise ValueError(f"local_weight must be 'edm' or 'flat', got {local_weight!r}")
-    low = (sigma < sd / 2).to(x0.dtype) * (weight.clamp_min(1.0) if local_weight == "edm" else 1.0)
+    low = target * (sigma < sd / 2).to(x0.dtype) * (weight.clamp_min(1.0) if local_weight == "edm" else 1.0)
     local = x0.new_zeros(())
     for k in LOCAL_OFFSETS:
         pair = m[:, k:] * m[:, :-k]
@@ -71,7 +101,7 @@ def edm_loss(
 
 def warm_start(module: BackboneDiffusion, path: Path) -> None:
     """Load exported weights into the model and its EMA copy; only zero-initialised extension weights
-    (``fine``, ``coord_local``, ``bond``) may be absent from the file, and the file may hold nothing the model lacks."""
+    (``ZERO_INIT``) may be absent from the file, and the file may hold nothing the model lacks."""
     from molgen.checkpoints import load_checkpoint
 
     state, _ = load_checkpoint(path)
@@ -80,7 +110,8 @@ def warm_start(module: BackboneDiffusion, path: Path) -> None:
             missing, unexpected = net.load_state_dict(state, strict=False)
         except RuntimeError as err:  # shape mismatch
             raise ValueError(f"{path}: weights do not fit the model config ({str(err).splitlines()[-1]})") from err
-        bad = [k for k in missing if k.split(".")[-2] not in ("fine", "coord_local", "bond")] + list(unexpected)
+        bad = [k for k in missing if k.split(".")[-2] not in ZERO_INIT and not k.startswith("pair.")]
+        bad += list(unexpected)
         if bad:
             raise ValueError(f"{path}: weights do not fit the model config (mismatched keys {bad[:4]})")
 
@@ -88,7 +119,7 @@ def warm_start(module: BackboneDiffusion, path: Path) -> None:
 class CropStream(torch.utils.data.IterableDataset):
     """Endless stream of padded crop batches; seeded by (seed, start step) so resumed runs draw new crops."""
 
-    def __init__(self, segments: list[np.ndarray], seed: int, start: int, max_length: int, edge_budget: int):
+    def __init__(self, segments: list[Segment], seed: int, start: int, max_length: int, edge_budget: int):
         self.segments, self.seed, self.start = segments, seed, start
         self.max_length, self.edge_budget = max_length, edge_budget
 
@@ -118,11 +149,11 @@ class BackboneDiffusion(L.LightningModule):
         self.model = BackboneDenoiser(ModelConfig(**config))
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, mask = batch
+    def training_step(self, batch: CropBatch, batch_idx: int) -> Tensor:
         hp = self.hparams
-        loss, parts = edm_loss(self.model, x, mask, hp.p_mean, hp.p_std, local_weight=hp.local_weight)
-        self.log_dict({"loss": loss.detach(), **parts, "length": float(x.shape[1])}, prog_bar=True)
+        loss, parts = edm_loss(self.model, batch, hp.p_mean, hp.p_std, local_weight=hp.local_weight)
+        self.log_dict({"loss": loss.detach(), **parts, "length": float(batch.x.shape[1])}, prog_bar=True,
+                      batch_size=batch.x.shape[0])
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -189,7 +220,7 @@ def latest_checkpoint(out: Path) -> tuple[Path, dict] | None:
 def train(
     out: Path,
     export: Path,
-    folders: list[Path],
+    sources: list[Path],
     max_steps: int,
     max_minutes: float,
     seed: int = 0,
@@ -202,22 +233,27 @@ def train(
     init: Path | None = None,
     p_mean: float = -1.2,
     p_std: float = 1.5,
+    held_out: float = 0.05,
 ) -> Path:
     """Train (or resume from the newest ``out/last*.ckpt``, keeping that run's model config) and export EMA
-    weights to ``export``; returns ``export``. A new run may start from exported weights (``init``)."""
+    weights to ``export``; returns ``export``. A new run may start from exported weights (``init``).
+    Whole sequence clusters holding ``held_out`` of the chains are left out (``out/held_out.txt``)."""
     out.mkdir(parents=True, exist_ok=True)
-    segments, names = load_segments(folders)
+    chains, held = held_out_split(load_backbones(sources), held_out)
+    segments = segments_of(chains)
     last, saved = latest_checkpoint(out) or (None, None)
     start = int(saved["global_step"]) if saved else 0
     provenance = {
         "command": " ".join(["molgen", *sys.argv[1:]]) if sys.argv else "",
-        "data": [str(f) for f in folders],
+        "data": [str(f) for f in sources],
         "n_segments": len(segments),
-        "n_residues": int(sum(map(len, segments))),
+        "n_residues": int(sum(len(s.ca) for s in segments)),
+        "held_out_chains": len(held),
         "hardware": f"CPU, torch threads {torch.get_num_threads()}",
         "resumed_from_step": start,
     }
-    (out / "train_segments.txt").write_text("\n".join(names) + "\n")
+    (out / "train_segments.txt").write_text("".join(f"{s.name}\n" for s in segments))
+    (out / "held_out.txt").write_text("".join(f"{bb.name}\n" for bb in held))
     if saved is not None:  # a resumed run keeps the model config it was started with
         config = saved["hyper_parameters"]["config"]
     L.seed_everything(seed + start, workers=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from dataclasses import replace
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from molgen.geometry import centre, superpose
-from molgen.structure.data import TS50_DIR, crop_batch
+from molgen.structure.data import TS50_DIR, crop_batch, load_segments
 from molgen.structure.geometry import kabsch_rmsd, project_ca_bonds, rebuild_backbone
 from molgen.structure.io import Backbone, backbone_from_ca, list_structure_files, read_backbone, write_backbone
 from molgen.structure.metrics import backbone_metrics, dssp, evaluate, tm_score
@@ -25,6 +26,7 @@ from molgen.structure.sampling import (
     scaffold_ca,
     scaffold_from_file,
 )
+from molgen.structure.sse import UNKNOWN_SS
 from molgen.structure.training import edm_loss
 from molgen.testing import assert_equivariant, random_rotation
 
@@ -41,7 +43,8 @@ def one_thread():
 
 
 SMALL = ModelConfig(hidden=16, layers=2, rbf=8)
-EXTENDED = ModelConfig(hidden=16, layers=2, rbf=8, fine_rbf=9, local_coord=2, bond_feature=True)
+EXTENDED = ModelConfig(hidden=16, layers=2, rbf=8, fine_rbf=9, local_coord=2, bond_feature=True, ss_condition=True,
+                       pair_dim=8, pair_blocks=1)
 
 
 def _pdb_lines(path: Path) -> list[str]:
@@ -216,21 +219,31 @@ def test_denoiser_is_rotation_equivariant_translation_invariant_and_ignores_padd
     mask[1, 24:] = False
     x = centre(torch.randn(2, 30, 3) * 8, mask)
     sigma = torch.tensor([0.5, 20.0])
-    out = model.denoise(x, sigma, mask)
-    assert_equivariant(lambda a, m: model.denoise(a, sigma, m), x, mask=mask, output="vectors",
+    cond = {}
+    if cfg.ss_condition:  # one chain given per-residue labels, the other only a composition
+        cond = {"ss": torch.randint(0, UNKNOWN_SS + 1, (2, 30), generator=torch.Generator().manual_seed(3)),
+                "composition": torch.tensor([[0.4, 0.3, 0.3], [0.2, 0.2, 0.6]])}
+        cond["ss"][1] = UNKNOWN_SS
+    out = model.denoise(x, sigma, mask, **cond)
+    assert_equivariant(lambda a, m: model.denoise(a, sigma, m, **cond), x, mask=mask, output="vectors",
                        generator=torch.Generator().manual_seed(2), atol=1e-4, rtol=1e-4)
     x_pad = x.clone()
     x_pad[1, 24:] = 99.0
-    torch.testing.assert_close(model.denoise(x_pad, sigma, mask)[1, :24], out[1, :24], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model.denoise(x_pad, sigma, mask, **cond)[1, :24], out[1, :24], atol=1e-4, rtol=1e-4)
+    if cfg.ss_condition:
+        assert not torch.allclose(model.denoise(x, sigma, mask), out, atol=1e-4)  # the condition is read
     assert torch.all(out[1, 24:] == 0)
 
 
 def test_loss_and_gradients_are_finite_with_padding() -> None:
-    segs = [read_backbone(p).ca for p in TS50[:4]]
-    x, mask = crop_batch([s[:45] for s in segs], np.random.default_rng(0), 60, 60, edge_budget=4 * 3600)
-    assert not mask.all()
-    model = BackboneDenoiser(SMALL)
-    loss, parts = edm_loss(model, x, mask, generator=torch.Generator().manual_seed(0))
+    segs = [replace(s, ca=s.ca[:45], ss=s.ss[:45]) for s in load_segments([TS50_DIR])[:4]]
+    batch = crop_batch(segs, np.random.default_rng(0), 60, 60, edge_budget=4 * 3600)
+    assert not batch.mask.all() and (batch.ss[~batch.mask] == UNKNOWN_SS).all()
+    model = BackboneDenoiser(EXTENDED)
+    for p in model.parameters():  # the extensions start at zero; make them act
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.1)
+    loss, parts = edm_loss(model, batch, generator=torch.Generator().manual_seed(0))
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert np.isfinite(parts["denoise"]) and np.isfinite(parts["local"]) and len(grads) > 20
