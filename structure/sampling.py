@@ -27,7 +27,7 @@ from molgen.geometry import centre, rmsd_superposed, superpose
 from molgen.structure.geometry import project_ca_bonds
 from molgen.structure.io import Backbone, backbone_from_ca, read_backbone
 from molgen.structure.model import BackboneDenoiser, ModelConfig
-from molgen.structure.sse import SSRequest
+from molgen.structure.ss_prior import SSRequest
 
 if TYPE_CHECKING:
     from molgen.diffusion.tune import TunedPlan
@@ -178,16 +178,17 @@ def sample_ca(
     ``ideal_bonds`` projects each trace onto CA-CA = 3.80 A (``structure.geometry.project_ca_bonds``);
     ``settings`` and ``step_scale`` as in ``make_sampler``. A ``plan`` (``tune_plan``, fitted on this model and
     length) replaces solver, grid and step scale. ``ss`` asks a model with ``ss_condition`` for a secondary
-    structure, with classifier-free guidance weight ``ss_guidance`` (1: the conditional model alone; above 1,
-    two calls per step)."""
+    structure (its per-chain strings drawn from ``generator`` too), with classifier-free guidance weight
+    ``ss_guidance`` (1: the conditional model alone; above 1, two calls per step)."""
     check_length(model, length)
+    g = torch.Generator().manual_seed(seed) if generator is None else generator
     net, cond = model, {}
     if ss is not None:
         if not model.cfg.ss_condition:
             raise ValueError("this backbone model has no secondary-structure conditioning; train one with "
                              "`molgen train backbones --ss-condition`")
-        net, cond = ClassifierFree(model, ss_guidance, keys=("ss", "composition")), ss.tensors(n, length)
-    g = torch.Generator().manual_seed(seed) if generator is None else generator
+        rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=g)))
+        net, cond = ClassifierFree(model, ss_guidance, keys=("ss", "composition")), ss.tensors(n, length, rng)
     device = next(model.parameters()).device
     x_T = (initial_noise(model, n, length, g) if x_T is None else x_T).to(device)
     if device.type != "cpu":  # the solver's own noise is drawn on the device, seeded from the CPU stream

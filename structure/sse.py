@@ -16,8 +16,6 @@ Strand wins where both apply. The labels are DSSP's three states: ``H`` (helix),
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
@@ -136,53 +134,3 @@ def composition_of(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     onehot = torch.nn.functional.one_hot(labels.clamp_max(UNKNOWN_SS), UNKNOWN_SS + 1)[..., :UNKNOWN_SS]
     counts = (onehot * mask[..., None]).sum(1).to(torch.float32)
     return counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
-
-
-@dataclass(frozen=True)
-class SSRequest:
-    """What sampled backbones are asked to be: a composition (fractions of coil, helix, strand) and, when
-    given per residue, the labels (a 3-state string as long as the chain)."""
-
-    composition: tuple[float, float, float]
-    labels: str | None = None
-
-    def tensors(self, n: int, length: int) -> dict[str, torch.Tensor]:
-        """The model's conditioning keywords for ``n`` chains of ``length`` residues."""
-        out = {"composition": torch.tensor(self.composition, dtype=torch.float32).expand(n, -1).contiguous()}
-        if self.labels is not None:
-            if len(self.labels) != length:
-                raise ValueError(f"the per-residue secondary structure has {len(self.labels)} letters for "
-                                 f"chains of {length} residues")
-            out["ss"] = encode_ss(self.labels).expand(n, -1).contiguous()
-        return out
-
-    def describe(self) -> str:
-        return self.labels or ",".join(f"{k}:{v:.2f}" for k, v in zip("CHE", self.composition))
-
-
-def parse_ss(spec: str) -> SSRequest:
-    """``"E:0.4,H:0.2"`` (fractions of strand ``E``, helix ``H``, coil ``C``; states left out share the rest
-    equally) or a per-residue string of ``H``, ``E``, ``C`` (or ``-``) letters."""
-    spec = spec.strip().upper()
-    if ":" not in spec:
-        labels = spec.replace("C", "-")
-        composition = composition_of(encode_ss(labels)[None], torch.ones(1, len(labels), dtype=torch.bool))[0]
-        return SSRequest(tuple(float(v) for v in composition), labels)
-    given: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        key, _, value = part.partition(":")
-        key = key.strip()
-        if key not in ("C", "H", "E") or key in given:
-            raise ValueError(f"secondary-structure composition {spec!r}: {key!r} is not one of C, H, E (once each)")
-        try:
-            given[key] = float(value)
-        except ValueError as err:
-            raise ValueError(f"secondary-structure composition {spec!r}: {value!r} is not a number") from err
-        if not 0.0 <= given[key] <= 1.0:
-            raise ValueError(f"secondary-structure composition {spec!r}: fractions must lie in [0, 1]")
-    rest = 1.0 - sum(given.values())
-    free = [k for k in "CHE" if k not in given]
-    if rest < -1e-6 or (not free and abs(rest) > 1e-2):
-        raise ValueError(f"secondary-structure composition {spec!r}: fractions must sum to 1, got {1 - rest:.3f}")
-    fractions = [given.get(k, max(rest, 0.0) / max(len(free), 1)) for k in "CHE"]
-    return SSRequest(tuple(fractions))

