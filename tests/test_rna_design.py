@@ -37,6 +37,7 @@ from molgen.sequences.structure import (
 )
 
 HAIRPIN = "((((((....))))))"
+LONE_PAIR = "(((((((((((...).)))))).))))"  # a held-out target that neither refine nor inverse_fold solves in 30 s
 TWO_ARMS = "..((((((....))))))...((((((....))))))..."
 
 
@@ -269,6 +270,38 @@ def test_inverse_fold_baseline_and_its_budget():
     assert res.solved and res.folding_calls is None and res.seconds < 6
     with pytest.raises(ValueError, match="--seconds"):
         design_rna(HAIRPIN, method="inverse_fold", budget=Budget(seconds=None, calls=10))
+
+
+def test_refine_hands_a_stalled_population_to_the_walk(monkeypatch):
+    import molgen.sequences.design as design
+
+    walks = []
+    real = design._walk
+
+    def spy(starts, target, n, budget, counter):
+        walks.append(list(starts))
+        return real(starts, target, n, budget, counter)
+
+    monkeypatch.setattr(design, "_walk", spy)
+    monkeypatch.setattr(design, "STALL_ROUNDS", 0)  # hand over at the first unsolved round
+    target = LONE_PAIR  # the model's proposals cannot solve it, so the population stays unsolved
+    res = design_rna(target, budget=Budget(seconds=2), seed=1, population=8)
+    assert res.seconds < 3
+    assert len(walks) == 1 and 1 <= len(walks[0]) <= 8 and all(len(s) == len(target) for s in walks[0])
+    walks.clear()
+    design_rna(target, budget=Budget(seconds=None, calls=300), seed=1)
+    assert not walks  # a budget in model calls alone has no deadline for the walk
+
+
+def test_walk_stops_at_the_deadline_and_keeps_its_starts():
+    from molgen.sequences.design import Counter, Target, _walk
+
+    hard = Target("lone_pair", LONE_PAIR)
+    counter = Counter()
+    seqs = _walk(["G" * 27, "C" * 27], hard, 1, Budget(seconds=0.5), counter)
+    assert counter.seconds() < 1.5 and all(len(s) == 27 for s in seqs)
+    easy = _walk(["A" * len(HAIRPIN)], Target("hairpin", HAIRPIN), 1, Budget(seconds=5), Counter())
+    assert any(fold(s)[0] == HAIRPIN for s in easy)
 
 
 def test_design_refuses_bad_targets_and_lengths():

@@ -9,7 +9,10 @@ calls) is spent:
   mates) and draws ``DRAWS`` proposals for them from one model call; the best replaces its design unless it is
   worse on ``f = d_bp(MFE, target) + ENERGY_WEIGHT * (E(target) - E(MFE))`` (kcal/mol; 0 exactly when the MFE
   structure is the target, and the energy gap ranks designs of equal distance). Long targets are refined from
-  the inside out, domain by domain (``stages``);
+  the inside out, domain by domain (``stages``). When ``STALL_ROUNDS`` whole-sequence rounds in a row find no
+  better design and the budget has seconds, the rest of it goes to ViennaRNA's adaptive walk
+  (``RNA.inverse_fold``) started from the unsolved designs, best first: the model places the pairs, the walk
+  fixes what its proposals do not (isolated base pairs, for one). Folds inside the walk are not counted;
 * ``sample``: the model alone, fresh pair-aware samples until the budget ends;
 * ``svdd`` / ``fk``: SVDD (value-guided branching) or FK steering (SMC with the tilt exp(lambda r)) over the
   pair-aware sampler with the reward ``r = -d_bp / L``;
@@ -22,10 +25,11 @@ Each design is reported with its MFE structure, base-pair distance, target proba
 
 from __future__ import annotations
 
+import itertools
 import random
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,7 @@ ENERGY_WEIGHT = 0.5  # bp-distance units per kcal/mol of E(target) - E(MFE) in t
 MAX_REMASK = 4  # positions (before adding their mates) a refinement proposal redraws at most
 DRAWS = 4  # proposals per design and round, drawn from one model call; the best is kept if not worse
 DOMAIN_SPAN = 40  # the shortest domain refined on its own before the whole sequence
+STALL_ROUNDS = 3  # whole-sequence rounds without a better best design before refine hands over to the walk
 STAGE_ROUNDS = 10  # refinement rounds per domain at most
 NEST_RATIO = 0.75  # a domain is refined on its own only if its largest refined part spans less than this share
 GUIDED_ROWS = 2  # designs per SVDD / FK pass (a pass ends only at its last step)
@@ -230,7 +235,7 @@ def stages(partners: list[int], min_span: int = DOMAIN_SPAN) -> list[tuple[int, 
 
 
 def _refine(pre: Any, target: Target, n: int, budget: Budget, counter: Counter, seed: int,
-            population: int, steps: int, pair_aware: bool) -> list[str]:
+            population: int, steps: int, pair_aware: bool, walk: bool = True) -> list[str]:
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     sampler = PairSampler(pre, target, counter, steps, gen, pair_aware)
@@ -242,10 +247,15 @@ def _refine(pre: Any, target: Target, n: int, budget: Budget, counter: Counter, 
         partners = parse_dot_bracket(sub)
         scored = [objective(s[a : b + 1], sub) for s in seqs]
         counter.folding_calls += 2 * len(seqs)
+        best, stalled = min(f for f, _ in scored), 0
         for _ in range(10**9 if whole else STAGE_ROUNDS):
             active = [i for i, (f, _) in enumerate(scored) if f > 0]
             if counter.spent(budget) or not active or (whole and len(seqs) - len(active) >= n):
                 break
+            if whole and walk and budget.seconds is not None and stalled >= STALL_ROUNDS:  # the model's proposals stopped helping: walk
+                starts = sorted(active, key=lambda i: scored[i][0])
+                return seqs + _walk([seqs[i] for i in starts], target, n - (len(seqs) - len(active)), budget,
+                                    counter)
             remask = torch.zeros(len(active), x.shape[1], dtype=torch.bool)
             for row, i in enumerate(active):
                 remask[row, [a + k for k in remask_positions(scored[i][1], partners, rng)]] = True
@@ -260,6 +270,8 @@ def _refine(pre: Any, target: Target, n: int, budget: Budget, counter: Counter, 
                 seq, ((f, mfe), tokens) = min(tried.items(), key=lambda kv: kv[1][0][0])
                 if f <= scored[i][0]:
                     x[i], seqs[i], scored[i] = tokens, seq, (f, mfe)
+            now = min(f for f, _ in scored)
+            best, stalled = now, (0 if now < best else stalled + 1)
     return seqs
 
 
@@ -322,16 +334,29 @@ def n_solved(seqs: Sequence[str], target: Target, counter: Counter) -> int:
 
 
 def _inverse_fold(target: Target, n: int, budget: Budget, counter: Counter, seed: int) -> list[str]:
-    """Restarts of ``RNA.inverse_fold`` from uniform random sequences; each runs in a child process that is
-    stopped at the deadline (one call cannot be interrupted otherwise), so the budget holds."""
+    """Restarts of ``RNA.inverse_fold`` from uniform random sequences (``_walk``)."""
+    rng = random.Random(seed)
+
+    def starts():
+        while True:
+            yield "".join(rng.choice(RNA.letters) for _ in target.structure)
+
+    return _walk(starts(), target, n, budget, counter)
+
+
+def _walk(starts: Iterable[str], target: Target, n: int, budget: Budget, counter: Counter) -> list[str]:
+    """``RNA.inverse_fold`` from each start in turn (cycled when finite) until ``n`` are solved or the
+    seconds of the budget are spent; each walk runs in a child process that is stopped at the deadline (one
+    call cannot be interrupted otherwise), so the budget holds. Returns the walks' ends (a start where a walk
+    was stopped)."""
     import multiprocessing
 
-    rng = random.Random(seed)
     ctx = multiprocessing.get_context("fork")
     seqs: list[str] = []
     solved = 0
-    while budget.seconds is None or counter.seconds() < budget.seconds:
-        start = "".join(rng.choice(RNA.letters) for _ in target.structure)
+    for start in itertools.cycle(starts) if isinstance(starts, list) else starts:
+        if budget.seconds is not None and counter.seconds() >= budget.seconds:
+            break
         left = None if budget.seconds is None else budget.seconds - counter.seconds()
         receive, send = ctx.Pipe(duplex=False)
         child = ctx.Process(target=_inverse_fold_child, args=(start, target.structure, send))
@@ -342,9 +367,10 @@ def _inverse_fold(target: Target, n: int, budget: Budget, counter: Counter, seed
         child.join()
         seqs.append(seq or start)
         solved += seq is not None and fold(seq)[0] == target.structure
+        counter.folding_calls += seq is not None
         if solved >= n:
             break
-    return seqs or ["".join(rng.choice(RNA.letters) for _ in target.structure)]
+    return seqs or [next(iter(starts))]
 
 
 def _inverse_fold_child(start: str, structure: str, send: Any) -> None:
@@ -408,11 +434,11 @@ def design_rna(
     budget = budget or Budget()
     if method == "inverse_fold" and budget.seconds is None:
         raise ValueError("inverse_fold makes no model calls: give it a budget in --seconds")
-    counter = Counter()
-    if method == "inverse_fold":
+    pre = None if method == "inverse_fold" else model if model is not None else load_design_model()
+    counter = Counter()  # the budget starts after the model is loaded
+    if pre is None:
         seqs = _inverse_fold(target, n, budget, counter, seed)
     else:
-        pre = model if model is not None else load_design_model()
         run = {"refine": _refine, "sample": _sample, "svdd": _guided("svdd"), "fk": _guided("fk")}[method]
         seqs = run(pre, target, n, budget, counter, seed, population, steps, pair_aware)
     seconds = counter.seconds()
