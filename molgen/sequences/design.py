@@ -252,7 +252,7 @@ def _refine(pre: Any, target: Target, n: int, budget: Budget, counter: Counter, 
             active = [i for i, (f, _) in enumerate(scored) if f > 0]
             if counter.spent(budget) or not active or (whole and len(seqs) - len(active) >= n):
                 break
-            if whole and walk and budget.seconds is not None and stalled >= STALL_ROUNDS:  # the model's proposals stopped helping: walk
+            if whole and walk and budget.seconds is not None and stalled >= STALL_ROUNDS:  # proposals stopped helping
                 starts = sorted(active, key=lambda i: scored[i][0])
                 return seqs + _walk([seqs[i] for i in starts], target, n - (len(seqs) - len(active)), budget,
                                     counter)
