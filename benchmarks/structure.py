@@ -184,13 +184,17 @@ def main() -> int:
         "novelty_n": args.novelty_n,
         "natural_n": args.natural_n,
         "seed": args.seed,
-        "hardware": f"{platform.machine()} CPU, torch threads {torch.get_num_threads()}",
-        "wall_s": round(time.time() - t_start, 1),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.json, out, t_start)
     return 0
+
+
+def write_json(path: Path, out: dict, t_start: float) -> None:
+    """``out`` with the run's hardware, wall time and command, as JSON at ``path``."""
+    out = {**out, "hardware": f"{platform.machine()} CPU, torch threads {torch.get_num_threads()}",
+           "wall_s": round(time.time() - t_start, 1), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.structure import write_json  # noqa: E402
 from molgen.checkpoints import read_card  # noqa: E402
 from molgen.structure.data import (  # noqa: E402
     TS50_DIR,
@@ -169,12 +169,8 @@ def main() -> int:
         "lengths": sorted(set(lengths)),
         "steps": args.steps,
         "seed": args.seed,
-        "hardware": f"{platform.machine()} CPU, torch threads {torch.get_num_threads()}",
-        "wall_s": round(time.time() - t_start, 1),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.json, out, t_start)
     return 0
 
 
