@@ -23,6 +23,8 @@ def add_train(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--decay-start", type=int, default=0, help="step at which the cool-down begins")
     parser.add_argument("--every", type=int, default=100, help="checkpoint and export every N steps")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator (cpu, gpu, auto)")
+    parser.add_argument("--precision", default="32-true", help="Lightning precision (32-true, bf16-mixed, ...)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", type=Path, default=None, help="new run: start from these exported weights")
     parser.add_argument("--fine-rbf", type=int, default=25, help="new run: narrow 2-8 A radial features (0 = off)")
@@ -79,6 +81,8 @@ def run_train(args: argparse.Namespace) -> int:
         p_mean=args.p_mean,
         p_std=args.p_std,
         held_out=args.held_out,
+        accelerator=args.accelerator,
+        precision=args.precision,
     )
     print(f"exported EMA weights to {path}")
     return 0

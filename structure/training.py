@@ -57,7 +57,7 @@ SS_DROP = (0.25, 0.4)  # P(no conditioning), P(composition only); the rest also 
 
 def ss_dropout(batch: CropBatch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """Classifier-free conditioning of a crop batch (``SS_DROP``): ``ss`` [B, N] and ``composition`` [B, 3]."""
-    u = torch.rand(batch.x.shape[0], generator=generator)
+    u = torch.rand(batch.x.shape[0], generator=generator).to(batch.ss.device)
     composition = composition_of(batch.ss, batch.mask)
     composition[u < SS_DROP[0]] = math.nan
     per_residue = (u >= sum(SS_DROP))[:, None] & batch.mask
@@ -76,9 +76,9 @@ def edm_loss(
     x0, mask = batch.x, batch.mask
     b = x0.shape[0]
     sd = model.cfg.sigma_data
-    ln_sigma = math.log(sd) + p_mean + p_std * torch.randn(b, generator=generator)
+    ln_sigma = math.log(sd) + p_mean + p_std * torch.randn(b, generator=generator).to(x0.device)
     sigma = ln_sigma.exp()
-    eps = centre(torch.randn(x0.shape, generator=generator), mask)
+    eps = centre(torch.randn(x0.shape, generator=generator).to(x0.device), mask)  # drawn on the CPU (seeded)
     cond = ss_dropout(batch, generator) if model.cfg.ss_condition else {}
     pred = model.denoise(x0 + sigma[:, None, None] * eps, sigma, mask, **cond)
     m = mask.to(x0.dtype)
@@ -234,10 +234,14 @@ def train(
     p_mean: float = -1.2,
     p_std: float = 1.5,
     held_out: float = 0.05,
+    accelerator: str = "cpu",
+    precision: str = "32-true",
 ) -> Path:
     """Train (or resume from the newest ``out/last*.ckpt``, keeping that run's model config) and export EMA
     weights to ``export``; returns ``export``. A new run may start from exported weights (``init``).
-    Whole sequence clusters holding ``held_out`` of the chains are left out (``out/held_out.txt``)."""
+    Whole sequence clusters holding ``held_out`` of the chains are left out (``out/held_out.txt``).
+    ``accelerator`` and ``precision`` are Lightning's (e.g. ``"gpu"``, ``"bf16-mixed"``); checkpoints move
+    between machines either way."""
     out.mkdir(parents=True, exist_ok=True)
     chains, held = held_out_split(load_backbones(sources), held_out)
     segments = segments_of(chains)
@@ -249,7 +253,7 @@ def train(
         "n_segments": len(segments),
         "n_residues": int(sum(len(s.ca) for s in segments)),
         "held_out_chains": len(held),
-        "hardware": f"CPU, torch threads {torch.get_num_threads()}",
+        "hardware": f"{accelerator}, {precision}, torch threads {torch.get_num_threads()}",
         "resumed_from_step": start,
     }
     (out / "train_segments.txt").write_text("".join(f"{s.name}\n" for s in segments))
@@ -268,8 +272,9 @@ def train(
     )
     trainer = L.Trainer(
         max_steps=max_steps,
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
+        precision=precision,
         callbacks=[ckpt, ExportEMA(export, every, provenance, 60 * max_minutes)],
         default_root_dir=out,
         log_every_n_steps=10,

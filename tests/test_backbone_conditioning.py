@@ -255,3 +255,16 @@ def test_training_data_leaves_out_unreadable_files_by_name(tmp_path: Path) -> No
     with pytest.warns(UserWarning, match=r"broken\.pdb"):
         chains = load_backbones([folder])
     assert sorted(c.name for c in chains) == sorted(p.name.split(".")[0] for p in good)
+
+
+def test_training_runs_under_bf16_autocast_and_its_checkpoint_loads_in_float32(tmp_path: Path) -> None:
+    """The precision a GPU window trains in (bf16-mixed), here on the CPU: finite losses, float32 weights."""
+    from molgen.checkpoints import load_checkpoint
+    from molgen.structure.training import train
+
+    export = train(tmp_path / "run", tmp_path / "m.pt", [TS50_DIR], max_steps=2, max_minutes=5, config=SS_MODEL.to_dict(),
+                   max_length=48, edge_budget=2 * 48**2, every=1, precision="bf16-mixed")
+    state, card = load_checkpoint(export)
+    assert card["provenance"]["steps"] == 2 and "bf16-mixed" in card["provenance"]["hardware"]
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert all(math.isfinite(v) for v in card["provenance"]["last_metrics"].values())
