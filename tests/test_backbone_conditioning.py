@@ -262,8 +262,8 @@ def test_training_runs_under_bf16_autocast_and_its_checkpoint_loads_in_float32(t
     from molgen.checkpoints import load_checkpoint
     from molgen.structure.training import train
 
-    export = train(tmp_path / "run", tmp_path / "m.pt", [TS50_DIR], max_steps=2, max_minutes=5, config=SS_MODEL.to_dict(),
-                   max_length=48, edge_budget=2 * 48**2, every=1, precision="bf16-mixed")
+    export = train(tmp_path / "run", tmp_path / "m.pt", [TS50_DIR], max_steps=2, max_minutes=5,
+                   config=SS_MODEL.to_dict(), max_length=48, edge_budget=2 * 48**2, every=1, precision="bf16-mixed")
     state, card = load_checkpoint(export)
     assert card["provenance"]["steps"] == 2 and "bf16-mixed" in card["provenance"]["hardware"]
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
