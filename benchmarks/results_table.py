@@ -17,7 +17,7 @@ temporary file that the benchmark writes), then stores one table per KIND in ben
 the current commit (``git rev-parse --short HEAD``, flagged when the working tree has uncommitted changes), the
 UTC date and a description of the hardware; the benchmark's whole output is kept under ``raw``. KIND selects how
 the table is read from the output: samplers, samplers_overhead, samplers_defaults, default_ends, tuned_plans,
-generation, guidance, sequences, structure, molecules, likelihood, reliability, rna_design.
+generation, guidance, sequences, structure, structure_denoising, molecules, likelihood, reliability, rna_design.
 """
 
 from __future__ import annotations
@@ -213,6 +213,18 @@ def _structure(raw: dict) -> dict:
     return {"columns": STRUCTURE_COLUMNS, "rows": [{c[0]: r.get(c[0]) for c in STRUCTURE_COLUMNS} for r in rows]}
 
 
+DENOISING_COLUMNS = [["model", "model", ""], ["steps", "optimiser steps", ""], ["train_wall_s", "run wall s", ""],
+                     ["pair_dim", "pair track width", ""]] + [
+    [f"mse_{given}_{s}A", f"MSE at {s} A{' (labels)' if given == 'labels' else ''}", ".3f"]
+    for s in (1, 3, 8) for given in ("none", "labels")]
+
+
+def _structure_denoising(raw: dict) -> dict:
+    rows = [{"model": name, **{k: v for k, v in c.items() if k != "held_out_denoising"}, **c["held_out_denoising"]}
+            for name, c in raw["checkpoints"].items()]
+    return {"columns": DENOISING_COLUMNS, "rows": [{c[0]: r.get(c[0]) for c in DENOISING_COLUMNS} for r in rows]}
+
+
 MOLECULE_COLUMNS = [["sampler", "sampler", ""], ["steps", "NFE", ""], ["n", "n", ""],
                     ["atom_stability", "atom stability", ".1%"], ["mol_stability", "molecule stability", ".1%"],
                     ["validity", "validity", ".1%"], ["uniqueness", "uniqueness", ".1%"]]
@@ -273,7 +285,8 @@ RAW = {"samplers_overhead": lambda raw: {"rows": [r for r in raw["rows"] if r["t
 KINDS = {"samplers": _samplers, "samplers_overhead": _samplers_overhead, "samplers_defaults": _samplers_defaults,
          "default_ends": _default_ends, "tuned_plans": _tuned_plans,
          "generation": _generation,
-         "guidance": _guidance, "sequences": _sequences, "structure": _structure, "molecules": _molecules,
+         "guidance": _guidance, "sequences": _sequences, "structure": _structure,
+         "structure_denoising": _structure_denoising, "molecules": _molecules,
          "likelihood": _likelihood, "reliability": _reliability, "rna_design": _rna_design}
 
 

