@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from molgen.batching import batch_size_arg
-from molgen.structure.sampling import DEFAULT_CHECKPOINT
+from molgen.structure.sampling import DEFAULT_CHECKPOINT, SS_CHECKPOINT
 
 
 def add_train(parser: argparse.ArgumentParser, modality: str) -> None:
@@ -109,7 +109,8 @@ def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--format", choices=("pdb", "cif"), default="pdb")
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help=f"model weights (default {DEFAULT_CHECKPOINT.name}, or {SS_CHECKPOINT.name} with --ss)")
     parser.add_argument("--batch-size", type=batch_size_arg, default=16,
                         help="backbones per model call, or auto: the largest that fits the device")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -175,6 +176,7 @@ def run_sample(args: argparse.Namespace) -> int:
     keywords = sampler_keywords(preset)
     keywords.setdefault("step_scale", default_step_scale(preset.solver))
     opts = _solver_options(args, preset.solver)
+    args.checkpoint = args.checkpoint or (SS_CHECKPOINT if ss else DEFAULT_CHECKPOINT)
     model = load_model(args.checkpoint).to(args.device)
     plan = TunedPlan.load(args.plan) if args.plan else None
     if plan and args.contig:

@@ -37,6 +37,7 @@ WARM_START_SIGMA = 5.0  # first model call (A) of a warm-started run
 STEP_SCALE = 1.5  # AF3's step scale eta, used by every ODE solver too (molgen.diffusion.step_scale)
 AF3_DEFAULTS = {"gamma_0": 0.8, "gamma_min": 1.0, "noise_scale": 1.003, "step_scale": STEP_SCALE}
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "data" / "structure" / "backbone_egnn.pt"
+SS_CHECKPOINT = DEFAULT_CHECKPOINT.with_name("backbone_ss.pt")  # secondary-structure conditioned (``--ss``)
 
 
 @dataclass(frozen=True)

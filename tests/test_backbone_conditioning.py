@@ -268,3 +268,18 @@ def test_training_runs_under_bf16_autocast_and_its_checkpoint_loads_in_float32(t
     assert card["provenance"]["steps"] == 2 and "bf16-mixed" in card["provenance"]["hardware"]
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     assert all(math.isfinite(v) for v in card["provenance"]["last_metrics"].values())
+
+
+def test_ss_requests_default_to_the_shipped_conditioned_model(tmp_path: Path) -> None:
+    import json
+
+    from molgen.cli import main
+    from molgen.structure.sampling import SS_CHECKPOINT, load_model
+
+    assert load_model(SS_CHECKPOINT).cfg.ss_condition
+    out = tmp_path / "natural"
+    assert main(["sample", "backbones", "--n", "2", "--length", "48", "--steps", "3", "--ss", "natural",
+                 "--out", str(out)]) == 0
+    record = json.loads((out / "sampling.json").read_text())
+    assert record["checkpoint"] == str(SS_CHECKPOINT) and record["ss"]["request"] == "natural"
+    assert len(list_structure_files(out)) == 2
