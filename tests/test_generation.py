@@ -14,7 +14,8 @@ import pytest
 from molgen.generation import GenerationConfig, ShardStore, run_generation, sample_id, shard_seed
 from molgen.sequences.io import read_sequences
 
-ARGS = ["--modality", "rna", "--n", "12", "--shard-size", "3", "--steps", "4", "--length", "24", "--seed", "7"]
+N, SHARD = 48, 3  # many small shards, so that a kill after the first lands before the last (shards take ms)
+ARGS = ["--modality", "rna", "--n", str(N), "--shard-size", str(SHARD), "--steps", "4", "--length", "24", "--seed", "7"]
 
 
 def molgen(*args: str, **kwargs) -> subprocess.Popen:
@@ -81,7 +82,7 @@ def one_process(tmp_path_factory) -> dict[str, str]:
     job = molgen(*ARGS, "--out", str(out))
     assert job.wait(timeout=600) == 0, job.stdout.read()
     records = fasta(out)
-    assert len(records) == 12
+    assert len(records) == N
     return records
 
 
@@ -102,7 +103,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, one_process):
         time.sleep(0.05)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
-    assert finished() < 4, "the kill came too late to interrupt anything"
+    assert finished() < N // SHARD, "the kill came too late to interrupt anything"
     resumed = molgen(*ARGS, "--out", str(tmp_path))
     assert resumed.wait(timeout=600) == 0
     assert fasta(tmp_path) == one_process
