@@ -214,15 +214,17 @@ def _structure(raw: dict) -> dict:
 
 
 DENOISING_COLUMNS = [["model", "model", ""], ["steps", "optimiser steps", ""], ["train_wall_s", "run wall s", ""],
-                     ["pair_dim", "pair track width", ""]] + [
-    [f"mse_{given}_{s}A", f"MSE at {s} A{' (labels)' if given == 'labels' else ''}", ".3f"]
-    for s in (1, 3, 8) for given in ("none", "labels")]
+                     ["pair_dim", "pair track width", ""]]
 
 
 def _structure_denoising(raw: dict) -> dict:
+    """One row per checkpoint; the error columns are the keys the benchmark wrote (``mse_{none|labels}_{s}A``)."""
+    errors = list(dict.fromkeys(k for c in raw["checkpoints"].values() for k in c["held_out_denoising"]))
+    columns = DENOISING_COLUMNS + [[k, "MSE at " + k.split("_")[2].replace("A", " A")
+                                    + (" (labels)" if "_labels_" in k else ""), ".3f"] for k in errors]
     rows = [{"model": name, **{k: v for k, v in c.items() if k != "held_out_denoising"}, **c["held_out_denoising"]}
             for name, c in raw["checkpoints"].items()]
-    return {"columns": DENOISING_COLUMNS, "rows": [{c[0]: r.get(c[0]) for c in DENOISING_COLUMNS} for r in rows]}
+    return {"columns": columns, "rows": [{c[0]: r.get(c[0]) for c in columns} for r in rows]}
 
 
 MOLECULE_COLUMNS = [["sampler", "sampler", ""], ["steps", "NFE", ""], ["n", "n", ""],

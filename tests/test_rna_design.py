@@ -279,8 +279,9 @@ def test_refine_hands_a_stalled_population_to_the_walk(monkeypatch):
     real = design._walk
 
     def spy(starts, target, n, budget, counter):
-        walks.append(list(starts))
-        return real(starts, target, n, budget, counter)
+        first = [next(starts) for _ in range(8)]  # the cycle of the unsolved designs (at most 8), from its start
+        walks.append(list(dict.fromkeys(first)))
+        return real(iter(first), target, n, budget, counter)
 
     monkeypatch.setattr(design, "_walk", spy)
     monkeypatch.setattr(design, "STALL_ROUNDS", 0)  # hand over at the first unsolved round
@@ -298,9 +299,9 @@ def test_walk_stops_at_the_deadline_and_keeps_its_starts():
 
     hard = Target("lone_pair", LONE_PAIR)
     counter = Counter()
-    seqs = _walk(["G" * 27, "C" * 27], hard, 1, Budget(seconds=0.5), counter)
+    seqs = _walk(iter(["G" * 27, "C" * 27] * 100), hard, 1, Budget(seconds=0.5), counter)
     assert counter.seconds() < 1.5 and all(len(s) == 27 for s in seqs)
-    easy = _walk(["A" * len(HAIRPIN)], Target("hairpin", HAIRPIN), 1, Budget(seconds=5), Counter())
+    easy = _walk(iter(["A" * len(HAIRPIN)]), Target("hairpin", HAIRPIN), 1, Budget(seconds=5), Counter())
     assert any(fold(s)[0] == HAIRPIN for s in easy)
 
 

@@ -29,7 +29,7 @@ import itertools
 import random
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,7 +235,7 @@ def stages(partners: list[int], min_span: int = DOMAIN_SPAN) -> list[tuple[int, 
 
 
 def _refine(pre: Any, target: Target, n: int, budget: Budget, counter: Counter, seed: int,
-            population: int, steps: int, pair_aware: bool, walk: bool = True) -> list[str]:
+            population: int, steps: int, pair_aware: bool) -> list[str]:
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     sampler = PairSampler(pre, target, counter, steps, gen, pair_aware)
@@ -252,9 +252,9 @@ def _refine(pre: Any, target: Target, n: int, budget: Budget, counter: Counter, 
             active = [i for i, (f, _) in enumerate(scored) if f > 0]
             if counter.spent(budget) or not active or (whole and len(seqs) - len(active) >= n):
                 break
-            if whole and walk and budget.seconds is not None and stalled >= STALL_ROUNDS:  # proposals stopped helping
-                starts = sorted(active, key=lambda i: scored[i][0])
-                return seqs + _walk([seqs[i] for i in starts], target, n - (len(seqs) - len(active)), budget,
+            if whole and budget.seconds is not None and stalled >= STALL_ROUNDS:  # proposals stopped helping
+                starts = itertools.cycle([seqs[i] for i in sorted(active, key=lambda i: scored[i][0])])
+                return seqs + _walk(starts, target, n - (len(seqs) - len(active)), budget,
                                     counter)
             remask = torch.zeros(len(active), x.shape[1], dtype=torch.bool)
             for row, i in enumerate(active):
@@ -344,8 +344,8 @@ def _inverse_fold(target: Target, n: int, budget: Budget, counter: Counter, seed
     return _walk(starts(), target, n, budget, counter)
 
 
-def _walk(starts: Iterable[str], target: Target, n: int, budget: Budget, counter: Counter) -> list[str]:
-    """``RNA.inverse_fold`` from each start in turn (cycled when finite) until ``n`` are solved or the
+def _walk(starts: Iterator[str], target: Target, n: int, budget: Budget, counter: Counter) -> list[str]:
+    """``RNA.inverse_fold`` from each start in turn until ``n`` are solved or the
     seconds of the budget are spent; each walk runs in a child process that is stopped at the deadline (one
     call cannot be interrupted otherwise), so the budget holds. Returns the walks' ends (a start where a walk
     was stopped)."""
@@ -354,7 +354,7 @@ def _walk(starts: Iterable[str], target: Target, n: int, budget: Budget, counter
     ctx = multiprocessing.get_context("fork")
     seqs: list[str] = []
     solved = 0
-    for start in itertools.cycle(starts) if isinstance(starts, list) else starts:
+    for start in starts:
         if budget.seconds is not None and counter.seconds() >= budget.seconds:
             break
         left = None if budget.seconds is None else budget.seconds - counter.seconds()
@@ -370,7 +370,7 @@ def _walk(starts: Iterable[str], target: Target, n: int, budget: Budget, counter
         counter.folding_calls += seq is not None
         if solved >= n:
             break
-    return seqs or [next(iter(starts))]
+    return seqs or [next(starts)]
 
 
 def _inverse_fold_child(start: str, structure: str, send: Any) -> None:
