@@ -279,6 +279,23 @@ def _rna_design(raw: dict) -> dict:
     return {"columns": RNA_DESIGN_COLUMNS, "rows": rows}
 
 
+def _ehrlich(raw: dict) -> dict:
+    cols = [["method", "method", ""], ["oracle_calls", "oracle calls", ""], ["best_value", "best value", ".4f"],
+            ["calls_to_optimum", "calls to reach 1.0", ""], ["seconds", "seconds", ".0f"]]
+    return {"columns": cols, "rows": [{"method": m, **s} for m, s in raw["summary"].items()]}
+
+
+def _campaigns(raw: dict) -> dict:
+    rounds = len(next(iter(raw["summary"].values()))["mean_score_per_round"])
+    cols = [["variant", "variant", ""], *[[f"r{k + 1}", f"round {k + 1} mean score", ".3f"] for k in range(rounds)],
+            ["model_calls", "model calls", ".0f"], ["naturalness", "naturalness (rounds 1..last)", ""]]
+    rows = [{"variant": name, **{f"r{k + 1}": v for k, v in enumerate(s["mean_score_per_round"])},
+             "model_calls": s["model_calls"],
+             "naturalness": f"{s['naturalness_per_round'][0]:.3f} .. {s['naturalness_per_round'][-1]:.3f}"}
+            for name, s in raw["summary"].items()]
+    return {"columns": cols, "rows": rows}
+
+
 # what a kind keeps of the benchmark's output under "raw" (default: all of it)
 RAW = {"samplers_overhead": lambda raw: {"rows": [r for r in raw["rows"] if r["target"] == "overhead"]},
        "samplers_defaults": lambda raw: {"defaults": raw["summary"]["defaults"]},
@@ -289,7 +306,8 @@ KINDS = {"samplers": _samplers, "samplers_overhead": _samplers_overhead, "sample
          "generation": _generation,
          "guidance": _guidance, "sequences": _sequences, "structure": _structure,
          "structure_denoising": _structure_denoising, "molecules": _molecules,
-         "likelihood": _likelihood, "reliability": _reliability, "rna_design": _rna_design}
+         "likelihood": _likelihood, "reliability": _reliability, "rna_design": _rna_design,
+         "ehrlich": _ehrlich, "campaigns": _campaigns}
 
 
 def record(kinds: list[str], names: list[str], command: list[str], cwd: Path = ROOT,

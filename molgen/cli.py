@@ -22,7 +22,7 @@ def verb_modules() -> dict[str, dict[str, str]]:
     hooks = {m: get_modality(m).cli_module for m in names()}
     return {
         "sample": hooks,
-        "evaluate": {**hooks, "sequences": "molgen.sequences.cli"},
+        "evaluate": hooks,
         "train": hooks,
         "guide": dict.fromkeys(hooks, "molgen.guidance.cli"),
         "design": {"rna": "molgen.sequences.cli"},

@@ -14,7 +14,7 @@ from molgen.modalities import Preset, get_modality, names
 
 
 def test_registry_lists_the_modalities_and_their_presets():
-    assert names() == ("molecules", "rna", "dna", "backbones")
+    assert names() == ("molecules", "rna", "dna", "backbones", "sequences")
     for name in names():
         mod = get_modality(name)
         assert {"default", "guided"} <= set(mod.presets)
@@ -23,7 +23,11 @@ def test_registry_lists_the_modalities_and_their_presets():
             assert preset.name == key and preset.solver in known and preset.steps >= 1
         guided = mod.presets["guided"].solver
         assert mod.extension == "fasta" or not applies(guided), f"{name}: guidance needs a stochastic sampler"
-        assert mod.default_checkpoint().exists()
+        if name == "sequences":  # any alphabet: the user's own prior, nothing shipped
+            with pytest.raises(ValueError, match="molgen train sequences --fasta"):
+                mod.default_checkpoint()
+        else:
+            assert mod.default_checkpoint().exists()
 
 
 def test_preset_override_and_record():
@@ -36,7 +40,8 @@ def test_preset_override_and_record():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: get_modality("protein"), "unknown modality 'protein'; choose one of: molecules, rna, dna, backbones"),
+    (lambda: get_modality("protein"),
+     "unknown modality 'protein'; choose one of: molecules, rna, dna, backbones, sequences"),
     (lambda: get_modality("rna").preset("fast"), "unknown rna preset 'fast'; choose one of: default, guided"),
 ])
 def test_bad_names_list_the_registered_choices(call, match):
@@ -49,13 +54,13 @@ def test_every_entry_point_refuses_unknown_names(tmp_path, capsys):
     from molgen.generation import GenerationConfig
     from molgen.guidance.tasks import get_problem
 
-    with pytest.raises(ValueError, match="choose one of: molecules, rna, dna, backbones"):
+    with pytest.raises(ValueError, match="choose one of: molecules, rna, dna, backbones, sequences"):
         GenerationConfig(modality="protein", n=1)
     with pytest.raises(ValueError, match="unknown backbones preset 'fast'"):
         GenerationConfig(modality="backbones", n=1, preset="fast")
     with pytest.raises(ValueError, match="unknown guidance method 'magic'"):
         GenerationConfig(modality="rna", n=1, reward="rna_mfe", guide="magic")
-    with pytest.raises(ValueError, match="choose one of: molecules, rna, dna, backbones"):
+    with pytest.raises(ValueError, match="choose one of: molecules, rna, dna, backbones, sequences"):
         CampaignConfig.from_mapping({"modality": "protein", "rewards": [{"name": "g", "spec": "gc"}]})
     with pytest.raises(ValueError, match="unknown dna preset 'fast'"):
         get_problem("dna", preset="fast")

@@ -267,17 +267,48 @@ def register(name: str, modality: str, help: str) -> Callable[[Callable[..., Rew
 
 def check_modality(spec: str, modality: str) -> None:
     """Every term of the reward ``spec`` must score this modality's samples (``any`` rewards score raw tensor
-    states, which only backbones hand to rewards; ``sequence`` rewards score RNA and DNA)."""
+    states, which only backbones hand to rewards; ``sequence`` rewards score RNA and DNA; a ``python`` reward
+    scores whatever the modality hands it)."""
     for term in spec.split("+"):
         name = term.strip().rpartition("*")[2].partition(":")[0].strip()
         kind = REWARDS[name].modality
-        if not (kind == modality or (kind == "any" and modality == "backbones")
+        if not (kind in (modality, "python") or (kind == "any" and modality == "backbones")
                 or (kind == "sequence" and modality in ("rna", "dna"))):
             raise ValueError(f"reward {name!r} scores {kind}, not {modality}")
 
 
+def python_reward(target: str, penalty: float = -1.0) -> Reward:
+    """A user's own scorer, ``python:FILE.py:FUNCTION`` or ``python:package.module:FUNCTION``: FUNCTION takes a
+    list of samples (sequences and SMILES as strings, backbones as a coordinate tensor) and returns one number
+    per sample. It runs under the same protection as every reward (exceptions and non-finite scores ->
+    ``penalty``, counted); a relative FILE is read from the working directory."""
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    where, sep, func = str(target).rpartition(":")
+    if not sep or not where or not func.isidentifier():
+        raise ValueError(f"python reward: expected FILE.py:FUNCTION or module:FUNCTION, got {target!r}")
+    if where.endswith(".py"):
+        path = Path(where).expanduser().resolve()
+        if not path.is_file():
+            raise ValueError(f"python reward: no file {path}")
+        spec = importlib.util.spec_from_file_location(f"molgen_user_reward_{abs(hash(str(path)))}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        raise ValueError(f"python reward: {where} defines no function {func!r}")
+    return _CallableReward(name=f"python:{target}", penalty=float(penalty),
+                           fn=lambda samples: [float(v) for v in fn(list(samples))])
+
+
 register("quadratic", "any", "-|x - c|^2 / (2 tau^2) on the sample tensor (args c, tau)")(quadratic)
 register("linear", "any", "a * sum(x) on the sample tensor (arg a)")(linear)
+register("python", "python", "your own function: python:FILE.py:FUNCTION (list of samples -> one number each)")(
+    python_reward)
 
 
 def _value(text: str) -> Any:

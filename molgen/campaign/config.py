@@ -1,8 +1,9 @@
 """Campaign configuration: nested frozen dataclasses read from YAML, unknown keys and bad values refused.
 
     name: rna_demo                     # free text
-    modality: rna                      # molecules | rna | dna | backbones
-    checkpoint: null                   # null = the shipped default model
+    modality: rna                      # molecules | rna | dna | backbones | sequences (any alphabet)
+    checkpoint: null                   # null = the shipped default model (sequences: required, a model of
+                                       # `molgen train sequences --fasta FILE`)
     seed: 0
     rounds: 3
     n_per_round: 64
@@ -11,10 +12,11 @@
     rewards:                           # guidance.rewards.parse_reward specs; score = sum_k weight_k r_k
       - {name: stability, spec: rna_mfe, weight: 0.1}
       - {name: hairpin, spec: "rna_target:((((((....))))))", weight: 1.0}
+      # your own scorer: {name: oracle, spec: "python:oracle.py:score"} (list of designs -> numbers)
     guidance: {method: svdd, candidates: 4}        # unguided | bon | svdd | fk | dps (+ alpha, particles, lam, ...)
     selection: {rule: top_k, k: 16, min_distance: 0.3}   # top_k | pareto; objectives: rewards | rewards+naturalness
     refine: {fraction: 0.5, t: 0.5}    # rounds >= 2: this share of n refines the selection, re-noised to t
-    finetune: {}                       # rna/dna: before each round >= 2, fine-tune an adapter on every design
+    finetune: {}                       # rna/dna/sequences: before each round >= 2, fine-tune an adapter on every design
                                        # scored so far (molgen.finetune; {} = defaults, null/absent = off)
     database: null                     # null = sqlite:///DIR/campaign.sqlite; or a SQLAlchemy URL
 
@@ -36,12 +38,12 @@ from typing import Any
 from molgen.finetune import FinetuneSettings
 from molgen.guidance.fk import POTENTIALS
 from molgen.guidance.tasks import METHODS as GUIDANCE_METHODS
-from molgen.modalities import choose
+from molgen.modalities import choose, get_modality
 from molgen.modalities import names as modality_names
 
 METHODS = tuple(m for m in GUIDANCE_METHODS if m != "svdd_mc")  # SVDD-MC needs a value net per reward
 RULES = ("top_k", "pareto")
-FINETUNE_MODALITIES = ("rna", "dna")  # the masked discrete models
+FINETUNE_MODALITIES = ("rna", "dna", "sequences")  # the masked discrete models
 OBJECTIVES = ("rewards", "rewards+naturalness")
 
 
@@ -242,6 +244,8 @@ def _typed(f: dataclasses.Field, value: Any, where: str, key: str) -> Any:
 def validate(cfg: CampaignConfig) -> None:
     """Value checks; the error names the key."""
     choose("modality", cfg.modality, modality_names())
+    if cfg.checkpoint is None:
+        get_modality(cfg.modality).default_checkpoint()  # sequences has none: the error says how to train one
     for key in ("rounds", "n_per_round"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")

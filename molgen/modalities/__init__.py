@@ -1,7 +1,7 @@
 """Modalities behind one protocol (``Modality``) and one registry: every entry point reads them from here.
 
     from molgen.modalities import get_modality, names
-    mod = get_modality("molecules")            # molecules, rna, dna, backbones
+    mod = get_modality("molecules")            # molecules, rna, dna, backbones, sequences (any alphabet)
     model = mod.load()                          # the shipped checkpoint
     mols = mod.sample(model, 8, preset=mod.preset("default"), seed=0)
 
@@ -36,7 +36,7 @@ def get_modality(name: str) -> Modality:
     return _REGISTRY[choose("modality", name, _REGISTRY)]
 
 
-for _m in (Molecules(), Sequences("rna"), Sequences("dna"), Backbones()):
+for _m in (Molecules(), Sequences("rna"), Sequences("dna"), Backbones(), Sequences("sequences")):
     register(_m)
 
 __all__ = ["Design", "Modality", "Preset", "choose", "get_modality", "names", "register"]

@@ -1,4 +1,5 @@
-"""DNA and RNA from the masked-diffusion models of ``molgen.sequences`` (one class, one instance per alphabet).
+"""DNA, RNA and any user's sequences from the masked-diffusion models of ``molgen.sequences`` (one class, one
+instance per alphabet; ``sequences`` takes any alphabet, from a model trained with ``molgen train sequences``).
 
 Presets: ``default`` is the cached ancestral sampler (a model call only when a token is unmasked) with 32
 steps; ``guided`` is the plain ancestral sampler with 16 steps, whose every transition guidance can branch.
@@ -18,6 +19,8 @@ import torch
 from torch import Tensor
 
 from molgen.modalities.base import Design, Modality, Preset
+
+ANY_ALPHABET = "sequences"  # the instance that takes a model of any alphabet
 
 
 class Sequences(Modality):
@@ -42,6 +45,9 @@ class Sequences(Modality):
     def default_checkpoint(self) -> Path:
         from molgen.sequences.pretrained import default_checkpoint
 
+        if self.name == ANY_ALPHABET:
+            raise ValueError("the sequences modality has no shipped model: train a prior on your FASTA with "
+                             "`molgen train sequences --fasta FILE --out DIR` and give DIR/model.pt as checkpoint")
         return default_checkpoint(self.name)
 
     def load(self, checkpoint: str | Path | None = None, device: str | torch.device = "cpu") -> Any:
@@ -55,7 +61,7 @@ class Sequences(Modality):
         """``pre`` when its alphabet is this modality's, else an ``InputError`` naming the checkpoint."""
         from molgen.errors import InputError
 
-        if pre.alphabet.name.lower() != self.name:
+        if self.name != ANY_ALPHABET and pre.alphabet.name.lower() != self.name:
             raise InputError(f"a {pre.alphabet.name} model, not a {self.name} one", str(path))
         return pre
 
@@ -71,6 +77,8 @@ class Sequences(Modality):
 
         records = [Record(i, r.seq) for r, i in zip(samples, ids)]
         write_fasta(path, records)
+        if self.name == ANY_ALPHABET:
+            return [{"length": len(r.seq), "sequence": r.seq} for r in records]
         return [{"length": len(r.seq), "gc": sum(c in "GC" for c in r.seq) / max(len(r.seq), 1), "sequence": r.seq}
                 for r in records]
 
@@ -79,6 +87,7 @@ class Sequences(Modality):
         from molgen.diffusion.discrete import DiscreteSampler
         from molgen.guidance.tasks import Draw, Problem, pairwise_hamming, result_names, snapshot
         from molgen.guidance.value import TokenValueNet, masking_noise
+        from molgen.sequences.alphabets import alphabet_card
         from molgen.sequences.evaluate import load_reference
         from molgen.sequences.io import Record, write_fasta
         from molgen.sequences.metrics import kmer_frequencies, pearson
@@ -94,7 +103,7 @@ class Sequences(Modality):
             raise ValueError(f"--length must lie in 1..{max_len} for this {self.name} model, got {length}")
         sampler = DiscreteSampler(pre.model, pre.process, preset.solver, steps=preset.steps,
                                   options=dict(preset.options) or None)
-        ref = load_reference(self.name)
+        ref = None if self.name == ANY_ALPHABET else load_reference(self.name)
 
         def draw(outputs: int, per: int, g: torch.Generator) -> list[Any]:
             lengths = (torch.full((outputs,), length, dtype=torch.long) if length is not None
@@ -108,15 +117,17 @@ class Sequences(Modality):
 
         def natural(res: Any) -> dict[str, float]:
             tokens = res.samples
-            return {"nll_bits_per_token": float(sequence_bits(pre.model, pre.process, tokens).mean()),
-                    "kmer3_r": pearson(kmer_frequencies(decode(tokens), pre.alphabet, 3), np.asarray(ref["kmer3"])),
+            kmer = {} if ref is None else {
+                "kmer3_r": pearson(kmer_frequencies(decode(tokens), pre.alphabet, 3), np.asarray(ref["kmer3"]))}
+            return {"nll_bits_per_token": float(sequence_bits(pre.model, pre.process, tokens).mean()), **kmer,
                     "diversity": pairwise_hamming(tokens)}
 
         def write(path_out: str | Path, res: Any, names: Sequence[str] | None = None) -> None:
             write_fasta(path_out, [Record(f"{name} reward={float(r):.4g}", s) for name, s, r in
                                    zip(result_names(res, names), decode(res.samples), res.rewards.tolist())])
 
-        settings = {**preset.as_dict(), "length": length, "condition": condition}
+        settings = {**preset.as_dict(), "length": length, "condition": condition,
+                    "alphabet": alphabet_card(pre.alphabet)}
         return Problem(
             self.name, sampler, path, draw, decode, natural, write,
             value_net=lambda: TokenValueNet(pre.model.config.vocab_size, pad_id=pre.alphabet.pad_id),
@@ -134,9 +145,9 @@ class Sequences(Modality):
         return out
 
     def encode(self, problem: Any, designs: Sequence[Design]) -> tuple[Tensor, None]:
-        from molgen.sequences.alphabets import get_alphabet
+        from molgen.sequences.alphabets import alphabet_from_card
 
-        alphabet = get_alphabet(self.name)
+        alphabet = alphabet_from_card(problem.settings["alphabet"])
         seqs = [d.sequence or "" for d in designs]
         x = torch.full((len(seqs), max(len(s) for s in seqs)), alphabet.pad_id, dtype=torch.long)
         for i, s in enumerate(seqs):
@@ -153,13 +164,16 @@ class Sequences(Modality):
         return lambda i, j: hamming(seqs[i], seqs[j])
 
     def report_columns(self, sequences: Sequence[str]) -> dict[str, list[Any]]:
-        """RNA: the sequence over its MFE structure and the MFE (ViennaRNA); DNA: GC content and the sequence."""
+        """RNA: the sequence over its MFE structure and the MFE (ViennaRNA); DNA: GC content and the sequence;
+        any other alphabet: the sequence."""
         if self.name == "rna":
             import RNA
 
             folds = [RNA.fold(s) for s in sequences]
             return {"sequence / MFE structure": [f"{s}\n{f[0]}" for s, f in zip(sequences, folds)],
                     "MFE (kcal/mol)": [float(f[1]) for f in folds]}
+        if self.name == ANY_ALPHABET:
+            return {"sequence": list(sequences)}
         return {"GC": [sum(c in "GC" for c in s) / max(len(s), 1) for s in sequences], "sequence": list(sequences)}
 
     def noise_to(self, problem: Any, x0: Tensor, mask: Tensor | None, t: float, g: torch.Generator) -> Tensor:

@@ -90,6 +90,49 @@ def get_alphabet(name: str) -> Alphabet:
         raise ValueError(f"unknown alphabet {name!r}; choose one of {sorted(ALPHABETS)}") from None
 
 
+def custom_alphabet(letters: str, name: str = "custom") -> Alphabet:
+    """An alphabet of the given distinct letters (case-sensitive, so 20+ states can use both cases and digits);
+    a shipped name (``dna``, ``rna``, ``protein``) returns that alphabet."""
+    if letters.lower() in ALPHABETS:
+        return ALPHABETS[letters.lower()]
+    if not letters or len(set(letters)) != len(letters) or any(c.isspace() or c in ">;-" for c in letters):
+        raise ValueError(f"an alphabet needs distinct letters, none of them whitespace, '>', ';' or '-', "
+                         f"got {letters!r}")
+    return CaseSensitiveAlphabet(name, letters)
+
+
+@dataclass(frozen=True)
+class CaseSensitiveAlphabet(Alphabet):
+    """A user's alphabet: letters are read as written (no upper-casing, no aliases)."""
+
+    def normalise(self, seq: str) -> str:
+        return "".join(seq.split())
+
+
+def infer_alphabet(seqs: Iterable[str]) -> Alphabet:
+    """The shipped alphabet that holds every letter of ``seqs`` (DNA, then RNA, then protein), else a custom one
+    of their distinct letters in sorted order."""
+    letters = set().union(*(set("".join(s.split())) for s in seqs))
+    for alphabet in ALPHABETS.values():
+        if {c.upper() for c in letters} <= set(alphabet.letters):
+            return alphabet
+    return custom_alphabet("".join(sorted(letters)))
+
+
+def alphabet_card(alphabet: Alphabet) -> str | dict[str, str]:
+    """How a checkpoint's card records its alphabet: a shipped alphabet's name, else its name and letters."""
+    if ALPHABETS.get(alphabet.name.lower()) == alphabet:
+        return alphabet.name.lower()
+    return {"name": alphabet.name, "letters": alphabet.letters}
+
+
+def alphabet_from_card(value: str | dict[str, str]) -> Alphabet:
+    """The inverse of ``alphabet_card``."""
+    if isinstance(value, dict):
+        return custom_alphabet(value["letters"], value.get("name", "custom"))
+    return get_alphabet(value)
+
+
 def pad_batch(seqs: Sequence[torch.Tensor], alphabet: Alphabet, length: int | None = None) -> torch.Tensor:
     """Stack id tensors into ``[B, length]`` right-padded with ``pad_id``; too long a sequence raises."""
     length = max(len(s) for s in seqs) if length is None else length

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,14 +25,22 @@ DATA_NOTE = {
 
 # --------------------------------------------------------------------------------------------- train
 def add_train(parser: argparse.ArgumentParser, modality: str) -> None:
-    parser.add_argument(
-        "--data", default=None, help="data path holding rna/ and dna/ (default ../shared/data)"
-    )
+    if modality == "sequences":
+        parser.add_argument("--fasta", required=True, help="training sequences (FASTA or one per line, gzip or not)")
+        parser.add_argument("--alphabet", default=None,
+                            help="the letters (e.g. ACDEFGHIKLMNPQRSTVWY), or dna / rna / protein; default: "
+                            "inferred from the file")
+        parser.add_argument("--max-length", type=int, default=None, help="longest sequence (default: the file's)")
+    else:
+        parser.add_argument(
+            "--data", default=None, help="data path holding rna/ and dna/ (default ../shared/data)"
+        )
     parser.add_argument(
         "--out", default=None, help=f"run folder, resumed from its last.ckpt (default runs/sequences/{modality}, "
         "--design: runs/sequences/rna_design)"
     )
-    parser.add_argument("--export", default=None, help="shipped checkpoint path (default data/sequences/...)")
+    parser.add_argument("--export", default=None, help="checkpoint path (default data/sequences/..., sequences: "
+                        "OUT/model.pt)")
     parser.add_argument(
         "--max-minutes", type=float, default=30.0, help="training time budget over all resumes"
     )
@@ -78,7 +87,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_train_plain(args: argparse.Namespace) -> int:
     from molgen.checkpoints import hardware, save_checkpoint
-    from molgen.sequences.data import LengthDistribution, load_dataset, resolve_data_root
+    from molgen.sequences.alphabets import alphabet_card
+    from molgen.sequences.data import LengthDistribution
     from molgen.sequences.model import DenoiserConfig, n_parameters
     from molgen.sequences.pretrained import default_checkpoint, load_pretrained
     from molgen.sequences.training import (
@@ -93,9 +103,10 @@ def run_train_plain(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     modality = args.modality
-    root = resolve_data_root(args.data)
-    train, test = load_dataset(modality, root, "train"), load_dataset(modality, root, "test")
-    alphabet, max_len = train.alphabet, MAX_LENGTH[modality]
+    train, test = training_sets(args)
+    alphabet = train.alphabet
+    max_len = MAX_LENGTH.get(modality) or args.max_length or max(train.lengths + test.lengths)
+    args.batch_size = min(args.batch_size, len(train))
     conditional = train.labels is not None and not args.unconditional
     labels = (torch.tensor(train.labels), torch.tensor(test.labels)) if conditional else (None, None)
     cfg = DenoiserConfig(
@@ -123,10 +134,11 @@ def run_train_plain(args: argparse.Namespace) -> int:
     )
     stats = fit(module, train_dl, val_dl, Path(args.out), args.max_minutes, args.max_steps, args.val_every)
 
-    export = Path(args.export) if args.export else default_checkpoint(modality)
+    export = Path(args.export) if args.export else (
+        Path(args.out) / "model.pt" if modality == "sequences" else default_checkpoint(modality))
     config = {
         "modality": modality,
-        "alphabet": modality,
+        "alphabet": alphabet_card(alphabet),
         "denoiser": cfg.to_dict(),
         "schedule": args.schedule,
         "length_distribution": LengthDistribution.from_lengths(train.lengths).to_dict(),
@@ -135,7 +147,8 @@ def run_train_plain(args: argparse.Namespace) -> int:
     }
     provenance = {
         "command": train_command(modality),
-        "data": DATA_NOTE[modality],
+        "data": DATA_NOTE.get(modality) or f"{args.fasta} ({len(train) + len(test)} sequences over "
+        f"{alphabet.letters!r}; 5% held out by a hash of the record name)",
         "n_train": len(train),
         "n_heldout": len(test),
         "hardware": hardware(),
@@ -165,6 +178,25 @@ def run_train_plain(args: argparse.Namespace) -> int:
     return 0
 
 
+def training_sets(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Train and held-out ``SequenceSet``s: the modality's corpus, or (``sequences``) the user's FASTA, with one
+    record held out when the 5 % hash split holds none."""
+    from molgen.sequences.alphabets import custom_alphabet
+    from molgen.sequences.data import SequenceSet, holdout, load_dataset, load_fasta, resolve_data_root
+
+    if args.modality != "sequences":
+        root = resolve_data_root(args.data)
+        return load_dataset(args.modality, root, "train"), load_dataset(args.modality, root, "test")
+    alphabet = custom_alphabet(args.alphabet) if args.alphabet else None
+    every = load_fasta(args.fasta, alphabet, max_length=args.max_length)
+    if len(every) < 2:
+        raise ValueError(f"{args.fasta}: a prior needs at least 2 sequences, got {len(every)}")
+    test = [r for r in every.records if holdout(r.name, 0.05)] or every.records[-1:]
+    held = {id(r) for r in test}
+    train = [r for r in every.records if id(r) not in held]
+    return SequenceSet(every.alphabet, train), SequenceSet(every.alphabet, test)
+
+
 # --------------------------------------------------------------------------------------------- sample
 def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
     from molgen.diffusion.discrete import DISCRETE_SAMPLERS
@@ -182,7 +214,10 @@ def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--condition", default=None, help="label, e.g. enhancer / non-enhancer (DNA model)")
     parser.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance weight w")
     parser.add_argument("--eta", type=float, default=0.02, help="ReMDM remasking strength")
-    parser.add_argument("--checkpoint", default=None, help=f"default data/sequences/{modality}_default.pt")
+    if modality == "sequences":
+        parser.add_argument("--checkpoint", required=True, help="a model of `molgen train sequences`")
+    else:
+        parser.add_argument("--checkpoint", default=None, help=f"default data/sequences/{modality}_default.pt")
     parser.add_argument("--batch-size", type=batch_size_arg, default=256,
                         help="sequences per model call, or auto: the largest that fits the device")
     parser.add_argument("--device", default="cpu")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from molgen.sequences.alphabets import DNA, RNA, Alphabet, pad_batch
-from molgen.sequences.io import Record, parse_fasta, read_sequences
+from molgen.sequences.alphabets import DNA, RNA, Alphabet, infer_alphabet, pad_batch
+from molgen.sequences.io import Record, parse_fasta, read_records, read_sequences
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DNA_LABELS = ("non-enhancer", "enhancer")
@@ -140,6 +140,26 @@ def load_dataset(modality: str, root: str | Path | None = None, split: str = "tr
     if modality == "dna":
         return load_enhancers(root, split=split)
     raise ValueError(f"unknown sequence modality {modality!r}; choose rna or dna")
+
+
+def load_fasta(path: str | Path, alphabet: Alphabet | None = None, max_length: int | None = None) -> SequenceSet:
+    """A user's FASTA (or one sequence per line) over any alphabet (``custom_alphabet``), or when None the
+    alphabet inferred from the file (``infer_alphabet``). Unreadable records, records with letters outside the
+    alphabet and records longer than ``max_length`` are left out with a warning naming them."""
+    import warnings
+
+    records, skipped = read_records(path)
+    alphabet = alphabet or infer_alphabet(r.seq for r in records)
+    kept = clean(records, alphabet, max_length or max((len(r.seq) for r in records), default=0))
+    names = {k.name for k in kept}
+    dropped = [s.record for s in skipped] + [r.name for r in records if r.name not in names]
+    if dropped:
+        warnings.warn(f"{path}: left out {len(dropped)} record(s) unreadable, too long or outside the alphabet "
+                      f"{alphabet.letters!r}: {', '.join(map(str, dropped[:5]))}{' ...' if len(dropped) > 5 else ''}",
+                      stacklevel=2)
+    if not kept:
+        raise ValueError(f"{path}: no usable sequences over the alphabet {alphabet.letters!r}")
+    return SequenceSet(alphabet, kept)
 
 
 class LengthDistribution:

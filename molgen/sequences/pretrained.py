@@ -9,7 +9,7 @@ import torch
 
 from molgen.checkpoints import card_config, load_checkpoint, load_weights
 from molgen.diffusion.discrete import MaskedDiffusion
-from molgen.sequences.alphabets import Alphabet, get_alphabet
+from molgen.sequences.alphabets import Alphabet, alphabet_from_card
 from molgen.sequences.data import REPO_ROOT, LengthDistribution
 from molgen.sequences.model import DenoiserConfig, SequenceDenoiser
 from molgen.sequences.training import build_process
@@ -45,12 +45,12 @@ class Pretrained:
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
-    """Build the denoiser and process from a checkpoint written by ``molgen train rna|dna``."""
+    """Build the denoiser and process from a checkpoint written by ``molgen train rna|dna|sequences``."""
     state, card = load_checkpoint(path, map_location=device)
     cfg = card_config(card, path, ("denoiser", "alphabet"))
     model = load_weights(SequenceDenoiser(DenoiserConfig(**cfg["denoiser"])), state, path)
     model.eval().to(device)
-    alphabet = get_alphabet(cfg["alphabet"])
+    alphabet = alphabet_from_card(cfg["alphabet"])
     process = build_process(
         alphabet.size, alphabet.pad_id, alphabet.mask_id, cfg.get("schedule", "loglinear")
     )
