@@ -18,8 +18,11 @@ feasible sequences score 0. The benchmark
    ``refine`` (rounds that re-mask and resample the selection), ``svdd`` (SVDD look-ahead on top),
    ``finetune`` and ``finetune_svdd`` (the same with ``finetune: {}`` between rounds).
 
+Needs holo, which is no extra of molgen (its pins fight torch's): ``pip install botorch pooch`` and
+``pip install --no-deps pytorch-holo``.
+
     python benchmarks/ehrlich.py --states 32 --length 32 --motifs 4 --motif-length 4 --quantization 4 \\
-        --oracle-calls 8000 --seed 0 --json benchmarks/results/ehrlich_32.json --png benchmarks/results/ehrlich_32.png
+        --oracle-calls 16000 --seed 0 --json OUT.json --png OUT.png
 
 JSON: ``rows`` of ``{"method", "oracle_calls", "best_value"}`` (the best value within the first oracle_calls
 calls, at 64 points of the budget), ``summary`` (per method: best value within the budget, calls to reach 1.0
@@ -206,19 +209,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--motifs", type=int, default=4)
     p.add_argument("--motif-length", type=int, default=4)
     p.add_argument("--quantization", type=int, default=None, help="default: the motif length")
-    p.add_argument("--oracle-calls", type=int, default=8000)
+    p.add_argument("--oracle-calls", type=int, default=16000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="*", default=["ga", "ga_mut1/L", *CAMPAIGNS])
     p.add_argument("--prior-size", type=int, default=4096, help="training sequences from the initial distribution")
     p.add_argument("--prior-minutes", type=float, default=3.0)
-    p.add_argument("--per-round", type=int, default=128, help="campaign designs per round")
+    p.add_argument("--per-round", type=int, default=64, help="campaign designs per round")
     p.add_argument("--keep", type=int, default=16, help="campaign selection size")
     p.add_argument("--steps", type=int, default=16, help="campaign sampler steps")
-    p.add_argument("--refine-fraction", type=float, default=0.75, help="share of a round refining the selection")
-    p.add_argument("--refine-t", type=float, default=0.3, help="refinement noise level (share of letters re-masked)")
+    p.add_argument("--refine-fraction", type=float, default=0.9, help="share of a round refining the selection")
+    p.add_argument("--refine-t", type=float, default=0.15, help="refinement noise level (share of letters re-masked)")
     p.add_argument("--min-distance", type=float, default=None, help="campaign selection's diversity filter")
     p.add_argument("--kl-bound", type=float, default=1.0, help="fine-tuning's KL bound (nats per masked letter)")
-    p.add_argument("--finetune-steps", type=int, default=32, help="fine-tuning steps per round")
+    p.add_argument("--finetune-steps", type=int, default=16, help="fine-tuning steps per round")
     p.add_argument("--ga-particles", type=int, default=128)
     p.add_argument("--work", default=None, help="folder for the prior and the campaigns (default runs/ehrlich/...)")
     p.add_argument("--json", required=True)

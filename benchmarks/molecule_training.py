@@ -8,11 +8,9 @@ Each source is a molgen checkpoint or a run folder: its ``exports/step_N.pt`` (w
 ``--n`` molecules per step count with ``sample_molecules`` (seed ``--seed``, ``--solver``) and scored with
 ``evaluate``. Training cost = card ``train_wall_s`` plus that of the checkpoint it was warm-started from
 (card ``init``), times the threads on its ``hardware`` line, in CPU-hours. Every model is measured with the
-default sampler; linear-flow models also with the ``--flow-samplers`` named in ``FLOW_SAMPLERS``: from the
-pure-noise end on a grid equally spaced in sqrt(t), at step scales 1-1.3. (The default grid starts at
-sigma/alpha = 4 A from N(0, prior_std^2), a VP prior: on the flow path x has standard deviation
-sqrt(0.2^2 sd^2 + 0.8^2) = 0.85 there; and its step scale 1.5 was set for the VP model, with which OT-coupled
-flow models over-bond.) Standard errors:
+default sampler (which starts at sigma/alpha = 4 A, its noise carried along the flow, with the step scale 1.5
+chosen for the VP model); linear-flow models also with the ``--flow-samplers`` named in ``FLOW_SAMPLERS``: from
+the pure-noise end on a grid equally spaced in sqrt(t), at step scales 1-1.3. Standard errors:
 sqrt(p (1 - p) / n) for molecule stability and validity; for atom stability, whose atoms share molecules, the
 ratio estimator's sqrt(sum_i (s_i - p n_i)^2) / sum_i n_i (s_i stable atoms of molecule i, n_i its atoms).
 Writes a results table (``benchmarks/results_table.py`` format: title, command, commit, date, hardware, columns,

@@ -1,5 +1,5 @@
-"""Reward fine-tuning of masked-diffusion denoisers: reward-weighted likelihood on scored designs, through a
-low-rank adapter, with a KL leash to the frozen pretrained model.
+"""Reward fine-tuning of denoisers: reward-weighted likelihood (masked diffusion) or denoising error (continuous
+diffusion) on scored designs, through a low-rank adapter, with a KL leash to the frozen pretrained model.
 
 Adapter (LoRA, Hu et al. 2021): every ``nn.Linear`` the denoiser calls as a module outside its transformer
 layers (the sequence denoiser's dilated-conv output projections and the output head; PyTorch's fused
@@ -25,6 +25,16 @@ beta = 0 and lambda = 0 give the plain per-token NELBO of the designs. A step wh
 finite, or after which the KL on its batch exceeds ``kl_bound``, is rolled back (adapter and optimiser state
 restored bit for bit) and reported.
 
+Continuous models (molecules, backbones; ``finetune_continuous``): the same adapter, weights, batches and
+roll-back, with the reward-weighted denoising error in place of the NELBO, on x_t = alpha(t) x_i + sigma(t) eps
+(eps in the state's space, t uniform on the schedule's range):
+
+    L(theta) = sum_i w_i |x0_theta(x_t) - x_i|^2 / (d_i v)  +  lambda KL,
+    KL = 1/2 mean_i |x0_theta(x_t) - x0_ref(x_t)|^2 / (d_i v),
+
+d_i the design's real coordinates and v the designs' variance per coordinate: the KL per coordinate between
+N(x0_theta, v) and N(x0_ref, v), the two denoisers' posteriors on x0 taken as Gaussians of the data's width.
+
 GRPO (``grpo``, Shao et al. 2024) on the sampler's own steps: G samples per prior state (a group) are drawn
 with the ancestral sampler, recording every state x_{t_k}; rewards r_i (a raising reward or a NaN value counts
 as ``penalty``) give advantages A_i = (r_i - mean_group r) / std_group r; each update minimises
@@ -37,6 +47,7 @@ x_{t_k}^j = m != x_{t_{k+1}}^j of log p_theta(x_{t_{k+1}}^j | x_{t_k}) (which po
 on the model), and KL_k is the KL above on the masked positions of x_{t_k}. Roll-back as above.
 
     model, report = finetune(base, process, tokens, scores, FinetuneSettings(steps=32))
+    model, report = finetune_continuous(base, sampler, x0, mask, scores, FinetuneSettings(steps=32))
     save_adapter("ft.pt", model, report, base_sha256=digest, settings=FinetuneSettings(steps=32))
     model, card = load_adapter("ft.pt", base, base_sha256=digest)
     model, report = grpo(base, process, prior, reward, decode, GRPOSettings(iterations=8))
@@ -260,6 +271,86 @@ def finetune(base: nn.Module, process: MaskedDiffusion, tokens: Tensor, scores: 
     report.model_calls = rows * CALLS_PER_ROW
     report.seconds = time.perf_counter() - t0
     return model.requires_grad_(False), report
+
+
+def continuous_terms(model: nn.Module, ref: nn.Module, sampler: Any, x0: Tensor, mask: Tensor | None, t: Tensor,
+                     eps: Tensor, scale: float, kl_weight: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, denoising error, KL) of a continuous model on x_t = alpha(t) x0 + sigma(t) eps: the mean over the
+    batch of ``|x0_hat - x0|^2 / (d scale)`` (d the design's real coordinates, ``scale`` the data's variance)
+    plus ``kl_weight`` times the KL of N(x0_hat_theta, scale) from N(x0_hat_ref, scale) per coordinate."""
+    from molgen.diffusion.parameterization import to_x0
+    from molgen.diffusion.schedules import get_schedule
+    from molgen.diffusion.spaces import expand_mask
+
+    schedule = get_schedule(sampler.schedule)
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    alpha, sigma = (f(t.double()).to(x0.dtype).view(shape) for f in (schedule.alpha, schedule.sigma))
+    x_t = sampler.space.project(alpha * x0 + sigma * eps, mask)
+    cond = {} if mask is None else {"mask": mask}
+    prediction = sampler.prediction or model.prediction
+    x0_hat = to_x0(prediction, model(x_t, t, **cond).to(x0.dtype), x_t, alpha, sigma)
+    with torch.no_grad():
+        x0_ref = to_x0(prediction, ref(x_t, t, **cond).to(x0.dtype), x_t, alpha, sigma)
+    m = expand_mask(mask, x0)
+    real = torch.ones_like(x0) if m is None else m.expand_as(x0).to(x0.dtype)
+    per_row = real.flatten(1).sum(1).clamp_min(1) * scale
+    err = (((x0_hat - x0) ** 2 * real).flatten(1).sum(1) / per_row).mean()
+    kl = 0.5 * (((x0_hat - x0_ref) ** 2 * real).flatten(1).sum(1) / per_row).mean()
+    return err + kl_weight * kl, err, kl
+
+
+def finetune_continuous(base: nn.Module, sampler: Any, x0: Tensor, mask: Tensor | None, scores: Tensor,
+                        settings: FinetuneSettings = FinetuneSettings(), penalty: float | None = None,
+                        start: nn.Module | None = None) -> tuple[nn.Module, FinetuneReport]:
+    """Reward-weighted denoising fine-tuning of a continuous model (molecules, backbones): the same adapter,
+    weights, batches and roll-back as ``finetune``, with the denoising error of ``continuous_terms`` at times
+    uniform on the schedule's range in place of the NELBO; ``sampler`` (an engine ``Sampler``) gives the
+    schedule, the state's space and the prediction; ``x0`` [N, ...] the designs as model states, ``mask`` their
+    real entries (None: all). The report's ``nelbo`` holds the last kept step's denoising error."""
+    from molgen.diffusion.schedules import get_schedule
+
+    if len(x0) != len(scores) or not len(x0):
+        raise ValueError(f"fine-tuning needs one score per design, got {len(x0)} designs, {len(scores)} scores")
+    t0, s = time.perf_counter(), settings
+    schedule = get_schedule(sampler.schedule)
+    model = with_adapter(base, s.rank, s.seed).eval()
+    if start is not None:
+        restore(model, lora_state(start))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=s.lr)
+    w = design_weights(scores, s.beta, penalty)
+    real = x0 if mask is None else x0[mask.bool()]
+    scale = float(real.var()) if real.numel() > 1 else 1.0
+    g = torch.Generator().manual_seed(s.seed)
+    report = FinetuneReport(steps=0, data_size=len(x0))
+    for step in range(s.steps):
+        idx = torch.multinomial(w, s.batch, replacement=True, generator=g)
+        xb, mb = x0[idx], None if mask is None else mask[idx]
+        u = torch.rand(len(xb), generator=g, dtype=torch.float64)
+        t = (schedule.t_min + (schedule.t_max - schedule.t_min) * u).to(xb.dtype)
+        eps = sampler.space.noise_like(xb, mb, g)
+
+        def terms(xb=xb, mb=mb, t=t, eps=eps) -> tuple[Tensor, ...]:
+            loss, err, kl = continuous_terms(model, base, sampler, xb, mb, t, eps, scale, s.kl_weight)
+            return loss, kl, err
+
+        after, why = guarded_step(model, opt, terms, s.kl_bound)
+        if why:
+            report.rolled_back.append((step, why))
+            continue
+        report.steps += 1
+        report.loss, report.kl, report.nelbo = (float(v) for v in after)
+    report.model_calls = s.steps * s.batch * CALLS_PER_ROW
+    report.seconds = time.perf_counter() - t0
+    return model.requires_grad_(False), report
+
+
+def finetune_on(sampler: Any, x0: Tensor, mask: Tensor | None, scores: Tensor, settings: FinetuneSettings,
+                penalty: float | None = None, start: nn.Module | None = None) -> tuple[nn.Module, FinetuneReport]:
+    """Fine-tune the model of a campaign's sampler: ``finetune`` for a masked-diffusion ``DiscreteSampler``
+    (``x0`` tokens), ``finetune_continuous`` for an engine ``Sampler``."""
+    if isinstance(sampler, DiscreteSampler):
+        return finetune(sampler.model, sampler.process, x0, scores, settings, penalty=penalty, start=start)
+    return finetune_continuous(sampler.model, sampler, x0, mask, scores, settings, penalty=penalty, start=start)
 
 
 # --------------------------------------------------------------------------------------------- checkpoints

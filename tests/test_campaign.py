@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
 import signal
 import sqlite3
@@ -349,9 +350,32 @@ def test_finetune_key_is_checked_and_part_of_the_identity():
         CampaignConfig.from_mapping(tiny(finetune={"stepz": 3}))
     with pytest.raises(ValueError, match="finetune.lr must be a finite number > 0"):
         CampaignConfig.from_mapping(tiny(finetune={"lr": 0}))
-    with pytest.raises(ValueError, match="fine-tuning between rounds is available for"):
-        CampaignConfig.from_mapping({"modality": "molecules", "rewards": [{"name": "qed", "spec": "qed"}],
-                                     "finetune": {}})
+    for modality in ("molecules", "backbones"):  # continuous models fine-tune too
+        CampaignConfig.from_mapping({"modality": modality, "rewards": [{"name": "r", "spec": "qed" if modality ==
+                                     "molecules" else "rg"}], "finetune": {}})
+
+
+@pytest.mark.parametrize("modality, values", [
+    ("molecules", {"n_per_round": 4, "sampler": {"steps": 4}, "rewards": [{"name": "qed", "spec": "qed"}]}),
+    ("backbones", {"n_per_round": 4, "length": 40, "sampler": {"steps": 4},
+                   "rewards": [{"name": "compact", "spec": "quadratic:c=0,tau=10"}]}),
+])
+def test_continuous_campaigns_fine_tune_between_rounds(tmp_path, modality, values):
+    from molgen.finetune import lora_state
+
+    cfg = CampaignConfig.from_mapping({"modality": modality, "rounds": 3, "selection": {"k": 2},
+                                       "finetune": {"steps": 3, "batch": 4}, **values})
+    c = Campaign(cfg, tmp_path / "c").run()
+    folder = tmp_path / "c" / "finetune"
+    cards = {r: json.loads((folder / f"round-00{r}.json").read_text())["provenance"] for r in (2, 3)}
+    assert [p["data_size"] for p in cards.values()] == [4, 8]  # every design scored before the round
+    calls = c.rounds_frame().set_index("round")["model_calls"]
+    for r, prov in cards.items():
+        assert prov["steps"] + len(prov["rolled_back"]) == 3 and prov["model_calls"] == 3 * 4 * 6
+        assert math.isfinite(prov["nelbo"]) and prov["kl"] >= 0 and calls[r] > prov["model_calls"]
+    adapter, _ = c.finetuned(3)
+    assert any(float(v.abs().max()) > 0 for k, v in lora_state(adapter).items() if k.endswith("lora_b"))
+    assert len(c.samples_frame()) == 12
 
 
 def test_finetuned_rounds_count_their_calls_and_resume_with_the_same_weights(tmp_path, monkeypatch, uninterrupted):

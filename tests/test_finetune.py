@@ -1,6 +1,7 @@
 """Reward fine-tuning (``molgen.finetune``): an adapter at init is exact, the objective's limits, NaN scores,
 roll-back bit for bit, checkpoints with cards, that fine-tuning raises the likelihood of the rewarded designs;
-GRPO's advantages, clipped ratio and per-step likelihoods, failing rewards, and that it raises the reward."""
+GRPO's advantages, clipped ratio and per-step likelihoods, failing rewards, and that it raises the reward;
+continuous models: the weighted denoising loss's minimiser and the KL bound."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from molgen.finetune import (
+    CALLS_PER_ROW,
     FinetuneSettings,
     GRPOSettings,
     adapter_state,
@@ -214,3 +216,41 @@ def test_grpo_raises_the_reward_and_survives_a_failing_reward():
     assert all(torch.isfinite(p).all() for p in tuned.parameters())
     assert report.model_calls == 8 * 16 * 4 * (1 + 2 * 6) and report.data_size == 128
     assert sum(report.reward_means[-2:]) / 2 > sum(report.reward_means[2:4]) / 2 + 0.1
+
+
+class _AffineX0(torch.nn.Module):
+    """x0_hat = W [x_t, t, 1]: with W = 0 it predicts the origin; a rank-2 adapter can make it any constant."""
+
+    prediction = "x0"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 2, bias=False)
+        torch.nn.init.zeros_(self.lin.weight)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.lin(torch.cat([x, t[:, None].to(x.dtype), torch.ones_like(x[:, :1])], -1))
+
+
+def test_continuous_finetuning_moves_the_denoiser_to_the_rewarded_design():
+    from molgen.diffusion.sampling import Sampler
+    from molgen.finetune import finetune_continuous, finetune_on
+
+    base = _AffineX0()
+    sampler = Sampler(base, "vp_cosine", "ddim", steps=4)
+    designs = torch.tensor([[1.0, 2.0], [-1.0, -2.0], [0.5, -0.5]])
+    scores = torch.tensor([3.0, 0.0, float("nan")])  # the NaN design counts as the penalty
+    settings = FinetuneSettings(steps=300, lr=0.05, beta=50.0, kl_weight=0.0, kl_bound=1e6, rank=2, batch=16)
+    model, report = finetune_on(sampler, designs, None, scores, settings, penalty=-1.0)
+    assert report.steps == 300 and not report.rolled_back and report.model_calls == 300 * 16 * CALLS_PER_ROW
+    x_t, t = torch.randn(64, 2), torch.rand(64)
+    # the weighted denoising loss is minimised by predicting the (all but only) rewarded design everywhere
+    assert torch.allclose(model(x_t, t), designs[0].expand(64, 2), atol=0.05)
+    assert torch.equal(base(x_t, t), torch.zeros(64, 2))  # the base is the frozen reference
+    # the KL to the base: 0.5 |x0_theta - x0_ref|^2 / var(designs) per coordinate, here large
+    assert report.kl == pytest.approx(0.5 * float((designs[0] ** 2).mean()) / float(designs.var()), rel=0.1)
+    # a bound below any move rolls every step back and leaves the model exactly the base
+    held, report = finetune_continuous(base, sampler, designs, None, scores, FinetuneSettings(
+        steps=5, lr=0.05, kl_bound=1e-12, rank=2, batch=4))
+    assert report.steps == 0 and len(report.rolled_back) == 5 and "above bound" in report.rolled_back[0][1]
+    assert torch.equal(held(x_t, t), base(x_t, t))

@@ -16,8 +16,8 @@
     guidance: {method: svdd, candidates: 4}        # unguided | bon | svdd | fk | dps (+ alpha, particles, lam, ...)
     selection: {rule: top_k, k: 16, min_distance: 0.3}   # top_k | pareto; objectives: rewards | rewards+naturalness
     refine: {fraction: 0.5, t: 0.5}    # rounds >= 2: this share of n refines the selection, re-noised to t
-    finetune: {}                       # rna/dna/sequences: before each round >= 2, fine-tune an adapter on every design
-                                       # scored so far (molgen.finetune; {} = defaults, null/absent = off)
+    finetune: {}                       # before each round >= 2, fine-tune an adapter on every design scored
+                                       # so far (molgen.finetune; {} = defaults, null/absent = off)
     database: null                     # null = sqlite:///DIR/campaign.sqlite; or a SQLAlchemy URL
 
 ``identity()`` is what decides the designs: a folder holding a campaign of another identity is refused.
@@ -43,7 +43,6 @@ from molgen.modalities import names as modality_names
 
 METHODS = tuple(m for m in GUIDANCE_METHODS if m != "svdd_mc")  # SVDD-MC needs a value net per reward
 RULES = ("top_k", "pareto")
-FINETUNE_MODALITIES = ("rna", "dna", "sequences")  # the masked discrete models
 OBJECTIVES = ("rewards", "rewards+naturalness")
 
 
@@ -284,13 +283,10 @@ def validate(cfg: CampaignConfig) -> None:
     if not 0 < ref.t <= 1:
         raise ValueError(f"refine.t must be in (0, 1], got {ref.t}")
     if cfg.finetune is not None:
-        _check_finetune(cfg.finetune, cfg.modality)
+        _check_finetune(cfg.finetune)
 
 
-def _check_finetune(ft: FinetuneSpec, modality: str) -> None:
-    if modality not in FINETUNE_MODALITIES:
-        raise ValueError(f"finetune: fine-tuning between rounds is available for {list(FINETUNE_MODALITIES)} "
-                         f"(masked discrete models), not {modality!r}")
+def _check_finetune(ft: FinetuneSpec) -> None:
     for key in ("steps", "rank", "batch"):
         if getattr(ft, key) < 1:
             raise ValueError(f"finetune.{key} must be >= 1, got {getattr(ft, key)}")

@@ -188,22 +188,20 @@ class Campaign:
         ``finetune_path(root, r)`` when a previous attempt saved it, else fine-tuned from round r - 1's adapter
         (round 2: from zero) on every design of the finished rounds (seed ``derived_seed("molgen-finetune",
         seed, r)``) and saved there with its card."""
-        from molgen.finetune import finetune, load_adapter, save_adapter
+        from molgen.finetune import finetune_on, load_adapter, save_adapter
 
         problem = self.rounds.problem
-        base = problem.sampler.model
         path = finetune_path(self.root, r)
         if path.is_file() and path.with_suffix(".json").is_file():
-            model, card = load_adapter(path, base, problem.sha256)
+            model, card = load_adapter(path, problem.sampler.model, problem.sha256)
             return model, int(card["provenance"]["model_calls"])
         frame = self.samples_frame()
-        tokens, _ = self.modality.encode(problem, [design_of(row) for _, row in frame.iterrows()])
+        x0, mask = self.modality.encode(problem, [design_of(row) for _, row in frame.iterrows()])
         scores = torch.tensor(frame["score"].to_numpy(dtype=np.float64))
         settings = self.config.finetune.settings(derived_seed("molgen-finetune", self.config.seed, r))
         reward = self.guide_reward()
         start = self.finetuned(r - 1)[0] if r >= 3 else None
-        model, report = finetune(base, problem.sampler.process, tokens, scores, settings, penalty=reward.penalty,
-                                 start=start)
+        model, report = finetune_on(problem.sampler, x0, mask, scores, settings, penalty=reward.penalty, start=start)
         save_adapter(path, model, report, base_sha256=problem.sha256, settings=settings, reward=reward.name,
                      base_checkpoint=str(problem.checkpoint))
         return model, report.model_calls
