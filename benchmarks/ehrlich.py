@@ -16,6 +16,7 @@ feasible sequences score 0. The benchmark
    ``ga`` (holo's ``DiscreteEvolution`` from the initial solution, as holo's benchmark runs it; ``ga_mut1/L`` with
    one expected mutation per child), ``best_of_n`` (campaign rounds of prior samples, selection only),
    ``refine`` (rounds that re-mask and resample the selection), ``svdd`` (SVDD look-ahead on top),
+   ``surrogate`` (SVDD-MC steered by a value net fitted on the campaign's scores: no oracle calls while sampling),
    ``finetune`` and ``finetune_svdd`` (the same with ``finetune: {}`` between rounds).
 
 Needs holo, which is no extra of molgen (its pins fight torch's): ``pip install botorch pooch`` and
@@ -128,6 +129,7 @@ CAMPAIGNS: dict[str, dict[str, Any]] = {  # beside the common keys; refine: the 
     "best_of_n": {"refine": None},
     "refine": {},
     "svdd": {"guidance": {"method": "svdd", "candidates": 2}},
+    "surrogate": {"guidance": {"method": "svdd_mc", "candidates": 4}},
     "finetune": {"finetune": True},
     "finetune_svdd": {"finetune": True, "guidance": {"method": "svdd", "candidates": 2}},
 }

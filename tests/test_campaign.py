@@ -49,10 +49,10 @@ def crash_in_round_2(campaign: Campaign, monkeypatch) -> None:
     """Run ``campaign`` until its round 2 starts generating (the first round with parents), then kill it."""
     original = RoundGenerator.generate
 
-    def fail_in_round_2(self, n, seed, reward, parents):
+    def fail_in_round_2(self, n, seed, reward, parents, value=None):
         if parents:
             raise RuntimeError("worker died")
-        return original(self, n, seed, reward, parents)
+        return original(self, n, seed, reward, parents, value)
 
     monkeypatch.setattr(RoundGenerator, "generate", fail_in_round_2)
     with pytest.raises(RuntimeError, match="worker died"):

@@ -118,3 +118,21 @@ def test_campaign_over_a_user_alphabet_with_finetuning(prior, tmp_path):
     sel = [c.selected(r)["a_share"].mean() for r in (1, 2, 3)]
     assert sel == sorted(sel) and sel[-1] > frame[frame["round"] == 1]["a_share"].mean()
     assert torch.isfinite(torch.tensor(frame["naturalness"].to_numpy())).all()
+
+
+@pytest.mark.parametrize("guidance, calls_per_round", [({"method": "unguided"}, 8),
+                                                       ({"method": "svdd_mc", "candidates": 3}, 8)])
+def test_the_oracle_is_asked_once_per_design(prior, tmp_path, guidance, calls_per_round):
+    """A single reward is scored by the guidance run and reused; svdd_mc's surrogate asks it nothing more."""
+    log = tmp_path / "calls.txt"
+    oracle = tmp_path / "oracle.py"
+    oracle.write_text(f"def score(seqs):\n    open({str(log)!r}, 'a').write(f'{{len(seqs)}}\\n')\n"
+                      "    return [s.count('a') / len(s) for s in seqs]\n")
+    cfg = CampaignConfig.from_mapping({"modality": "sequences", "checkpoint": str(prior), "rounds": 3,
+                                       "n_per_round": 8, "length": 12, "selection": {"k": 4}, "guidance": guidance,
+                                       "rewards": [{"name": "a", "spec": f"python:{oracle}:score"}]})
+    c = Campaign(cfg, tmp_path / "c").run()
+    assert sum(int(n) for n in log.read_text().split()) == 3 * calls_per_round
+    frame = c.samples_frame()
+    expect = [s.count("a") / len(s) for s in frame["sequence"]]
+    assert frame["a"].tolist() == pytest.approx(expect) and frame["score"].tolist() == pytest.approx(expect)

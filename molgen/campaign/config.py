@@ -13,7 +13,9 @@
       - {name: stability, spec: rna_mfe, weight: 0.1}
       - {name: hairpin, spec: "rna_target:((((((....))))))", weight: 1.0}
       # your own scorer: {name: oracle, spec: "python:oracle.py:score"} (list of designs -> numbers)
-    guidance: {method: svdd, candidates: 4}        # unguided | bon | svdd | fk | dps (+ alpha, particles, lam, ...)
+    guidance: {method: svdd, candidates: 4}        # unguided | bon | svdd | fk | dps | svdd_mc (+ alpha, ...);
+                                       # svdd_mc: from round 2, a value net fitted on every design scored so
+                                       # far steers SVDD (no reward calls while sampling); round 1 unguided
     selection: {rule: top_k, k: 16, min_distance: 0.3}   # top_k | pareto; objectives: rewards | rewards+naturalness
     refine: {fraction: 0.5, t: 0.5}    # rounds >= 2: this share of n refines the selection, re-noised to t
     finetune: {}                       # before each round >= 2, fine-tune an adapter on every design scored
@@ -41,7 +43,7 @@ from molgen.guidance.tasks import METHODS as GUIDANCE_METHODS
 from molgen.modalities import choose, get_modality
 from molgen.modalities import names as modality_names
 
-METHODS = tuple(m for m in GUIDANCE_METHODS if m != "svdd_mc")  # SVDD-MC needs a value net per reward
+METHODS = GUIDANCE_METHODS  # svdd_mc: its value net is fitted on the campaign's own scores (runner.surrogate)
 RULES = ("top_k", "pareto")
 OBJECTIVES = ("rewards", "rewards+naturalness")
 

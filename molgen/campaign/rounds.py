@@ -26,8 +26,12 @@ from molgen.modalities import Design, Modality, get_modality
 
 @dataclass
 class RoundOutput:
+    """A round's designs, the model calls they cost and the guided reward of each (as the guidance run scored
+    them)."""
+
     designs: list[Design]
     model_calls: int
+    rewards: torch.Tensor
 
 
 def checkpoint_path(cfg: CampaignConfig) -> Path:
@@ -54,31 +58,37 @@ class RoundGenerator:
         self.sampling = self.problem if model is None else dataclasses.replace(
             self.problem, sampler=dataclasses.replace(base, model=model))
 
-    def generate(self, n: int, seed: int, reward: Any, parents: Sequence[tuple[str, Design]]) -> RoundOutput:
-        """``n`` designs: ``refine.fraction`` of them (when there are parents) refine the parents in turn."""
+    def generate(self, n: int, seed: int, reward: Any, parents: Sequence[tuple[str, Design]],
+                 value: Any = None) -> RoundOutput:
+        """``n`` designs: ``refine.fraction`` of them (when there are parents) refine the parents in turn;
+        ``value``: SVDD-MC's value hook (``svdd_mc`` without one draws unguided)."""
         parents = [p for p in parents if self.modality.refinable(p[1])]
         n_refine = round(self.cfg.refine.fraction * n) if parents else 0
         designs: list[Design] = []
+        rewards: list[torch.Tensor] = []
         calls = 0
         if n - n_refine:
-            res = self._guide(self.sampling, reward, n - n_refine, seed)
+            res = self._guide(self.sampling, reward, n - n_refine, seed, value)
             designs += self.modality.designs(self.problem, res)
+            rewards.append(res.rewards.double().cpu())
             calls += res.model_calls
         if n_refine:
             picked = [parents[i % len(parents)] for i in range(n_refine)]
             problem = self.refine_problem([d for _, d in picked])
-            res = self._guide(problem, reward, n_refine, seed + 1)
+            res = self._guide(problem, reward, n_refine, seed + 1, value)
             for d, (pid, _) in zip(self.modality.designs(self.problem, res), picked):
                 designs.append(dataclasses.replace(d, parent=pid, origin="refine"))
+            rewards.append(res.rewards.double().cpu())
             calls += res.model_calls
-        return RoundOutput(designs, calls)
+        return RoundOutput(designs, calls, torch.cat(rewards))
 
-    def _guide(self, problem: Any, reward: Any, n: int, seed: int) -> Any:
+    def _guide(self, problem: Any, reward: Any, n: int, seed: int, value: Any = None) -> Any:
         from molgen.guidance.tasks import guide
 
         g = self.cfg.guidance
-        return guide(problem, g.method, reward, n, candidates=g.candidates, particles=g.particles, alpha=g.alpha,
-                     lam=g.lam, potential=g.potential, dps_scale=g.scale, seed=seed)
+        method = "unguided" if g.method == "svdd_mc" and value is None else g.method
+        return guide(problem, method, reward, n, candidates=g.candidates, particles=g.particles, alpha=g.alpha,
+                     lam=g.lam, potential=g.potential, dps_scale=g.scale, value=value, seed=seed)
 
     def refine_problem(self, parents: Sequence[Design]) -> Any:
         """The problem whose sampler starts at t = refine.t and whose prior is the parents noised to t."""

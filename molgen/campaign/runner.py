@@ -18,6 +18,10 @@ adapter fine-tuned on every design of rounds < r and its score (``molgen.finetun
 at zero, round r's continues round r - 1's; the KL is always to the campaign's model), saved as
 ``DIR/finetune/round-RRR.pt`` with its card before the round generates; a resumed round reads it back, so it
 draws with the same weights. The fine-tuning's model calls count in the round's ``model_calls``.
+
+With ``guidance: {method: svdd_mc}`` round r >= 2 is steered by a value network regressed on every design of
+rounds < r and its score (a surrogate of the rewards; ``surrogate``), so sampling calls no reward: each round
+costs ``n_per_round`` reward calls. Round 1 is drawn unguided.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from molgen.seeds import derived_seed
 
 CONFIG_FILE = "campaign.json"
 FINETUNE_DIR = "finetune"
+SURROGATE_STEPS = 300  # value-net fitting steps before each svdd_mc round
 
 
 class Campaign:
@@ -159,12 +164,12 @@ class Campaign:
         t0 = time.perf_counter()
         tuned, tuning_calls = self.finetuned(r) if cfg.finetune is not None and r >= 2 else (None, 0)
         self.rounds.use_model(tuned)
-        out = self.rounds.generate(cfg.n_per_round, seed, self.guide_reward(), self._parents(r))
+        value = self.surrogate(r) if cfg.guidance.method == "svdd_mc" and r >= 2 else None
+        out = self.rounds.generate(cfg.n_per_round, seed, self.guide_reward(), self._parents(r), value)
         if len(out.designs) != cfg.n_per_round:
             raise RuntimeError(f"round {r}: generated {len(out.designs)} of {cfg.n_per_round} designs")
         t1 = time.perf_counter()
-        inputs = self.modality.reward_inputs(out.designs)
-        values = {spec.name: reward(inputs).double().cpu().numpy() for spec, reward in zip(cfg.rewards, self.rewards)}
+        values = self._scores(out)
         score = sum(spec.weight * values[spec.name] for spec in cfg.rewards)
         t2 = time.perf_counter()
         ids = [sample_id(r, i) for i in range(len(out.designs))]
@@ -182,6 +187,15 @@ class Campaign:
             "model_calls": int(out.model_calls) + tuning_calls, "seconds_generate": t1 - t0, "seconds_score": t2 - t1,
             "seconds_select": t3 - t2})
         return {"n": len(samples), "best": float(np.max(score)), "selected": len(chosen), "seconds": t3 - t0}
+
+    def _scores(self, out: Any) -> dict[str, np.ndarray]:
+        """Each reward's values on a round's designs. A single reward of weight 1 is what guidance steered by and
+        already scored, so its scores are reused (an expensive oracle is asked once per design)."""
+        if self.guide_reward() is self.rewards[0] and bool(torch.isfinite(out.rewards).all()):
+            return {self.config.rewards[0].name: out.rewards.numpy()}
+        inputs = self.modality.reward_inputs(out.designs)
+        return {spec.name: reward(inputs).double().cpu().numpy() for spec, reward in zip(self.config.rewards,
+                                                                                          self.rewards)}
 
     def finetuned(self, r: int) -> tuple[torch.nn.Module, int]:
         """The adapted model round ``r`` draws from and the model calls its fine-tuning cost: read back from
@@ -205,6 +219,25 @@ class Campaign:
         save_adapter(path, model, report, base_sha256=problem.sha256, settings=settings, reward=reward.name,
                      base_checkpoint=str(problem.checkpoint))
         return model, report.model_calls
+
+    def surrogate(self, r: int) -> Any:
+        """SVDD-MC's value hook for round ``r``: the problem's value net regressed on every design of the finished
+        rounds and its score (noisy states at uniform t, ``guidance.value.fit_value``, ``SURROGATE_STEPS``
+        steps, seed ``derived_seed("molgen-surrogate", seed, r)``), so a resumed round fits the same net."""
+        from molgen.guidance.value import as_value, fit_value
+
+        problem = self.rounds.problem
+        frame = self.samples_frame()
+        x0, mask = self.modality.encode(problem, [design_of(row) for _, row in frame.iterrows()])
+        scores = torch.tensor(frame["score"].to_numpy(dtype=np.float64))
+        scores = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, self.guide_reward().penalty))
+        seed = derived_seed("molgen-surrogate", self.config.seed, r)
+        with torch.random.fork_rng(), torch.enable_grad():
+            torch.manual_seed(seed)
+            net = problem.value_net()
+            fit_value(net, x0, scores, problem.noise, mask=mask, steps=SURROGATE_STEPS,
+                      generator=torch.Generator().manual_seed(seed))
+        return as_value(net.eval())
 
     def _parents(self, r: int) -> list[tuple[str, Design]]:
         if r == 1 or self.config.refine.fraction == 0:
