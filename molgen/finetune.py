@@ -228,49 +228,58 @@ def _finite_grads(model: nn.Module) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- training
-def finetune(base: nn.Module, process: MaskedDiffusion, tokens: Tensor, scores: Tensor,
-             settings: FinetuneSettings = FinetuneSettings(), penalty: float | None = None,
-             start: nn.Module | None = None) -> tuple[nn.Module, FinetuneReport]:
-    """Fine-tune a rank-``settings.rank`` adapter on ``base`` (left untouched, the KL reference) toward the
-    designs ``tokens`` [N, L] with ``scores`` [N], from the adapter of ``start`` (a model of ``with_adapter``
-    of the same rank) or from zero; returns the adapted model (eval mode) and its report."""
-    if len(tokens) != len(scores) or not len(tokens):
-        raise ValueError(f"fine-tuning needs one score per design, got {len(tokens)} designs, {len(scores)} scores")
-    t0 = time.perf_counter()
-    s = settings
-    ref = base
+StepTerms = Callable[[nn.Module, Tensor, torch.Generator], Callable[[], tuple[Tensor, ...]]]
+
+
+def fit_adapter(base: nn.Module, n_designs: int, scores: Tensor, settings: FinetuneSettings, penalty: float | None,
+                start: nn.Module | None, step_terms: StepTerms) -> tuple[nn.Module, FinetuneReport]:
+    """The loop every fine-tuning shares: a rank-``settings.rank`` adapter on ``base`` (left untouched, the KL
+    reference), from the adapter of ``start`` or from zero; each step draws ``batch`` design indices from
+    softmax(beta z) and takes a ``guarded_step`` on ``step_terms(model, idx, generator)()`` (loss, KL, fit
+    term). Returns the adapted model (eval mode) and its report."""
+    if len(scores) != n_designs or not n_designs:
+        raise ValueError(f"fine-tuning needs one score per design, got {n_designs} designs, {len(scores)} scores")
+    t0, s = time.perf_counter(), settings
     model = with_adapter(base, s.rank, s.seed).eval()  # eval: no dropout, so the KL check is deterministic
     if start is not None:
         restore(model, lora_state(start))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=s.lr)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=s.lr)
     w = design_weights(scores, s.beta, penalty)
     g = torch.Generator().manual_seed(s.seed)
-    report = FinetuneReport(steps=0, data_size=len(tokens))
-    rows = 0
-    with torch.enable_grad():
-        for step in range(s.steps):
-            idx = torch.multinomial(w, s.batch, replacement=True, generator=g)
-            x0 = tokens[idx]
-            t = process.sample_t(len(x0), g)
-            uniform = torch.full((len(x0),), 1.0 / len(x0))
-            rows += len(x0)
-            corrupt_seed = int(torch.randint(0, 2**62, (), generator=g))  # the check sees the step's x_t
-
-            def terms(x0=x0, t=t, uniform=uniform, seed=corrupt_seed) -> tuple[Tensor, ...]:
-                loss, nelbo, kl = objective(model, ref, process, x0, uniform, t, torch.Generator().manual_seed(seed),
-                                            s.kl_weight)
-                return loss, kl, nelbo
-
-            after, why = guarded_step(model, opt, terms, s.kl_bound)
-            if why:
-                report.rolled_back.append((step, why))
-                continue
-            report.steps += 1
-            report.loss, report.kl, report.nelbo = (float(v) for v in after)
-    report.model_calls = rows * CALLS_PER_ROW
+    report = FinetuneReport(steps=0, data_size=n_designs)
+    for step in range(s.steps):
+        idx = torch.multinomial(w, s.batch, replacement=True, generator=g)
+        after, why = guarded_step(model, opt, step_terms(model, idx, g), s.kl_bound)
+        if why:
+            report.rolled_back.append((step, why))
+            continue
+        report.steps += 1
+        report.loss, report.kl, report.nelbo = (float(v) for v in after)
+    report.model_calls = s.steps * s.batch * CALLS_PER_ROW
     report.seconds = time.perf_counter() - t0
     return model.requires_grad_(False), report
+
+
+def finetune(base: nn.Module, process: MaskedDiffusion, tokens: Tensor, scores: Tensor,
+             settings: FinetuneSettings = FinetuneSettings(), penalty: float | None = None,
+             start: nn.Module | None = None) -> tuple[nn.Module, FinetuneReport]:
+    """Fine-tune an adapter (``fit_adapter``) toward the designs ``tokens`` [N, L] with ``scores`` [N] on the
+    objective above, the corrupted batch drawn once per step so that the roll-back check sees the same x_t."""
+
+    def step_terms(model: nn.Module, idx: Tensor, g: torch.Generator) -> Callable[[], tuple[Tensor, ...]]:
+        x0 = tokens[idx]
+        t = process.sample_t(len(x0), g)
+        uniform = torch.full((len(x0),), 1.0 / len(x0))
+        seed = int(torch.randint(0, 2**62, (), generator=g))
+
+        def terms() -> tuple[Tensor, ...]:
+            loss, nelbo, kl = objective(model, base, process, x0, uniform, t, torch.Generator().manual_seed(seed),
+                                        settings.kl_weight)
+            return loss, kl, nelbo
+
+        return terms
+
+    return fit_adapter(base, len(tokens), scores, settings, penalty, start, step_terms)
 
 
 def continuous_terms(model: nn.Module, ref: nn.Module, sampler: Any, x0: Tensor, mask: Tensor | None, t: Tensor,
@@ -302,46 +311,30 @@ def continuous_terms(model: nn.Module, ref: nn.Module, sampler: Any, x0: Tensor,
 def finetune_continuous(base: nn.Module, sampler: Any, x0: Tensor, mask: Tensor | None, scores: Tensor,
                         settings: FinetuneSettings = FinetuneSettings(), penalty: float | None = None,
                         start: nn.Module | None = None) -> tuple[nn.Module, FinetuneReport]:
-    """Reward-weighted denoising fine-tuning of a continuous model (molecules, backbones): the same adapter,
-    weights, batches and roll-back as ``finetune``, with the denoising error of ``continuous_terms`` at times
-    uniform on the schedule's range in place of the NELBO; ``sampler`` (an engine ``Sampler``) gives the
-    schedule, the state's space and the prediction; ``x0`` [N, ...] the designs as model states, ``mask`` their
-    real entries (None: all). The report's ``nelbo`` holds the last kept step's denoising error."""
+    """Reward-weighted denoising fine-tuning of a continuous model (molecules, backbones): ``fit_adapter`` with
+    the denoising error of ``continuous_terms`` at times uniform on the schedule's range in place of the NELBO;
+    ``sampler`` (an engine ``Sampler``) gives the schedule, the state's space and the prediction; ``x0`` [N, ...]
+    the designs as model states, ``mask`` their real entries (None: all). The report's ``nelbo`` holds the last
+    kept step's denoising error."""
     from molgen.diffusion.schedules import get_schedule
 
-    if len(x0) != len(scores) or not len(x0):
-        raise ValueError(f"fine-tuning needs one score per design, got {len(x0)} designs, {len(scores)} scores")
-    t0, s = time.perf_counter(), settings
     schedule = get_schedule(sampler.schedule)
-    model = with_adapter(base, s.rank, s.seed).eval()
-    if start is not None:
-        restore(model, lora_state(start))
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=s.lr)
-    w = design_weights(scores, s.beta, penalty)
     real = x0 if mask is None else x0[mask.bool()]
     scale = float(real.var()) if real.numel() > 1 else 1.0
-    g = torch.Generator().manual_seed(s.seed)
-    report = FinetuneReport(steps=0, data_size=len(x0))
-    for step in range(s.steps):
-        idx = torch.multinomial(w, s.batch, replacement=True, generator=g)
+
+    def step_terms(model: nn.Module, idx: Tensor, g: torch.Generator) -> Callable[[], tuple[Tensor, ...]]:
         xb, mb = x0[idx], None if mask is None else mask[idx]
         u = torch.rand(len(xb), generator=g, dtype=torch.float64)
         t = (schedule.t_min + (schedule.t_max - schedule.t_min) * u).to(xb.dtype)
         eps = sampler.space.noise_like(xb, mb, g)
 
-        def terms(xb=xb, mb=mb, t=t, eps=eps) -> tuple[Tensor, ...]:
-            loss, err, kl = continuous_terms(model, base, sampler, xb, mb, t, eps, scale, s.kl_weight)
+        def terms() -> tuple[Tensor, ...]:
+            loss, err, kl = continuous_terms(model, base, sampler, xb, mb, t, eps, scale, settings.kl_weight)
             return loss, kl, err
 
-        after, why = guarded_step(model, opt, terms, s.kl_bound)
-        if why:
-            report.rolled_back.append((step, why))
-            continue
-        report.steps += 1
-        report.loss, report.kl, report.nelbo = (float(v) for v in after)
-    report.model_calls = s.steps * s.batch * CALLS_PER_ROW
-    report.seconds = time.perf_counter() - t0
-    return model.requires_grad_(False), report
+        return terms
+
+    return fit_adapter(base, len(x0), scores, settings, penalty, start, step_terms)
 
 
 def finetune_on(sampler: Any, x0: Tensor, mask: Tensor | None, scores: Tensor, settings: FinetuneSettings,

@@ -3,6 +3,7 @@ a campaign (with fine-tuning) over both."""
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -136,3 +137,15 @@ def test_the_oracle_is_asked_once_per_design(prior, tmp_path, guidance, calls_pe
     frame = c.samples_frame()
     expect = [s.count("a") / len(s) for s in frame["sequence"]]
     assert frame["a"].tolist() == pytest.approx(expect) and frame["score"].tolist() == pytest.approx(expect)
+
+
+def test_a_reward_file_runs_once_per_version(tmp_path):
+    log = tmp_path / "imports.txt"
+    oracle = tmp_path / "oracle.py"
+    oracle.write_text(f"open({str(log)!r}, 'a').write('x')\ndef score(seqs):\n    return [1.0 for _ in seqs]\n")
+    for _ in range(3):
+        parse_reward(f"python:{oracle}:score")
+    assert log.read_text() == "x"
+    oracle.write_text(oracle.read_text().replace("1.0", "2.0"))
+    os.utime(oracle, ns=(oracle.stat().st_atime_ns, oracle.stat().st_mtime_ns + 10**9))
+    assert parse_reward(f"python:{oracle}:score")(["A"]).tolist() == [2.0] and log.read_text() == "xx"

@@ -18,6 +18,7 @@ sums ``qed+0.5*sa`` (terms split on ``+``, so arguments cannot contain ``+``):
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -283,7 +284,6 @@ def python_reward(target: str, penalty: float = -1.0) -> Reward:
     per sample. It runs under the same protection as every reward (exceptions and non-finite scores ->
     ``penalty``, counted); a relative FILE is read from the working directory."""
     import importlib
-    import importlib.util
     from pathlib import Path
 
     where, sep, func = str(target).rpartition(":")
@@ -293,9 +293,7 @@ def python_reward(target: str, penalty: float = -1.0) -> Reward:
         path = Path(where).expanduser().resolve()
         if not path.is_file():
             raise ValueError(f"python reward: no file {path}")
-        spec = importlib.util.spec_from_file_location(f"molgen_user_reward_{abs(hash(str(path)))}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = _user_module(str(path), path.stat().st_mtime_ns)
     else:
         module = importlib.import_module(where)
     fn = getattr(module, func, None)
@@ -307,6 +305,18 @@ def python_reward(target: str, penalty: float = -1.0) -> Reward:
 
 register("quadratic", "any", "-|x - c|^2 / (2 tau^2) on the sample tensor (args c, tau)")(quadratic)
 register("linear", "any", "a * sum(x) on the sample tensor (arg a)")(linear)
+@functools.lru_cache(maxsize=32)
+def _user_module(path: str, mtime_ns: int) -> Any:
+    """A reward file run once per version (a campaign parses its rewards more than once; an oracle may load a
+    model at import)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"molgen_user_reward_{abs(hash((path, mtime_ns)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 register("python", "python", "your own function: python:FILE.py:FUNCTION (list of samples -> one number each)")(
     python_reward)
 

@@ -88,7 +88,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_train_plain(args: argparse.Namespace) -> int:
     from molgen.checkpoints import hardware, save_checkpoint
     from molgen.sequences.alphabets import alphabet_card
-    from molgen.sequences.data import LengthDistribution
+    from molgen.sequences.data import HOLDOUT, LengthDistribution
     from molgen.sequences.model import DenoiserConfig, n_parameters
     from molgen.sequences.pretrained import default_checkpoint, load_pretrained
     from molgen.sequences.training import (
@@ -148,7 +148,7 @@ def run_train_plain(args: argparse.Namespace) -> int:
     provenance = {
         "command": train_command(modality),
         "data": DATA_NOTE.get(modality) or f"{args.fasta} ({len(train) + len(test)} sequences over "
-        f"{alphabet.letters!r}; 5% held out by a hash of the record name)",
+        f"{alphabet.letters!r}; {HOLDOUT:.0%} held out by a hash of the record name)",
         "n_train": len(train),
         "n_heldout": len(test),
         "hardware": hardware(),
@@ -180,9 +180,9 @@ def run_train_plain(args: argparse.Namespace) -> int:
 
 def training_sets(args: argparse.Namespace) -> tuple[Any, Any]:
     """Train and held-out ``SequenceSet``s: the modality's corpus, or (``sequences``) the user's FASTA, with one
-    record held out when the 5 % hash split holds none."""
+    record held out when the hash split (``HOLDOUT``) holds none."""
     from molgen.sequences.alphabets import custom_alphabet
-    from molgen.sequences.data import SequenceSet, holdout, load_dataset, load_fasta, resolve_data_root
+    from molgen.sequences.data import HOLDOUT, SequenceSet, holdout, load_dataset, load_fasta, resolve_data_root
 
     if args.modality != "sequences":
         root = resolve_data_root(args.data)
@@ -191,7 +191,7 @@ def training_sets(args: argparse.Namespace) -> tuple[Any, Any]:
     every = load_fasta(args.fasta, alphabet, max_length=args.max_length)
     if len(every) < 2:
         raise ValueError(f"{args.fasta}: a prior needs at least 2 sequences, got {len(every)}")
-    test = [r for r in every.records if holdout(r.name, 0.05)] or every.records[-1:]
+    test = [r for r in every.records if holdout(r.name, HOLDOUT)] or every.records[-1:]
     held = {id(r) for r in test}
     train = [r for r in every.records if id(r) not in held]
     return SequenceSet(every.alphabet, train), SequenceSet(every.alphabet, test)

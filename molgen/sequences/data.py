@@ -57,6 +57,9 @@ class SequenceSet:
         return pad_batch([self.alphabet.encode(r.seq, r.name) for r in self.records], self.alphabet, length)
 
 
+HOLDOUT = 0.05  # share of records held out by a hash of their name
+
+
 def holdout(name: str, fraction: float) -> bool:
     """Deterministic split: a record is held out when a hash of its name falls below ``fraction``."""
     h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
@@ -80,7 +83,7 @@ def load_rna(
     source: str = "rfam",
     split: str = "train",
     max_length: int = 128,
-    holdout_fraction: float = 0.05,
+    holdout_fraction: float = HOLDOUT,
 ) -> SequenceSet:
     """RNA sequences <= ``max_length`` nt with only A/C/G/U (T read as U); ``split`` is train, test or all.
 
