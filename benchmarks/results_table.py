@@ -17,7 +17,8 @@ temporary file that the benchmark writes), then stores one table per KIND in ben
 the current commit (``git rev-parse --short HEAD``, flagged when the working tree has uncommitted changes), the
 UTC date and a description of the hardware; the benchmark's whole output is kept under ``raw``. KIND selects how
 the table is read from the output: samplers, samplers_overhead, samplers_defaults, default_ends, tuned_plans,
-generation, guidance, sequences, structure, structure_denoising, molecules, likelihood, reliability, rna_design.
+generation, guidance, sequences, structure, structure_denoising, molecules, likelihood, reliability, rna_design,
+ehrlich, campaigns, finetune.
 """
 
 from __future__ import annotations
@@ -266,6 +267,8 @@ def _reliability(raw: dict) -> dict:
 
 RNA_DESIGN_COLUMNS = [["band", "length (nt)", ""], ["method", "method", ""], ["targets", "targets", ""],
                       ["solve_rate", "solved", ".2f"], ["solve_rate_se", "(SE)", ".2f"],
+                      ["undesignable", "proved undesignable", ""],
+                      ["solve_rate_designable", "solved of the designable", ".2f"],
                       ["median_bp_distance", "median bp distance", ".1f"],
                       ["median_target_probability", "median p(target)", ".3g"],
                       ["median_ensemble_defect", "median ensemble defect", ".3f"],
@@ -301,13 +304,21 @@ RAW = {"samplers_overhead": lambda raw: {"rows": [r for r in raw["rows"] if r["t
        "samplers_defaults": lambda raw: {"defaults": raw["summary"]["defaults"]},
        "rna_design": lambda raw: {k: v for k, v in raw.items() if k != "runs"}}  # per-target runs stay in --json
 
+def _finetune(raw: dict) -> dict:
+    cols = [["method", "method", ""], ["reward_calls", "reward calls", ""], ["model_calls", "model calls", ""],
+            ["reward_mean", "fresh samples' mean reward", ".3f"], ["reward_top10_mean", "top-10 % mean", ".3f"],
+            ["validity", "validity", ".3f"], ["atom_stability", "atom stability", ".3f"], ["kl", "KL", ".3f"],
+            ["rolled_back", "steps rolled back", ""], ["seconds", "seconds", ".0f"]]
+    return {"columns": cols, "rows": raw["rows"]}
+
+
 KINDS = {"samplers": _samplers, "samplers_overhead": _samplers_overhead, "samplers_defaults": _samplers_defaults,
          "default_ends": _default_ends, "tuned_plans": _tuned_plans,
          "generation": _generation,
          "guidance": _guidance, "sequences": _sequences, "structure": _structure,
          "structure_denoising": _structure_denoising, "molecules": _molecules,
          "likelihood": _likelihood, "reliability": _reliability, "rna_design": _rna_design,
-         "ehrlich": _ehrlich, "campaigns": _campaigns}
+         "ehrlich": _ehrlich, "campaigns": _campaigns, "finetune": _finetune}
 
 
 def record(kinds: list[str], names: list[str], command: list[str], cwd: Path = ROOT,

@@ -13,7 +13,8 @@ Methods: ``uncond_svdd`` (the unconditional RNA model with SVDD over plain token
 ``cond_refine`` (the default of ``molgen design rna``), ``cond_svdd``, ``cond_fk`` and ``inverse_fold``
 (random starts, restarted until solved or out of time). Each row: solve rate (with its standard error), median
 best base-pair distance, target probability and ensemble defect of each target's best design, median seconds
-and model calls.
+and model calls, and the targets proved undesignable (an isolated pair no sequence holds in its MFE structure:
+``molgen.sequences.structure.lone_pair_proofs``) with the solve rate over the rest.
 Diversity: ``--diversity`` targets of <= 60 nt designed four times each; mean pairwise Hamming fraction of the
 solved designs.
 
@@ -97,6 +98,7 @@ def run_one(job: tuple[str, str, str, float, int, int]) -> dict[str, Any]:
             "n_solved": s["n_solved"], "bp_distance": best.bp_distance,
             "target_probability": best.target_probability, "ensemble_defect": best.ensemble_defect,
             "seconds": s["seconds"], "model_calls": s["model_calls"], "folding_calls": s["folding_calls"],
+            "undesignable": bool(s["undesignable_pairs"]),
             "sequences": [d.sequence for d in res.designs if d.bp_distance == 0]}
 
 
@@ -115,9 +117,12 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row: dict[str, Any] = {"band": band, "method": method, "targets": len(rs), "refused": len(rs) - len(done)}
             if done:
                 p = sum(r["solved"] for r in done) / len(rs)
+                undesignable = sum(r["undesignable"] for r in done)
                 row.update({
                     "solve_rate": p,
                     "solve_rate_se": math.sqrt(p * (1 - p) / len(rs)),
+                    "undesignable": undesignable,
+                    "solve_rate_designable": sum(r["solved"] for r in done) / max(len(rs) - undesignable, 1),
                     "median_bp_distance": statistics.median(r["bp_distance"] for r in done),
                     "median_target_probability": statistics.median(r["target_probability"] for r in done),
                     "median_ensemble_defect": statistics.median(r["ensemble_defect"] for r in done),

@@ -46,11 +46,24 @@ where a masked step's policy log-likelihood is that of the tokens it unmasked, s
 x_{t_k}^j = m != x_{t_{k+1}}^j of log p_theta(x_{t_{k+1}}^j | x_{t_k}) (which positions unmask does not depend
 on the model), and KL_k is the KL above on the masked positions of x_{t_k}. Roll-back as above.
 
+MixGRPO (``mixgrpo``, Li et al. 2025) is GRPO for the continuous models: a rollout integrates the
+probability-flow ODE with the engine's deterministic solver except on a window of W consecutive grid
+transitions, which are DDIM steps with noise (eta > 0),
+
+    x_s ~ N(mu_theta, c^2),  mu_theta = alpha_s x0_theta + sqrt(sigma_s^2 - c^2) eps_theta,
+    c = eta sigma_s sqrt(1 - (alpha_t sigma_s / (alpha_s sigma_t))^2),
+
+so the policy's log-likelihood of a rollout is the sum over the window of -|x_s - mu_theta|^2 / (2 c^2); the
+clipped objective above runs on the window's steps only, with KL_k = |mu_theta - mu_ref|^2 / (2 c^2). The window
+moves toward the data as training goes and starts again at the noise end, so every part of the grid is trained
+while each update costs W steps of gradients, not the whole grid.
+
     model, report = finetune(base, process, tokens, scores, FinetuneSettings(steps=32))
     model, report = finetune_continuous(base, sampler, x0, mask, scores, FinetuneSettings(steps=32))
     save_adapter("ft.pt", model, report, base_sha256=digest, settings=FinetuneSettings(steps=32))
     model, card = load_adapter("ft.pt", base, base_sha256=digest)
     model, report = grpo(base, process, prior, reward, decode, GRPOSettings(iterations=8))
+    model, report = mixgrpo(problem.sampler, problem.draw, reward, problem.decode, MixGRPOSettings(iterations=16))
 """
 
 from __future__ import annotations
@@ -515,6 +528,210 @@ def grpo(base: nn.Module, process: MaskedDiffusion, prior: Callable[[int, torch.
                 continue
             report.steps += 1
             report.loss, report.kl = float(after[0]), float(after[1])
+    report.model_calls = calls
+    report.seconds = time.perf_counter() - t0
+    return model.requires_grad_(False), report
+
+
+# --------------------------------------------------------------------------------------------- MixGRPO
+@dataclass(frozen=True)
+class MixGRPOSettings:
+    """MixGRPO on a continuous sampler's own grid: ``iterations`` rollouts of ``groups`` x ``group_size``
+    samples, stochastic (DDIM's ``eta``) only on ``window`` transitions, the window moving ``stride``
+    transitions toward the data every ``shift_every`` iterations (and starting again at the noise end); each
+    rollout is followed by ``epochs`` clipped updates (ratio clip ``clip``, Adam at ``lr``) with KL weight
+    ``kl_weight``, roll-back bound ``kl_bound`` (nats per sample and window step), adapter rank ``rank``;
+    outside the window the deterministic ``solver`` integrates the probability-flow ODE."""
+
+    iterations: int = 8
+    groups: int = 4
+    group_size: int = 8
+    epochs: int = 2
+    window: int = 2
+    shift_every: int = 2
+    stride: int = 1
+    eta: float = 1.0
+    clip: float = 0.2
+    kl_weight: float = 0.1
+    kl_bound: float = 1.0
+    lr: float = 3e-3
+    rank: int = 4
+    solver: str = "dpmpp_2m"
+    seed: int = 0
+
+
+def window_start(iteration: int, transitions: int, s: MixGRPOSettings) -> int:
+    """First transition of the window at ``iteration``: ``stride * (iteration // shift_every)``, wrapped over
+    the ``transitions - window + 1`` places a window fits."""
+    if not 1 <= s.window <= transitions:
+        raise ValueError(f"window of {s.window} transitions does not fit a grid of {transitions}")
+    return (s.stride * (iteration // s.shift_every)) % (transitions - s.window + 1)
+
+
+def x0_at(model: nn.Module, sampler: Any, x: Tensor, t: float, cond: dict[str, Tensor]) -> Tensor:
+    """The model's x0 estimate at one time t for every row of ``x``."""
+    from molgen.diffusion.parameterization import to_x0
+    from molgen.diffusion.schedules import get_schedule
+
+    schedule = get_schedule(sampler.schedule)
+    t64 = torch.tensor(t, dtype=torch.float64)
+    out = model(x, torch.full((len(x),), t, dtype=x.dtype), **cond).to(x.dtype)
+    return to_x0(sampler.prediction or model.prediction, out, x, schedule.alpha(t64).to(x.dtype),
+                 schedule.sigma(t64).to(x.dtype))
+
+
+def ddim_transition(model: nn.Module, sampler: Any, x_t: Tensor, mask: Tensor | None, cond: dict[str, Tensor],
+                    t: float, s: float, eta: float) -> tuple[Tensor, float]:
+    """Mean and standard deviation of DDIM's step from t to s < t (Song et al. 2021) on the sampler's schedule:
+
+        x0 = x0_theta(x_t),  eps = (x_t - alpha_t x0) / sigma_t,
+        c = eta sigma_s sqrt(1 - (alpha_t sigma_s / (alpha_s sigma_t))^2),
+        x_s ~ N(alpha_s x0 + sqrt(sigma_s^2 - c^2) eps, c^2)
+
+    (eta = 0: the deterministic ODE step; eta = 1: the posterior q(x_s | x_t, x0), which keeps the marginals);
+    the mean is projected onto the state's space."""
+    from molgen.diffusion.schedules import get_schedule
+
+    schedule = get_schedule(sampler.schedule)
+    (a_t, s_t), (a_s, s_s) = ((float(schedule.alpha(torch.tensor(v, dtype=torch.float64))),
+                               float(schedule.sigma(torch.tensor(v, dtype=torch.float64)))) for v in (t, s))
+    x0 = x0_at(model, sampler, x_t, t, cond)
+    eps = (x_t - a_t * x0) / s_t
+    c = eta * s_s * math.sqrt(max(0.0, 1.0 - (a_t * s_s / (a_s * s_t)) ** 2))
+    return sampler.space.project(a_s * x0 + math.sqrt(max(s_s**2 - c**2, 0.0)) * eps, mask), c
+
+
+def gaussian_logp(x: Tensor, mean: Tensor, std: float, mask: Tensor | None) -> Tensor:
+    """log N(x; mean, std^2) per row over the real entries, without the constant (it cancels in ratios), [B]."""
+    from molgen.diffusion.spaces import expand_mask
+
+    m = expand_mask(mask, x)
+    sq = (x - mean) ** 2 if m is None else (x - mean) ** 2 * m.to(x.dtype)
+    return -sq.flatten(1).sum(1) / (2 * std**2)
+
+
+@dataclass
+class ContinuousRollout:
+    """A rollout on the grid ``times``: the states at the window's points [W + 1, B, ...] (the window's
+    transitions ``window`` k -> k + 1 are DDIM steps with ``eta``), the sampling policy's log-likelihood of each
+    window step [W, B] and the final x0 estimate."""
+
+    states: Tensor
+    times: list[float]
+    x0: Tensor
+    mask: Tensor | None
+    cond: dict[str, Tensor]
+    window: list[int]
+    eta: float
+    old_logp: Tensor
+
+
+def ode_segment(model: nn.Module, sampler: Any, solver: str, x: Tensor, mask: Tensor | None,
+                cond: dict[str, Tensor], times: Sequence[float], finish: bool = False) -> Tensor:
+    """The engine's ``solver`` from x at ``times[0]`` over the grid ``times``: the state at the last point, or
+    (``finish``) the x0 estimate there. One model call per point but the last (``finish``: per point)."""
+    from molgen.diffusion.sampling import Sampler
+
+    if len(times) == 1:
+        return sampler.space.project(x0_at(model, sampler, x, times[0], cond), mask) if finish else x
+    seg = Sampler(model, sampler.schedule, solver, grid=torch.tensor(list(times), dtype=torch.float64),
+                  space=sampler.space, prediction=sampler.prediction, noise_at_t_max=False)
+    state = seg.run(seg.init(x, mask, cond))
+    return seg.finish(state) if finish else state.x
+
+
+@torch.no_grad()
+def rollout_continuous(model: nn.Module, sampler: Any, x_T: Tensor, mask: Tensor | None, cond: dict[str, Tensor],
+                       window: list[int], eta: float, generator: torch.Generator, solver: str = "dpmpp_2m"
+                       ) -> ContinuousRollout:
+    """One MixGRPO rollout on the sampler's grid (the noise levels its model is told) from ``x_T``: the
+    deterministic ``solver`` (the probability-flow ODE) up to the window, DDIM steps with ``eta`` on the window's
+    contiguous transitions (each step's log-likelihood recorded), the ODE again to the end, whose x0 estimate
+    is the sample. One model call per grid point, as the sampler."""
+    times = [float(v) for v in sampler.grid_times[0]]
+    x = sampler.init(x_T, mask, cond).x
+    first, end = (window[0], window[-1] + 1) if window else (len(times) - 1, len(times) - 1)
+    if list(window) != list(range(first, end)):
+        raise ValueError(f"the window must be contiguous transitions, got {window}")
+    x = ode_segment(model, sampler, solver, x, mask, cond, times[: first + 1])
+    states, logps = [x], []
+    for k in window:
+        mean, c = ddim_transition(model, sampler, x, mask, cond, times[k], times[k + 1], eta)
+        x = sampler.space.project(mean + c * sampler.space.noise_like(mean, mask, generator), mask)
+        logps.append(gaussian_logp(x, mean, c, mask))
+        states.append(x)
+    x0 = ode_segment(model, sampler, solver, x, mask, cond, times[end:], finish=True)
+    old = torch.stack(logps) if logps else x.new_zeros(0, len(x))
+    return ContinuousRollout(torch.stack(states), times, x0, mask, cond, list(window), eta, old)
+
+
+def mixgrpo_loss(model: nn.Module, ref: nn.Module, sampler: Any, ro: ContinuousRollout, advantages: Tensor,
+                 clip: float, kl_weight: float) -> tuple[Tensor, Tensor]:
+    """(loss, KL): the clipped surrogate over the window's steps and the samples, plus ``kl_weight`` times the
+    mean over them of KL(N(mu_theta, c^2) || N(mu_ref, c^2)) = |mu_theta - mu_ref|^2 / (2 c^2) (nats per sample)."""
+    surrogate, kl = torch.zeros(()), torch.zeros(())
+    n = len(ro.window)
+    for w, k in enumerate(ro.window):
+        step = (sampler, ro.states[w], ro.mask, ro.cond, ro.times[k], ro.times[k + 1], ro.eta)
+        mean, c = ddim_transition(model, *step)
+        with torch.no_grad():
+            ref_mean, _ = ddim_transition(ref, *step)
+        logp = gaussian_logp(ro.states[w + 1], mean, c, ro.mask)
+        surrogate = surrogate + clipped_surrogate(logp, ro.old_logp[w], advantages, clip) / n
+        kl = kl - gaussian_logp(mean, ref_mean, c, ro.mask).mean() / n
+    return surrogate + kl_weight * kl, kl
+
+
+def mixgrpo(sampler: Any, draw: Callable[[int, int, torch.Generator], Sequence[Any]],
+            reward: Callable[[Any], Any], decode: Callable[..., Sequence[Any]],
+            settings: MixGRPOSettings = MixGRPOSettings(), penalty: float = -1.0) -> tuple[nn.Module, FinetuneReport]:
+    """MixGRPO (Li et al. 2025; GRPO, Shao et al. 2024) of a rank-``settings.rank`` adapter on the continuous
+    ``sampler``'s model (the frozen KL reference). ``draw(groups, group_size, g)`` gives prior chunks (objects
+    with ``x_T``, ``mask`` and ``cond``, rows of a group consecutive, as ``molgen.guidance.tasks.Draw``); each
+    chunk is rolled out (``rollout_continuous``) with the window of ``window_start``, its samples
+    ``decode(x0[, mask])`` scored by ``reward`` (a raising reward or a NaN value counts as ``penalty``), and
+    the group-relative advantages drive ``epochs`` guarded updates of ``mixgrpo_loss`` per chunk. Gradients and
+    the policy ratio live only in the window, so an update costs ``window`` steps, not the whole grid. Model
+    calls: rollout rows x grid points, plus ``CALLS_PER_ROW`` per row and window step of each update."""
+    s = settings
+    if not s.eta > 0:
+        raise ValueError(f"MixGRPO needs stochastic window steps: eta must be > 0, got {s.eta}")
+    t0 = time.perf_counter()
+    base = sampler.model
+    model = with_adapter(base, s.rank, s.seed).eval()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=s.lr)
+    g = torch.Generator().manual_seed(s.seed)
+    report = FinetuneReport(steps=0)
+    transitions = len(sampler.grid_times[0]) - 1
+    calls, step = 0, 0
+    for it in range(s.iterations):
+        first = window_start(it, transitions, s)
+        window = list(range(first, first + s.window))
+        rewards_seen = []
+        for chunk in draw(s.groups, s.group_size, g):
+            cond = dict(chunk.cond or {})
+            ro = rollout_continuous(model, sampler, chunk.x_T, chunk.mask, cond, window, s.eta, g, s.solver)
+            samples = decode(ro.x0) if chunk.mask is None else decode(ro.x0, chunk.mask)
+            rewards = safe_rewards(reward, samples, penalty)
+            adv = group_advantages(rewards, s.group_size)
+            rewards_seen.append(rewards)
+            calls += len(ro.x0) * (transitions + 1)
+            for _ in range(s.epochs):
+                calls += len(ro.x0) * s.window * CALLS_PER_ROW
+
+                def terms(ro=ro, adv=adv) -> tuple[Tensor, ...]:
+                    return mixgrpo_loss(model, base, sampler, ro, adv, s.clip, s.kl_weight)
+
+                after, why = guarded_step(model, opt, terms, s.kl_bound)
+                if why:
+                    report.rolled_back.append((step, why))
+                else:
+                    report.steps += 1
+                    report.loss, report.kl = float(after[0]), float(after[1])
+                step += 1
+        seen = torch.cat(rewards_seen)
+        report.reward_means.append(float(seen.mean()))
+        report.data_size += len(seen)
     report.model_calls = calls
     report.seconds = time.perf_counter() - t0
     return model.requires_grad_(False), report

@@ -1,7 +1,8 @@
 """Reward fine-tuning (``molgen.finetune``): an adapter at init is exact, the objective's limits, NaN scores,
 roll-back bit for bit, checkpoints with cards, that fine-tuning raises the likelihood of the rewarded designs;
 GRPO's advantages, clipped ratio and per-step likelihoods, failing rewards, and that it raises the reward;
-continuous models: the weighted denoising loss's minimiser and the KL bound."""
+continuous models: the weighted denoising loss's minimiser and the KL bound; MixGRPO's DDIM steps (marginals
+kept for any eta), its window, its ratio on the rollout's own policy, and that it raises the reward."""
 
 from __future__ import annotations
 
@@ -254,3 +255,118 @@ def test_continuous_finetuning_moves_the_denoiser_to_the_rewarded_design():
         steps=5, lr=0.05, kl_bound=1e-12, rank=2, batch=4))
     assert report.steps == 0 and len(report.rolled_back) == 5 and "above bound" in report.rolled_back[0][1]
     assert torch.equal(held(x_t, t), base(x_t, t))
+
+
+# --------------------------------------------------------------------------------------------- MixGRPO
+class _MixtureWithHead(torch.nn.Module):
+    """The exact x0 predictor of a two-mode mixture at (+-2, 0) plus a zero-initialised linear head on
+    [x_t, t, 1], which an adapter can train."""
+
+    prediction = "x0"
+
+    def __init__(self, stds: float = 0.3) -> None:
+        super().__init__()
+        from molgen.diffusion.analytic import GaussianMixtureDenoiser
+        from molgen.diffusion.schedules import get_schedule
+
+        means = torch.tensor([[2.0, 0.0], [-2.0, 0.0]])
+        self.exact = GaussianMixtureDenoiser(means, stds, None, get_schedule("vp_cosine"))
+        self.head = torch.nn.Linear(4, 2, bias=False)
+        torch.nn.init.zeros_(self.head.weight)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.exact(x, t) + self.head(torch.cat([x, t[:, None].to(x.dtype), torch.ones_like(x[:, :1])], -1))
+
+
+def _sampler(model: torch.nn.Module, steps: int = 6):
+    from molgen.diffusion.sampling import Sampler
+
+    return Sampler(model, "vp_cosine", "ddim", steps=steps, grid="time_uniform")
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_transition_keeps_the_marginals_of_point_data(eta):
+    """For data at one point m the exact x0 is m, and a DDIM step of any eta maps N(alpha_t m, sigma_t^2) to
+    N(alpha_s m, sigma_s^2): the noise scale c and the kept share sqrt(sigma_s^2 - c^2) of eps are right."""
+    from molgen.diffusion.analytic import GaussianMixtureDenoiser
+    from molgen.diffusion.schedules import get_schedule
+    from molgen.finetune import ddim_transition
+
+    schedule = get_schedule("vp_cosine")
+    m = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    model = GaussianMixtureDenoiser(m, 1e-9, None, schedule)
+    sampler = _sampler(model)
+    t, s = 0.7, 0.3
+    a_t, s_t, a_s, s_s = (float(f(torch.tensor(v, dtype=torch.float64))) for v in (t, s)
+                          for f in (schedule.alpha, schedule.sigma))
+    g = torch.Generator().manual_seed(0)
+    x_t = a_t * m + s_t * torch.randn(40_000, 2, generator=g, dtype=torch.float64)
+    mean, c = ddim_transition(model, sampler, x_t, None, {}, t, s, eta)
+    x_s = mean + c * torch.randn(x_t.shape, generator=g, dtype=torch.float64)
+    assert c == pytest.approx(eta * s_s * math.sqrt(1 - (a_t * s_s / (a_s * s_t)) ** 2))
+    assert torch.allclose(x_s.mean(0), a_s * m[0], atol=4 * s_s / 200)
+    assert torch.allclose(x_s.var(0), torch.full((2,), s_s**2, dtype=torch.float64), rtol=0.03)
+
+
+def test_a_rollout_without_a_window_is_the_engines_ode_and_its_ratio_starts_at_one():
+    from molgen.finetune import mixgrpo_loss, ode_segment, rollout_continuous
+
+    base = _MixtureWithHead()
+    sampler = _sampler(base)
+    x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(1))
+    plain = rollout_continuous(base, sampler, x_T, None, {}, [], 1.0, torch.Generator(), solver="ddim")
+    engine = sampler.finish(sampler.run(sampler.init(x_T)))  # the engine's ddim on the same grid
+    assert torch.allclose(plain.x0, engine, atol=1e-5) and plain.old_logp.shape == (0, 16)
+    ro = rollout_continuous(base, sampler, x_T, None, {}, [1, 2], 1.0, torch.Generator().manual_seed(2))
+    assert ro.old_logp.shape == (2, 16) and ro.states.shape == (3, 16, 2)
+    times = ro.times
+    assert torch.equal(ro.states[0], ode_segment(base, sampler, "dpmpp_2m", x_T, None, {}, times[:2]))
+    with pytest.raises(ValueError, match="contiguous"):
+        rollout_continuous(base, sampler, x_T, None, {}, [0, 2], 1.0, torch.Generator())
+    model = with_adapter(base, rank=2)
+    adv = torch.linspace(-1, 1, 16)
+    loss, kl = mixgrpo_loss(model, base, sampler, ro, adv, clip=0.2, kl_weight=0.1)
+    # on the rollout's own policy every ratio is 1: the clipped surrogate is -mean(A), the KL 0
+    assert float(kl.detach()) == 0.0 and float(loss.detach()) == pytest.approx(-float(adv.mean()), abs=1e-6)
+
+
+def test_the_window_slides_toward_the_data_and_wraps():
+    from molgen.finetune import MixGRPOSettings, window_start
+
+    s = MixGRPOSettings(window=2, shift_every=2, stride=1)
+    assert [window_start(it, 5, s) for it in range(10)] == [0, 0, 1, 1, 2, 2, 3, 3, 0, 0]
+    with pytest.raises(ValueError, match="does not fit"):
+        window_start(0, 1, s)
+
+
+def test_mixgrpo_raises_the_reward_and_survives_a_failing_reward():
+    from molgen.finetune import MixGRPOSettings, mixgrpo
+    from molgen.guidance.tasks import Draw
+
+    base = _MixtureWithHead()
+    sampler = _sampler(base)
+    draw = lambda groups, size, g: [Draw(torch.randn(groups, 2, generator=g).repeat_interleave(size, 0))]  # noqa: E731
+    calls = []
+
+    def right_mode(samples):  # the first coordinate; NaN for one sample of the first batch, raises in the second
+        calls.append(len(samples))
+        if len(calls) == 2:
+            raise RuntimeError("reward crashed")
+        r = samples[:, 0].double().clone()
+        if len(calls) == 1:
+            r[0] = float("nan")
+        return r
+
+    settings = MixGRPOSettings(iterations=12, groups=4, group_size=8, epochs=2, window=2, shift_every=4,
+                               lr=0.05, kl_weight=0.0, kl_bound=50.0, rank=2)
+    tuned, report = mixgrpo(sampler, draw, right_mode, lambda x: x, settings, penalty=-2.0)
+    assert len(report.reward_means) == 12 and report.steps + len(report.rolled_back) == 24
+    assert report.model_calls == 12 * 32 * (6 + 2 * 2 * CALLS_PER_ROW)
+    assert all(torch.isfinite(p).all() for p in tuned.parameters())
+    assert min(report.reward_means[-2:]) > 1.0  # the base's mean reward is 0 (the modes are symmetric)
+    x_T = torch.randn(256, 2, generator=torch.Generator().manual_seed(5))
+
+    def right_share(s) -> float:
+        return float((s.finish(s.run(s.init(x_T)))[:, 0] > 0).float().mean())
+
+    assert right_share(sampler) < 0.65 and right_share(_sampler(tuned)) > 0.9

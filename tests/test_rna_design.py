@@ -30,6 +30,7 @@ from molgen.sequences.structure import (
     dot_bracket,
     ensemble,
     fold,
+    lone_pair_proofs,
     parse_dot_bracket,
     random_structure,
     sharp_hairpins,
@@ -37,7 +38,7 @@ from molgen.sequences.structure import (
 )
 
 HAIRPIN = "((((((....))))))"
-LONE_PAIR = "(((((((((((...).)))))).))))"  # a held-out target that neither refine nor inverse_fold solves in 30 s
+LONE_PAIR = "(((((((((((...).)))))).))))"  # a held-out target no sequence solves: pair 11-15 (lone_pair_proofs)
 TWO_ARMS = "..((((((....))))))...((((((....))))))..."
 
 
@@ -253,6 +254,37 @@ def test_read_targets_names_the_bad_one_and_keeps_the_rest(tmp_path):
     assert [type(t).__name__ for t in got] == ["Target", "InputError", "InputError", "Target"]
     assert "broken" in str(got[1]) and "position 1" in str(got[1]) and "pseudoknot" in str(got[2])
     assert got[3].name == "target_4"
+
+
+def test_an_isolated_pair_no_sequence_folds_into_is_proved_and_a_folded_one_never_is():
+    import RNA as vienna
+
+    (proof,) = lone_pair_proofs(LONE_PAIR)
+    assert (proof.i, proof.j) == (10, 14) and proof.gap > 0
+    without = LONE_PAIR[:10] + "." + LONE_PAIR[11:14] + "." + LONE_PAIR[15:]
+
+    def gap(seq: str) -> float:
+        fc = vienna.fold_compound(seq)
+        return fc.eval_structure(LONE_PAIR) - fc.eval_structure(without)
+
+    assert gap(proof.witness) == pytest.approx(proof.gap, abs=0.01)  # the minimum is attained
+    rng = random.Random(0)
+    for _ in range(300):  # and no sequence with the target's pairs gets below it, whatever its other letters
+        seq = [rng.choice(RNA.letters) for _ in LONE_PAIR]
+        for i, j in enumerate(parse_dot_bracket(LONE_PAIR)):
+            if j > i:
+                seq[i], seq[j] = rng.choice(PAIRS)
+        assert gap("".join(seq)) >= proof.gap - 1e-4
+    # the MFE structure of any sequence is designable (by that sequence): never "proved" otherwise
+    isolated = 0
+    for _ in range(30):
+        structure = fold("".join(rng.choice(RNA.letters) for _ in range(rng.randint(30, 60))))[0]
+        p = parse_dot_bracket(structure)
+        isolated += any(j > i and p[i - 1] != j + 1 and p[i + 1] != j - 1 for i, j in enumerate(p))
+        assert lone_pair_proofs(structure) == []
+    assert isolated >= 3  # the check was put to the test
+    res = design_rna(LONE_PAIR, budget=Budget(seconds=None, calls=200), seed=0)
+    assert not res.solved and res.summary()["undesignable_pairs"] == [{"i": 11, "j": 15, "energy_gap": proof.gap}]
 
 
 def test_design_with_the_shipped_model_solves_small_targets():

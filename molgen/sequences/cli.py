@@ -323,6 +323,10 @@ def run_design(args: argparse.Namespace) -> int:
             continue
         summary = result.summary()
         summaries.append(summary)
+        for proof in result.undesignable:
+            print(f"{target.name}: undesignable: the isolated pair {proof.i + 1}-{proof.j + 1} is in no sequence's "
+                  f"MFE structure (every sequence folds at least {proof.gap:g} kcal/mol lower without it)",
+                  file=sys.stderr)
         records += [Record(f"{target.name}_{k} bp_distance={d.bp_distance} p_target={d.target_probability:.3g} "
                            f"ensemble_defect={d.ensemble_defect:.3g}", d.sequence)
                     for k, d in enumerate(result.designs)]

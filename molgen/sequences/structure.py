@@ -129,6 +129,93 @@ def wrong_positions(structure: str, target: str) -> list[int]:
     return [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
 
 
+@dataclass(frozen=True)
+class LonePairProof:
+    """An isolated pair (i, j) (0-based) that no sequence can hold in its MFE structure: over every assignment
+    of the letters its loops depend on, ``gap = min E(target) - E(target without (i, j)) > 0`` (kcal/mol);
+    ``witness`` is a sequence at the minimum."""
+
+    i: int
+    j: int
+    gap: float
+    witness: str
+
+
+SMALL_LOOP = 6  # loops of up to this many unpaired nt are scored on all their letters (tri-, tetra-, hexaloops,
+#                 1x1 to 2x2 interior loops); larger ones only on the letters next to their pairs
+
+
+def loop_members(partners: Sequence[int], closing: tuple[int, int] | None) -> tuple[list[int], list[int]]:
+    """(paired, unpaired) positions of the loop closed by ``closing`` (None: the exterior loop): the closing
+    pair, the pairs one level inside it and the unpaired positions between them."""
+    a, b = closing if closing is not None else (-1, len(partners))
+    paired = [] if closing is None else [a, b]
+    unpaired, k = [], a + 1
+    while k < b:
+        if partners[k] > k:
+            paired += [k, partners[k]]
+            k = partners[k]
+        elif partners[k] < 0:
+            unpaired.append(k)
+        k += 1
+    return paired, unpaired
+
+
+def _enclosing(partners: Sequence[int], i: int) -> tuple[int, int] | None:
+    j = partners[i]
+    return next(((a, partners[a]) for a in range(i - 1, -1, -1) if partners[a] > j), None)
+
+
+def lone_pair_proofs(structure: str, max_cases: int = 20_000) -> list[LonePairProof]:
+    """Isolated pairs that make ``structure`` undesignable under ViennaRNA's energies (a sufficient test).
+
+    An isolated pair (i, j) (neither (i-1, j+1) nor (i+1, j-1) a pair) is the only difference between the
+    target S and S' = S without it, and E(S) - E(S') depends only on the two loops it separates: their pairs,
+    the letters next to those pairs and, for loops of at most ``SMALL_LOOP`` unpaired nt, every letter (special
+    hairpins, small interior-loop tables). Enumerating those letters (pairs from ``PAIRS``; other positions are
+    fixed) gives min E(S) - E(S'); when it is positive, every sequence folds lower without the pair, so no
+    sequence has S as its MFE structure. Pairs whose loops need more than ``max_cases`` assignments are left
+    undecided (not reported)."""
+    import itertools
+
+    import RNA as vienna
+
+    partners = parse_dot_bracket(structure)
+    n = len(partners)
+    proofs = []
+    for i, j in enumerate(partners):
+        if j < i or (i > 0 and partners[i - 1] == j + 1) or (i + 1 < n and partners[i + 1] == j - 1):
+            continue
+        outer, inner = loop_members(partners, _enclosing(partners, i)), loop_members(partners, (i, j))
+        paired = set(outer[0]) | set(inner[0])
+        loops = [outer[1], inner[1], outer[1] + inner[1] + [i, j]]  # the merged loop of S' last
+        free = {k for k in outer[1] + inner[1] if k - 1 in paired or k + 1 in paired}
+        free |= {k for loop in loops if len(loop) <= SMALL_LOOP for k in loop if partners[k] < 0}
+        pairs = sorted((k, partners[k]) for k in paired if partners[k] > k)
+        free_list = sorted(free)
+        if 6 ** len(pairs) * 4 ** len(free_list) > max_cases:
+            continue
+        base = ["A"] * n
+        for a, b in enumerate(partners):
+            if b > a:
+                base[a], base[b] = "G", "C"
+        without = structure[:i] + "." + structure[i + 1 : j] + "." + structure[j + 1 :]
+        best = (float("inf"), "")
+        for pair_letters in itertools.product(PAIRS, repeat=len(pairs)):
+            for letters in itertools.product(RNA.letters, repeat=len(free_list)):
+                seq = list(base)
+                for (a, b), ab in zip(pairs, pair_letters):
+                    seq[a], seq[b] = ab
+                for k, c in zip(free_list, letters):
+                    seq[k] = c
+                fc = vienna.fold_compound("".join(seq))
+                gap = fc.eval_structure(structure) - fc.eval_structure(without)
+                best = min(best, (gap, "".join(seq)))
+        if best[0] > 0:
+            proofs.append(LonePairProof(i, j, round(best[0], 2), best[1]))
+    return proofs
+
+
 # --------------------------------------------------------------------------------------------- training pairs
 def random_structure(length: int, rng: random.Random, tries: int = 60) -> list[int]:
     """A random nested structure: stems of 3-9 pairs placed where they nest with the ones already placed,
