@@ -1,5 +1,6 @@
-"""Campaign rounds that learn: the same campaign config as given, with ``finetune: {}``, with guidance given the
-fine-tuning's model calls instead (more candidates, equal total calls) and unguided, over several seeds.
+"""Campaign rounds that learn: the same campaign config as given, with ``finetune: {}`` (reward-weighted), with
+``finetune: {method: grpo}`` (on-policy, fresh reward calls), with guidance given the weighted fine-tuning's
+model calls instead (more candidates, equal total calls) and unguided, over several seeds.
 
 Per variant and seed: the mean and best score of each round's new designs, each round's mean naturalness and
 the campaign's total model calls (fine-tuning's included).
@@ -41,9 +42,13 @@ def run(values: dict[str, Any], folder: Path) -> dict[str, Any]:
     return out
 
 
+VARIANTS = ("as_given", "finetune", "grpo", "unguided", "equal_calls")
+
+
 def variants(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The config as given, with ``finetune: {}`` and unguided."""
+    """The config as given, with ``finetune: {}``, with ``finetune: {method: grpo}`` and unguided."""
     return {"as_given": config, "finetune": {**config, "finetune": {}},
+            "grpo": {**config, "finetune": {"method": "grpo"}},
             "unguided": {**config, "guidance": {"method": "unguided"}}}
 
 
@@ -61,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="campaign YAML (its finetune key is ignored: both ways are run)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                   help="equal_calls needs as_given and finetune before it")
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = {**base, "seed": seed, "database": None}
             calls: dict[str, int] = {}
             runs = variants(cfg)
-            for name in (*runs, "equal_calls"):
+            for name in args.variants:
                 values = runs[name] if name in runs else equal_calls(cfg, calls)
                 got = run({**values, "name": f"{base.get('name', 'campaign')}_{name}"}, Path(tmp) / f"{name}{seed}")
                 calls[name] = got["model_calls"]

@@ -17,7 +17,8 @@ feasible sequences score 0. The benchmark
    one expected mutation per child), ``best_of_n`` (campaign rounds of prior samples, selection only),
    ``refine`` (rounds that re-mask and resample the selection), ``svdd`` (SVDD look-ahead on top),
    ``surrogate`` (SVDD-MC steered by a value net fitted on the campaign's scores: no oracle calls while sampling),
-   ``finetune`` and ``finetune_svdd`` (the same with ``finetune: {}`` between rounds).
+   ``finetune`` and ``finetune_svdd`` (the same with ``finetune: {}`` between rounds), ``grpo``
+   (``finetune: {method: grpo}``: on-policy GRPO between rounds, its rollouts' oracle calls counted).
 
 Needs holo, which is no extra of molgen (its pins fight torch's): ``pip install botorch pooch`` and
 ``pip install --no-deps pytorch-holo``.
@@ -132,6 +133,7 @@ CAMPAIGNS: dict[str, dict[str, Any]] = {  # beside the common keys; refine: the 
     "surrogate": {"guidance": {"method": "svdd_mc", "candidates": 4}},
     "finetune": {"finetune": True},
     "finetune_svdd": {"finetune": True, "guidance": {"method": "svdd", "candidates": 2}},
+    "grpo": {"finetune": "grpo"},
 }
 
 
@@ -152,7 +154,9 @@ def run_campaign(args: argparse.Namespace, method: str, work: Path, prior: Path)
             "rewards": [{"name": "ehrlich", "spec": f"python:{oracle}:score"}],
             "selection": {"rule": "top_k", "k": args.keep, "min_distance": args.min_distance},
             "refine": {"fraction": args.refine_fraction, "t": args.refine_t}, **CAMPAIGNS[method]}
-    if base.get("finetune"):
+    if base.get("finetune") == "grpo":  # on-policy: its rollouts' oracle calls count in the trace
+        base["finetune"] = {"method": "grpo", "kl_bound": args.kl_bound}
+    elif base.get("finetune"):
         base["finetune"] = {"kl_bound": args.kl_bound, "steps": args.finetune_steps}
     rounds = math.ceil(args.oracle_calls / args.per_round)  # an upper bound: every design costs a call
     campaign = Campaign(CampaignConfig.from_mapping({**base, "rounds": rounds}, method), folder / "campaign",

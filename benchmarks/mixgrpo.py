@@ -69,7 +69,7 @@ def scored_samples(problem: Any, reward: Any, n: int, seed: int) -> tuple[torch.
 
 
 def main(argv: list[str] | None = None) -> int:
-    from molgen.finetune import FinetuneSettings, MixGRPOSettings, finetune_continuous, mixgrpo
+    from molgen.finetune import FinetuneSettings, GRPOSettings, finetune_continuous, mixgrpo
     from molgen.guidance.rewards import parse_reward
     from molgen.guidance.tasks import get_problem
 
@@ -81,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=16)
     p.add_argument("--groups", type=int, default=4)
     p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--window", type=int, default=MixGRPOSettings.window)
-    p.add_argument("--lr", type=float, default=MixGRPOSettings.lr)
-    p.add_argument("--kl-weight", type=float, default=MixGRPOSettings.kl_weight)
+    p.add_argument("--window", type=int, default=GRPOSettings.window)
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam's rate (0.003: the best of 0.001-0.01 here)")
+    p.add_argument("--kl-weight", type=float, default=GRPOSettings.kl_weight)
     p.add_argument("--n", type=int, default=256, help="fresh samples per model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
              **fresh(problem, base, reward, args.n, args.seed + 1)}]
 
     t0 = time.perf_counter()
-    settings = MixGRPOSettings(iterations=args.iterations, groups=args.groups, group_size=args.group_size,
-                               window=args.window, lr=args.lr, kl_weight=args.kl_weight, seed=args.seed)
+    settings = GRPOSettings(iterations=args.iterations, groups=args.groups, group_size=args.group_size,
+                            window=args.window, lr=args.lr, kl_weight=args.kl_weight, seed=args.seed)
     tuned, report = mixgrpo(problem.sampler, problem.draw, reward, problem.decode, settings, penalty=reward.penalty)
     rows.append({"method": "mixgrpo", "reward_calls": report.data_size, "model_calls": report.model_calls,
                  "seconds": round(time.perf_counter() - t0, 1), "kl": report.kl, "rolled_back": len(report.rolled_back),

@@ -350,6 +350,14 @@ def test_finetune_key_is_checked_and_part_of_the_identity():
         CampaignConfig.from_mapping(tiny(finetune={"stepz": 3}))
     with pytest.raises(ValueError, match="finetune.lr must be a finite number > 0"):
         CampaignConfig.from_mapping(tiny(finetune={"lr": 0}))
+    assert set(defaults.identity()["finetune"]).isdisjoint({"method", "iterations", "group_size"})
+    grpo = CampaignConfig.from_mapping(tiny(finetune={"method": "grpo"}))
+    assert grpo.identity()["finetune"]["method"] == "grpo" and grpo.identity_hash() != defaults.identity_hash()
+    assert grpo.finetune.grpo_settings(0).groups == 64 // 8
+    with pytest.raises(ValueError, match="finetune.method must be weighted or grpo"):
+        CampaignConfig.from_mapping(tiny(finetune={"method": "ppo"}))
+    with pytest.raises(ValueError, match="multiple of finetune.group_size"):
+        CampaignConfig.from_mapping(tiny(finetune={"method": "grpo", "batch": 10, "group_size": 4}))
     for modality in ("molecules", "backbones"):  # continuous models fine-tune too
         CampaignConfig.from_mapping({"modality": modality, "rewards": [{"name": "r", "spec": "qed" if modality ==
                                      "molecules" else "rg"}], "finetune": {}})
@@ -376,6 +384,24 @@ def test_continuous_campaigns_fine_tune_between_rounds(tmp_path, modality, value
     adapter, _ = c.finetuned(3)
     assert any(float(v.abs().max()) > 0 for k, v in lora_state(adapter).items() if k.endswith("lora_b"))
     assert len(c.samples_frame()) == 12
+
+
+@pytest.mark.parametrize("modality, values", [
+    ("rna", {}),
+    ("molecules", {"modality": "molecules", "length": None, "n_per_round": 4, "sampler": {"steps": 4},
+                   "rewards": [{"name": "qed", "spec": "qed"}], "refine": {"fraction": 0.0},
+                   "selection": {"k": 2}}),
+])
+def test_grpo_rounds_learn_on_policy_and_count_their_reward_calls(tmp_path, modality, values):
+    ft = {"method": "grpo", "iterations": 2, "batch": 8, "group_size": 4, "rank": 2, "lr": 0.01, "kl_bound": 5.0}
+    c = Campaign(CampaignConfig.from_mapping(tiny(rounds=2, finetune=ft, **values)), tmp_path / "c").run()
+    card = json.loads((tmp_path / "c" / "finetune" / "round-002.json").read_text())
+    prov, settings = card["provenance"], card["config"]["settings"]
+    assert prov["data_size"] == 2 * 8 and len(prov["reward_means"]) == 2  # fresh samples, each scored once
+    assert prov["steps"] + len(prov["rolled_back"]) == 2 * 2  # iterations x epochs
+    assert settings["groups"] == 2 and settings["group_size"] == 4 and prov["model_calls"] > 0
+    calls = c.rounds_frame().set_index("round")["model_calls"]
+    assert calls[2] > prov["model_calls"] and len(c.samples_frame()) == 2 * c.config.n_per_round
 
 
 def test_finetuned_rounds_count_their_calls_and_resume_with_the_same_weights(tmp_path, monkeypatch, uninterrupted):

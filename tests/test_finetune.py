@@ -331,16 +331,16 @@ def test_a_rollout_without_a_window_is_the_engines_ode_and_its_ratio_starts_at_o
 
 
 def test_the_window_slides_toward_the_data_and_wraps():
-    from molgen.finetune import MixGRPOSettings, window_start
+    from molgen.finetune import window_start
 
-    s = MixGRPOSettings(window=2, shift_every=2, stride=1)
+    s = GRPOSettings(window=2, shift_every=2, stride=1)
     assert [window_start(it, 5, s) for it in range(10)] == [0, 0, 1, 1, 2, 2, 3, 3, 0, 0]
     with pytest.raises(ValueError, match="does not fit"):
         window_start(0, 1, s)
 
 
 def test_mixgrpo_raises_the_reward_and_survives_a_failing_reward():
-    from molgen.finetune import MixGRPOSettings, mixgrpo
+    from molgen.finetune import mixgrpo
     from molgen.guidance.tasks import Draw
 
     base = _MixtureWithHead()
@@ -357,7 +357,7 @@ def test_mixgrpo_raises_the_reward_and_survives_a_failing_reward():
             r[0] = float("nan")
         return r
 
-    settings = MixGRPOSettings(iterations=12, groups=4, group_size=8, epochs=2, window=2, shift_every=4,
+    settings = GRPOSettings(iterations=12, groups=4, group_size=8, epochs=2, window=2, shift_every=4,
                                lr=0.05, kl_weight=0.0, kl_bound=50.0, rank=2)
     tuned, report = mixgrpo(sampler, draw, right_mode, lambda x: x, settings, penalty=-2.0)
     assert len(report.reward_means) == 12 and report.steps + len(report.rolled_back) == 24

@@ -19,7 +19,8 @@
     selection: {rule: top_k, k: 16, min_distance: 0.3}   # top_k | pareto; objectives: rewards | rewards+naturalness
     refine: {fraction: 0.5, t: 0.5}    # rounds >= 2: this share of n refines the selection, re-noised to t
     finetune: {}                       # before each round >= 2, fine-tune an adapter on every design scored
-                                       # so far (molgen.finetune; {} = defaults, null/absent = off)
+                                       # so far (molgen.finetune; {} = defaults, null/absent = off);
+                                       # {method: grpo}: on-policy GRPO with fresh reward calls instead
     database: null                     # null = sqlite:///DIR/campaign.sqlite; or a SQLAlchemy URL
 
 ``identity()`` is what decides the designs: a folder holding a campaign of another identity is refused.
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from molgen.finetune import FinetuneSettings
+from molgen.finetune import FinetuneSettings, GRPOSettings
 from molgen.guidance.fk import POTENTIALS
 from molgen.guidance.tasks import METHODS as GUIDANCE_METHODS
 from molgen.modalities import choose, get_modality
@@ -102,10 +103,14 @@ class RefineSpec:
 @dataclass(frozen=True)
 class FinetuneSpec:
     """Reward fine-tuning between rounds (``molgen.finetune``): before round r >= 2 a rank-``rank`` adapter
-    on the campaign's model (round 2: from zero; later rounds: continuing the previous one) is trained for
-    ``steps`` steps (``batch`` designs each, Adam at ``lr``) on every design scored so far, weighted
-    softmax(beta * standardised score), with KL weight ``kl_weight`` to the pretrained model; a step pushing
-    the KL above ``kl_bound`` nats per masked token is rolled back."""
+    on the campaign's model (round 2: from zero; later rounds: continuing the previous one) is trained.
+
+    ``method: weighted`` (default): ``steps`` steps (``batch`` designs each, Adam at ``lr``) on every design
+    scored so far, weighted softmax(beta * standardised score), with KL weight ``kl_weight`` to the pretrained
+    model; a step pushing the KL above ``kl_bound`` is rolled back. It asks the reward nothing new.
+    ``method: grpo``: ``iterations`` rounds of on-policy GRPO on the campaign's sampler (MixGRPO's sliding
+    window for molecules and backbones), each scoring ``batch`` fresh samples in groups of ``group_size``, so
+    the reward is called ``iterations x batch`` more times per round; ``beta`` and ``steps`` are not used."""
 
     steps: int = FinetuneSettings.steps
     lr: float = FinetuneSettings.lr
@@ -114,9 +119,21 @@ class FinetuneSpec:
     kl_bound: float = FinetuneSettings.kl_bound
     rank: int = FinetuneSettings.rank
     batch: int = FinetuneSettings.batch
+    method: str = "weighted"
+    iterations: int = GRPOSettings.iterations
+    group_size: int = GRPOSettings.group_size
 
     def settings(self, seed: int) -> FinetuneSettings:
-        return FinetuneSettings(**dataclasses.asdict(self), seed=seed)
+        return FinetuneSettings(self.steps, self.lr, self.beta, self.kl_weight, self.kl_bound, self.rank, self.batch,
+                                seed)
+
+    def grpo_settings(self, seed: int) -> GRPOSettings:
+        return GRPOSettings(iterations=self.iterations, groups=self.batch // self.group_size,
+                            group_size=self.group_size, kl_weight=self.kl_weight,
+                            kl_bound=self.kl_bound, lr=self.lr, rank=self.rank, seed=seed)
+
+
+GRPO_KEYS = ("method", "iterations", "group_size")  # not part of a weighted fine-tuning's identity
 
 
 @dataclass(frozen=True)
@@ -175,6 +192,8 @@ class CampaignConfig:
         d.pop("database")
         if d["finetune"] is None:
             d.pop("finetune")
+        elif d["finetune"]["method"] == "weighted":
+            d["finetune"] = {k: v for k, v in d["finetune"].items() if k not in GRPO_KEYS}
         return d
 
     def identity_hash(self) -> str:
@@ -289,7 +308,12 @@ def validate(cfg: CampaignConfig) -> None:
 
 
 def _check_finetune(ft: FinetuneSpec) -> None:
-    for key in ("steps", "rank", "batch"):
+    if ft.method not in ("weighted", "grpo"):
+        raise ValueError(f"finetune.method must be weighted or grpo, got {ft.method!r}")
+    if ft.method == "grpo" and (ft.group_size < 2 or ft.batch % ft.group_size):
+        raise ValueError(f"finetune.batch ({ft.batch}) must be a multiple of finetune.group_size "
+                         f"({ft.group_size}), which must be >= 2")
+    for key in ("steps", "rank", "batch", "iterations"):
         if getattr(ft, key) < 1:
             raise ValueError(f"finetune.{key} must be >= 1, got {getattr(ft, key)}")
     for key in ("lr", "kl_bound"):

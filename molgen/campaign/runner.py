@@ -14,7 +14,8 @@ score breaking ties; ``min_distance`` then drops designs too close to a better o
 Everything goes into the SQL store; re-running continues after the last finished round.
 
 With ``finetune`` set, round r >= 2 is drawn (guidance on top) from the campaign's model with a low-rank
-adapter fine-tuned on every design of rounds < r and its score (``molgen.finetune``; round 2's adapter starts
+adapter fine-tuned on every design of rounds < r and its score, or (``method: grpo``) by GRPO on fresh scored
+rollouts of the campaign's sampler (``molgen.finetune``; round 2's adapter starts
 at zero, round r's continues round r - 1's; the KL is always to the campaign's model), saved as
 ``DIR/finetune/round-RRR.pt`` with its card before the round generates; a resumed round reads it back, so it
 draws with the same weights. The fine-tuning's model calls count in the round's ``model_calls``.
@@ -200,22 +201,29 @@ class Campaign:
     def finetuned(self, r: int) -> tuple[torch.nn.Module, int]:
         """The adapted model round ``r`` draws from and the model calls its fine-tuning cost: read back from
         ``finetune_path(root, r)`` when a previous attempt saved it, else fine-tuned from round r - 1's adapter
-        (round 2: from zero) on every design of the finished rounds (seed ``derived_seed("molgen-finetune",
-        seed, r)``) and saved there with its card."""
-        from molgen.finetune import finetune_on, load_adapter, save_adapter
+        (round 2: from zero), on every design of the finished rounds (``method: weighted``) or on fresh rollouts
+        scored by the guidance reward (``method: grpo``), with seed ``derived_seed("molgen-finetune", seed, r)``,
+        and saved there with its card."""
+        from molgen.finetune import finetune_on, grpo_on, load_adapter, save_adapter
 
         problem = self.rounds.problem
         path = finetune_path(self.root, r)
         if path.is_file() and path.with_suffix(".json").is_file():
             model, card = load_adapter(path, problem.sampler.model, problem.sha256)
             return model, int(card["provenance"]["model_calls"])
-        frame = self.samples_frame()
-        x0, mask = self.modality.encode(problem, [design_of(row) for _, row in frame.iterrows()])
-        scores = torch.tensor(frame["score"].to_numpy(dtype=np.float64))
-        settings = self.config.finetune.settings(derived_seed("molgen-finetune", self.config.seed, r))
+        spec, seed = self.config.finetune, derived_seed("molgen-finetune", self.config.seed, r)
         reward = self.guide_reward()
         start = self.finetuned(r - 1)[0] if r >= 3 else None
-        model, report = finetune_on(problem.sampler, x0, mask, scores, settings, penalty=reward.penalty, start=start)
+        if spec.method == "grpo":
+            settings: Any = spec.grpo_settings(seed)
+            model, report = grpo_on(problem, reward, settings, start=start)
+        else:
+            frame = self.samples_frame()
+            x0, mask = self.modality.encode(problem, [design_of(row) for _, row in frame.iterrows()])
+            scores = torch.tensor(frame["score"].to_numpy(dtype=np.float64))
+            settings = spec.settings(seed)
+            model, report = finetune_on(problem.sampler, x0, mask, scores, settings, penalty=reward.penalty,
+                                        start=start)
         save_adapter(path, model, report, base_sha256=problem.sha256, settings=settings, reward=reward.name,
                      base_checkpoint=str(problem.checkpoint))
         return model, report.model_calls

@@ -166,7 +166,7 @@ def _enclosing(partners: Sequence[int], i: int) -> tuple[int, int] | None:
     return next(((a, partners[a]) for a in range(i - 1, -1, -1) if partners[a] > j), None)
 
 
-def lone_pair_proofs(structure: str, max_cases: int = 20_000) -> list[LonePairProof]:
+def lone_pair_proofs(structure: str, max_cases: int = 50_000) -> list[LonePairProof]:
     """Isolated pairs that make ``structure`` undesignable under ViennaRNA's energies (a sufficient test).
 
     An isolated pair (i, j) (neither (i-1, j+1) nor (i+1, j-1) a pair) is the only difference between the
@@ -181,7 +181,7 @@ def lone_pair_proofs(structure: str, max_cases: int = 20_000) -> list[LonePairPr
     import RNA as vienna
 
     partners = parse_dot_bracket(structure)
-    n = len(partners)
+    n, md = len(partners), vienna.md()
     proofs = []
     for i, j in enumerate(partners):
         if j < i or (i > 0 and partners[i - 1] == j + 1) or (i + 1 < n and partners[i + 1] == j - 1):
@@ -208,7 +208,7 @@ def lone_pair_proofs(structure: str, max_cases: int = 20_000) -> list[LonePairPr
                     seq[a], seq[b] = ab
                 for k, c in zip(free_list, letters):
                     seq[k] = c
-                fc = vienna.fold_compound("".join(seq))
+                fc = vienna.fold_compound("".join(seq), md, vienna.OPTION_EVAL_ONLY)
                 gap = fc.eval_structure(structure) - fc.eval_structure(without)
                 best = min(best, (gap, "".join(seq)))
         if best[0] > 0:
