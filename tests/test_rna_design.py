@@ -311,8 +311,8 @@ def test_refine_hands_a_stalled_population_to_the_walk(monkeypatch):
     real = design._walk
 
     def spy(starts, target, n, budget, counter):
-        first = [next(starts) for _ in range(8)]  # the cycle of the unsolved designs (at most 8), from its start
-        walks.append(list(dict.fromkeys(first)))
+        first = [next(starts) for _ in range(16)]  # the unsolved designs, cycled, each followed by a random start
+        walks.append((first[0::2], first[1::2]))
         return real(iter(first), target, n, budget, counter)
 
     monkeypatch.setattr(design, "_walk", spy)
@@ -320,7 +320,9 @@ def test_refine_hands_a_stalled_population_to_the_walk(monkeypatch):
     target = LONE_PAIR  # the model's proposals cannot solve it, so the population stays unsolved
     res = design_rna(target, budget=Budget(seconds=2), seed=1, population=8)
     assert res.seconds < 3
-    assert len(walks) == 1 and 1 <= len(walks[0]) <= 8 and all(len(s) == len(target) for s in walks[0])
+    (designs, randoms), = walks
+    assert 1 <= len(set(designs)) <= 8 and all(pairs_allowed(s, target) for s in designs)  # the model's designs
+    assert len(set(randoms)) == 8 and all(len(s) == len(target) for s in designs + randoms)
     walks.clear()
     design_rna(target, budget=Budget(seconds=None, calls=300), seed=1)
     assert not walks  # a budget in model calls alone has no deadline for the walk

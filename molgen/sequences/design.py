@@ -11,8 +11,10 @@ calls) is spent:
   structure is the target, and the energy gap ranks designs of equal distance). Long targets are refined from
   the inside out, domain by domain (``stages``). When ``STALL_ROUNDS`` whole-sequence rounds in a row find no
   better design and the budget has seconds, the rest of it goes to ViennaRNA's adaptive walk
-  (``RNA.inverse_fold``) started from the unsolved designs, best first: the model places the pairs, the walk
-  fixes what its proposals do not (isolated base pairs, for one). Folds inside the walk are not counted;
+  (``RNA.inverse_fold``) started in turn from the unsolved designs (best first) and from uniform random
+  sequences: the model places the pairs, the walk fixes what its proposals do not (isolated base pairs, for
+  one), and the random starts keep the walk's own reach where the model's placements mislead it. Folds inside
+  the walk are not counted;
 * ``sample``: the model alone, fresh pair-aware samples until the budget ends;
 * ``svdd`` / ``fk``: SVDD (value-guided branching) or FK steering (SMC with the tilt exp(lambda r)) over the
   pair-aware sampler with the reward ``r = -d_bp / L``;
@@ -267,7 +269,8 @@ def _refine(pre: Any, target: Target, n: int, budget: Budget, counter: Counter, 
             if counter.spent(budget) or not active or (whole and len(seqs) - len(active) >= n):
                 break
             if whole and budget.seconds is not None and stalled >= STALL_ROUNDS:  # proposals stopped helping
-                starts = itertools.cycle([seqs[i] for i in sorted(active, key=lambda i: scored[i][0])])
+                designs = itertools.cycle([seqs[i] for i in sorted(active, key=lambda i: scored[i][0])])
+                starts = (s for pair in zip(designs, _random_starts(target, rng)) for s in pair)
                 return seqs + _walk(starts, target, n - (len(seqs) - len(active)), budget,
                                     counter)
             remask = torch.zeros(len(active), x.shape[1], dtype=torch.bool)
@@ -347,15 +350,15 @@ def n_solved(seqs: Sequence[str], target: Target, counter: Counter) -> int:
     return sum(fold(s)[0] == target.structure for s in seqs)
 
 
+def _random_starts(target: Target, rng: random.Random) -> Iterator[str]:
+    """Uniform random sequences of the target's length, without end."""
+    while True:
+        yield "".join(rng.choice(RNA.letters) for _ in target.structure)
+
+
 def _inverse_fold(target: Target, n: int, budget: Budget, counter: Counter, seed: int) -> list[str]:
     """Restarts of ``RNA.inverse_fold`` from uniform random sequences (``_walk``)."""
-    rng = random.Random(seed)
-
-    def starts():
-        while True:
-            yield "".join(rng.choice(RNA.letters) for _ in target.structure)
-
-    return _walk(starts(), target, n, budget, counter)
+    return _walk(_random_starts(target, random.Random(seed)), target, n, budget, counter)
 
 
 def _walk(starts: Iterator[str], target: Target, n: int, budget: Budget, counter: Counter) -> list[str]:
