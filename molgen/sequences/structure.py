@@ -141,6 +141,7 @@ class LonePairProof:
     witness: str
 
 
+ENERGY_RESOLUTION = 0.01  # kcal/mol: ViennaRNA's energies are whole dcal/mol
 SMALL_LOOP = 6  # loops of up to this many unpaired nt are scored on all their letters (tri-, tetra-, hexaloops,
 #                 1x1 to 2x2 interior loops); larger ones only on the letters next to their pairs
 
@@ -211,7 +212,7 @@ def lone_pair_proofs(structure: str, max_cases: int = 50_000) -> list[LonePairPr
                 fc = vienna.fold_compound("".join(seq), md, vienna.OPTION_EVAL_ONLY)
                 gap = fc.eval_structure(structure) - fc.eval_structure(without)
                 best = min(best, (gap, "".join(seq)))
-        if best[0] > 0:
+        if best[0] > ENERGY_RESOLUTION / 2:  # positive, float noise aside
             proofs.append(LonePairProof(i, j, round(best[0], 2), best[1]))
     return proofs
 
