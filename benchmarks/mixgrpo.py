@@ -18,7 +18,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -28,44 +27,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def fresh(problem: Any, model: torch.nn.Module, reward: Any, n: int, seed: int) -> dict[str, Any]:
-    """Reward and naturalness of ``n`` samples of ``model`` on the problem's sampler (prior drawn with ``seed``)."""
+def unguided(problem: Any, model: torch.nn.Module, reward: Any, n: int, seed: int) -> Any:
+    """``n`` samples of ``model`` on the problem's sampler, scored (``molgen.guidance.tasks.guide``, unguided)."""
+    from molgen.guidance.tasks import guide
+
     sampler = dataclasses.replace(problem.sampler, model=model)
-    g = torch.Generator().manual_seed(seed)
-    scores, natural, sizes = [], [], []
-    for chunk in problem.draw(n, 1, g):
-        state = sampler.run(sampler.init(chunk.x_T, chunk.mask, chunk.cond), g)
-        x0 = sampler.finish(state)
-        samples = problem.decode(x0) if chunk.mask is None else problem.decode(x0, chunk.mask)
-        scores.append(torch.as_tensor(reward(samples), dtype=torch.float64))
-        natural.append(problem.natural(SimpleNamespace(samples=x0, mask=chunk.mask)))
-        sizes.append(len(x0))
-    r = torch.cat(scores).numpy()
-    w = np.array(sizes, dtype=np.float64) / sum(sizes)
-    top = np.sort(r)[-max(1, len(r) // 10):]
-    return {"reward_mean": float(r.mean()), "reward_top10_mean": float(top.mean()),
-            **{k: float(sum(wi * d[k] for wi, d in zip(w, natural))) for k in natural[0]}}
+    return guide(dataclasses.replace(problem, sampler=sampler), "unguided", reward, n, seed=seed)
 
 
-def scored_samples(problem: Any, reward: Any, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None,
-                                                                         torch.Tensor]:
-    """``n`` samples of the shipped model as model states (``problem.clean``), their padding mask and scores."""
-    g = torch.Generator().manual_seed(seed)
-    xs, masks, scores = [], [], []
-    for chunk in problem.draw(n, 1, g):
-        sampler = problem.sampler
-        x0 = sampler.finish(sampler.run(sampler.init(chunk.x_T, chunk.mask, chunk.cond), g))
-        samples = problem.decode(x0) if chunk.mask is None else problem.decode(x0, chunk.mask)
-        scores.append(torch.as_tensor(reward(samples), dtype=torch.float64))
-        clean, mask = problem.clean(SimpleNamespace(samples=x0, mask=chunk.mask))
-        xs.append(clean)
-        masks.append(mask)
-    if masks[0] is None:
-        return torch.cat(xs), None, torch.cat(scores)
-    width = max(x.shape[1] for x in xs)
-    pad = [torch.nn.functional.pad(x, (0, 0, 0, width - x.shape[1])) for x in xs]
-    mpad = [torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks]
-    return torch.cat(pad), torch.cat(mpad), torch.cat(scores)
+def fresh(problem: Any, model: torch.nn.Module, reward: Any, n: int, seed: int) -> dict[str, Any]:
+    """Reward (mean, top-10 % mean) and naturalness of ``n`` fresh samples of ``model``."""
+    res = unguided(problem, model, reward, n, seed)
+    r = np.sort(res.rewards.double().numpy())
+    return {"reward_mean": float(r.mean()), "reward_top10_mean": float(r[-max(1, len(r) // 10):].mean()),
+            **problem.natural(res)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
                  "reward_per_iteration": report.reward_means, **fresh(problem, tuned, reward, args.n, args.seed + 1)})
 
     t0 = time.perf_counter()
-    x0, mask, scores = scored_samples(problem, reward, budget, args.seed)
+    shipped = unguided(problem, base, reward, budget, args.seed)
+    x0, mask = problem.clean(shipped)
+    scores = shipped.rewards.double()
     weighted, wreport = finetune_continuous(base, problem.sampler, x0, mask, scores,
                                             FinetuneSettings(seed=args.seed), penalty=reward.penalty)
     rows.append({"method": "reward_weighted", "reward_calls": budget, "seconds": round(time.perf_counter() - t0, 1),

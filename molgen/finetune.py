@@ -172,6 +172,18 @@ def restore(model: nn.Module, state: dict[str, Tensor]) -> None:
             params[k].copy_(v)
 
 
+def start_adapter(base: nn.Module, rank: int, lr: float, seed: int, start: nn.Module | None
+                  ) -> tuple[nn.Module, torch.optim.Optimizer, torch.Generator]:
+    """What every fine-tuning starts from: ``with_adapter(base, rank, seed)`` in eval mode (no dropout, so the
+    KL check is deterministic) holding the adapter of ``start`` when given, Adam at ``lr`` on the adapter, and a
+    generator seeded with ``seed``."""
+    model = with_adapter(base, rank, seed).eval()
+    if start is not None:
+        restore(model, lora_state(start))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    return model, opt, torch.Generator().manual_seed(seed)
+
+
 # --------------------------------------------------------------------------------------------- objective
 def design_weights(scores: Tensor, beta: float, penalty: float | None = None) -> Tensor:
     """w = softmax(beta z), z the standardised scores; a non-finite score counts as ``penalty`` (default: the
@@ -254,12 +266,8 @@ def fit_adapter(base: nn.Module, n_designs: int, scores: Tensor, settings: Finet
     if len(scores) != n_designs or not n_designs:
         raise ValueError(f"fine-tuning needs one score per design, got {n_designs} designs, {len(scores)} scores")
     t0, s = time.perf_counter(), settings
-    model = with_adapter(base, s.rank, s.seed).eval()  # eval: no dropout, so the KL check is deterministic
-    if start is not None:
-        restore(model, lora_state(start))
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=s.lr)
+    model, opt, g = start_adapter(base, s.rank, s.lr, s.seed, start)
     w = design_weights(scores, s.beta, penalty)
-    g = torch.Generator().manual_seed(s.seed)
     report = FinetuneReport(steps=0, data_size=n_designs)
     for step in range(s.steps):
         idx = torch.multinomial(w, s.batch, replacement=True, generator=g)
@@ -296,12 +304,25 @@ def finetune(base: nn.Module, process: MaskedDiffusion, tokens: Tensor, scores: 
     return fit_adapter(base, len(tokens), scores, settings, penalty, start, step_terms)
 
 
+def x0_at(model: nn.Module, sampler: Any, x: Tensor, t: Tensor | float, cond: dict[str, Tensor]) -> Tensor:
+    """The model's x0 estimate of every row of ``x`` at its time (``t``: [B], or one time for all), on the
+    sampler's schedule and prediction."""
+    from molgen.diffusion.parameterization import to_x0
+    from molgen.diffusion.schedules import get_schedule
+
+    schedule = get_schedule(sampler.schedule)
+    t = torch.as_tensor(t, dtype=torch.float64).expand(len(x))
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    alpha, sigma = (f(t).to(x.dtype).view(shape) for f in (schedule.alpha, schedule.sigma))
+    out = model(x, t.to(x.dtype), **cond).to(x.dtype)
+    return to_x0(sampler.prediction or model.prediction, out, x, alpha, sigma)
+
+
 def continuous_terms(model: nn.Module, ref: nn.Module, sampler: Any, x0: Tensor, mask: Tensor | None, t: Tensor,
                      eps: Tensor, scale: float, kl_weight: float) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, denoising error, KL) of a continuous model on x_t = alpha(t) x0 + sigma(t) eps: the mean over the
     batch of ``|x0_hat - x0|^2 / (d scale)`` (d the design's real coordinates, ``scale`` the data's variance)
     plus ``kl_weight`` times the KL of N(x0_hat_theta, scale) from N(x0_hat_ref, scale) per coordinate."""
-    from molgen.diffusion.parameterization import to_x0
     from molgen.diffusion.schedules import get_schedule
     from molgen.diffusion.spaces import expand_mask
 
@@ -310,10 +331,9 @@ def continuous_terms(model: nn.Module, ref: nn.Module, sampler: Any, x0: Tensor,
     alpha, sigma = (f(t.double()).to(x0.dtype).view(shape) for f in (schedule.alpha, schedule.sigma))
     x_t = sampler.space.project(alpha * x0 + sigma * eps, mask)
     cond = {} if mask is None else {"mask": mask}
-    prediction = sampler.prediction or model.prediction
-    x0_hat = to_x0(prediction, model(x_t, t, **cond).to(x0.dtype), x_t, alpha, sigma)
+    x0_hat = x0_at(model, sampler, x_t, t, cond)
     with torch.no_grad():
-        x0_ref = to_x0(prediction, ref(x_t, t, **cond).to(x0.dtype), x_t, alpha, sigma)
+        x0_ref = x0_at(ref, sampler, x_t, t, cond)
     m = expand_mask(mask, x0)
     real = torch.ones_like(x0) if m is None else m.expand_as(x0).to(x0.dtype)
     per_row = real.flatten(1).sum(1).clamp_min(1) * scale
@@ -515,11 +535,7 @@ def grpo(base: nn.Module, process: MaskedDiffusion, prior: Callable[[int, torch.
     model whose adapter to continue (default: a new one)."""
     s = settings
     t0 = time.perf_counter()
-    model = with_adapter(base, s.rank, s.seed).eval()
-    if start is not None:
-        restore(model, lora_state(start))
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=s.lr)
-    g = torch.Generator().manual_seed(s.seed)
+    model, opt, g = start_adapter(base, s.rank, s.lr, s.seed, start)
     report = FinetuneReport(steps=0)
     calls = 0
     for it in range(s.iterations):
@@ -554,18 +570,6 @@ def window_start(iteration: int, transitions: int, s: GRPOSettings) -> int:
     if not 1 <= s.window <= transitions:
         raise ValueError(f"window of {s.window} transitions does not fit a grid of {transitions}")
     return (s.stride * (iteration // s.shift_every)) % (transitions - s.window + 1)
-
-
-def x0_at(model: nn.Module, sampler: Any, x: Tensor, t: float, cond: dict[str, Tensor]) -> Tensor:
-    """The model's x0 estimate at one time t for every row of ``x``."""
-    from molgen.diffusion.parameterization import to_x0
-    from molgen.diffusion.schedules import get_schedule
-
-    schedule = get_schedule(sampler.schedule)
-    t64 = torch.tensor(t, dtype=torch.float64)
-    out = model(x, torch.full((len(x),), t, dtype=x.dtype), **cond).to(x.dtype)
-    return to_x0(sampler.prediction or model.prediction, out, x, schedule.alpha(t64).to(x.dtype),
-                 schedule.sigma(t64).to(x.dtype))
 
 
 def ddim_transition(model: nn.Module, sampler: Any, x_t: Tensor, mask: Tensor | None, cond: dict[str, Tensor],
@@ -688,11 +692,7 @@ def mixgrpo(sampler: Any, draw: Callable[[int, int, torch.Generator], Sequence[A
         raise ValueError(f"MixGRPO needs stochastic window steps: eta must be > 0, got {s.eta}")
     t0 = time.perf_counter()
     base = sampler.model
-    model = with_adapter(base, s.rank, s.seed).eval()
-    if start is not None:
-        restore(model, lora_state(start))
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=s.lr)
-    g = torch.Generator().manual_seed(s.seed)
+    model, opt, g = start_adapter(base, s.rank, s.lr, s.seed, start)
     report = FinetuneReport(steps=0)
     transitions = len(sampler.grid_times[0]) - 1
     calls, step = 0, 0

@@ -47,6 +47,7 @@ from molgen.modalities import names as modality_names
 METHODS = GUIDANCE_METHODS  # svdd_mc: its value net is fitted on the campaign's own scores (runner.surrogate)
 RULES = ("top_k", "pareto")
 OBJECTIVES = ("rewards", "rewards+naturalness")
+FINETUNE_METHODS = ("weighted", "grpo")  # the first is the default
 
 
 @dataclass(frozen=True)
@@ -119,13 +120,13 @@ class FinetuneSpec:
     kl_bound: float = FinetuneSettings.kl_bound
     rank: int = FinetuneSettings.rank
     batch: int = FinetuneSettings.batch
-    method: str = "weighted"
+    method: str = FINETUNE_METHODS[0]
     iterations: int = GRPOSettings.iterations
     group_size: int = GRPOSettings.group_size
 
     def settings(self, seed: int) -> FinetuneSettings:
-        return FinetuneSettings(self.steps, self.lr, self.beta, self.kl_weight, self.kl_bound, self.rank, self.batch,
-                                seed)
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(FinetuneSettings) if f.name != "seed"}
+        return FinetuneSettings(**shared, seed=seed)
 
     def grpo_settings(self, seed: int) -> GRPOSettings:
         return GRPOSettings(iterations=self.iterations, groups=self.batch // self.group_size,
@@ -192,7 +193,7 @@ class CampaignConfig:
         d.pop("database")
         if d["finetune"] is None:
             d.pop("finetune")
-        elif d["finetune"]["method"] == "weighted":
+        elif d["finetune"]["method"] == FINETUNE_METHODS[0]:
             d["finetune"] = {k: v for k, v in d["finetune"].items() if k not in GRPO_KEYS}
         return d
 
@@ -308,8 +309,8 @@ def validate(cfg: CampaignConfig) -> None:
 
 
 def _check_finetune(ft: FinetuneSpec) -> None:
-    if ft.method not in ("weighted", "grpo"):
-        raise ValueError(f"finetune.method must be weighted or grpo, got {ft.method!r}")
+    if ft.method not in FINETUNE_METHODS:
+        raise ValueError(f"finetune.method must be {' or '.join(FINETUNE_METHODS)}, got {ft.method!r}")
     if ft.method == "grpo" and (ft.group_size < 2 or ft.batch % ft.group_size):
         raise ValueError(f"finetune.batch ({ft.batch}) must be a multiple of finetune.group_size "
                          f"({ft.group_size}), which must be >= 2")

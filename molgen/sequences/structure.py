@@ -183,6 +183,10 @@ def lone_pair_proofs(structure: str, max_cases: int = 50_000) -> list[LonePairPr
 
     partners = parse_dot_bracket(structure)
     n, md = len(partners), vienna.md()
+    base = ["A"] * n  # the letters no loop in question depends on
+    for a, b in enumerate(partners):
+        if b > a:
+            base[a], base[b] = "G", "C"
     proofs = []
     for i, j in enumerate(partners):
         if j < i or (i > 0 and partners[i - 1] == j + 1) or (i + 1 < n and partners[i + 1] == j - 1):
@@ -196,10 +200,6 @@ def lone_pair_proofs(structure: str, max_cases: int = 50_000) -> list[LonePairPr
         free_list = sorted(free)
         if 6 ** len(pairs) * 4 ** len(free_list) > max_cases:
             continue
-        base = ["A"] * n
-        for a, b in enumerate(partners):
-            if b > a:
-                base[a], base[b] = "G", "C"
         without = structure[:i] + "." + structure[i + 1 : j] + "." + structure[j + 1 :]
         best = (float("inf"), "")
         for pair_letters in itertools.product(PAIRS, repeat=len(pairs)):
