@@ -18,7 +18,7 @@ the current commit (``git rev-parse --short HEAD``, flagged when the working tre
 UTC date and a description of the hardware; the benchmark's whole output is kept under ``raw``. KIND selects how
 the table is read from the output: samplers, samplers_overhead, samplers_defaults, default_ends, tuned_plans,
 generation, guidance, sequences, structure, structure_denoising, molecules, likelihood, reliability, rna_design,
-ehrlich, campaigns, finetune.
+ehrlich, campaigns, finetune, masked_plans.
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def _structure(raw: dict) -> dict:
 
 
 DENOISING_COLUMNS = [["model", "model", ""], ["steps", "optimiser steps", ""], ["train_wall_s", "run wall s", ""],
-                     ["pair_dim", "pair track width", ""]]
+                     ["pair_dim", "pair track width", ""], ["self_condition", "self-conditioning", ""]]
 
 
 def _structure_denoising(raw: dict) -> dict:
@@ -312,13 +312,20 @@ def _finetune(raw: dict) -> dict:
     return {"columns": cols, "rows": raw["rows"]}
 
 
+def _masked_plans(raw: dict) -> dict:
+    cols = [["modality", "model", ""], ["nfe", "calls", ""], ["default_bits", "default grid (bits/letter)", ".4f"],
+            ["tuned_bits", "tuned plan", ".4f"], ["reference_bits", f"{raw['reference_steps']} steps", ".4f"],
+            ["grid", "plan kept", ""], ["tune_seconds", "tuning s", ".0f"]]
+    return {"columns": cols, "rows": raw["rows"]}
+
+
 KINDS = {"samplers": _samplers, "samplers_overhead": _samplers_overhead, "samplers_defaults": _samplers_defaults,
          "default_ends": _default_ends, "tuned_plans": _tuned_plans,
          "generation": _generation,
          "guidance": _guidance, "sequences": _sequences, "structure": _structure,
          "structure_denoising": _structure_denoising, "molecules": _molecules,
          "likelihood": _likelihood, "reliability": _reliability, "rna_design": _rna_design,
-         "ehrlich": _ehrlich, "campaigns": _campaigns, "finetune": _finetune}
+         "ehrlich": _ehrlich, "campaigns": _campaigns, "finetune": _finetune, "masked_plans": _masked_plans}
 
 
 def record(kinds: list[str], names: list[str], command: list[str], cwd: Path = ROOT,

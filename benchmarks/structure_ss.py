@@ -86,7 +86,8 @@ DENOISE_SIGMAS = (1.0, 3.0, 8.0)  # Angstrom: bond-level, secondary-structure an
 def denoising_error(model, segments: list, sigmas=DENOISE_SIGMAS, batches: int = 8, seed: int = 0) -> dict:
     """Mean squared error (A^2 per residue) of the denoiser on held-out crops of 80 residues at each noise
     level, with no condition and (an ``ss_condition`` model) with the crops' own P-SEA labels: the same crops
-    and noise for every model, so models compare without sampling noise."""
+    and noise for every model, so models compare without sampling noise. A self-conditioned model is given its
+    own first estimate (two calls, as in training and in the sampler after its first step)."""
     rng = np.random.default_rng(seed)
     crops = [crop_batch(segments, rng, 80, 80, edge_budget=16 * 6400) for _ in range(batches)]
     out = {}
@@ -96,7 +97,10 @@ def denoising_error(model, segments: list, sigmas=DENOISE_SIGMAS, batches: int =
             for k, b in enumerate(crops):
                 eps = centre(torch.randn(b.x.shape, generator=torch.Generator().manual_seed(seed + k)), b.mask)
                 cond = {"ss": b.ss, "composition": composition_of(b.ss, b.mask)} if given == "labels" else {}
-                pred = model.denoise(b.x + sigma * eps, torch.full((len(b.x),), sigma), b.mask, **cond)
+                x, level = b.x + sigma * eps, torch.full((len(b.x),), sigma)
+                if model.cfg.self_condition:
+                    cond["self_cond"] = model.denoise(x, level, b.mask, **cond)
+                pred = model.denoise(x, level, b.mask, **cond)
                 errors.append(((pred - b.x) ** 2).sum(-1)[b.mask].mean().item())
             out[f"mse_{given}_{sigma:g}A"] = float(np.mean(errors))
     return out
@@ -182,7 +186,8 @@ def main() -> int:
         model = load_model(path)
         provenance = read_card(path)["provenance"]
         cards[name] = {"path": path, "steps": provenance.get("steps"), "ss_condition": model.cfg.ss_condition,
-                       "pair_dim": model.cfg.pair_dim, "train_wall_s": provenance.get("run_wall_s"),
+                       "pair_dim": model.cfg.pair_dim, "self_condition": model.cfg.self_condition,
+                       "train_wall_s": provenance.get("run_wall_s"),
                        "held_out_denoising": denoising_error(model, held_segments)}
         print(name, cards[name], flush=True)
         rows.append(model_row(model, name, **common))

@@ -28,6 +28,7 @@ class CallCounter:
     def __init__(self, model: Callable[..., Tensor]) -> None:
         self.model = model
         self.prediction = getattr(model, "prediction", None)
+        self.self_conditioning = getattr(model, "self_conditioning", False)
         self.rows = 0
         self.batches = 0
 

@@ -26,7 +26,7 @@ def verb_modules() -> dict[str, dict[str, str]]:
         "train": hooks,
         "guide": dict.fromkeys(hooks, "molgen.guidance.cli"),
         "design": {"rna": "molgen.sequences.cli"},
-        "tune": {"molecules": hooks["molecules"], "backbones": hooks["backbones"]},
+        "tune": hooks,
     }
 
 

@@ -36,6 +36,8 @@ def add_train(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--pair-dim", type=int, default=0,
                         help="new run: width of the pair track with triangle updates (0 = off)")
     parser.add_argument("--pair-blocks", type=int, default=2, help="new run: (outgoing, incoming) triangle pairs")
+    parser.add_argument("--self-condition", action="store_true",
+                        help="new run: self-conditioning on the previous denoised estimate (half the batches)")
     parser.add_argument("--scop", action=argparse.BooleanOptionalAction, default=True,
                         help="train on the SCOPe 40 %% CA traces too (default: yes)")
     parser.add_argument("--held-out", type=float, default=0.05,
@@ -54,7 +56,8 @@ def train_config(args: argparse.Namespace) -> dict:
 
         base.update({k: v for k, v in load_checkpoint(args.init)[1]["config"].items() if k in base})
     return {**base, "fine_rbf": args.fine_rbf, "local_coord": args.local_coord, "bond_feature": args.bond_feature,
-            "ss_condition": args.ss_condition, "pair_dim": args.pair_dim, "pair_blocks": args.pair_blocks}
+            "ss_condition": args.ss_condition, "pair_dim": args.pair_dim, "pair_blocks": args.pair_blocks,
+            "self_condition": args.self_condition}
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -26,6 +26,12 @@ added to the node features; both embeddings start at zero, so a warm start compu
 function at step 0. Training drops them at random (classifier-free), so one network serves unconditional,
 composition-only and per-residue requests.
 
+Self-conditioning (``self_condition``, Chen et al. 2022): the denoiser may be given its own previous estimate
+x0' (``self_cond``; the sampler passes it, ``molgen.diffusion.sampling.SELF_COND``). Radial basis functions of
+its CA distances enter every layer's messages (and the pair track's input), its virtual dihedrals the node
+features, all through zero-initialised projections; without an estimate these terms are zero, which is also
+how training (half its batches without one) teaches the unconditioned function.
+
 Pair track (``pair_dim`` > 0): relative-position and distance features of the noisy CA positions refined by
 ``pair_blocks`` pairs of triangle multiplicative updates (``structure.pair``), read by every layer's messages
 through zero-initialised projections (a warm start keeps its function).
@@ -40,11 +46,12 @@ import torch
 from torch import Tensor, nn
 
 from molgen.geometry import centre
-from molgen.structure.pair import PairTrack
+from molgen.structure.pair import PAIR_RBF_RANGE, PairTrack, radial_basis
 from molgen.structure.sse import SS_STATES, UNKNOWN_SS
 
 FINE_RANGE = (2.0, 8.0)  # Angstrom: consecutive CA-CA 3.8, i..i+2 5-7.2, helix i..i+3 5.0
 CA_CA = 3.80  # Angstrom, the trans peptide's CA-CA distance
+SC_RBF = 24  # radial basis functions of the self-conditioning estimate's distances, over PAIR_RBF_RANGE
 BOND_NOISE_FLOOR = 0.05  # Angstrom: the bond feature (d - 3.8) / sqrt(sigma^2 + floor^2) stays finite at sigma 0
 
 
@@ -62,6 +69,7 @@ class ModelConfig:
     ss_condition: bool = False
     pair_dim: int = 0
     pair_blocks: int = 2
+    self_condition: bool = False
     min_length: int = 40
     max_length: int = 256
 
@@ -158,6 +166,11 @@ class BackboneDenoiser(nn.Module):
 
     prediction = "x0"
 
+    @property
+    def self_conditioning(self) -> bool:
+        """The sampler passes the previous denoised estimate as ``self_cond``."""
+        return self.cfg.self_condition
+
     def __init__(self, cfg: ModelConfig = ModelConfig(), schedule=None) -> None:
         super().__init__()
         self.cfg = cfg
@@ -174,6 +187,14 @@ class BackboneDenoiser(nn.Module):
         self.pair = None
         if cfg.pair_dim:
             self.pair = PairTrack(cfg.pair_dim, cfg.pair_blocks, h, cfg.layers, cfg.max_offset)
+        if cfg.self_condition:  # zero-initialised: a warm start keeps its function
+            self.sc_message = nn.Linear(SC_RBF, h, bias=False)
+            self.sc_node = nn.Linear(2, h, bias=False)
+            nn.init.zeros_(self.sc_message.weight)
+            nn.init.zeros_(self.sc_node.weight)
+            if self.pair is not None:
+                self.sc_pair = nn.Linear(SC_RBF, cfg.pair_dim, bias=False)
+                nn.init.zeros_(self.sc_pair.weight)
         self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(100.0), 8)), persistent=False)
 
     def forward(
@@ -184,13 +205,14 @@ class BackboneDenoiser(nn.Module):
         residue_index: Tensor | None = None,
         ss: Tensor | None = None,
         composition: Tensor | None = None,
+        self_cond: Tensor | None = None,
         **_: object,
     ) -> Tensor:
         if self.schedule is None:
             raise ValueError("BackboneDenoiser needs a schedule to map times t to noise levels; use denoise()")
         t = torch.as_tensor(t, dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0])
         alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)
-        return self.denoise(x_t / alpha[:, None, None], sigma / alpha, mask, residue_index, ss, composition)
+        return self.denoise(x_t / alpha[:, None, None], sigma / alpha, mask, residue_index, ss, composition, self_cond)
 
     def denoise(
         self,
@@ -200,12 +222,14 @@ class BackboneDenoiser(nn.Module):
         residue_index: Tensor | None = None,
         ss: Tensor | None = None,
         composition: Tensor | None = None,
+        self_cond: Tensor | None = None,
     ) -> Tensor:
         """EDM denoiser D(x; sigma) for a VE state x = x0 + sigma eps; x [B, N, 3], sigma [B].
 
         ``ss`` [B, N] labels (0 coil, 1 helix, 2 strand, ``UNKNOWN_SS`` not given) and ``composition``
         [B, 3] fractions (coil, helix, strand; a NaN row is not given) condition a model with
-        ``ss_condition``; None means not given."""
+        ``ss_condition``; None means not given. ``self_cond`` [B, N, 3]: the previous estimate of x0 (Angstrom)
+        for a model with ``self_condition``, or None."""
         b, n, _ = x.shape
         mask = torch.ones(b, n, dtype=torch.bool, device=x.device) if mask is None else mask.bool()
         if residue_index is None:
@@ -245,7 +269,21 @@ class BackboneDenoiser(nn.Module):
         if self.cfg.bond_feature:
             bonded = ((rel.abs() == 1).to(x.dtype) * pair)[..., None] / torch.sqrt(
                 sigma**2 + BOND_NOISE_FLOOR**2)[..., None]
-        terms = [None] * len(self.layers) if self.pair is None else self.pair(pos, temb, offset, pair)
+        sc_rbf = None
+        if self_cond is not None:
+            if not self.cfg.self_condition:
+                raise ValueError("this backbone model has no self-conditioning (self_condition)")
+            self_cond = centre(self_cond.to(x.dtype), mask)
+            sc_rbf = radial_basis(self_cond, SC_RBF, *PAIR_RBF_RANGE)
+            h = h + self.sc_node(ca_dihedral_features(self_cond, mask))
+        if self.pair is None:
+            terms = [None] * len(self.layers)
+        else:
+            extra = None if sc_rbf is None else self.sc_pair(sc_rbf)
+            terms = self.pair(pos, temb, offset, pair, extra)
+        if sc_rbf is not None:
+            sc_term = self.sc_message(sc_rbf)
+            terms = [sc_term if term is None else term + sc_term for term in terms]
         out = pos
         for layer, term in zip(self.layers, terms):
             h, out = layer(h, out, offset, mask, pair, near, bonded, term)

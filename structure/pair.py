@@ -19,6 +19,14 @@ PAIR_RBF = 16
 PAIR_RBF_RANGE = (3.0, 21.0)  # Angstrom: sequence neighbours to the far side of a small domain
 
 
+def radial_basis(x: Tensor, count: int, lo: float, hi: float) -> Tensor:
+    """[B, N, N, count] Gaussian radial basis of the pairwise distances of x [B, N, 3], centres evenly over
+    [lo, hi] with the spacing as width."""
+    d = torch.sqrt(((x[:, :, None] - x[:, None, :]) ** 2).sum(-1) + 1e-8)
+    width = (hi - lo) / (count - 1)
+    return torch.exp(-(((d[..., None] - torch.linspace(lo, hi, count, dtype=x.dtype, device=x.device)) / width) ** 2))
+
+
 class TriangleMultiplication(nn.Module):
     """One gated triangle multiplicative update of z [B, N, N, C] (``outgoing`` or incoming edges)."""
 
@@ -55,15 +63,16 @@ class PairTrack(nn.Module):
         self.to_message = nn.ModuleList(nn.Linear(c, hidden, bias=False) for _ in range(layers))
         for proj in self.to_message:
             nn.init.zeros_(proj.weight)
-        self.register_buffer("centers", torch.linspace(*PAIR_RBF_RANGE, PAIR_RBF), persistent=False)
-        self.width = (PAIR_RBF_RANGE[1] - PAIR_RBF_RANGE[0]) / (PAIR_RBF - 1)
 
-    def forward(self, pos: Tensor, temb: Tensor, offset: Tensor, pair_mask: Tensor) -> list[Tensor]:
+    def forward(self, pos: Tensor, temb: Tensor, offset: Tensor, pair_mask: Tensor,
+                extra: Tensor | None = None) -> list[Tensor]:
         """Per-layer message terms [B, N, N, hidden] from positions [B, N, 3], the noise embedding [B, hidden],
-        clipped residue offsets (as indices) [B, N, N] and the mask of real pairs [B, N, N]."""
-        d = torch.sqrt(((pos[:, :, None] - pos[:, None, :]) ** 2).sum(-1) + 1e-8)
-        rbf = torch.exp(-(((d[..., None] - self.centers) / self.width) ** 2))
+        clipped residue offsets (as indices) [B, N, N], the mask of real pairs [B, N, N] and an optional input
+        term [B, N, N, c] (the self-conditioning estimate's features)."""
+        rbf = radial_basis(pos, PAIR_RBF, *PAIR_RBF_RANGE)
         z = self.offset(offset) + self.rbf(rbf) + self.noise(temb)[:, None, None]
+        if extra is not None:
+            z = z + extra
         real = pair_mask.bool()
         for tri in self.triangles:
             z = tri(z, real)

@@ -15,6 +15,9 @@ Secondary-structure conditioning (a model with ``ss_condition``) is trained clas
 given nothing (probability ``SS_DROP[0]``), its P-SEA composition (``SS_DROP[1]``), or its composition and
 per-residue labels (the rest).
 
+Self-conditioning (a model with ``self_condition``): half the batches (``SELF_COND_RATE``) first denoise
+without gradients and give that estimate to the trained call as ``self_cond`` (Chen et al. 2022).
+
 Warm start (``init``): a new run can start from exported weights whose config lacks the zero-initialised
 extensions of ``structure.model`` (``fine_rbf``, ``local_coord``, ``bond_feature``, ``ss_condition``); the
 extended model computes the same function at step 0.
@@ -50,8 +53,10 @@ from molgen.structure.model import BackboneDenoiser, ModelConfig, safe_norm
 from molgen.structure.sse import UNKNOWN_SS, composition_of
 
 LOCAL_OFFSETS = (1, 2, 3, 4)
-ZERO_INIT = ("fine", "coord_local", "bond", "ss_residue", "ss_chain")  # extensions a warm start may lack
+ZERO_INIT = ("fine", "coord_local", "bond", "ss_residue", "ss_chain",  # extensions a warm start may lack
+             "sc_message", "sc_node", "sc_pair")
 # (and the whole pair track, ``pair.*``, whose projections into the messages start at zero)
+SELF_COND_RATE = 0.5  # share of batches trained with a self-conditioning estimate
 SS_DROP = (0.25, 0.4)  # P(no conditioning), P(composition only); the rest also get per-residue labels
 
 
@@ -80,7 +85,11 @@ def edm_loss(
     sigma = ln_sigma.exp()
     eps = centre(torch.randn(x0.shape, generator=generator).to(x0.device), mask)  # drawn on the CPU (seeded)
     cond = ss_dropout(batch, generator) if model.cfg.ss_condition else {}
-    pred = model.denoise(x0 + sigma[:, None, None] * eps, sigma, mask, **cond)
+    x = x0 + sigma[:, None, None] * eps
+    if model.cfg.self_condition and float(torch.rand((), generator=generator)) < SELF_COND_RATE:
+        with torch.no_grad():
+            cond["self_cond"] = model.denoise(x, sigma, mask, **cond)
+    pred = model.denoise(x, sigma, mask, **cond)
     m = mask.to(x0.dtype)
     n = m.sum(1)
     weight = (sigma**2 + sd**2) / (sigma * sd) ** 2

@@ -92,3 +92,22 @@ def test_tune_backbones_fits_one_length_and_sampling_follows_it(tmp_path, capsys
     assert cli.main(["sample", "backbones", "--n", "2", "--length", "48", "--plan", str(plan),
                      "--out", str(tmp_path / "other")]) == EXIT_INPUT
     assert "state: fitted on [40, 3]" in capsys.readouterr().err
+
+
+def test_tune_rna_fits_the_unmasking_grid_and_sampling_uses_it(tmp_path, capsys):
+    import json
+
+    plan = tmp_path / "plan.json"
+    assert cli.main(["tune", "rna", "--nfe", "3", "--length", "20", "--batch", "8", "--seconds", "1",
+                     "--out", str(plan)]) == 0
+    fitted = json.loads(plan.read_text())
+    assert fitted["fitted_on"]["family"] == "masked" and len(fitted["times"]) == 4
+    out = tmp_path / "rna.fasta"
+    assert cli.main(["sample", "rna", "--n", "2", "--plan", str(plan), "--out", str(out)]) == 0
+    assert json.loads((tmp_path / "rna.fasta.json").read_text())["plan"]["times"] == fitted["times"]
+    capsys.readouterr()
+    assert cli.main(["sample", "dna", "--n", "2", "--plan", str(plan), "--out", str(out)]) == EXIT_INPUT
+    assert "fitted on something else (model" in capsys.readouterr().err
+    assert cli.main(["sample", "molecules", "--n", "2", "--plan", str(plan), "--out", str(tmp_path / "m.sdf")]) \
+        == EXIT_INPUT
+    assert "a plan for masked models, not for this continuous one" in capsys.readouterr().err

@@ -353,6 +353,46 @@ def test_step_interface_matches_sample_and_select_replicates_particles():
     assert torch.allclose(out, full[2:3].expand(3, -1))
 
 
+class SelfConditioned(Gaussian):
+    """The Gaussian denoiser plus 0.1 times the estimate it is given (``self_cond``); records every call."""
+
+    self_conditioning = True
+
+    def __init__(self, schedule) -> None:
+        super().__init__(schedule)
+        self.calls: list[tuple[torch.Tensor | None, torch.Tensor]] = []
+
+    def __call__(self, x, t, self_cond=None):
+        out = super().__call__(x, t) + (0.0 if self_cond is None else 0.1 * self_cond)
+        self.calls.append((self_cond, out))
+        return out
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "heun", "unipc"])
+def test_self_conditioning_passes_each_call_the_previous_estimate(solver):
+    sch = get_schedule("vp_cosine")
+    model = SelfConditioned(sch)
+    sample(model, sch, noise(3, 2), solver=solver, nfe=7)
+    assert model.calls[0][0] is None and len(model.calls) == 7
+    for (_, before), (given, _) in zip(model.calls, model.calls[1:]):
+        torch.testing.assert_close(given, before)  # an x0 model's output is its estimate
+
+
+def test_resampled_particles_keep_their_own_self_conditioning():
+    sch = get_schedule("vp_cosine")
+    x_T = noise(3, 2)
+    s = Sampler(SelfConditioned(sch), sch, "dpmpp_2m", steps=8)
+    state = s.init(x_T)
+    for i in range(s.n_steps - 1):
+        state = s.step(state, i)
+        if i == 3:
+            state = select(state, torch.tensor([2, 0, 1]))
+    full = sample(SelfConditioned(sch), sch, x_T, solver="dpmpp_2m", steps=8)
+    torch.testing.assert_close(s.finish(state), full[[2, 0, 1]])
+    plain = sample(Gaussian(sch), sch, x_T, solver="dpmpp_2m", steps=8)
+    assert not torch.allclose(full, plain)  # the estimate was read
+
+
 @pytest.mark.parametrize(
     ("solver", "steps", "n", "bad", "message"),
     [

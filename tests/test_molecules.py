@@ -54,6 +54,24 @@ def test_model_is_e3_equivariant(tiny: MoleculeDenoiser, reflect: bool) -> None:
     assert not torch.allclose(out[..., :3], tiny.coefficients(t)["c_skip"] * x[..., :3], atol=1e-3)
 
 
+def test_self_conditioned_model_is_equivariant_and_reads_its_estimate() -> None:
+    torch.manual_seed(0)
+    model = MoleculeDenoiser(hidden=32, edge_hidden=16, layers=2, self_condition=True).double().eval()
+    for p in model.parameters():  # the self-conditioning projections start at zero; make them act
+        p.data.add_(0.1 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(4)
+    x, t, mask = noisy_batch(model, g)
+
+    def twice(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:  # the sampler's second call
+        return model(a, t, mask=m, self_cond=model(a, t, mask=m))
+
+    for kw in ({"reflect": True}, {"permute": True, "translate": False}):
+        assert_equivariant(twice, x, mask=mask, output="vectors", generator=g, atol=1e-9, rtol=0, **kw)
+    assert not torch.allclose(twice(x, mask), model(x, t, mask=mask), atol=1e-4)
+    with pytest.raises(ValueError, match="no self-conditioning"):
+        MoleculeDenoiser(hidden=8, edge_hidden=8, layers=1)(x.float(), t.float(), mask, self_cond=x.float())
+
+
 def test_model_is_permutation_equivariant(tiny: MoleculeDenoiser) -> None:
     g = torch.Generator().manual_seed(2)
     x, t, mask = noisy_batch(tiny, g, sizes=(8, 5, 7))  # padding moves with the atoms
@@ -671,6 +689,29 @@ def test_flow_recipe_warm_starts_from_a_checkpoint(tmp_path) -> None:
     assert all(torch.equal(state[k], v) for k, v in base_state.items())  # lr 0: the weights are the init's
     with pytest.raises(ValueError, match="hidden"):
         train(build_parser().parse_args([*small, *flow[:-2], "--hidden", "24", "--run-dir", str(tmp_path / "x")]))
+
+
+def test_self_conditioning_warm_starts_and_samples_what_its_base_model_does(tmp_path) -> None:
+    """Zero-initialised self-conditioning weights: the warm-started model samples its base model's molecules."""
+    from molgen.checkpoints import load_checkpoint
+    from molgen.molecules.sampling import load_model, sample_molecules
+    from molgen.molecules.train import build_parser, train
+
+    small = ["--data", "subset", "--hidden", "16", "--edge-hidden", "8", "--layers", "1", "--batch-size", "8",
+             "--print-every", "1000", "--max-steps", "2"]
+    train(build_parser().parse_args([*small, "--run-dir", str(tmp_path / "base")]))
+    sc = ["--run-dir", str(tmp_path / "sc"), "--self-condition", "--init", str(tmp_path / "base" / "ema.pt"),
+          "--lr", "0"]
+    train(build_parser().parse_args([*small, *sc]))
+    state, card = load_checkpoint(tmp_path / "sc" / "ema.pt")
+    assert card["config"]["self_condition"] and not state["sc_edge.weight"].any()
+    (base, config), (model, _) = load_model(tmp_path / "base" / "ema.pt"), load_model(tmp_path / "sc" / "ema.pt")
+    assert model.self_conditioning and not base.self_conditioning
+    a, b = (sample_molecules(m, config, 4, solver="dpmpp_2m", steps=5, seed=0) for m in (base, model))
+    assert all(np.allclose(x.positions, y.positions, atol=1e-5) and x.symbols == y.symbols for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="do not fit"):  # a self-conditioned checkpoint into a plain run
+        train(build_parser().parse_args([*small, "--run-dir", str(tmp_path / "x"), "--init",
+                                         str(tmp_path / "sc" / "ema.pt")]))
 
 
 def test_a_flow_path_model_started_below_t_max_samples_what_its_vp_twin_does(tiny: MoleculeDenoiser) -> None:

@@ -44,7 +44,7 @@ def one_thread():
 
 SMALL = ModelConfig(hidden=16, layers=2, rbf=8)
 EXTENDED = ModelConfig(hidden=16, layers=2, rbf=8, fine_rbf=9, local_coord=2, bond_feature=True, ss_condition=True,
-                       pair_dim=8, pair_blocks=1)
+                       pair_dim=8, pair_blocks=1, self_condition=True)
 
 
 def _pdb_lines(path: Path) -> list[str]:
@@ -224,14 +224,20 @@ def test_denoiser_is_rotation_equivariant_translation_invariant_and_ignores_padd
         cond = {"ss": torch.randint(0, UNKNOWN_SS + 1, (2, 30), generator=torch.Generator().manual_seed(3)),
                 "composition": torch.tensor([[0.4, 0.3, 0.3], [0.2, 0.2, 0.6]])}
         cond["ss"][1] = UNKNOWN_SS
-    out = model.denoise(x, sigma, mask, **cond)
-    assert_equivariant(lambda a, m: model.denoise(a, sigma, m, **cond), x, mask=mask, output="vectors",
-                       generator=torch.Generator().manual_seed(2), atol=1e-4, rtol=1e-4)
+    def estimate(a: torch.Tensor) -> torch.Tensor | None:  # a self-conditioning estimate that moves with the input
+        return 0.8 * a if cfg.self_condition else None
+
+    out = model.denoise(x, sigma, mask, **cond, self_cond=estimate(x))
+    assert_equivariant(lambda a, m: model.denoise(a, sigma, m, **cond, self_cond=estimate(a)), x, mask=mask,
+                       output="vectors", generator=torch.Generator().manual_seed(2), atol=1e-4, rtol=1e-4)
     x_pad = x.clone()
     x_pad[1, 24:] = 99.0
-    torch.testing.assert_close(model.denoise(x_pad, sigma, mask, **cond)[1, :24], out[1, :24], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model.denoise(x_pad, sigma, mask, **cond, self_cond=estimate(x))[1, :24], out[1, :24],
+                               atol=1e-4, rtol=1e-4)
     if cfg.ss_condition:
-        assert not torch.allclose(model.denoise(x, sigma, mask), out, atol=1e-4)  # the condition is read
+        assert not torch.allclose(model.denoise(x, sigma, mask, self_cond=estimate(x)), out, atol=1e-4)  # read
+    if cfg.self_condition:
+        assert not torch.allclose(model.denoise(x, sigma, mask, **cond), out, atol=1e-4)  # the estimate is read
     assert torch.all(out[1, 24:] == 0)
 
 
@@ -498,6 +504,7 @@ def test_zero_initialised_extensions_reproduce_the_base_model(tmp_path: Path) ->
     sigma = torch.tensor([0.3, 12.0])
     torch.testing.assert_close(module.model.denoise(x, sigma), base.denoise(x, sigma))
     torch.testing.assert_close(module.ema.denoise(x, sigma), base.denoise(x, sigma))
+    torch.testing.assert_close(module.model.denoise(x, sigma, self_cond=x.flip(1)), base.denoise(x, sigma))
     other = BackboneDiffusion(ModelConfig(hidden=8, layers=2, rbf=8).to_dict())
     with pytest.raises(ValueError, match="do not fit the model config"):
         warm_start(other, path)

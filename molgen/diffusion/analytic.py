@@ -209,3 +209,30 @@ class GaussianMoments:
             raise ValueError("moments with zero covariance give no scale for the grid ends: pass t_max, t_min")
         first, last = (self.sigma_data * r for r in warm_start_ends(nfe))
         return ends_as_times(schedule, first, last)
+
+
+class ProductMixtureLogits:
+    """Exact masked-diffusion denoiser of a mixture of product laws over K letters (a discrete test bed):
+    p(x) = sum_c w_c prod_i q_c(x_i), so given the unmasked letters U, p(x0^i | x_t) = sum_c r_c q_c(x0^i)
+    with r_c ∝ w_c prod_{j in U} q_c(x_j). Its NELBO is exactly -log p(x), and a sampler that unmasks many
+    letters at once from the first, uninformed state mixes the components: the cost the grid decides.
+    ``model(x_t, t) -> logits [B, L, K]`` (log-probabilities); letters are 0..K-1, anything else is masked."""
+
+    def __init__(self, letter_probs: Tensor, weights: Tensor | None = None) -> None:
+        self.log_q = torch.as_tensor(letter_probs, dtype=torch.float64).log()  # [C, K]
+        c = self.log_q.shape[0]
+        w = torch.full((c,), 1.0 / c, dtype=torch.float64) if weights is None else torch.as_tensor(weights)
+        self.log_w = w.to(torch.float64).log()
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log p(x) [B] of letter sequences x [B, L]."""
+        per = self.log_q[:, x].sum(-1)  # [C, B]
+        return torch.logsumexp(self.log_w[:, None] + per, dim=0)
+
+    def __call__(self, x_t: Tensor, t: Tensor, **_: Tensor) -> Tensor:
+        k = self.log_q.shape[1]
+        letter = x_t < k
+        seen = torch.where(letter[None], self.log_q[:, x_t.clamp(max=k - 1)], 0.0).sum(-1)  # [C, B]
+        log_r = torch.log_softmax(self.log_w[:, None] + seen, dim=0)  # [C, B]
+        logits = torch.logsumexp(log_r[:, :, None] + self.log_q[:, None, :], dim=0)  # [B, K]: the same everywhere
+        return logits[:, None, :].expand(-1, x_t.shape[1], -1).float()

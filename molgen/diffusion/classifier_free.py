@@ -21,6 +21,7 @@ class ClassifierFree(nn.Module):
         super().__init__()
         self.model, self.scale, self.keys = model, float(scale), tuple(keys)
         self.prediction = getattr(model, "prediction", "x0")
+        self.self_conditioning = getattr(model, "self_conditioning", False)  # both calls read the same estimate
         if self.prediction != "x0":
             raise ValueError(f"classifier-free guidance here mixes x0 predictions, got a {self.prediction!r} model")
 

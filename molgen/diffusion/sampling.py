@@ -15,6 +15,10 @@ The model the loop calls is the user's model composed with optional wrappers (``
 ``torch.compile``, the step-scaled ODE (``molgen.diffusion.step_scale.StepScaled``) and autocast, in that order.
 A ``corrector`` (``molgen.diffusion.corrector``) adds Langevin steps after every transition (predictor-corrector
 sampling); without one every output is the predictor's alone.
+
+Self-conditioning (Chen et al. 2022, as in FrameFlow and Proteina): a model with ``self_conditioning = True`` is
+called with ``self_cond=`` its own latest denoised estimate (absent at the first call), carried in the state's
+``cond`` so that resampled and replicated particles keep their own.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from molgen.diffusion.schedules import Schedule, get_schedule
 from molgen.diffusion.solvers import SOLVERS, compensate, get_solver
 from molgen.diffusion.spaces import Euclidean, expand_mask
 from molgen.diffusion.step_scale import StepScaled, anchor, scaled_times
+
+SELF_COND = "self_cond"  # the keyword a self-conditioned model reads its previous denoised estimate from
 
 
 def unit_scale(at: Points) -> Tensor:
@@ -243,6 +249,11 @@ class Sampler:
         return net if self.autocast is None else Autocast(net, self.autocast)
 
     @property
+    def self_conditioned(self) -> bool:
+        """The model reads its previous denoised estimate (``SELF_COND``)."""
+        return bool(getattr(self.model, "self_conditioning", False))
+
+    @property
     def grid_times(self) -> Tensor:
         """The grid as given [B or 1, n], float64: the noise levels the denoiser is told (``t_grid`` holds a
         step-scaled run's state times)."""
@@ -305,7 +316,7 @@ class Sampler:
         """The denoised estimate at grid point i (one model call), cached in the state for the next step."""
         model = BoundModel(self, state, i)
         x0 = model.denoise(state.x, state.plan.at(i))
-        return replace(state, x0=x0, nan_step=model.record), x0
+        return replace(state, x0=x0, cond=model.cond, nan_step=model.record), x0
 
     def step(self, state: State, i: int, generator: torch.Generator | None = None) -> State:
         """From t_i to t_{i+1}: the solver's step on its plan row, then projection and padding (and the
@@ -320,7 +331,7 @@ class Sampler:
         x0 = move.x0
         if self.correction is not None:
             x, x0 = langevin(self.correction, row, x, x0, state.mask, model, noise), None
-        return replace(state, x=x, x0=x0, hist=move.hist, extra=move.extra, nan_step=model.record)
+        return replace(state, x=x, x0=x0, hist=move.hist, extra=move.extra, cond=model.cond, nan_step=model.record)
 
     @staticmethod
     def select(state: State, index: Tensor) -> State:
@@ -387,27 +398,24 @@ class Sampler:
 class BoundModel:
     """The sampler's model as a solver step sees it (``molgen.diffusion.plan.Model``): bound to one state's
     conditioning and mask at transition ``step``; every call appends its [B] row sums to ``record`` (one
-    reduction, no host synchronisation)."""
+    reduction, no host synchronisation) and, for a self-conditioned model, puts its denoised estimate into
+    ``cond`` for the next call."""
 
     def __init__(self, sampler: Sampler, state: State, step: int) -> None:
         self.sampler, self.state, self.step = sampler, state, step
         self.affine = sampler.affine and state.mask is None
         self.record = state.nan_step
+        self.cond = state.cond
 
     def _call(self, x: Tensor, at: Points) -> Tensor:
         t = at.t.reshape(-1).expand(x.shape[0])
-        return self.sampler.net(x, t, **self.state.cond).to(x.dtype)
+        return self.sampler.net(x, t, **self.cond).to(x.dtype)
 
     def _note(self, values: Tensor, carried: bool = False) -> None:
         self.record = (*self.record, (self.step + carried, values.flatten(1).sum(1)))
 
-    def output(self, x: Tensor, at: Points) -> Tensor:
-        out = self._call(x, at)
-        self._note(out)
-        return out
-
-    def denoise(self, x: Tensor, at: Points, carried: bool = False) -> Tensor:
-        out = self._call(x, at)
+    def _x0(self, x: Tensor, out: Tensor, at: Points) -> Tensor:
+        """x0 = c_x x + c_out out, thresholded, masked and projected where the state needs it."""
         if at.prediction == "x0":
             x0 = out * at.c_out
         else:
@@ -415,6 +423,19 @@ class BoundModel:
             x0.addcmul_(at.c_out, out)
         if not self.affine:
             x0 = self.sampler._clean(x0, self.state.mask)
+        if self.sampler.self_conditioned:
+            self.cond = {**self.cond, SELF_COND: x0.detach()}
+        return x0
+
+    def output(self, x: Tensor, at: Points) -> Tensor:
+        out = self._call(x, at)
+        self._note(out)
+        if self.sampler.self_conditioned:
+            self._x0(x, out, at)
+        return out
+
+    def denoise(self, x: Tensor, at: Points, carried: bool = False) -> Tensor:
+        x0 = self._x0(x, self._call(x, at), at)
         self._note(x0, carried)
         return x0
 

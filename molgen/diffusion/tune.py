@@ -16,6 +16,14 @@ then keeps, of each solver's fit and the default sampler, the one with the lowes
 the batch and reports both errors there (that half only chooses among four candidates; nothing is fitted on it).
 A plan records what it was fitted on (schedule, prediction, state shape, a fingerprint of the weights, a warm
 start) and ``check`` refuses it for anything else; it saves to and loads from a small JSON file.
+
+Masked (discrete) samplers: ``tune_masked(model, process, x_T, nfe=n)`` fits the unmasking schedule, the times
+1 = t_0 > ... > t_n = 0 of an n-call grid, as the increments of alpha(t) (the expected share of letters
+unmasked by each call). There is no deterministic path to compare with, so the target is the model's own
+judgement: the mean NELBO (bits per letter, ``MaskedDiffusion.nelbo``) of the plan's samples, with common random
+numbers across candidate grids. A few-step sampler that draws many letters at once from one conditional
+produces combinations the model finds unlikely; the many-step sampler's figure is the floor, reported beside.
+The fit uses one batch of draws and is scored on another (other letters, other random numbers).
 """
 
 from __future__ import annotations
@@ -70,6 +78,11 @@ class TunedPlan:
     step_scale: float = 1.0  # AF3's step-scaled ODE the plan was fitted on (molgen.diffusion.step_scale)
     step_scale_below: float | None = None
     source: str = field(default="sampling plan", compare=False, repr=False)  # the file it was read from
+    family = "continuous"  # the samplers it is for (``fitted_on["family"]`` in the file; absent: continuous)
+
+    @staticmethod
+    def solvers() -> Mapping[str, Any]:
+        return SOLVERS
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -123,6 +136,10 @@ class TunedPlan:
             raise InputError(f"not a sampling plan (not JSON: {err})", str(path)) from None
         if not isinstance(raw, dict) or raw.get("format") != PLAN_FORMAT:
             raise InputError(f"not a sampling plan (no format {PLAN_FORMAT!r})", str(path))
+        fitted_on = raw.get("fitted_on")
+        family = fitted_on.get("family", "continuous") if isinstance(fitted_on, dict) else None
+        if family != cls.family:
+            raise InputError(f"a plan for {family} models, not for this {cls.family} one", str(path))
         try:
             plan = cls(str(raw["solver"]), int(raw["nfe"]), tuple(float(t) for t in raw["times"]),
                        None if raw["compensation"] is None else tuple(float(r) for r in raw["compensation"]),
@@ -130,7 +147,7 @@ class TunedPlan:
                        None if raw.get("step_scale_below") is None else float(raw["step_scale_below"]), str(path))
         except (KeyError, TypeError, ValueError) as err:
             raise InputError(f"malformed sampling plan ({type(err).__name__}: {err})", str(path)) from None
-        if plan.solver not in SOLVERS or len(plan.times) < 1 or any(
+        if plan.solver not in cls.solvers() or len(plan.times) < 1 or any(
                 not a > b for a, b in zip(plan.times, plan.times[1:])):
             raise InputError("malformed sampling plan (unknown solver or times not strictly decreasing)", str(path))
         return plan
@@ -154,6 +171,7 @@ class _Counted:
     def __init__(self, model: Callable[..., Tensor]) -> None:
         self.model, self.calls = model, 0
         self.prediction = getattr(model, "prediction", None)
+        self.self_conditioning = getattr(model, "self_conditioning", False)
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         self.calls += 1
@@ -341,3 +359,136 @@ def _rms(x: Tensor, ref: Tensor, mask: Tensor | None) -> float:
     if mask is not None:
         d = d * mask.reshape(*mask.shape, *([1] * (d.ndim - mask.ndim))).to(d.dtype)
     return float(d.flatten(1).sum(1).mean().sqrt())
+
+
+# --------------------------------------------------------------------------------------------- masked samplers
+@dataclass(frozen=True)
+class MaskedPlan(TunedPlan):
+    """A masked-diffusion sampler's grid for ``nfe`` calls (``tune_masked``); ``DiscreteSampler(model, process,
+    **plan.kwargs)``."""
+
+    family = "masked"
+
+    @staticmethod
+    def solvers() -> Mapping[str, Any]:
+        from molgen.diffusion.discrete import DISCRETE_SAMPLERS
+
+        return DISCRETE_SAMPLERS
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return {"solver": self.solver, "steps": self.nfe, "grid": torch.tensor(self.times, dtype=torch.float64)}
+
+    def summary(self) -> str:
+        f = self.fit
+        return (f"{self.solver}, {self.nfe} calls; NELBO of its samples on held-out draws {f['heldout_bits']:.4g} "
+                f"bits/letter (default grid {f['heldout_default_bits']:.4g}, {f['reference_steps']}-step sampler "
+                f"{f['reference_bits']:.4g}); {f['seconds']:.0f} s, {f['model_calls']} batched model calls")
+
+    def check(self, model: Any, process: Any) -> None:  # type: ignore[override]
+        """Refuse the plan (``InputError``) for another model or masking process than it was fitted on."""
+        now = describe_masked(model, process)
+        diff = {k: (self.fitted_on.get(k), v) for k, v in now.items() if self.fitted_on.get(k) != v}
+        if diff:
+            said = "; ".join(f"{k}: fitted on {a!r}, given {b!r}" for k, (a, b) in diff.items())
+            raise InputError(f"the sampling plan was fitted on something else ({said})", self.source)
+
+
+def describe_masked(model: Any, process: Any) -> dict[str, Any]:
+    """What a masked plan is fitted on: the family, the masking schedule, the letters and the model's weights."""
+    return {"family": "masked", "schedule": process.schedule.kind, "letters": process.n_tokens,
+            "model": fingerprint(model)}
+
+
+def alpha_grid(process: Any, z: np.ndarray) -> Tensor:
+    """Times 1 = t_0 > ... > t_n = 0 whose alpha(t_k) are the cumulative shares softmax([0, z]) (n = len(z) + 1)."""
+    w = np.exp(np.concatenate([[0.0], z]) - max(0.0, float(np.max(z, initial=0.0))))
+    alpha = torch.tensor(np.concatenate([[0.0], np.cumsum(w) / w.sum()]), dtype=torch.float64)
+    t = process.schedule.t_of_alpha(alpha.clamp(0.0, 1.0))
+    t[0], t[-1] = 1.0, 0.0
+    for j in range(1, len(t)):  # strictly decreasing despite round-off
+        t[j] = torch.minimum(t[j], t[j - 1] * (1 - 1e-9))
+    t[-1] = 0.0
+    return t
+
+
+def _z_of(process: Any, times: Tensor) -> np.ndarray:
+    """The parameters of ``alpha_grid`` reproducing ``times``."""
+    a = process.schedule.alpha(times.to(torch.float64)).numpy()
+    steps = np.maximum(np.diff(a), 1e-9)
+    return np.log(steps[1:] / steps[0])
+
+
+def tune_masked(
+    model: Callable[..., Tensor],
+    process: Any,
+    x_T: Tensor,
+    *,
+    nfe: int,
+    solver: str = "cached_ancestral",
+    cond: Mapping[str, Tensor] | None = None,
+    budget_s: float = 60.0,
+    seed: int = 0,
+    nelbo_times: int = 8,
+    reference_steps: int = 128,
+    progress: Callable[[str], None] | None = None,
+) -> MaskedPlan:
+    """Fit the ``nfe``-call grid of the masked sampler ``solver`` to ``model`` (see the module docstring) on the
+    prior draws ``x_T`` (all-mask rows, at least 4: half fitted on, half scoring); ``cond``: per-row conditioning."""
+    from scipy.optimize import minimize
+
+    from molgen.diffusion.discrete import DiscreteSampler, time_grid
+
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
+    if x_T.shape[0] < 4:
+        raise ValueError(f"tune_masked needs at least 4 prior draws (half to fit, half to score), got {x_T.shape[0]}")
+    counted = _Counted(model)
+    start = time.monotonic()
+    half = x_T.shape[0] // 2
+    parts = [_part(x_T, None, cond, slice(0, half)), _part(x_T, None, cond, slice(half, None))]
+    letters = [int(process.is_data(p[0]).sum()) for p in parts]
+
+    @torch.no_grad()
+    def bits(grid: Tensor, part: int, steps: int = nfe) -> float:
+        x, _, c = parts[part]
+        g = torch.Generator().manual_seed(seed + 2 * part)
+        out = DiscreteSampler(counted, process, solver, steps, grid).run(x, c, g).x
+        nats = process.nelbo(counted, out, nelbo_times, torch.Generator().manual_seed(seed + 2 * part + 1), c)
+        return float(nats.sum()) / (math.log(2.0) * letters[part])
+
+    starts = sorted((bits(time_grid(nfe, process.schedule, g), 0), g) for g in ("time_uniform", "alpha_uniform"))
+    default = time_grid(nfe, process.schedule)
+    best = [starts[0][0], time_grid(nfe, process.schedule, starts[0][1])]
+    say = progress or (lambda _: None)
+    say(f"tune_masked: {nfe} calls, best named grid {starts[0][1]} ({starts[0][0]:.4g} bits/letter)")
+
+    class Done(Exception):
+        pass
+
+    def objective(z: np.ndarray) -> float:
+        if time.monotonic() > start + budget_s:
+            raise Done
+        grid = alpha_grid(process, z)
+        value = bits(grid, 0)
+        if value < best[0]:
+            best[:] = [value, grid]
+        return value
+
+    if nfe > 1:
+        z0 = _z_of(process, best[1])
+        simplex = np.vstack([z0] + [z0 + np.eye(len(z0))[i] for i in range(len(z0))])
+        try:
+            while time.monotonic() < start + budget_s:  # restart from the best point while time is left
+                res = minimize(objective, simplex[0], method="Nelder-Mead",
+                               options={"initial_simplex": simplex, "adaptive": True, "xatol": 1e-3, "maxfev": 2000})
+                simplex = np.vstack([res.x] + [res.x + np.eye(len(res.x))[i] * 0.5 for i in range(len(res.x))])
+        except Done:
+            pass
+    fitted, heldout_default = bits(best[1], 1), bits(default, 1)
+    grid, heldout = (best[1], fitted) if fitted < heldout_default else (default, heldout_default)
+    fit = {"fit_bits": best[0], "heldout_bits": heldout, "heldout_default_bits": heldout_default,
+           "reference_bits": bits(time_grid(reference_steps, process.schedule), 1, reference_steps),
+           "reference_steps": reference_steps, "batch": x_T.shape[0], "nelbo_times": nelbo_times,
+           "seconds": round(time.monotonic() - start, 2), "model_calls": counted.calls}
+    return MaskedPlan(solver, nfe, tuple(float(t) for t in grid), None, describe_masked(model, process), fit)

@@ -11,6 +11,11 @@ atomic number * charge_scale]; a bool ``mask`` [B, N] marks real atoms. The netw
 * atom types as logits (trained with cross-entropy); their x0 features are ``type_scale * softmax`` and
   ``charge_scale * E[Z]``.
 
+Self-conditioning (``self_condition``, Chen et al. 2022; SemlaFlow, FlowMol): the network may be given its own
+previous x0 estimate (``self_cond``, the same layout; the sampler passes it). Its type features enter the node
+embedding and radial basis functions of its interatomic distances every layer's edges, through zero-initialised
+projections: without an estimate these terms vanish, and a warm start computes the model it came from.
+
 Rotating/translating the input positions rotates/translates the output positions and leaves the features
 unchanged; permuting atoms permutes outputs; padded atoms never influence real ones.
 """
@@ -61,12 +66,20 @@ class EGNNLayer(nn.Module):
         self.gamma = (n_rbf / rbf_max) ** 2 / 2.0
         self.coord_range = coord_range
 
-    def forward(self, h: Tensor, x: Tensor, r0: Tensor, pair: Tensor, inv_deg: Tensor) -> tuple[Tensor, Tensor]:
-        hn = self.norm(h)
-        diff = x.unsqueeze(2) - x.unsqueeze(1)  # [B, N, N, 3]
+    def rbf(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(x_i - x_j [B, N, N, 3], distances [B, N, N, 1], their radial basis [B, N, N, n_rbf])."""
+        diff = x.unsqueeze(2) - x.unsqueeze(1)
         dist = diff.pow(2).sum(-1, keepdim=True).add(1e-8).sqrt()
-        rbf = torch.exp(-self.gamma * (dist - self.centers).pow(2))
+        return diff, dist, torch.exp(-self.gamma * (dist - self.centers).pow(2))
+
+    def forward(self, h: Tensor, x: Tensor, r0: Tensor, pair: Tensor, inv_deg: Tensor,
+                edge_term: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``edge_term`` [B, N, N, edge_hidden]: added to the edge pre-activation (self-conditioning) or None."""
+        hn = self.norm(h)
+        diff, dist, rbf = self.rbf(x)
         pre = self.src(hn).unsqueeze(2) + self.dst(hn).unsqueeze(1) + self.radial(torch.cat([rbf, r0], -1))
+        if edge_term is not None:
+            pre = pre + edge_term
         m = self.edge(pre)
         m = m * torch.sigmoid(self.gate(m)) * pair
         agg = m.sum(2) * inv_deg
@@ -98,6 +111,7 @@ class MoleculeDenoiser(nn.Module):
         feature_var: float = 0.05,
         properties: Sequence[str] = (),
         atom_types: Sequence[str] = ATOM_TYPES,
+        self_condition: bool = False,
     ) -> None:
         super().__init__()
         self.schedule = get_schedule(schedule)
@@ -119,6 +133,12 @@ class MoleculeDenoiser(nn.Module):
         self.layers = nn.ModuleList(EGNNLayer(hidden, edge_hidden, n_rbf, rbf_max) for _ in range(layers))
         self.out_norm = nn.LayerNorm(hidden)
         self.type_head = nn.Linear(hidden, k)
+        self.self_conditioning = self_condition
+        if self_condition:  # zero-initialised: a warm start keeps its function
+            self.sc_node = nn.Linear(k + 1, hidden, bias=False)
+            self.sc_edge = nn.Linear(n_rbf, edge_hidden, bias=False)
+            nn.init.zeros_(self.sc_node.weight)
+            nn.init.zeros_(self.sc_edge.weight)
 
     # --- feature encoding -------------------------------------------------------------------------
     def encode(self, positions: Tensor, types: Tensor, mask: Tensor) -> Tensor:
@@ -162,6 +182,7 @@ class MoleculeDenoiser(nn.Module):
         mask: Tensor,
         props: Tensor | None = None,
         drop: Tensor | None = None,
+        self_cond: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Raw outputs: (F [B,N,3] zero-CoM displacement, type logits [B,N,K], coefficients)."""
         dtype = x_t.dtype
@@ -175,6 +196,12 @@ class MoleculeDenoiser(nn.Module):
         h = self.embed(torch.cat([feats, temb.unsqueeze(1).expand(-1, n, -1)], -1))
         if self.properties:
             h = h + self._condition(props, drop, x_t.shape[0], dtype).unsqueeze(1)
+        edge_term = None
+        if self_cond is not None:
+            if not self.self_conditioning:
+                raise ValueError("this molecule model has no self-conditioning (self_condition)")
+            h = h + self.sc_node(self_cond[..., 3:].to(dtype))
+            edge_term = self.sc_edge(self.layers[0].rbf(self_cond[..., :3].to(dtype))[2])
         h = h * maskf
         eye = torch.eye(n, dtype=torch.bool, device=x_t.device)
         pair = (mask.unsqueeze(2) & mask.unsqueeze(1) & ~eye).to(dtype).unsqueeze(-1)
@@ -182,7 +209,7 @@ class MoleculeDenoiser(nn.Module):
         r0 = (pos.unsqueeze(2) - pos.unsqueeze(1)).pow(2).sum(-1, keepdim=True)
         x = pos
         for layer in self.layers:
-            h, x = layer(h, x, r0, pair, inv_deg)
+            h, x = layer(h, x, r0, pair, inv_deg, edge_term)
             h = h * maskf
         disp = centre(x - pos, mask)
         logits = self.type_head(self.out_norm(h))
@@ -204,13 +231,14 @@ class MoleculeDenoiser(nn.Module):
         mask: Tensor | None = None,
         props: Tensor | None = None,
         drop: Tensor | None = None,
+        self_cond: Tensor | None = None,
     ) -> Tensor:
         """x0 prediction with the same layout as ``x_t``; padded atoms are returned as zeros."""
         if mask is None:
             mask = torch.ones(x_t.shape[:2], dtype=torch.bool, device=x_t.device)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
-        disp, logits, c = self.network(x_t, t, mask, props, drop)
+        disp, logits, c = self.network(x_t, t, mask, props, drop, self_cond)
         pos = c["c_skip"] * centre(x_t[..., :3], mask) + c["c_out"] * disp
         feats = self.type_features(torch.softmax(logits, -1))
         return torch.cat([pos, feats], -1) * mask.unsqueeze(-1).to(x_t.dtype)
@@ -225,11 +253,17 @@ class MoleculeDenoiser(nn.Module):
         props: Tensor | None = None,
         drop: Tensor | None = None,
         type_weight: float = 1.0,
+        self_condition: bool = False,
     ) -> dict[str, Tensor]:
-        """Training loss at times ``t`` with noise ``eps`` (zero-CoM over real atoms, zero at padding)."""
+        """Training loss at times ``t`` with noise ``eps`` (zero-CoM over real atoms, zero at padding);
+        ``self_condition``: first estimate x0 without gradients and give it to the trained call."""
         c = {k: v.to(x0.dtype) for k, v in self.coefficients(t).items()}
         x_t = c["alpha"] * x0 + c["sigma"] * eps
-        disp, logits, c = self.network(x_t, t, mask, props, drop)
+        estimate = None
+        if self_condition:
+            with torch.no_grad():
+                estimate = self(x_t, t, mask, props, drop)
+        disp, logits, c = self.network(x_t, t, mask, props, drop, estimate)
         target = (x0[..., :3] - c["c_skip"] * x_t[..., :3]) / c["c_out"]
         m = mask.to(x0.dtype)
         n = m.sum()

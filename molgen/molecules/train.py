@@ -59,7 +59,9 @@ MODEL_KEYS = (
     "charge_scale",
     "feature_var",
     "properties",
+    "self_condition",
 )
+ZERO_INIT = ("sc_node", "sc_edge")  # the zero-initialised self-conditioning weights a warm start may lack
 
 
 class MoleculeSet(torch.utils.data.Dataset):
@@ -126,7 +128,8 @@ class MoleculeDiffusion(L.LightningModule):
             eps = ot_couple(x0, eps, mask, self.config["ot_rounds"])
         props = batch["props"] if self.net.properties else None
         drop = torch.rand(b, device=pos.device) < self.config["cond_drop"] if props is not None else None
-        out = self.net.loss(x0, types, mask, t, eps, props, drop, type_weight=self.config["type_weight"])
+        self_cond = self.net.self_conditioning and float(torch.rand(())) < self.config["self_cond_rate"]
+        out = self.net.loss(x0, types, mask, t, eps, props, drop, self.config["type_weight"], self_cond)
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=False, batch_size=b)
         step = self.global_step
         if step % self.config["print_every"] == 0:
@@ -226,6 +229,8 @@ DEFAULTS: dict[str, Any] = {
     "coupling": "independent",
     "ot_rounds": 2,
     "time_beta": 1.0,
+    "self_condition": False,
+    "self_cond_rate": 0.5,
 }
 CHOICES: dict[str, tuple[str, ...]] = {"coupling": ("independent", "ot")}
 
@@ -248,6 +253,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         flag = "--" + key.replace("_", "-")
         if isinstance(value, list):
             p.add_argument(flag, nargs="*", default=value, choices=list(PROPERTY_NAMES))
+        elif isinstance(value, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         elif key in COOL_DOWN_KEYS:  # None: keep the run's stored value (or the default)
             p.add_argument(flag, type=int, default=None, help=f"given again on resume, overrides (default {value})")
         else:
@@ -267,12 +274,15 @@ def legacy_batches_done(ckpt_path: Path) -> int | None:
 def warm_start(module: MoleculeDiffusion, state: dict[str, Tensor], init_config: dict[str, Any]) -> None:
     """Load weights into the network and its EMA; the architecture and feature scales must match (the schedule
     may differ: the denoiser sees lambda and scale-free inputs, so an x0 model keeps its predictions)."""
-    keys = [k for k in MODEL_KEYS if k != "schedule"]
+    keys = [k for k in MODEL_KEYS if k not in ("schedule", "self_condition")]
     diff = {k: (init_config.get(k), module.config[k]) for k in keys if init_config.get(k) != module.config[k]}
     if diff:
         raise ValueError(f"--init checkpoint differs from this run in {diff} (checkpoint, run)")
-    module.net.load_state_dict(state)
-    module.ema.load_state_dict(state)
+    for net in (module.net, module.ema):
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        bad = [k for k in missing if k.split(".")[0] not in ZERO_INIT] + list(unexpected)
+        if bad:
+            raise ValueError(f"--init checkpoint's weights do not fit this run (mismatched keys {bad[:4]})")
 
 
 def train(args: argparse.Namespace) -> Path:

@@ -214,23 +214,33 @@ def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--condition", default=None, help="label, e.g. enhancer / non-enhancer (DNA model)")
     parser.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance weight w")
     parser.add_argument("--eta", type=float, default=0.02, help="ReMDM remasking strength")
-    if modality == "sequences":
-        parser.add_argument("--checkpoint", required=True, help="a model of `molgen train sequences`")
-    else:
-        parser.add_argument("--checkpoint", default=None, help=f"default data/sequences/{modality}_default.pt")
+    parser.add_argument("--plan", type=Path, default=None,
+                        help=f"a sampling plan from `molgen tune {modality}` (replaces solver, steps and grid)")
+    add_checkpoint(parser, modality)
     parser.add_argument("--batch-size", type=batch_size_arg, default=256,
                         help="sequences per model call, or auto: the largest that fits the device")
     parser.add_argument("--device", default="cpu")
 
 
+def add_checkpoint(parser: argparse.ArgumentParser, modality: str) -> None:
+    if modality == "sequences":
+        parser.add_argument("--checkpoint", required=True, help="a model of `molgen train sequences`")
+    else:
+        parser.add_argument("--checkpoint", default=None, help=f"default data/sequences/{modality}_default.pt")
+
+
 def run_sample(args: argparse.Namespace) -> int:
+    from molgen.diffusion.tune import MaskedPlan
     from molgen.modalities import get_modality
     from molgen.modalities.base import write_sampling_record
     from molgen.sequences.sampling import generate
 
     mod = get_modality(args.modality)
-    preset = mod.preset(args.preset, args.solver, args.steps)
+    plan = MaskedPlan.load(args.plan) if args.plan else None
+    preset = mod.preset(args.preset, plan.solver if plan else args.solver, plan.nfe if plan else args.steps)
     pre = mod.load(args.checkpoint, args.device)
+    if plan:
+        plan.check(pre.model, pre.process)
     start = time.perf_counter()
     records = generate(
         pre,
@@ -244,13 +254,40 @@ def run_sample(args: argparse.Namespace) -> int:
         options={**preset.options, "eta": args.eta},
         batch_size=args.batch_size,
         device=args.device,
+        grid=plan.kwargs["grid"] if plan else "time_uniform",
     )
     write_fasta(args.out, records)
     write_sampling_record(args.out, preset, eta=args.eta, n=len(records), seed=args.seed, length=args.length,
                           condition=args.condition, guidance_scale=args.guidance_scale,
-                          checkpoint=args.checkpoint or "shipped")
+                          checkpoint=args.checkpoint or "shipped", plan=plan and plan.record())
     wall = time.perf_counter() - start
     print(f"wrote {len(records)} sequences to {args.out} ({preset.solver}, {preset.steps} steps, {wall:.1f} s)")
+    return 0
+
+
+def add_tune(parser: argparse.ArgumentParser, modality: str) -> None:
+    parser.add_argument("--nfe", type=int, required=True, help="model calls of the plan")
+    parser.add_argument("--out", type=Path, required=True, help=f"the plan file (JSON), for `molgen sample {modality} "
+                        "--plan`")
+    add_checkpoint(parser, modality)
+    parser.add_argument("--solver", default="cached_ancestral", help="the masked sampler whose grid is fitted")
+    parser.add_argument("--length", type=int, default=None, help="fixed length (default: data length law)")
+    parser.add_argument("--batch", type=int, default=128, help="prior draws (half fitted on, half scoring)")
+    parser.add_argument("--seconds", type=float, default=120.0, help="tuning budget")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from molgen.diffusion.tune import tune_masked
+    from molgen.modalities import get_modality
+
+    pre = get_modality(args.modality).load(args.checkpoint, "cpu")
+    lengths = (torch.full((args.batch,), args.length) if args.length is not None
+               else pre.lengths.sample(args.batch, torch.Generator().manual_seed(args.seed)))
+    x_T = pre.process.prior(lengths, int(lengths.max()))
+    plan = tune_masked(pre.model, pre.process, x_T, nfe=args.nfe, solver=args.solver, budget_s=args.seconds,
+                       seed=args.seed, progress=lambda line: print(line, file=sys.stderr))
+    print(f"wrote {plan.save(args.out)}: {plan.summary()}")
     return 0
 
 

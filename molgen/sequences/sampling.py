@@ -25,9 +25,11 @@ def generate(
     options: Mapping[str, Any] | None = None,
     batch_size: int | str = 256,
     device: str | torch.device = "cpu",
+    grid: str | torch.Tensor = "time_uniform",
 ) -> list[Record]:
     """Sample ``n`` sequences; lengths are ``length`` or drawn from the model's data length distribution.
-    ``batch_size="auto"``: the largest batch of the longest sequences that fits the device (``molgen.batching``)."""
+    ``batch_size="auto"``: the largest batch of the longest sequences that fits the device (``molgen.batching``);
+    ``grid``: a named time grid or explicit times from 1 to 0 (a tuned plan's, ``molgen.diffusion.tune``)."""
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
     max_len = pre.model.config.max_length
@@ -55,7 +57,7 @@ def generate(
             lb = lengths[i : i + batch_size].to(device)
             x_T = pre.process.prior(lb, int(lb.max()))
             cb = {k: v[i : i + batch_size] for k, v in cond.items()}
-            st = DiscreteSampler(model, pre.process, solver, steps, options=options).run(x_T, cb, gen)
+            st = DiscreteSampler(model, pre.process, solver, steps, grid, options).run(x_T, cb, gen)
             for j, row in enumerate(st.x.cpu()):
                 tag = f" condition={condition}" if condition else ""
                 records.append(
