@@ -44,6 +44,8 @@ def add_train(parser: argparse.ArgumentParser, modality: str) -> None:
                         help="fraction of chains held out by sequence cluster (listed in OUT/held_out.txt)")
     parser.add_argument("--p-mean", type=float, default=-1.2, help="ln sigma ~ N(ln sigma_data + p_mean, p_std^2)")
     parser.add_argument("--p-std", type=float, default=1.5)
+    parser.add_argument("--contact-weight", type=float, default=0.0,
+                        help="weight of the low-noise loss on non-local CA distances under 8 A (give it again on resume)")
 
 
 def train_config(args: argparse.Namespace) -> dict:
@@ -86,6 +88,7 @@ def run_train(args: argparse.Namespace) -> int:
         held_out=args.held_out,
         accelerator=args.accelerator,
         precision=args.precision,
+        contact_weight=args.contact_weight,
     )
     print(f"exported EMA weights to {path}")
     return 0

@@ -8,6 +8,11 @@ distance term vanishes next to the coordinate term as sigma -> 0 (its errors sca
 scales as 1 / sigma^2), exactly where the final bond lengths are set; max(lambda, 1) gives it the coordinate
 term's weighting below sigma ~ 1 A and keeps weight 1 between 1 A and s_d / 2.
 
+Contact loss (``contact_weight`` > 0; FrameFlow's auxiliary pair-distance loss, for CA): the same low-noise gating
+and weight as the local term, on the predicted distances of pairs |i - j| > 4 that lie within ``CONTACT_CUTOFF``
+in the data (strand partners at 4.4-5.5 A, packed helices at 8-10 A): the long-range distances that make a
+sheet, which the coordinate error averages away among the many distant pairs.
+
 Chains whose coordinates are rounded to 0.1 A (the CA-only SCOPe set) carry no loss at sigma below
 ``data.ROUNDED_SIGMA``: there the rounding error would be a sizeable part of the target.
 
@@ -53,6 +58,7 @@ from molgen.structure.model import BackboneDenoiser, ModelConfig, safe_norm
 from molgen.structure.sse import UNKNOWN_SS, composition_of
 
 LOCAL_OFFSETS = (1, 2, 3, 4)
+CONTACT_CUTOFF = 8.0  # Angstrom: non-local CA pairs within this distance in the data carry the contact loss
 ZERO_INIT = ("fine", "coord_local", "bond", "ss_residue", "ss_chain",  # extensions a warm start may lack
              "sc_message", "sc_node", "sc_pair")
 # (and the whole pair track, ``pair.*``, whose projections into the messages start at zero)
@@ -69,6 +75,17 @@ def ss_dropout(batch: CropBatch, generator: torch.Generator | None = None) -> di
     return {"ss": torch.where(per_residue, batch.ss, UNKNOWN_SS), "composition": composition}
 
 
+def contact_error(pred: Tensor, x0: Tensor, mask: Tensor) -> Tensor:
+    """[B] mean squared error (A^2) of the predicted distances of the pairs |i - j| > 4 closer than
+    ``CONTACT_CUTOFF`` in ``x0`` (0 for a chain without such pairs); rigid motions of ``pred`` leave it unchanged."""
+    d_true, d_pred = safe_norm(x0[:, :, None] - x0[:, None]), safe_norm(pred[:, :, None] - pred[:, None])
+    offset = torch.arange(x0.shape[1], device=x0.device)
+    far = (offset[:, None] - offset[None]).abs() > max(LOCAL_OFFSETS)
+    m = mask.to(x0.dtype)
+    contacts = (far & (d_true < CONTACT_CUTOFF)).to(x0.dtype) * m[:, :, None] * m[:, None]
+    return ((d_pred - d_true) ** 2 * contacts).sum((1, 2)) / contacts.sum((1, 2)).clamp_min(1)
+
+
 def edm_loss(
     model: BackboneDenoiser,
     batch: CropBatch,
@@ -76,8 +93,9 @@ def edm_loss(
     p_std: float = 1.5,
     generator: torch.Generator | None = None,
     local_weight: str = "edm",
+    contact_weight: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
-    """EDM denoising loss plus local-distance loss (see module docstring); returns (loss, parts)."""
+    """EDM denoising loss plus local-distance and contact losses (see module docstring); returns (loss, parts)."""
     x0, mask = batch.x, batch.mask
     b = x0.shape[0]
     sd = model.cfg.sigma_data
@@ -105,7 +123,11 @@ def edm_loss(
         d_true = safe_norm(x0[:, k:] - x0[:, :-k])
         local = local + (low * ((d_pred - d_true) ** 2 * pair).sum(1) / pair.sum(1).clamp_min(1)).mean()
     local = local / len(LOCAL_OFFSETS)
-    return denoise + local, {"denoise": float(denoise.detach()), "local": float(local.detach())}
+    parts = {"denoise": float(denoise.detach()), "local": float(local.detach())}
+    if not contact_weight:
+        return denoise + local, parts
+    contact = (low * contact_error(pred, x0, mask)).mean()
+    return denoise + local + contact_weight * contact, {**parts, "contact": float(contact.detach())}
 
 
 def warm_start(module: BackboneDiffusion, path: Path) -> None:
@@ -152,6 +174,7 @@ class BackboneDiffusion(L.LightningModule):
         p_mean: float = -1.2,
         p_std: float = 1.5,
         local_weight: str = "edm",
+        contact_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -160,7 +183,8 @@ class BackboneDiffusion(L.LightningModule):
 
     def training_step(self, batch: CropBatch, batch_idx: int) -> Tensor:
         hp = self.hparams
-        loss, parts = edm_loss(self.model, batch, hp.p_mean, hp.p_std, local_weight=hp.local_weight)
+        loss, parts = edm_loss(self.model, batch, hp.p_mean, hp.p_std, local_weight=hp.local_weight,
+                               contact_weight=hp.contact_weight)
         self.log_dict({"loss": loss.detach(), **parts, "length": float(batch.x.shape[1])}, prog_bar=True,
                       batch_size=batch.x.shape[0])
         return loss
@@ -245,6 +269,7 @@ def train(
     held_out: float = 0.05,
     accelerator: str = "cpu",
     precision: str = "32-true",
+    contact_weight: float = 0.0,
 ) -> Path:
     """Train (or resume from the newest ``out/last*.ckpt``, keeping that run's model config) and export EMA
     weights to ``export``; returns ``export``. A new run may start from exported weights (``init``).
@@ -270,7 +295,8 @@ def train(
     if saved is not None:  # a resumed run keeps the model config it was started with
         config = saved["hyper_parameters"]["config"]
     L.seed_everything(seed + start, workers=True)
-    module = BackboneDiffusion(config or ModelConfig().to_dict(), lr=lr, decay=decay, p_mean=p_mean, p_std=p_std)
+    module = BackboneDiffusion(config or ModelConfig().to_dict(), lr=lr, decay=decay, p_mean=p_mean, p_std=p_std,
+                               contact_weight=contact_weight)
     if init is not None and last is None:
         warm_start(module, init)
         provenance["init"] = init_record(init)

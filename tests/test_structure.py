@@ -249,11 +249,30 @@ def test_loss_and_gradients_are_finite_with_padding() -> None:
     for p in model.parameters():  # the extensions start at zero; make them act
         if p.abs().sum() == 0:
             torch.nn.init.normal_(p, std=0.1)
-    loss, parts = edm_loss(model, batch, generator=torch.Generator().manual_seed(0))
+    loss, parts = edm_loss(model, batch, generator=torch.Generator().manual_seed(0), contact_weight=1.0)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert np.isfinite(parts["denoise"]) and np.isfinite(parts["local"]) and len(grads) > 20
+    assert np.isfinite(parts["denoise"]) and np.isfinite(parts["local"]) and np.isfinite(parts["contact"])
+    assert len(grads) > 20
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_contact_error_scores_only_non_local_contacts_and_ignores_rigid_motions() -> None:
+    from molgen.structure.training import contact_error
+
+    ca = torch.tensor(read_backbone(TS50[0]).ca[:60], dtype=torch.float32)[None]
+    mask = torch.ones(1, 60, dtype=torch.bool)
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0)))
+    assert float(contact_error(ca @ q.T + 5.0, ca, mask)) < 1e-6
+    d = torch.cdist(ca[0], ca[0])
+    i = torch.arange(60)
+    contacts = ((i[:, None] - i[None]).abs() > 4) & (d < 8.0)
+    scaled = contact_error(1.1 * ca, ca, mask)  # every distance 10 % longer: the error is 0.01 d^2 on the contacts
+    torch.testing.assert_close(scaled, (0.01 * d[contacts] ** 2).mean()[None], rtol=1e-4, atol=1e-5)
+    mask[0, 30:] = False  # padding carries nothing
+    keep = contacts & (i[:, None] < 30) & (i[None] < 30)
+    torch.testing.assert_close(contact_error(1.1 * ca, ca, mask), (0.01 * d[keep] ** 2).mean()[None], rtol=1e-4,
+                               atol=1e-5)
 
 
 def _model_with_schedule() -> BackboneDenoiser:
