@@ -204,7 +204,8 @@ def _sequences(raw: dict) -> dict:
 STRUCTURE_COLUMNS = [["name", "row", ""], ["ca_ca_valid", "CA-CA valid", ".3f"], ["clash_rate", "clash", ".3f"],
                      ["rg_ratio", "Rg ratio", ".2f"], ["helix", "helix", ".2f"], ["strand", "strand", ".2f"],
                      ["coil", "coil", ".2f"], ["psea_helix", "P-SEA helix", ".2f"],
-                     ["psea_strand", "P-SEA strand", ".2f"], ["tm_diversity", "TM diversity", ".2f"],
+                     ["psea_strand", "P-SEA strand", ".2f"], ["psea_paired", "P-SEA paired", ".2f"],
+                     ["tm_diversity", "TM diversity", ".2f"],
                      ["novelty", "novelty", ".2f"], ["mpnn_nll", "MPNN NLL", ".2f"],
                      ["mpnn_recovery", "MPNN recovery", ".2f"], ["s_per_backbone", "s per backbone", ".2f"]]
 

@@ -145,7 +145,8 @@ def goals(rows: list[dict], natural: dict) -> dict:
 
 
 def summary_line(row: dict) -> str:
-    keys = ("ca_ca_valid", "clash_rate", "helix", "strand", "psea_helix", "psea_strand", "tm_diversity", "novelty",
+    keys = ("ca_ca_valid", "clash_rate", "helix", "strand", "psea_helix", "psea_strand", "psea_paired", "tm_diversity",
+            "novelty",
             "mpnn_nll", "mpnn_recovery")
     text = " ".join(f"{k}={row[k]:.3f}" for k in keys if isinstance(row.get(k), float))
     return f"{row['name']:>44}: {text}"

@@ -45,7 +45,7 @@ def add_train(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--p-mean", type=float, default=-1.2, help="ln sigma ~ N(ln sigma_data + p_mean, p_std^2)")
     parser.add_argument("--p-std", type=float, default=1.5)
     parser.add_argument("--contact-weight", type=float, default=0.0,
-                        help="weight of the low-noise loss on non-local CA distances under 8 A (give it again on resume)")
+                        help="weight of the low-noise loss on non-local CA distances under 8 A (again on resume)")
 
 
 def train_config(args: argparse.Namespace) -> dict:

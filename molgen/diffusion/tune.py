@@ -137,7 +137,7 @@ class TunedPlan:
         if not isinstance(raw, dict) or raw.get("format") != PLAN_FORMAT:
             raise InputError(f"not a sampling plan (no format {PLAN_FORMAT!r})", str(path))
         fitted_on = raw.get("fitted_on")
-        family = fitted_on.get("family", "continuous") if isinstance(fitted_on, dict) else None
+        family = fitted_on.get("family", "continuous") if isinstance(fitted_on, dict) else cls.family
         if family != cls.family:
             raise InputError(f"a plan for {family} models, not for this {cls.family} one", str(path))
         try:
