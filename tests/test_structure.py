@@ -297,6 +297,22 @@ def test_rotated_noise_gives_rotated_backbones(solver: str) -> None:
         sample_ca(model, 1, 300, solver, 5)
 
 
+def test_a_self_conditioned_model_samples_its_base_models_backbones_until_it_learns() -> None:
+    """Zero-initialised estimate inputs: the sampler's self-conditioning changes nothing until they are trained."""
+    from dataclasses import replace as with_fields
+
+    base = _model_with_schedule()
+    for layer in base.layers:  # coordinate updates that matter (they start near zero)
+        torch.nn.init.normal_(layer.coord.weight, std=0.1)
+    model = BackboneDenoiser(with_fields(SMALL, self_condition=True), base.schedule).eval()
+    model.load_state_dict(base.state_dict(), strict=False)
+    x_T = torch.randn(2, 40, 3, generator=torch.Generator().manual_seed(0)) * 80
+    a = sample_ca(base, 2, 40, "dpmpp_2m", 5, x_T=x_T)
+    torch.testing.assert_close(sample_ca(model, 2, 40, "dpmpp_2m", 5, x_T=x_T), a)
+    torch.nn.init.normal_(model.sc_message.weight, std=0.1)
+    assert not torch.allclose(sample_ca(model, 2, 40, "dpmpp_2m", 5, x_T=x_T), a, atol=1e-3)
+
+
 def test_grid_settings_place_the_first_and_last_calls() -> None:
     """The grid follows its GridSettings, whatever the step count: the few-step settings at 5 and at 50 calls."""
     from molgen.diffusion.step_scale import scaled_rho
