@@ -714,6 +714,20 @@ def test_self_conditioning_warm_starts_and_samples_what_its_base_model_does(tmp_
                                          str(tmp_path / "sc" / "ema.pt")]))
 
 
+def test_training_runs_under_bf16_autocast_and_exports_float32_weights(tmp_path) -> None:
+    """The precision a GPU window trains in (bf16-mixed), here on the CPU, with self-conditioning."""
+    from molgen.checkpoints import load_checkpoint
+    from molgen.molecules.train import build_parser, train
+
+    train(build_parser().parse_args(["--data", "subset", "--hidden", "16", "--edge-hidden", "8", "--layers", "1",
+                                     "--batch-size", "8", "--print-every", "1000", "--max-steps", "3",
+                                     "--self-condition", "--precision", "bf16-mixed",
+                                     "--run-dir", str(tmp_path / "run")]))
+    state, card = load_checkpoint(tmp_path / "run" / "ema.pt")
+    assert card["provenance"]["hardware"].endswith("bf16-mixed") and card["provenance"]["global_step"] == 3
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
 def test_a_flow_path_model_started_below_t_max_samples_what_its_vp_twin_does(tiny: MoleculeDenoiser) -> None:
     """At equal log-SNR the flow state is the VP state times s = sqrt(alpha^2 + sigma^2): started at 4 A, the
     flow copy's noise must be carried by s(t_0) / s(t_max) for the two ODE runs to give the same molecules."""

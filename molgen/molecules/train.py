@@ -194,7 +194,7 @@ def export_ema(module: MoleculeDiffusion, path: Path, metrics: dict | None = Non
         "global_step": int(module.global_step),
         "epoch": int(module.current_epoch),
         "train_wall_s": round(module.train_seconds(), 1),
-        "hardware": hardware(),
+        "hardware": f"{hardware()}, {module.trainer.precision}",
         "metrics": metrics or {},
     }
     if cfg.get("init"):
@@ -247,6 +247,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--ckpt-minutes", type=float, default=5.0, help="checkpoint interval")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--accelerator", default="auto")
+    p.add_argument("--precision", default="32-true",
+                   help="Lightning precision: 32-true, or bf16-mixed for a GPU window (checkpoints stay float32)")
     p.add_argument("--init", default=None, help="start a new run from this molgen checkpoint's weights")
     p.add_argument("--keep-exports", action="store_true", help="also keep every EMA export as exports/step_N.pt")
     for key, value in DEFAULTS.items():
@@ -341,6 +343,7 @@ def train(args: argparse.Namespace) -> Path:
         max_epochs=-1,
         max_time=timedelta(minutes=args.max_minutes) if args.max_minutes else None,
         accelerator=args.accelerator,
+        precision=args.precision,
         devices=1,
         gradient_clip_val=config["grad_clip"],
         callbacks=[ckpt],
