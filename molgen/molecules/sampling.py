@@ -9,7 +9,8 @@ any engine solver, optional property conditioning with classifier-free guidance.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ STEP_SCALE, STEP_SCALE_BELOW = 1.5, 3.0
 # EDM's protocol: 1000 ancestral steps from 4 A gave molecule stability 1.3 % against 4.3 % (300 molecules, seeds
 # 0 and 1, atom stability 71 % both), a gap of 2.2 standard errors that a default should not risk.
 FIRST_NOISE = 4.0
+DEFAULT_SOLVER = "dpmpp_2m"
 
 
 def load_model(path: str | Path | None = None) -> tuple[MoleculeDenoiser, dict[str, Any]]:
@@ -101,16 +103,25 @@ def normalise_condition(condition: Mapping[str, float], config: Mapping[str, Any
 
 
 def sampler_settings(solver: str, step_scale: float | None = None, step_scale_below: float | None = None,
-                     first_noise: float | None = None) -> dict[str, float]:
-    """The step scale and grid start ``sample_molecules`` uses with ``solver``: the given values, else for ODE
-    solvers ``STEP_SCALE`` below ``STEP_SCALE_BELOW`` from ``FIRST_NOISE``, for stochastic ones no scale (1) from
-    the schedule's start (inf)."""
+                     first_noise: float | None = None, preset: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """The step scale and grid start ``sample_molecules`` uses with ``solver``: the given values, else the
+    checkpoint's ``preset`` (a card's ``sampler``, say a distilled student's), else for ODE solvers ``STEP_SCALE``
+    below ``STEP_SCALE_BELOW`` from ``FIRST_NOISE``, for stochastic ones no scale (1) from the schedule's start."""
     ode = applies(solver)
-    return {
-        "step_scale": (STEP_SCALE if ode else 1.0) if step_scale is None else step_scale,
-        "step_scale_below": STEP_SCALE_BELOW if step_scale_below is None else step_scale_below,
-        "first_noise": (FIRST_NOISE if ode else math.inf) if first_noise is None else first_noise,
-    }
+    defaults = {"step_scale": STEP_SCALE if ode else 1.0, "step_scale_below": STEP_SCALE_BELOW,
+                "first_noise": FIRST_NOISE if ode else math.inf, **(preset or {})}
+    given = {"step_scale": step_scale, "step_scale_below": step_scale_below, "first_noise": first_noise}
+    return {k: defaults[k] if v is None else v for k, v in given.items()}
+
+
+def model_solver(config: Mapping[str, Any], solver: str | None = None) -> str:
+    """``solver``, else the checkpoint card's preset solver, else ``DEFAULT_SOLVER``."""
+    return solver or config.get("sampler", {}).get("solver", DEFAULT_SOLVER)
+
+
+def card_preset(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The step-scale and grid-start settings a checkpoint's card asks for (``sampler``, without the solver)."""
+    return {k: v for k, v in config.get("sampler", {}).items() if k != "solver"}
 
 
 def grid_ends(schedule: Schedule, first_noise: float, last_noise: float | None) -> dict[str, float]:
@@ -145,7 +156,7 @@ def sample_molecules(
     config: Mapping[str, Any],
     n: int,
     *,
-    solver: str = "dpmpp_2m",
+    solver: str | None = None,
     steps: int = 10,
     seed: int = 0,
     atoms: int | Sequence[int] | None = None,
@@ -169,8 +180,54 @@ def sample_molecules(
     sigma/alpha = ``first_noise`` (Angstrom; inf: the schedule's start) to ``last_noise`` (default: the schedule's
     end), with the schedule's prior N(0, prior_std^2) at its start, carried to the first call along the flow of
     unit-variance Gaussian data (the identity on VP schedules); t_max / t_min in ``grid_options`` take
-    precedence. Defaults: ``sampler_settings``. A ``plan`` (``tune_plan``, fitted on this model) replaces the
-    solver, grid and step scale."""
+    precedence. Defaults: ``model_solver`` and ``sampler_settings`` (a checkpoint whose card has a ``sampler``
+    preset samples with it). A ``plan`` (``tune_plan``, fitted on this model) replaces the solver, grid and step
+    scale."""
+    settings = {k: v for k, v in locals().items() if k not in ("model", "config", "n")}
+    out: list[Molecule | None] = [None] * n
+    for chunk in sample_states(model, config, n, **settings):
+        names = [f"molgen_{seed}_{idx}" for idx in chunk.index.tolist()]
+        for idx, mol in zip(chunk.index.tolist(), decode_molecules(model, chunk.x0, chunk.mask, names)):
+            out[idx] = mol
+    return [m for m in out if m is not None]
+
+
+@dataclass(frozen=True)
+class StateChunk:
+    """One batch of a sampling run: which molecules (``index`` into the run), their noise ``x_T`` at the first
+    grid point, denoised states ``x0`` [B, N, F] and atom ``mask`` [B, N]."""
+
+    index: Tensor
+    x_T: Tensor
+    x0: Tensor
+    mask: Tensor
+
+
+@torch.no_grad()
+def sample_states(
+    model: MoleculeDenoiser,
+    config: Mapping[str, Any],
+    n: int,
+    *,
+    solver: str | None = None,
+    steps: int = 10,
+    seed: int = 0,
+    atoms: int | Sequence[int] | None = None,
+    condition: Mapping[str, float] | None = None,
+    guidance: float = 1.0,
+    batch_size: int | str = 256,
+    grid: str = "logsnr",
+    grid_options: Mapping[str, Any] | None = None,
+    solver_options: Mapping[str, Any] | None = None,
+    step_scale: float | None = None,
+    step_scale_below: float | None = None,
+    first_noise: float | None = None,
+    last_noise: float | None = None,
+    device: str | torch.device = "cpu",
+    plan: TunedPlan | None = None,
+) -> Iterator[StateChunk]:
+    """``sample_molecules``' run as states, one size-sorted batch at a time, before decoding (the noise with
+    its denoised state: teacher pairs for ``molgen.molecules.distill``)."""
     device = torch.device(device)
     model = model.to(device)
     if n < 1:
@@ -194,9 +251,9 @@ def sample_molecules(
         denoiser = ClassifierFree(model, guidance, keys=("props",))
     if batch_size == "auto":
         batch_size = largest_batch(lambda b: one_call(denoiser, model, b, int(counts.max()), props, device), device)
-    out: list[Molecule | None] = [None] * n
     space = ZeroCoM(3)
-    scale = sampler_settings(solver, step_scale, step_scale_below, first_noise)
+    solver = model_solver(config, solver)
+    scale = sampler_settings(solver, step_scale, step_scale_below, first_noise, card_preset(config))
     grid_options = {**grid_ends(model.schedule, scale.pop("first_noise"), last_noise), **(grid_options or {})}
     if plan is not None:  # one check for every chunk: padded states are described by their feature width
         plan.check(model, model.schedule, torch.zeros(1, 1, model.n_features), mask=torch.ones(1, 1, dtype=torch.bool))
@@ -212,10 +269,7 @@ def sample_molecules(
         if props is not None:
             cond["props"] = props.expand(len(chunk), -1).contiguous().to(device)
         x0 = sample(denoiser, model.schedule, x_T, generator=g, mask=mask, cond=cond, space=space, **run)
-        names = [f"molgen_{seed}_{idx}" for idx in chunk.tolist()]
-        for idx, mol in zip(chunk.tolist(), decode_molecules(model, x0, mask, names)):
-            out[idx] = mol
-    return [m for m in out if m is not None]
+        yield StateChunk(chunk, x_T, x0, mask)
 
 
 def decode_molecules(model: MoleculeDenoiser, x0: Tensor, mask: Tensor,

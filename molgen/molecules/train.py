@@ -61,6 +61,7 @@ MODEL_KEYS = (
     "properties",
     "self_condition",
 )
+CARD_EXTRAS = ("sampler", "distilled_from")  # a distilled student's sampling preset and teacher
 ZERO_INIT = ("sc_node", "sc_edge")  # the zero-initialised self-conditioning weights a warm start may lack
 
 
@@ -182,6 +183,7 @@ def model_config(module: MoleculeDiffusion) -> dict[str, Any]:
         "prop_mean": cfg["prop_mean"],
         "prop_std": cfg["prop_std"],
         "max_atoms": MAX_ATOMS,
+        **{k: cfg[k] for k in CARD_EXTRAS if k in cfg},
     }
 
 
@@ -327,9 +329,16 @@ def train(args: argparse.Namespace) -> Path:
         num_workers=0,
     )
     module = MoleculeDiffusion(config)
-    last = run_dir / "last.ckpt"
-    if init and not last.exists():
+    if init and not (run_dir / "last.ckpt").exists():
         warm_start(module, init[0], init[1])
+    fit(module, loader, run_dir, args)
+    return run_dir
+
+
+def fit(module: L.LightningModule, loader: ResumableLoader, run_dir: Path, args: argparse.Namespace) -> None:
+    """Fit ``module`` on ``loader``, resuming from ``run_dir/last.ckpt`` and writing it every ``args.ckpt_minutes``
+    (and at the end); ``args`` also gives max_steps, max_minutes, accelerator and precision."""
+    last = run_dir / "last.ckpt"
     ckpt = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=run_dir,
         save_last=True,
@@ -345,7 +354,7 @@ def train(args: argparse.Namespace) -> Path:
         accelerator=args.accelerator,
         precision=args.precision,
         devices=1,
-        gradient_clip_val=config["grad_clip"],
+        gradient_clip_val=module.config["grad_clip"],
         callbacks=[ckpt],
         logger=L.pytorch.loggers.CSVLogger(run_dir, name="logs"),
         enable_progress_bar=False,
@@ -357,7 +366,6 @@ def train(args: argparse.Namespace) -> Path:
         loader.batch_sampler.load_state_dict({"served": done})
     trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None, weights_only=True)
     trainer.save_checkpoint(last)
-    return run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
