@@ -17,8 +17,8 @@ temporary file that the benchmark writes), then stores one table per KIND in ben
 the current commit (``git rev-parse --short HEAD``, flagged when the working tree has uncommitted changes), the
 UTC date and a description of the hardware; the benchmark's whole output is kept under ``raw``. KIND selects how
 the table is read from the output: samplers, samplers_overhead, samplers_defaults, default_ends, tuned_plans,
-generation, guidance, sequences, structure, structure_denoising, molecules, likelihood, reliability, rna_design,
-ehrlich, campaigns, finetune, masked_plans.
+generation, guidance, sequences, structure, structure_denoising, molecules, students, likelihood, reliability,
+rna_design, ehrlich, campaigns, finetune, masked_plans.
 """
 
 from __future__ import annotations
@@ -243,6 +243,17 @@ def _molecules(raw: dict) -> dict:
     return {"columns": MOLECULE_COLUMNS, "rows": rows}
 
 
+STUDENT_COLUMNS = [["model", "model", ""], ["calls", "calls", ""], ["n", "n", ""],
+                   ["atom_stability", "atom stability", ".1%"], ["mol_stability", "molecule stability", ".1%"],
+                   ["mol_se", "(SE)", ".1%"], ["validity", "validity", ".1%"], ["valid_se", "(SE)", ".1%"],
+                   ["uniqueness", "uniqueness", ".1%"], ["novelty", "novelty", ".1%"]]
+
+
+def _students(raw: dict) -> dict:
+    rows = [{**r, "mol_se": r["stderr"]["mol_stability"], "valid_se": r["stderr"]["validity"]} for r in raw["rows"]]
+    return {"columns": STUDENT_COLUMNS, "rows": sorted(rows, key=lambda r: (r["calls"], r["model"] != "teacher"))}
+
+
 LIKELIHOOD_COLUMNS = [["states", "states", ""], ["n", "n", ""], ["bits_per_dim", "bits/dim", ".3f"],
                       ["sd_states", "sd over states", ".3f"], ["sd_probe", "Hutchinson sd", ".3f"],
                       ["seconds", "seconds", ".1f"]]
@@ -324,7 +335,7 @@ KINDS = {"samplers": _samplers, "samplers_overhead": _samplers_overhead, "sample
          "default_ends": _default_ends, "tuned_plans": _tuned_plans,
          "generation": _generation,
          "guidance": _guidance, "sequences": _sequences, "structure": _structure,
-         "structure_denoising": _structure_denoising, "molecules": _molecules,
+         "structure_denoising": _structure_denoising, "molecules": _molecules, "students": _students,
          "likelihood": _likelihood, "reliability": _reliability, "rna_design": _rna_design,
          "ehrlich": _ehrlich, "campaigns": _campaigns, "finetune": _finetune, "masked_plans": _masked_plans}
 

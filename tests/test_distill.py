@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 import pytest
@@ -90,33 +89,45 @@ def test_pairs_are_the_teachers_own_samples_made_in_resumable_parts(tmp_path) ->
         make_pairs(run, DEFAULT_CHECKPOINT, 6, shard=3, steps=4)
 
 
-def test_student_run_warm_starts_from_the_teacher_and_carries_its_sampler(tmp_path) -> None:
+def test_student_run_warm_starts_from_the_teacher_and_records_its_pairs(tmp_path) -> None:
     from molgen.checkpoints import load_checkpoint
 
     run = tmp_path / "student"
     make_pairs(run, DEFAULT_CHECKPOINT, 4, shard=4, steps=3)
     args = argparse.Namespace(run_dir=str(run), max_steps=2, max_minutes=None, ckpt_minutes=5.0, threads=1,
                               accelerator="cpu", precision="32-true", keep_exports=False, lr=0.0, warmup_steps=1,
-                              batch_size=2, ema_decay=0.999)
+                              batch_size=2, ema_decay=0.999, handover=0.5, init=None)
     train_student(args)
     state, card = load_checkpoint(run / "ema.pt")
     teacher, _ = load_checkpoint(DEFAULT_CHECKPOINT)
     assert all(torch.equal(state[k], v) for k, v in teacher.items())  # lr 0: the teacher's weights
-    assert card["config"]["sampler"] == {"solver": "ddim", "step_scale": 1.0, "first_noise": FIRST_NOISE}
-    assert card["config"]["distilled_from"]["steps"] == 3
+    assert card["provenance"]["distilled_from"]["steps"] == 3
     assert card["provenance"]["global_step"] == 2 and "4 teacher pairs" in card["provenance"]["data"]
-    # the card's preset is the student's default sampler: DDIM without the step scale, in the library and CLI
-    student, config = load_model(run / "ema.pt")
-    teacher_model, teacher_config = load_model()
-    own = sample_molecules(student, config, 3, steps=4, seed=1)
-    ddim = sample_molecules(teacher_model, teacher_config, 3, steps=4, seed=1, solver="ddim", step_scale=1.0)
-    preset = sample_molecules(teacher_model, teacher_config, 3, steps=4, seed=1)
-    assert all(np.allclose(a.positions, b.positions, atol=1e-6) for a, b in zip(own, ddim))
-    assert not all(np.allclose(a.positions, b.positions, atol=1e-3) for a, b in zip(own, preset))
-    from molgen.cli import main
+    # --init: an earlier student's weights start the run; the pairs' teacher stays the teacher
+    args.run_dir, args.init = str(tmp_path / "again"), str(run / "ema.pt")
+    (tmp_path / "again").mkdir()
+    for name in ("pairs", "pairs.json"):
+        (tmp_path / "again" / name).symlink_to(run / name)
+    train_student(args)
+    _, card = load_checkpoint(tmp_path / "again" / "ema.pt")
+    assert card["provenance"]["init"]["path"] == str(run / "ema.pt")
 
-    out = tmp_path / "mols.sdf"
-    assert main(["sample", "molecules", "--checkpoint", str(run / "ema.pt"), "--n", "2", "--steps", "4",
-                 "--out", str(out)]) == 0
-    record = json.loads(out.with_suffix(".sdf.json").read_text())
-    assert record["solver"] == "ddim" and record["resolved"]["step_scale"] == 1.0
+
+def test_below_the_handover_the_student_is_trained_towards_the_teachers_own_estimate(tmp_path) -> None:
+    """Targets are the pair's molecule above the hand-over and the teacher's estimate below; a student that is
+    the teacher has no position loss there, and a positive one on the lines."""
+    from molgen.molecules.distill import PairSet, collate_pairs, handover_targets, on_lines
+
+    make_pairs(tmp_path, DEFAULT_CHECKPOINT, 4, shard=4, steps=3)
+    pairs = PairSet(load_pairs(tmp_path))
+    batch = collate_pairs([pairs[i] for i in range(4) if pairs.sizes[i] == pairs.sizes[0]])
+    model, _ = load_model()
+    x0, types, mask, eps, t = on_lines(batch, model.schedule, FIRST_NOISE, torch.Generator().manual_seed(0))
+    assert torch.allclose(centre(x0[..., :3], mask), x0[..., :3], atol=1e-5)
+    losses = {}
+    for handover in (0.0, 1e9):  # every t above / below
+        target, kinds = handover_targets(model, x0, types, mask, eps, t, handover)
+        if handover == 0.0:
+            assert torch.equal(target, x0) and torch.equal(kinds, types)
+        losses[handover] = float(model.loss(x0, kinds, mask, t, eps, target=target)["pos"])
+    assert losses[1e9] < 1e-8 < losses[0.0]

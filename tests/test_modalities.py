@@ -73,17 +73,14 @@ def test_every_entry_point_refuses_unknown_names(tmp_path, capsys):
 
 def test_library_defaults_are_the_default_presets():
     """The sampling functions' own defaults cannot drift from the presets the commands use."""
-    from molgen.molecules.sampling import model_solver, sample_molecules
+    from molgen.molecules.sampling import sample_molecules
     from molgen.sequences.sampling import generate
     from molgen.structure.sampling import FEW_STEPS, sample_ca
 
     for fn, name in ((sample_molecules, "molecules"), (generate, "rna"), (generate, "dna")):
         params = inspect.signature(fn).parameters
         preset = get_modality(name).presets["default"]
-        solver = params["solver"].default
-        if fn is sample_molecules:  # None: the checkpoint card's solver, else the default one
-            solver = model_solver({}, solver)
-        assert (solver, params["steps"].default) == (preset.solver, preset.steps)
+        assert (params["solver"].default, params["steps"].default) == (preset.solver, preset.steps)
     params = inspect.signature(sample_ca).parameters
     assert params["solver"].default is inspect.Parameter.empty  # the preset decides
     options = get_modality("backbones").presets["default"].options

@@ -21,7 +21,7 @@ def add_sample(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--preset", default="default", choices=sorted(presets),
                         help="; ".join(f"{k}: {p.solver}, {p.steps} steps" for k, p in presets.items()))
     parser.add_argument("--solver", default=None, help="any engine solver (molgen.diffusion.SOLVERS); default: the "
-                                                       "preset's (the default preset: the checkpoint card's)")
+                                                       "preset's")
     parser.add_argument("--steps", type=int, default=None, help="grid points = model calls for multistep solvers")
     parser.add_argument("--grid", default=None, help="time grid (molgen.diffusion.GRIDS); default: the preset's")
     parser.add_argument("--plan", default=None,
@@ -78,7 +78,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
     from molgen.diffusion.tune import TunedPlan
     from molgen.molecules.io import write_molecules
-    from molgen.molecules.sampling import card_preset, load_model, model_solver, sample_molecules, sampler_settings
+    from molgen.molecules.sampling import load_model, sample_molecules, sampler_settings
 
     if Path(args.out).suffix.lower() not in (".sdf", ".xyz"):
         raise ValueError(f"--out {args.out}: use a .sdf or .xyz file name")
@@ -91,8 +91,6 @@ def run_sample(args: argparse.Namespace) -> int:
              "first_noise": args.first_noise, "last_noise": args.last_noise}
     options = {**preset.options, **{k: v for k, v in given.items() if v is not None}}
     model, config = load_model(args.checkpoint)
-    if args.solver is None and args.preset == "default":  # a card naming its own sampler (a distilled student)
-        preset = dataclasses.replace(preset, solver=model_solver(config))
     plan = TunedPlan.load(args.plan) if args.plan else None
     start = time.perf_counter()
     mols = sample_molecules(
@@ -116,8 +114,7 @@ def run_sample(args: argparse.Namespace) -> int:
                           atoms=args.atoms, condition=args.condition, guidance=args.guidance,
                           checkpoint=args.checkpoint or "shipped", plan=plan and plan.record(),
                           resolved=sampler_settings(preset.solver, options.get("step_scale"),
-                                                    options.get("step_scale_below"), options.get("first_noise"),
-                                                    card_preset(config)))
+                                                    options.get("step_scale_below"), options.get("first_noise")))
     print(f"wrote {len(mols)} molecules to {args.out} ({elapsed:.1f} s, {len(mols) / elapsed:.1f} molecules/s)")
     return 0
 

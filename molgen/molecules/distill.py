@@ -1,6 +1,6 @@
-"""Few-step students by rectified diffusion (Wang et al. 2024, "Rectified Diffusion"): fine-tune the model on its
-own deterministic sampler's noise-sample pairs so that a first-order solver in a few calls lands where the teacher
-lands in many.
+"""Few-step students by rectified diffusion (Wang et al. 2024, "Rectified Diffusion") with a hand-over: the
+model is fine-tuned on its own deterministic sampler's noise-sample pairs where its few-step solve goes wrong
+(high noise), and keeps its own denoiser where it is already precise (low noise).
 
 The teacher's ODE sampler maps the state z at its first call (time t_a, sigma/alpha = ``first_noise``) to a
 molecule f(z). On the line through both,
@@ -8,17 +8,17 @@ molecule f(z). On the line through both,
     x_t = alpha_t f(z) + sigma_t e,   e = (z - alpha_a f(z)) / sigma_a,   t in [t_min, t_a],
 
 the x0 a DDIM step needs is f(z) at every t, and a DDIM step from x_t to x_s with the estimate f(z) stays on the
-line (x_s = alpha_s f(z) + sigma_s (x_t - alpha_t f(z)) / sigma_t). A student trained with the teacher's own loss
-on these lines (x0 = f(z) with hard atom types, noise e) is integrated exactly by DDIM with any number of calls
-once it has learned them. Rotations of a pair are pairs (the teacher is equivariant), so every batch is rotated
-at random. Pairs come from ``sample_states`` with the teacher's default ODE settings and are written in shards, so
-a killed job keeps what it made.
+line (x_s = alpha_s f(z) + sigma_s (x_t - alpha_t f(z)) / sigma_t): a student that has learned f(z) on the lines
+is integrated exactly in any number of calls. Learning f(z) to the picometres that EDM's stability needs is far
+beyond a few CPU-hours, so below sigma/alpha = ``handover`` the student is instead trained towards the teacher's
+own estimate at the same x_t: it keeps the teacher's precise last steps, and the straight lines serve the first
+calls, where a few-step solve of the teacher's curved ODE lands on blurred structures. The student then samples
+with the teacher's sampler (``sample_molecules``' defaults). Rotations of a pair are pairs (the teacher is
+equivariant), so every batch is rotated at random. Pairs come from ``sample_states`` with the teacher's default
+ODE settings and are written in shards, so a killed job keeps what it made.
 
     python -m molgen.molecules.distill pairs --run-dir runs/molecules/student --n 16384 --steps 50
     python -m molgen.molecules.distill train --run-dir runs/molecules/student --max-minutes 120
-
-The student samples with ``STUDENT_SAMPLER`` (DDIM, no step scale, from the pairs' first noise level); its card
-carries that preset (``sampler``), which ``sample_molecules`` uses as its defaults.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ from molgen.molecules.train import DEFAULTS as TRAIN_DEFAULTS
 from molgen.molecules.train import MODEL_KEYS, MoleculeDiffusion, fit, warm_start
 from molgen.progress import progress
 
-STUDENT_SAMPLER = {"solver": "ddim", "step_scale": 1.0}
 MANIFEST = "pairs.json"
 
 
@@ -161,33 +160,60 @@ def collate_pairs(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 
 class StudentDiffusion(MoleculeDiffusion):
-    """``MoleculeDiffusion`` on teacher pairs: x0 = f(z), noise e = ``line_noise``, t = ``line_times``, each
-    pair randomly rotated; unconditional (the teacher's pairs were sampled without properties)."""
+    """``MoleculeDiffusion`` on teacher pairs, each pair randomly rotated, at t = ``line_times`` on the lines
+    x_t = alpha_t f(z) + sigma_t e (``line_noise``): above sigma/alpha = ``handover`` the output is trained towards
+    f(z), below it towards the frozen ``teacher``'s own estimate at x_t, so that the student keeps the teacher's
+    low-noise denoiser (its precise last steps) and learns the lines only where the teacher's few-step solve goes
+    wrong. Unconditional (the pairs were sampled without properties)."""
+
+    def __init__(self, config: dict[str, Any], teacher: MoleculeDenoiser) -> None:
+        super().__init__(config)
+        self.teacher = teacher.requires_grad_(False).eval()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        z, x0, types, mask = batch["z"], batch["x0"], batch["types"], batch["mask"]
-        b = z.shape[0]
-        rot = random_rotations(b, dtype=z.dtype).to(z.device)
-        z = torch.cat([z[..., :3] @ rot, z[..., 3:]], -1)
-        x0 = torch.cat([centre(x0[..., :3] @ rot, mask), x0[..., 3:]], -1)
-        first_noise = self.config["first_noise"]
-        t_a = self.net.schedule.t_of_rho(torch.full((b,), first_noise, dtype=torch.float64)).to(z.dtype)
-        eps = line_noise(self.net.schedule, z, x0, t_a) * mask.unsqueeze(-1)
-        t = line_times(torch.rand(b, device=z.device), self.net.schedule, first_noise)
-        out = self.net.loss(x0, types, mask, t, eps, None, None, self.config["type_weight"])
-        self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=False, batch_size=b)
+        x0, types, mask, eps, t = on_lines(batch, self.net.schedule, self.config["first_noise"])
+        target, types = handover_targets(self.teacher, x0, types, mask, eps, t, self.config["handover"])
+        out = self.net.loss(x0, types, mask, t, eps, None, None, self.config["type_weight"], target=target)
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, prog_bar=False, batch_size=len(t))
         if self.global_step % self.config["print_every"] == 0:
             print(f"step {self.global_step} loss {out['loss'].item():.4f} pos {out['pos'].item():.4f} "
                   f"ce {out['type_ce'].item():.4f}", flush=True)
         return out["loss"]
 
 
-STUDENT_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "warmup_steps": 100, "batch_size": 64, "ema_decay": 0.999}
+def on_lines(batch: Mapping[str, Tensor], schedule: Schedule, first_noise: float,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A batch of pairs, randomly rotated, as (x0, types, mask, line noise e, times t ~ ``line_times``)."""
+    z, x0, types, mask = batch["z"], batch["x0"], batch["types"], batch["mask"]
+    b = z.shape[0]
+    rot = random_rotations(b, generator, dtype=z.dtype).to(z.device)
+    z = torch.cat([z[..., :3] @ rot, z[..., 3:]], -1)
+    x0 = torch.cat([centre(x0[..., :3] @ rot, mask), x0[..., 3:]], -1)
+    t_a = schedule.t_of_rho(torch.full((b,), first_noise, dtype=torch.float64)).to(z.dtype)
+    eps = line_noise(schedule, z, x0, t_a) * mask.unsqueeze(-1)
+    t = line_times(torch.rand(b, generator=generator).to(z.device), schedule, first_noise)
+    return x0, types, mask, eps, t
+
+
+@torch.no_grad()
+def handover_targets(teacher: MoleculeDenoiser, x0: Tensor, types: Tensor, mask: Tensor, eps: Tensor, t: Tensor,
+                     handover: float) -> tuple[Tensor, Tensor]:
+    """The student's (x0 target, type targets) at x_t = alpha_t x0 + sigma_t eps: the pair's own above
+    sigma/alpha = ``handover``, the teacher's estimate at x_t (and its argmax types) below."""
+    low = teacher.schedule.rho(t.to(torch.float64)) < handover
+    c = teacher.coefficients(t)
+    own = teacher(c["alpha"] * x0 + c["sigma"] * eps, t, mask=mask)
+    return (torch.where(low.view(-1, 1, 1), own, x0),
+            torch.where(low.view(-1, 1), teacher.decode_types(own), types))
+
+
+STUDENT_DEFAULTS: dict[str, Any] = {"lr": 2e-4, "warmup_steps": 100, "batch_size": 64, "ema_decay": 0.999,
+                                     "handover": 0.5}
 
 
 def student_config(run_dir: Path, teacher_config: Mapping[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """The run's config: the teacher's model and sampling statistics, the training defaults with the student's
-    overrides, the pairs' first noise level and the student's sampler preset (on its card)."""
+    overrides, the pairs' first noise level and their source (on the card's provenance)."""
     manifest = json.loads((run_dir / MANIFEST).read_text())
     config = {**TRAIN_DEFAULTS, **{k: teacher_config[k] for k in MODEL_KEYS if k in teacher_config}}
     config.update({k: getattr(args, k) for k in STUDENT_DEFAULTS})
@@ -202,7 +228,6 @@ def student_config(run_dir: Path, teacher_config: Mapping[str, Any], args: argpa
         "prop_mean": teacher_config.get("prop_mean", []),
         "prop_std": teacher_config.get("prop_std", []),
         "first_noise": manifest["first_noise"],
-        "sampler": {**STUDENT_SAMPLER, "first_noise": manifest["first_noise"]},
         "distilled_from": {"path": manifest["teacher"], "sha256": manifest["teacher_sha256"],
                            "steps": manifest["steps"]},
     })
@@ -217,13 +242,16 @@ def train_student(args: argparse.Namespace) -> Path:
     state, teacher_config, summary = read_init(manifest["teacher"])
     config = student_config(run_dir, teacher_config, args)
     config["init"] = summary
+    start = state
+    if args.init:  # an earlier student's weights (the teacher stays the pairs' one)
+        start, _, config["init"] = read_init(args.init)
     (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     pairs = PairSet(load_pairs(run_dir))
     loader = ResumableLoader(pairs, batch_sampler=SizeBucketBatches(pairs.sizes, config["batch_size"], config["seed"]),
                              collate_fn=collate_pairs, num_workers=0)
-    module = StudentDiffusion(config)
+    module = StudentDiffusion(config, load_model(manifest["teacher"])[0])
     if not (run_dir / "last.ckpt").exists():
-        warm_start(module, state, teacher_config)
+        warm_start(module, start, teacher_config)
     fit(module, loader, run_dir, args)
     return run_dir
 
@@ -249,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--accelerator", default="auto")
     train.add_argument("--precision", default="32-true")
     train.add_argument("--keep-exports", action="store_true")
+    train.add_argument("--init", default=None, help="start from this checkpoint instead of the teacher")
     for key, value in STUDENT_DEFAULTS.items():
         train.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
     args = p.parse_args(argv)

@@ -254,9 +254,12 @@ class MoleculeDenoiser(nn.Module):
         drop: Tensor | None = None,
         type_weight: float = 1.0,
         self_condition: bool = False,
+        target: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Training loss at times ``t`` with noise ``eps`` (zero-CoM over real atoms, zero at padding);
-        ``self_condition``: first estimate x0 without gradients and give it to the trained call."""
+        """Training loss at times ``t`` with noise ``eps`` (zero-CoM over real atoms, zero at padding) on
+        x_t = alpha x0 + sigma eps; the output is trained towards ``target`` positions where given (a teacher's
+        estimate), else x0's; ``self_condition``: first estimate x0 without gradients and give it to the
+        trained call."""
         c = {k: v.to(x0.dtype) for k, v in self.coefficients(t).items()}
         x_t = c["alpha"] * x0 + c["sigma"] * eps
         estimate = None
@@ -264,9 +267,10 @@ class MoleculeDenoiser(nn.Module):
             with torch.no_grad():
                 estimate = self(x_t, t, mask, props, drop)
         disp, logits, c = self.network(x_t, t, mask, props, drop, estimate)
-        target = (x0[..., :3] - c["c_skip"] * x_t[..., :3]) / c["c_out"]
+        aim = (x0 if target is None else target)[..., :3]
+        f_target = (aim - c["c_skip"] * x_t[..., :3]) / c["c_out"]
         m = mask.to(x0.dtype)
         n = m.sum()
-        pos = ((disp - target).pow(2).sum(-1) * m).sum() / (3 * n)
+        pos = ((disp - f_target).pow(2).sum(-1) * m).sum() / (3 * n)
         ce = nn.functional.cross_entropy(logits[mask], types[mask])
         return {"loss": pos + type_weight * ce, "pos": pos, "type_ce": ce}

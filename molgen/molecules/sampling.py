@@ -46,7 +46,6 @@ STEP_SCALE, STEP_SCALE_BELOW = 1.5, 3.0
 # EDM's protocol: 1000 ancestral steps from 4 A gave molecule stability 1.3 % against 4.3 % (300 molecules, seeds
 # 0 and 1, atom stability 71 % both), a gap of 2.2 standard errors that a default should not risk.
 FIRST_NOISE = 4.0
-DEFAULT_SOLVER = "dpmpp_2m"
 
 
 def load_model(path: str | Path | None = None) -> tuple[MoleculeDenoiser, dict[str, Any]]:
@@ -103,25 +102,16 @@ def normalise_condition(condition: Mapping[str, float], config: Mapping[str, Any
 
 
 def sampler_settings(solver: str, step_scale: float | None = None, step_scale_below: float | None = None,
-                     first_noise: float | None = None, preset: Mapping[str, Any] | None = None) -> dict[str, float]:
-    """The step scale and grid start ``sample_molecules`` uses with ``solver``: the given values, else the
-    checkpoint's ``preset`` (a card's ``sampler``, say a distilled student's), else for ODE solvers ``STEP_SCALE``
-    below ``STEP_SCALE_BELOW`` from ``FIRST_NOISE``, for stochastic ones no scale (1) from the schedule's start."""
+                     first_noise: float | None = None) -> dict[str, float]:
+    """The step scale and grid start ``sample_molecules`` uses with ``solver``: the given values, else for ODE
+    solvers ``STEP_SCALE`` below ``STEP_SCALE_BELOW`` from ``FIRST_NOISE``, for stochastic ones no scale (1) from
+    the schedule's start (inf)."""
     ode = applies(solver)
-    defaults = {"step_scale": STEP_SCALE if ode else 1.0, "step_scale_below": STEP_SCALE_BELOW,
-                "first_noise": FIRST_NOISE if ode else math.inf, **(preset or {})}
-    given = {"step_scale": step_scale, "step_scale_below": step_scale_below, "first_noise": first_noise}
-    return {k: defaults[k] if v is None else v for k, v in given.items()}
-
-
-def model_solver(config: Mapping[str, Any], solver: str | None = None) -> str:
-    """``solver``, else the checkpoint card's preset solver, else ``DEFAULT_SOLVER``."""
-    return solver or config.get("sampler", {}).get("solver", DEFAULT_SOLVER)
-
-
-def card_preset(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The step-scale and grid-start settings a checkpoint's card asks for (``sampler``, without the solver)."""
-    return {k: v for k, v in config.get("sampler", {}).items() if k != "solver"}
+    return {
+        "step_scale": (STEP_SCALE if ode else 1.0) if step_scale is None else step_scale,
+        "step_scale_below": STEP_SCALE_BELOW if step_scale_below is None else step_scale_below,
+        "first_noise": (FIRST_NOISE if ode else math.inf) if first_noise is None else first_noise,
+    }
 
 
 def grid_ends(schedule: Schedule, first_noise: float, last_noise: float | None) -> dict[str, float]:
@@ -156,7 +146,7 @@ def sample_molecules(
     config: Mapping[str, Any],
     n: int,
     *,
-    solver: str | None = None,
+    solver: str = "dpmpp_2m",
     steps: int = 10,
     seed: int = 0,
     atoms: int | Sequence[int] | None = None,
@@ -180,12 +170,14 @@ def sample_molecules(
     sigma/alpha = ``first_noise`` (Angstrom; inf: the schedule's start) to ``last_noise`` (default: the schedule's
     end), with the schedule's prior N(0, prior_std^2) at its start, carried to the first call along the flow of
     unit-variance Gaussian data (the identity on VP schedules); t_max / t_min in ``grid_options`` take
-    precedence. Defaults: ``model_solver`` and ``sampler_settings`` (a checkpoint whose card has a ``sampler``
-    preset samples with it). A ``plan`` (``tune_plan``, fitted on this model) replaces the solver, grid and step
-    scale."""
-    settings = {k: v for k, v in locals().items() if k not in ("model", "config", "n")}
+    precedence. Defaults: ``sampler_settings``. A ``plan`` (``tune_plan``, fitted on this model) replaces the
+    solver, grid and step scale."""
     out: list[Molecule | None] = [None] * n
-    for chunk in sample_states(model, config, n, **settings):
+    for chunk in sample_states(model, config, n, solver=solver, steps=steps, seed=seed, atoms=atoms,
+                               condition=condition, guidance=guidance, batch_size=batch_size, grid=grid,
+                               grid_options=grid_options, solver_options=solver_options, step_scale=step_scale,
+                               step_scale_below=step_scale_below, first_noise=first_noise, last_noise=last_noise,
+                               device=device, plan=plan):
         names = [f"molgen_{seed}_{idx}" for idx in chunk.index.tolist()]
         for idx, mol in zip(chunk.index.tolist(), decode_molecules(model, chunk.x0, chunk.mask, names)):
             out[idx] = mol
@@ -209,7 +201,7 @@ def sample_states(
     config: Mapping[str, Any],
     n: int,
     *,
-    solver: str | None = None,
+    solver: str = "dpmpp_2m",
     steps: int = 10,
     seed: int = 0,
     atoms: int | Sequence[int] | None = None,
@@ -252,8 +244,7 @@ def sample_states(
     if batch_size == "auto":
         batch_size = largest_batch(lambda b: one_call(denoiser, model, b, int(counts.max()), props, device), device)
     space = ZeroCoM(3)
-    solver = model_solver(config, solver)
-    scale = sampler_settings(solver, step_scale, step_scale_below, first_noise, card_preset(config))
+    scale = sampler_settings(solver, step_scale, step_scale_below, first_noise)
     grid_options = {**grid_ends(model.schedule, scale.pop("first_noise"), last_noise), **(grid_options or {})}
     if plan is not None:  # one check for every chunk: padded states are described by their feature width
         plan.check(model, model.schedule, torch.zeros(1, 1, model.n_features), mask=torch.ones(1, 1, dtype=torch.bool))

@@ -61,7 +61,6 @@ MODEL_KEYS = (
     "properties",
     "self_condition",
 )
-CARD_EXTRAS = ("sampler", "distilled_from")  # a distilled student's sampling preset and teacher
 ZERO_INIT = ("sc_node", "sc_edge")  # the zero-initialised self-conditioning weights a warm start may lack
 
 
@@ -183,7 +182,6 @@ def model_config(module: MoleculeDiffusion) -> dict[str, Any]:
         "prop_mean": cfg["prop_mean"],
         "prop_std": cfg["prop_std"],
         "max_atoms": MAX_ATOMS,
-        **{k: cfg[k] for k in CARD_EXTRAS if k in cfg},
     }
 
 
@@ -199,8 +197,9 @@ def export_ema(module: MoleculeDiffusion, path: Path, metrics: dict | None = Non
         "hardware": f"{hardware()}, {module.trainer.precision}",
         "metrics": metrics or {},
     }
-    if cfg.get("init"):
-        provenance["init"] = cfg["init"]
+    for key in ("init", "distilled_from"):  # a warm start's checkpoint, a distilled student's teacher and pairs
+        if cfg.get(key):
+            provenance[key] = cfg[key]
     return save_checkpoint(path, module.ema.state_dict(), model_config(module), provenance=provenance)
 
 
