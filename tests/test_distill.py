@@ -67,7 +67,7 @@ def test_line_times_are_log_uniform_between_the_ends() -> None:
     assert torch.allclose(log_rho.diff(), log_rho.diff().mean().expand(100), rtol=1e-6)
 
 
-def test_pairs_are_the_teachers_own_samples_made_in_resumable_parts(tmp_path) -> None:
+def test_pairs_are_the_teachers_own_samples_made_in_resumable_parts(tmp_path, capsys) -> None:
     run = tmp_path / "student"
     made = make_pairs(run, DEFAULT_CHECKPOINT, 6, shard=3, steps=3, part=(1, 2))
     assert [p.name for p in made] == ["shard_1.pt"] and not (run / "pairs" / "shard_0.pt").exists()
@@ -87,6 +87,10 @@ def test_pairs_are_the_teachers_own_samples_made_in_resumable_parts(tmp_path) ->
     assert not pairs["z"][~mask].any() and not pairs["x0"][~mask].any()
     with pytest.raises(ValueError, match="made with"):
         make_pairs(run, DEFAULT_CHECKPOINT, 6, shard=3, steps=4)
+    # a damaged shard is named and left out; the rest still trains
+    (run / "pairs" / "shard_1.pt").write_bytes(b"not a torch file")
+    assert load_pairs(run)["z"].shape[0] == 3
+    assert "shard_1.pt" in capsys.readouterr().err
 
 
 def test_student_run_warm_starts_from_the_teacher_and_records_its_pairs(tmp_path) -> None:

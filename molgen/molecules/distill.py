@@ -45,6 +45,7 @@ from molgen.molecules.train import MODEL_KEYS, MoleculeDiffusion, fit, warm_star
 from molgen.progress import progress
 
 MANIFEST = "pairs.json"
+PAIR_KEYS = ("z", "x0", "types", "mask")
 
 
 def random_rotations(n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -74,10 +75,9 @@ def line_noise(schedule: Schedule, z: Tensor, x0: Tensor, t_a: Tensor) -> Tensor
 def line_times(u: Tensor, schedule: Schedule, first_noise: float) -> Tensor:
     """Training times from uniforms u, uniform in log(sigma/alpha) between the schedule's end and
     ``first_noise`` (where the logSNR grid puts a sampler's calls)."""
-    sched = schedule
-    lo = math.log(float(sched.rho(torch.tensor(sched.t_min, dtype=torch.float64))))
+    lo = math.log(float(schedule.rho(torch.tensor(schedule.t_min, dtype=torch.float64))))
     hi = math.log(first_noise)
-    return sched.t_of_rho(torch.exp(lo + (hi - lo) * u.double())).to(u.dtype)
+    return schedule.t_of_rho(torch.exp(lo + (hi - lo) * u.double())).to(u.dtype)
 
 
 def check_variance_preserving(model: MoleculeDenoiser) -> None:
@@ -118,25 +118,36 @@ def make_pairs(run_dir: Path, teacher: Path, n: int, *, shard: int = 1024, steps
         x0 = torch.zeros_like(z)
         types = torch.zeros(shard, width, dtype=torch.long)
         mask = torch.zeros(shard, width, dtype=torch.bool)
-        for chunk in sample_states(model, config, shard, solver="dpmpp_2m", steps=steps, seed=seed + k,
+        for chunk in sample_states(model, config, shard, solver=manifest["solver"], steps=steps, seed=seed + k,
                                    batch_size=batch_size):
             w = chunk.mask.shape[1]
             hard, kinds = harden(model, chunk.x0, chunk.mask)
             z[chunk.index, :w], x0[chunk.index, :w] = chunk.x_T, hard
             types[chunk.index, :w], mask[chunk.index, :w] = kinds, chunk.mask
         tmp = out.with_suffix(".tmp")
-        torch.save({"z": z, "x0": x0, "types": types, "mask": mask}, tmp)
+        torch.save(dict(zip(PAIR_KEYS, (z, x0, types, mask))), tmp)
         tmp.replace(out)
     return [folder / f"shard_{k}.pt" for k in mine]
 
 
 def load_pairs(run_dir: Path) -> dict[str, Tensor]:
-    """Every finished shard of ``run_dir/pairs`` concatenated."""
+    """Every finished shard of ``run_dir/pairs`` concatenated; a shard that cannot be read is named on stderr and
+    left out (delete it and rerun ``distill pairs`` to make it again)."""
     shards = sorted((run_dir / "pairs").glob("shard_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-    if not shards:
-        raise FileNotFoundError(f"no teacher pairs in {run_dir / 'pairs'}: run `distill pairs` first")
-    parts = [torch.load(p, weights_only=True) for p in shards]
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    parts = []
+    for path in shards:
+        try:
+            part = torch.load(path, weights_only=True)
+            if not isinstance(part, dict) or set(part) != set(PAIR_KEYS):
+                raise ValueError(f"holds {sorted(part) if isinstance(part, dict) else type(part).__name__}, "
+                                 f"not {list(PAIR_KEYS)}")
+        except Exception as err:  # noqa: BLE001 - any unreadable shard is skipped, by name
+            print(f"skipped teacher pairs {path}: {err}", file=sys.stderr)
+            continue
+        parts.append(part)
+    if not parts:
+        raise FileNotFoundError(f"no readable teacher pairs in {run_dir / 'pairs'}: run `distill pairs` first")
+    return {k: torch.cat([p[k] for p in parts]) for k in PAIR_KEYS}
 
 
 class PairSet(torch.utils.data.Dataset):
