@@ -28,9 +28,8 @@ from molgen.molecules.sampling import DEFAULT_CHECKPOINT, load_model, sample_mol
 METRICS = ("atom_stability", "mol_stability", "validity", "uniqueness", "novelty")
 
 
-def row(label: str, path: str, calls: int, n: int, seed: int, ref: Any) -> dict[str, Any]:
-    """EDM metrics of ``n`` molecules of the model at ``path`` with its own sampler at ``calls`` calls."""
-    model, config = load_model(path)
+def row(label: str, model: Any, config: dict[str, Any], calls: int, n: int, seed: int, ref: Any) -> dict[str, Any]:
+    """EDM metrics of ``n`` molecules of ``model`` at ``calls`` calls."""
     start = time.perf_counter()
     mols = sample_molecules(model, config, n, steps=calls, seed=seed)
     seconds = time.perf_counter() - start
@@ -82,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     if source is None:
         raise SystemExit(f"{args.student} is not a distilled student (its card names no distilled_from)")
     ref_name, ref = reference_smiles("auto")
-    rows = [row(label, path, k, args.n, args.seed, ref) for k in args.calls
-            for label, path in (("teacher", args.teacher), ("student", args.student))]
+    models = {"teacher": load_model(args.teacher), "student": load_model(args.student)}
+    rows = [row(label, *models[label], k, args.n, args.seed, ref) for k in args.calls for label in models]
     result = {"student": args.student, "student_step": card["provenance"].get("global_step"),
               "student_train_wall_s": card["provenance"].get("train_wall_s"), "teacher": args.teacher,
               "distilled_from": source, "n": args.n, "seed": args.seed, "novelty_reference": ref_name,

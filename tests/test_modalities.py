@@ -73,11 +73,11 @@ def test_every_entry_point_refuses_unknown_names(tmp_path, capsys):
 
 def test_library_defaults_are_the_default_presets():
     """The sampling functions' own defaults cannot drift from the presets the commands use."""
-    from molgen.molecules.sampling import sample_molecules
+    from molgen.molecules.sampling import sample_states  # sample_molecules takes its settings
     from molgen.sequences.sampling import generate
     from molgen.structure.sampling import FEW_STEPS, sample_ca
 
-    for fn, name in ((sample_molecules, "molecules"), (generate, "rna"), (generate, "dna")):
+    for fn, name in ((sample_states, "molecules"), (generate, "rna"), (generate, "dna")):
         params = inspect.signature(fn).parameters
         preset = get_modality(name).presets["default"]
         assert (params["solver"].default, params["steps"].default) == (preset.solver, preset.steps)

@@ -210,12 +210,15 @@ def on_lines(batch: Mapping[str, Tensor], schedule: Schedule, first_noise: float
 def handover_targets(teacher: MoleculeDenoiser, x0: Tensor, types: Tensor, mask: Tensor, eps: Tensor, t: Tensor,
                      handover: float) -> tuple[Tensor, Tensor]:
     """The student's (x0 target, type targets) at x_t = alpha_t x0 + sigma_t eps: the pair's own above
-    sigma/alpha = ``handover``, the teacher's estimate at x_t (and its argmax types) below."""
+    sigma/alpha = ``handover``, the teacher's estimate at x_t (and its argmax types) below; the teacher runs on
+    the rows below only."""
     low = teacher.schedule.rho(t.to(torch.float64)) < handover
-    c = teacher.coefficients(t)
-    own = teacher(c["alpha"] * x0 + c["sigma"] * eps, t, mask=mask)
-    return (torch.where(low.view(-1, 1, 1), own, x0),
-            torch.where(low.view(-1, 1), teacher.decode_types(own), types))
+    target, kinds = x0.clone(), types.clone()
+    if low.any():
+        c = teacher.coefficients(t[low])
+        own = teacher(c["alpha"] * x0[low] + c["sigma"] * eps[low], t[low], mask=mask[low])
+        target[low], kinds[low] = own, teacher.decode_types(own)
+    return target, kinds
 
 
 STUDENT_DEFAULTS: dict[str, Any] = {"lr": 2e-4, "warmup_steps": 100, "batch_size": 64, "ema_decay": 0.999,

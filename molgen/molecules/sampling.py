@@ -141,43 +141,12 @@ def tune_plan(model: MoleculeDenoiser, config: Mapping[str, Any], nfe: int, *, b
 
 
 @torch.no_grad()
-def sample_molecules(
-    model: MoleculeDenoiser,
-    config: Mapping[str, Any],
-    n: int,
-    *,
-    solver: str = "dpmpp_2m",
-    steps: int = 10,
-    seed: int = 0,
-    atoms: int | Sequence[int] | None = None,
-    condition: Mapping[str, float] | None = None,
-    guidance: float = 1.0,
-    batch_size: int | str = 256,
-    grid: str = "logsnr",
-    grid_options: Mapping[str, Any] | None = None,
-    solver_options: Mapping[str, Any] | None = None,
-    step_scale: float | None = None,
-    step_scale_below: float | None = None,
-    first_noise: float | None = None,
-    last_noise: float | None = None,
-    device: str | torch.device = "cpu",
-    plan: TunedPlan | None = None,
-) -> list[Molecule]:
-    """Generate ``n`` molecules. Atom counts: ``atoms`` (one int for all, or one per molecule) or drawn from
-    the training histogram. Same seed -> same molecules (on the same device and batch size). ``batch_size="auto"``:
-    the largest batch of the widest molecules that fits the device (``molgen.batching``). ODE solvers integrate AF3's
-    step-scaled ODE below sigma/alpha = ``step_scale_below`` (``molgen.diffusion.step_scale``). The grid runs from
-    sigma/alpha = ``first_noise`` (Angstrom; inf: the schedule's start) to ``last_noise`` (default: the schedule's
-    end), with the schedule's prior N(0, prior_std^2) at its start, carried to the first call along the flow of
-    unit-variance Gaussian data (the identity on VP schedules); t_max / t_min in ``grid_options`` take
-    precedence. Defaults: ``sampler_settings``. A ``plan`` (``tune_plan``, fitted on this model) replaces the
-    solver, grid and step scale."""
+def sample_molecules(model: MoleculeDenoiser, config: Mapping[str, Any], n: int, **settings: Any) -> list[Molecule]:
+    """Generate ``n`` molecules with the sampling ``settings`` of ``sample_states`` (solver, steps, seed, atom
+    counts, condition, grid, step scale, plan, ...), decoded in the order they were asked for."""
     out: list[Molecule | None] = [None] * n
-    for chunk in sample_states(model, config, n, solver=solver, steps=steps, seed=seed, atoms=atoms,
-                               condition=condition, guidance=guidance, batch_size=batch_size, grid=grid,
-                               grid_options=grid_options, solver_options=solver_options, step_scale=step_scale,
-                               step_scale_below=step_scale_below, first_noise=first_noise, last_noise=last_noise,
-                               device=device, plan=plan):
+    seed = settings.get("seed", 0)
+    for chunk in sample_states(model, config, n, **settings):
         names = [f"molgen_{seed}_{idx}" for idx in chunk.index.tolist()]
         for idx, mol in zip(chunk.index.tolist(), decode_molecules(model, chunk.x0, chunk.mask, names)):
             out[idx] = mol
@@ -218,8 +187,18 @@ def sample_states(
     device: str | torch.device = "cpu",
     plan: TunedPlan | None = None,
 ) -> Iterator[StateChunk]:
-    """``sample_molecules``' run as states, one size-sorted batch at a time, before decoding (the noise with
-    its denoised state: teacher pairs for ``molgen.molecules.distill``)."""
+    """A sampling run of ``n`` molecules as states, one size-sorted batch at a time, before decoding (each noise
+    with its denoised state; ``sample_molecules`` decodes them, ``molgen.molecules.distill`` keeps the pairs).
+
+    Atom counts: ``atoms`` (one int for all, or one per molecule) or drawn from the training histogram. Same seed
+    -> same molecules (on the same device and batch size). ``batch_size="auto"``: the largest batch of the widest
+    molecules that fits the device (``molgen.batching``). ODE solvers integrate AF3's step-scaled ODE below
+    sigma/alpha = ``step_scale_below`` (``molgen.diffusion.step_scale``). The grid runs from sigma/alpha =
+    ``first_noise`` (Angstrom; inf: the schedule's start) to ``last_noise`` (default: the schedule's end), with
+    the schedule's prior N(0, prior_std^2) at its start, carried to the first call along the flow of
+    unit-variance Gaussian data (the identity on VP schedules); t_max / t_min in ``grid_options`` take
+    precedence. Defaults: ``sampler_settings``. A ``plan`` (``tune_plan``, fitted on this model) replaces the
+    solver, grid and step scale."""
     device = torch.device(device)
     model = model.to(device)
     if n < 1:
