@@ -2,8 +2,9 @@
 ``finetune: {method: grpo}`` (on-policy, fresh reward calls), with guidance given the weighted fine-tuning's
 model calls instead (more candidates, equal total calls) and unguided, over several seeds.
 
-Per variant and seed: the mean and best score of each round's new designs, each round's mean naturalness and
-the campaign's total model calls (fine-tuning's included).
+Per variant and seed: the mean and best score of each round's new designs, each round's mean naturalness,
+the campaign's total model calls (fine-tuning's included) and reward calls (the designs sent to the rewards,
+guidance's look-ahead included; each distinct design once).
 
     python benchmarks/campaigns.py --config examples/campaign_rna.yaml --seeds 0 1 --json OUT.json
     python benchmarks/campaigns.py --config examples/campaign_dna_jaspar.yaml --seeds 0 1 --json OUT.json
@@ -37,7 +38,7 @@ def run(values: dict[str, Any], folder: Path) -> dict[str, Any]:
                   "naturalness": float(part["naturalness"].mean())}
                  for r, part in frame.groupby("round")]
     out = {"rounds": per_round, "model_calls": int(rounds["model_calls"].sum()),
-           "seconds": round(time.perf_counter() - t0, 1)}
+           "reward_calls": max(r.stats.samples for r in c.rewards), "seconds": round(time.perf_counter() - t0, 1)}
     c.close()
     return out
 
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"variant": name, "seed": seed, **got,
                              "guidance": values.get("guidance"), "finetune": values.get("finetune")})
                 means = " ".join(f"{r['mean_score']:.3f}" for r in got["rounds"])
-                print(f"seed {seed} {name}: mean score per round {means}; {got['model_calls']} calls", flush=True)
+                print(f"seed {seed} {name}: mean score per round {means}; {got['model_calls']} model calls, "
+                      f"{got['reward_calls']} reward calls", flush=True)
     summary = {}
     for name in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == name]
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
         summary[name] = {"mean_score_per_round": per_round("mean_score"),
                          "naturalness_per_round": per_round("naturalness"),
-                         "model_calls": int(np.mean([r["model_calls"] for r in mine]))}
+                         "model_calls": int(np.mean([r["model_calls"] for r in mine])),
+                         "reward_calls": int(np.mean([r["reward_calls"] for r in mine]))}
     out = {"title": f"Campaign rounds that learn: {args.config}", "config": str(args.config), "seeds": args.seeds,
            "summary": summary, "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -153,12 +153,15 @@ def run_campaign(args: argparse.Namespace, method: str, work: Path, prior: Path)
             "n_per_round": args.per_round, "length": args.length, "sampler": {"steps": args.steps},
             "rewards": [{"name": "ehrlich", "spec": f"python:{oracle}:score"}],
             "selection": {"rule": "top_k", "k": args.keep, "min_distance": args.min_distance},
-            "refine": {"fraction": args.refine_fraction, "t": args.refine_t}, **CAMPAIGNS[method]}
+            "refine": {"fraction": args.refine_fraction,
+                       "t": args.refine_t[0] if len(args.refine_t) == 1 else args.refine_t}, **CAMPAIGNS[method]}
     if base.get("finetune") == "grpo":  # on-policy: its rollouts' oracle calls count in the trace
         base["finetune"] = {"method": "grpo", "kl_bound": args.kl_bound}
     elif base.get("finetune"):
         base["finetune"] = {"kl_bound": args.kl_bound, "steps": args.finetune_steps}
-    rounds = math.ceil(args.oracle_calls / args.per_round)  # an upper bound: every design costs a call
+    # a design drawn again costs no call (the campaign remembers its score): rounds go on until the budget is
+    # spent, at most four times as many as if every design were new
+    rounds = 4 * math.ceil(args.oracle_calls / args.per_round)
     campaign = Campaign(CampaignConfig.from_mapping({**base, "rounds": rounds}, method), folder / "campaign",
                         overwrite=True)
     with torch.no_grad():
@@ -224,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", type=int, default=16, help="campaign selection size")
     p.add_argument("--steps", type=int, default=16, help="campaign sampler steps")
     p.add_argument("--refine-fraction", type=float, default=0.9, help="share of a round refining the selection")
-    p.add_argument("--refine-t", type=float, default=0.15, help="refinement noise level (share of letters re-masked)")
+    p.add_argument("--refine-t", type=float, nargs="+", default=[0.15],
+                   help="refinement noise level (share of letters re-masked); several: a ladder")
     p.add_argument("--min-distance", type=float, default=None, help="campaign selection's diversity filter")
     p.add_argument("--kl-bound", type=float, default=1.0, help="fine-tuning's KL bound (nats per masked letter)")
     p.add_argument("--finetune-steps", type=int, default=16, help="fine-tuning steps per round")

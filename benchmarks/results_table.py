@@ -304,8 +304,10 @@ def _campaigns(raw: dict) -> dict:
     rounds = len(next(iter(raw["summary"].values()))["mean_score_per_round"])
     cols = [["variant", "variant", ""], *[[f"r{k + 1}", f"round {k + 1} mean score", ".3f"] for k in range(rounds)],
             ["model_calls", "model calls", ".0f"], ["naturalness", "naturalness (rounds 1..last)", ""]]
+    if all("reward_calls" in s for s in raw["summary"].values()):
+        cols.insert(-1, ["reward_calls", "reward calls", ".0f"])
     rows = [{"variant": name, **{f"r{k + 1}": v for k, v in enumerate(s["mean_score_per_round"])},
-             "model_calls": s["model_calls"],
+             "model_calls": s["model_calls"], "reward_calls": s.get("reward_calls"),
              "naturalness": f"{s['naturalness_per_round'][0]:.3f} .. {s['naturalness_per_round'][-1]:.3f}"}
             for name, s in raw["summary"].items()]
     return {"columns": cols, "rows": rows}

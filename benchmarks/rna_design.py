@@ -13,8 +13,9 @@ Methods: ``uncond_svdd`` (the unconditional RNA model with SVDD over plain token
 ``cond_refine`` (the default of ``molgen design rna``), ``cond_svdd``, ``cond_fk`` and ``inverse_fold``
 (random starts, restarted until solved or out of time). Each row: solve rate (with its standard error), median
 best base-pair distance, target probability and ensemble defect of each target's best design, median seconds
-and model calls, and the targets proved undesignable (an isolated pair no sequence holds in its MFE structure:
-``molgen.sequences.structure.lone_pair_proofs``) with the solve rate over the rest.
+and model calls, and the targets proved undesignable (a short helix, an isolated pair among them, that no
+sequence holds in its MFE structure: ``molgen.sequences.structure.helix_proofs``) with the solve rate over the
+rest.
 Diversity: ``--diversity`` targets of <= 60 nt designed four times each; mean pairwise Hamming fraction of the
 solved designs.
 
@@ -98,7 +99,7 @@ def run_one(job: tuple[str, str, str, float, int, int]) -> dict[str, Any]:
             "n_solved": s["n_solved"], "bp_distance": best.bp_distance,
             "target_probability": best.target_probability, "ensemble_defect": best.ensemble_defect,
             "seconds": s["seconds"], "model_calls": s["model_calls"], "folding_calls": s["folding_calls"],
-            "undesignable": bool(s["undesignable_pairs"]),
+            "undesignable": bool(s["undesignable_helices"]),
             "sequences": [d.sequence for d in res.designs if d.bp_distance == 0]}
 
 

@@ -109,6 +109,9 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
         (tiny(n_per_round="many"), "n_per_round"),
         (tiny(rounds=0), "rounds"),
         (tiny(refine={"t": 0.0}), "refine.t"),
+        (tiny(refine={"t": [0.1, 1.5]}), "refine.t"),
+        (tiny(refine={"t": [0.1, "big"]}), "refine.t"),
+        (tiny(refine={"t": []}), "refine.t"),
         (tiny(rewards=[{"name": "q", "spec": "qed"}]), "rewards[0].spec"),  # a molecule reward for RNA
         (tiny(guidance={"method": "svdd", "lam": float("inf")}), "guidance.lam"),
         (tiny(modality="dna", rewards=[{"name": "g", "spec": "gc"}], refine={"fraction": 0.5, "t": 0.5}), None),
@@ -251,6 +254,25 @@ def test_refinement_keeps_every_unmasked_token():
         assert torch.equal(child[~masked], x0[~masked])
         assert not (child == pre.process.mask_id).any()
     assert fractions[0] < fractions[1]  # about 1 - alpha(t) = t of the tokens are re-masked
+
+
+def test_a_ladder_of_refinement_levels_deals_every_parent_small_and_large_moves():
+    cfg = CampaignConfig.from_mapping(tiny(refine={"fraction": 1.0, "t": [0.1, 1.0]}, guidance={"method": "unguided"}))
+    assert cfg.refine.levels == (0.1, 1.0) and CampaignConfig.from_mapping(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    parents = [(f"p{i}", Design(sequence=s)) for i, s in enumerate(["GGGGAAACCCCA", "ACGUACGUACGU", "GCGCGCAUAUAU"])]
+    gen = RoundGenerator(cfg)
+    out = gen.generate(12, 0, _reward(), parents)
+    by = {pid: d.sequence for pid, d in parents}
+    moved = [sum(a != b for a, b in zip(d.sequence, by[d.parent])) for d in out.designs]
+    small, large = moved[:6], moved[6:]  # the first level's refinements come first, then the second's
+    assert sorted(d.parent for d in out.designs[:6]) == sorted(d.parent for d in out.designs[6:])  # every parent
+    assert np.mean(small) < 3 < np.mean(large)  # ~10 % re-masked against a fresh draw (~75 % differ)
+
+
+def _reward():
+    from molgen.guidance.rewards import parse_reward
+
+    return parse_reward("rna_mfe")
 
 
 def test_cli_run_status_report(tmp_path, capsys):

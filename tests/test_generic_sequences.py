@@ -121,20 +121,22 @@ def test_campaign_over_a_user_alphabet_with_finetuning(prior, tmp_path):
     assert torch.isfinite(torch.tensor(frame["naturalness"].to_numpy())).all()
 
 
-@pytest.mark.parametrize("guidance, calls_per_round", [({"method": "unguided"}, 8),
-                                                       ({"method": "svdd_mc", "candidates": 3}, 8)])
-def test_the_oracle_is_asked_once_per_design(prior, tmp_path, guidance, calls_per_round):
-    """A single reward is scored by the guidance run and reused; svdd_mc's surrogate asks it nothing more."""
-    log = tmp_path / "calls.txt"
+@pytest.mark.parametrize("guidance", [{"method": "unguided"}, {"method": "svdd_mc", "candidates": 3}])
+def test_the_oracle_is_asked_once_per_distinct_design(prior, tmp_path, guidance):
+    """A single reward is scored by the guidance run and reused, svdd_mc's surrogate asks it nothing more, and a
+    design drawn again (refinements on a 12-letter alphabet repeat) is never sent twice, not after a resume either."""
+    log = tmp_path / "asked.txt"
     oracle = tmp_path / "oracle.py"
-    oracle.write_text(f"def score(seqs):\n    open({str(log)!r}, 'a').write(f'{{len(seqs)}}\\n')\n"
+    oracle.write_text(f"def score(seqs):\n    open({str(log)!r}, 'a').write(''.join(s + '\\n' for s in seqs))\n"
                       "    return [s.count('a') / len(s) for s in seqs]\n")
-    cfg = CampaignConfig.from_mapping({"modality": "sequences", "checkpoint": str(prior), "rounds": 3,
-                                       "n_per_round": 8, "length": 12, "selection": {"k": 4}, "guidance": guidance,
-                                       "rewards": [{"name": "a", "spec": f"python:{oracle}:score"}]})
-    c = Campaign(cfg, tmp_path / "c").run()
-    assert sum(int(n) for n in log.read_text().split()) == 3 * calls_per_round
-    frame = c.samples_frame()
+    base = {"modality": "sequences", "checkpoint": str(prior), "n_per_round": 8, "length": 4,
+            "selection": {"k": 2}, "refine": {"fraction": 1.0, "t": 0.3}, "guidance": guidance,
+            "rewards": [{"name": "a", "spec": f"python:{oracle}:score"}]}
+    Campaign(CampaignConfig.from_mapping({**base, "rounds": 2}), tmp_path / "c").run()
+    c = Campaign(CampaignConfig.from_mapping({**base, "rounds": 4}), tmp_path / "c").run()  # resumed
+    asked, frame = log.read_text().split(), c.samples_frame()
+    assert len(frame) == 32 and frame["sequence"].nunique() < 32  # the folder holds repeats...
+    assert sorted(asked) == sorted(set(frame["sequence"]))  # ...each asked once
     expect = [s.count("a") / len(s) for s in frame["sequence"]]
     assert frame["a"].tolist() == pytest.approx(expect) and frame["score"].tolist() == pytest.approx(expect)
 

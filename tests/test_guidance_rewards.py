@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import time
 from dataclasses import dataclass
 
@@ -100,6 +101,28 @@ def test_process_pool_timeout_and_failures_are_per_sample():
     assert out.tolist() == [1.5, -9.0, -9.0, 2.0]
     assert reward.stats.timeouts == 1 and reward.stats.failures == 1 and reward.stats.samples == 4
     assert isinstance(out, torch.Tensor) and out.dtype == torch.float64
+
+
+@dataclass
+class Counting(Reward):
+    """float(sample), 'x' raises; every sample it is asked about is listed in ``asked``."""
+
+    asked: list = None
+
+    def score_one(self, sample):
+        self.asked = (self.asked or []) + [sample]
+        if sample == "x":
+            raise RuntimeError("bad sample")
+        return float(sample)
+
+
+def test_a_remembering_reward_asks_once_per_distinct_sample():
+    reward = Counting(name="counting", penalty=-9.0).remember({"7": 70.0})
+    assert reward(["1", "2", "1", "x", "7"]).tolist() == [1.0, 2.0, 1.0, -9.0, 70.0]
+    assert reward(["2", "3", "x"]).tolist() == [2.0, 3.0, -9.0]
+    assert reward.asked == ["1", "2", "x", "3"] and reward.stats.samples == 4 and reward.stats.failures == 1
+    assert reward(torch.tensor([5.0])).tolist() == [5.0]  # no strings: scored as before
+    assert pickle.loads(pickle.dumps(reward)).memory is None  # a pool worker scores what it is sent
 
 
 def test_weighted_sum_of_rewards():

@@ -30,7 +30,7 @@ from molgen.sequences.structure import (
     dot_bracket,
     ensemble,
     fold,
-    lone_pair_proofs,
+    helix_proofs,
     parse_dot_bracket,
     random_structure,
     sharp_hairpins,
@@ -38,7 +38,7 @@ from molgen.sequences.structure import (
 )
 
 HAIRPIN = "((((((....))))))"
-LONE_PAIR = "(((((((((((...).)))))).))))"  # a held-out target no sequence solves: pair 11-15 (lone_pair_proofs)
+LONE_PAIR = "(((((((((((...).)))))).))))"  # a held-out target no sequence solves: pair 11-15 (helix_proofs)
 TWO_ARMS = "..((((((....))))))...((((((....))))))..."
 
 
@@ -256,35 +256,46 @@ def test_read_targets_names_the_bad_one_and_keeps_the_rest(tmp_path):
     assert got[3].name == "target_4"
 
 
-def test_an_isolated_pair_no_sequence_folds_into_is_proved_and_a_folded_one_never_is():
+LONG_LOOP = ".((" + "." * 50 + "))."  # a held-out bpRNA target: two stacked pairs cannot pay for a 50-nt hairpin
+
+
+@pytest.mark.parametrize("structure, outermost, pairs", [(LONE_PAIR, (10, 14), 1), (LONG_LOOP, (1, 54), 2)])
+def test_a_helix_no_sequence_folds_into_is_proved(structure, outermost, pairs):
     import RNA as vienna
 
-    (proof,) = lone_pair_proofs(LONE_PAIR)
-    assert (proof.i, proof.j) == (10, 14) and proof.gap > 0
-    without = LONE_PAIR[:10] + "." + LONE_PAIR[11:14] + "." + LONE_PAIR[15:]
+    (proof,) = helix_proofs(structure)
+    assert (proof.i, proof.j) == outermost and proof.pairs == pairs and proof.gap > 0
+    without = list(structure)
+    for k in range(pairs):
+        without[proof.i + k] = without[proof.j - k] = "."
 
     def gap(seq: str) -> float:
         fc = vienna.fold_compound(seq)
-        return fc.eval_structure(LONE_PAIR) - fc.eval_structure(without)
+        return fc.eval_structure(structure) - fc.eval_structure("".join(without))
 
     assert gap(proof.witness) == pytest.approx(proof.gap, abs=0.01)  # the minimum is attained
     rng = random.Random(0)
     for _ in range(300):  # and no sequence with the target's pairs gets below it, whatever its other letters
-        seq = [rng.choice(RNA.letters) for _ in LONE_PAIR]
-        for i, j in enumerate(parse_dot_bracket(LONE_PAIR)):
+        seq = [rng.choice(RNA.letters) for _ in structure]
+        for i, j in enumerate(parse_dot_bracket(structure)):
             if j > i:
                 seq[i], seq[j] = rng.choice(PAIRS)
         assert gap("".join(seq)) >= proof.gap - 1e-4
-    # the MFE structure of any sequence is designable (by that sequence): never "proved" otherwise
-    isolated = 0
+    res = design_rna(structure, budget=Budget(seconds=None, calls=200), seed=0)
+    assert not res.solved and res.summary()["undesignable_helices"] == [
+        {"i": outermost[0] + 1, "j": outermost[1] + 1, "pairs": pairs, "energy_gap": proof.gap}]
+
+
+def test_a_folded_structure_is_never_proved_undesignable():
+    """The MFE structure of any sequence is designable (by that sequence)."""
+    rng = random.Random(0)
+    short = 0
     for _ in range(30):
         structure = fold("".join(rng.choice(RNA.letters) for _ in range(rng.randint(30, 60))))[0]
         p = parse_dot_bracket(structure)
-        isolated += any(j > i and p[i - 1] != j + 1 and p[i + 1] != j - 1 for i, j in enumerate(p))
-        assert lone_pair_proofs(structure) == []
-    assert isolated >= 3  # the check was put to the test
-    res = design_rna(LONE_PAIR, budget=Budget(seconds=None, calls=200), seed=0)
-    assert not res.solved and res.summary()["undesignable_pairs"] == [{"i": 11, "j": 15, "energy_gap": proof.gap}]
+        short += any(j > i and p[i - 1] != j + 1 and p[i + 2] != j - 2 for i, j in enumerate(p))  # <= 2 pairs
+        assert helix_proofs(structure) == []
+    assert short >= 3  # the check was put to the test
 
 
 def test_design_with_the_shipped_model_solves_small_targets():

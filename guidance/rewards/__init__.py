@@ -21,7 +21,7 @@ import concurrent.futures as cf
 import functools
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +97,7 @@ class Reward:
     timeout: float | None = None
     differentiable: bool = False
     stats: RewardStats = field(default_factory=RewardStats, init=False, repr=False)
+    memory: dict[str, float] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.nan not in NAN_POLICIES:
@@ -125,6 +126,8 @@ class Reward:
 
     # ---- the interface ------------------------------------------------------------------------------------
     def __call__(self, samples: Any) -> Tensor:
+        if self.memory is not None and all(isinstance(s, str) for s in samples):
+            return self._recalled(list(samples))
         n = len(samples)
         self.stats.batches += 1
         self.stats.samples += n
@@ -137,6 +140,13 @@ class Reward:
             out = torch.cat([self._batch_one(samples[i : i + 1]) for i in range(n)])
         return self._finite(out, n)
 
+    def remember(self, known: Mapping[str, float] | None = None) -> Reward:
+        """Ask this reward once per distinct sample from now on: a string sample (a sequence, a SMILES) scored
+        before, or listed in ``known``, gets its earlier value without a call. Right for rewards that are functions
+        of their input (an expensive oracle is not asked twice); other batches are scored as before."""
+        self.memory = dict(known or {})
+        return self
+
     def reset(self) -> None:
         self.stats = RewardStats()
 
@@ -148,9 +158,21 @@ class Reward:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_pool"] = None
+        state["memory"] = None  # a worker scores what it is sent
         return state
 
     # ---- internals ----------------------------------------------------------------------------------------
+    def _recalled(self, samples: list[str]) -> Tensor:
+        assert self.memory is not None
+        new = list(dict.fromkeys(s for s in samples if s not in self.memory))
+        if new:
+            memory, self.memory = self.memory, None  # score the new samples the usual way
+            try:
+                memory.update(zip(new, self(new).tolist()))
+            finally:
+                self.memory = memory
+        return torch.tensor([self.memory[s] for s in samples], dtype=torch.float64)
+
     def _finite(self, out: Tensor, n: int) -> Tensor:
         if not isinstance(out, Tensor) or out.shape[:1] != (n,) or out.ndim != 1:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__

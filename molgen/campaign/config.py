@@ -18,6 +18,7 @@
                                        # far steers SVDD (no reward calls while sampling); round 1 unguided
     selection: {rule: top_k, k: 16, min_distance: 0.3}   # top_k | pareto; objectives: rewards | rewards+naturalness
     refine: {fraction: 0.5, t: 0.5}    # rounds >= 2: this share of n refines the selection, re-noised to t
+                                       # (a list of times, e.g. [0.05, 0.15, 0.4]: dealt over the levels)
     finetune: {}                       # before each round >= 2, fine-tune an adapter on every design scored
                                        # so far (molgen.finetune; {} = defaults, null/absent = off);
                                        # {method: grpo}: on-policy GRPO with fresh reward calls instead
@@ -95,10 +96,15 @@ class SelectionSpec:
 class RefineSpec:
     """SDEdit-style refinement: in rounds >= 2, ``fraction`` of ``n_per_round`` designs start from the
     previous selection noised to time ``t`` (masked diffusion: each token masked with probability 1 - alpha(t);
-    continuous: x_t = alpha(t) x0 + sigma(t) eps) and are denoised from there."""
+    continuous: x_t = alpha(t) x0 + sigma(t) eps) and are denoised from there. A list of times is a ladder:
+    the refinements are dealt over its levels in turn, small moves and large ones in every round."""
 
     fraction: float = 0.0
-    t: float = 0.5
+    t: float | tuple[float, ...] = 0.5
+
+    @property
+    def levels(self) -> tuple[float, ...]:
+        return self.t if isinstance(self.t, tuple) else (self.t,)
 
 
 @dataclass(frozen=True)
@@ -246,7 +252,7 @@ def _build(cls: type, values: Any, where: str, prefix: str) -> Any:
 
 
 def _typed(f: dataclasses.Field, value: Any, where: str, key: str) -> Any:
-    """Check a scalar against the field's annotation (str, int, float, or one of them | None)."""
+    """Check a value against the field's annotation (str, int, float, a list of floats, or one of them | None)."""
     kinds = str(f.type).replace(" ", "").split("|")
     if value is None:
         if "None" in kinds:
@@ -258,6 +264,9 @@ def _typed(f: dataclasses.Field, value: Any, where: str, key: str) -> Any:
         return float(value)
     if "str" in kinds and isinstance(value, str):
         return value
+    if "tuple[float,...]" in kinds and isinstance(value, list) and value and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+        return tuple(float(v) for v in value)
     want = " or ".join(k for k in kinds if k != "None")
     raise ValueError(f"{where}: {key} must be {want}, got {value!r}")
 
@@ -302,8 +311,8 @@ def validate(cfg: CampaignConfig) -> None:
     ref = cfg.refine
     if not 0 <= ref.fraction <= 1:
         raise ValueError(f"refine.fraction must be in [0, 1], got {ref.fraction}")
-    if not 0 < ref.t <= 1:
-        raise ValueError(f"refine.t must be in (0, 1], got {ref.t}")
+    if not all(0 < t <= 1 for t in ref.levels):
+        raise ValueError(f"refine.t must be in (0, 1] (or a list of such times), got {ref.t}")
     if cfg.finetune is not None:
         _check_finetune(cfg.finetune)
 

@@ -60,8 +60,9 @@ class RoundGenerator:
 
     def generate(self, n: int, seed: int, reward: Any, parents: Sequence[tuple[str, Design]],
                  value: Any = None) -> RoundOutput:
-        """``n`` designs: ``refine.fraction`` of them (when there are parents) refine the parents in turn;
-        ``value``: SVDD-MC's value hook (``svdd_mc`` without one draws unguided)."""
+        """``n`` designs: ``refine.fraction`` of them (when there are parents) refine the parents in turn, the
+        i-th at the ladder's level i mod (number of levels); ``value``: SVDD-MC's value hook (``svdd_mc``
+        without one draws unguided)."""
         parents = [p for p in parents if self.modality.refinable(p[1])]
         n_refine = round(self.cfg.refine.fraction * n) if parents else 0
         designs: list[Design] = []
@@ -72,10 +73,12 @@ class RoundGenerator:
             designs += self.modality.designs(self.problem, res)
             rewards.append(res.rewards.double().cpu())
             calls += res.model_calls
-        if n_refine:
-            picked = [parents[i % len(parents)] for i in range(n_refine)]
-            problem = self.refine_problem([d for _, d in picked])
-            res = self._guide(problem, reward, n_refine, seed + 1, value)
+        levels = self.cfg.refine.levels
+        for k, t in enumerate(levels):
+            picked = [parents[i % len(parents)] for i in range(k, n_refine, len(levels))]
+            if not picked:
+                continue
+            res = self._guide(self.refine_problem([d for _, d in picked], t), reward, len(picked), seed + 1 + k, value)
             for d, (pid, _) in zip(self.modality.designs(self.problem, res), picked):
                 designs.append(dataclasses.replace(d, parent=pid, origin="refine"))
             rewards.append(res.rewards.double().cpu())
@@ -90,11 +93,10 @@ class RoundGenerator:
         return guide(problem, method, reward, n, candidates=g.candidates, particles=g.particles, alpha=g.alpha,
                      lam=g.lam, potential=g.potential, dps_scale=g.scale, value=value, seed=seed)
 
-    def refine_problem(self, parents: Sequence[Design]) -> Any:
-        """The problem whose sampler starts at t = refine.t and whose prior is the parents noised to t."""
+    def refine_problem(self, parents: Sequence[Design], t: float) -> Any:
+        """The problem whose sampler starts at time ``t`` and whose prior is the parents noised to t."""
         from molgen.guidance.tasks import Draw
 
-        t = self.cfg.refine.t
         x0, mask = self.modality.encode(self.problem, parents)
 
         def draw(outputs: int, per: int, g: torch.Generator) -> list[Draw]:

@@ -11,7 +11,9 @@ and, when ``refine.fraction > 0``, re-noises part of the selection of round r - 
 sum_k w_k r_k; the guidance methods steer toward that weighted sum. Selection ranks the whole portfolio:
 ``top_k`` by score, ``pareto`` by non-dominated front over the reward columns (and naturalness when asked),
 score breaking ties; ``min_distance`` then drops designs too close to a better one already kept.
-Everything goes into the SQL store; re-running continues after the last finished round.
+Everything goes into the SQL store; re-running continues after the last finished round. Each reward is asked
+once per distinct design (``Reward.remember``, seeded from the store on resume): a design drawn again gets its
+earlier value, so an expensive oracle is never called twice on one sequence or SMILES.
 
 With ``finetune`` set, round r >= 2 is drawn (guidance on top) from the campaign's model with a low-rank
 adapter fine-tuned on every design of rounds < r and its score, or (``method: grpo``) by GRPO on fresh scored
@@ -127,7 +129,9 @@ class Campaign:
         from molgen.guidance.rewards import parse_reward
 
         if self._rewards is None:
-            self._rewards = [parse_reward(r.spec) for r in self.config.rewards]
+            frame, payload = self.samples_frame(), self.modality.payload
+            self._rewards = [parse_reward(r.spec).remember(_known(frame, payload, r.name))
+                             for r in self.config.rewards]
         return self._rewards
 
     def guide_reward(self) -> Any:
@@ -344,6 +348,13 @@ def design_of(row: pd.Series) -> Design:
     return Design(sequence=text("sequence"), smiles=text("smiles"), structure=text("structure"),
                   parent=text("parent"), origin=str(row.get("origin", "sample")),
                   naturalness=float(row.get("naturalness", np.nan)))
+
+
+def _known(frame: pd.DataFrame, payload: str | None, reward: str) -> dict[str, float]:
+    """``reward``'s finite values of the stored designs by payload (a sequence, a SMILES); none without one."""
+    if payload is None or not len(frame):
+        return {}
+    return {k: float(v) for k, v in zip(frame[payload], frame[reward]) if isinstance(k, str) and np.isfinite(v)}
 
 
 def _new_frame(samples: list[dict[str, Any]], values: dict[str, np.ndarray]) -> pd.DataFrame:

@@ -364,7 +364,7 @@ def fit(module: L.LightningModule, loader: ResumableLoader, run_dir: Path, args:
     if last.exists() and (done := legacy_batches_done(last)) and done < len(loader.batch_sampler):
         loader.batch_sampler.load_state_dict({"served": done})
     trainer.fit(module, loader, ckpt_path=str(last) if last.exists() else None, weights_only=True)
-    trainer.save_checkpoint(last)
+    trainer.save_checkpoint(last, weights_only=False)  # the full state: a rerun resumes it
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -361,9 +361,10 @@ def run_design(args: argparse.Namespace) -> int:
         summary = result.summary()
         summaries.append(summary)
         for proof in result.undesignable:
-            print(f"{target.name}: undesignable: the isolated pair {proof.i + 1}-{proof.j + 1} is in no sequence's "
-                  f"MFE structure (every sequence folds at least {proof.gap:g} kcal/mol lower without it)",
-                  file=sys.stderr)
+            helix = (f"the isolated pair {proof.i + 1}-{proof.j + 1}" if proof.pairs == 1 else
+                     f"the helix of {proof.pairs} pairs from {proof.i + 1}-{proof.j + 1}")
+            print(f"{target.name}: undesignable: {helix} is in no sequence's MFE structure (every sequence folds "
+                  f"at least {proof.gap:g} kcal/mol lower without it)", file=sys.stderr)
         records += [Record(f"{target.name}_{k} bp_distance={d.bp_distance} p_target={d.target_probability:.3g} "
                            f"ensemble_defect={d.ensemble_defect:.3g}", d.sequence)
                     for k, d in enumerate(result.designs)]

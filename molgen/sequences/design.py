@@ -22,9 +22,9 @@ calls) is spent:
   baseline), each restart in a child process stopped at the deadline.
 
 Each design is reported with its MFE structure, base-pair distance, target probability and ensemble defect
-(``molgen.sequences.structure.ensemble``). Before the budget starts, each target is checked for isolated pairs
-that no sequence can hold in its MFE structure (``lone_pair_proofs``); such a target is reported undesignable,
-and the search still returns the closest designs it finds.
+(``molgen.sequences.structure.ensemble``). Before the budget starts, each target is checked for short helices
+(isolated pairs among them) that no sequence can hold in its MFE structure (``helix_proofs``); such a target is
+reported undesignable, and the search still returns the closest designs it finds.
 """
 
 from __future__ import annotations
@@ -44,12 +44,12 @@ from molgen.diffusion.discrete import DiscreteSampler, gumbel_argmax, pair_token
 from molgen.errors import InputError
 from molgen.sequences.alphabets import RNA
 from molgen.sequences.structure import (
-    LonePairProof,
+    HelixProof,
     allowed_pairs,
     bp_distance,
     ensemble,
     fold,
-    lone_pair_proofs,
+    helix_proofs,
     parse_dot_bracket,
 )
 
@@ -131,15 +131,15 @@ class TargetResult:
     model_calls: int
     folding_calls: int | None  # None for inverse_fold: its folds happen inside ViennaRNA
     seconds: float
-    undesignable: list[LonePairProof] = field(default_factory=list)  # proofs that no sequence can solve it
+    undesignable: list[HelixProof] = field(default_factory=list)  # proofs that no sequence can solve it
 
     @property
     def solved(self) -> bool:
         return any(d.bp_distance == 0 for d in self.designs)
 
     def summary(self) -> dict[str, Any]:
-        """The JSON record: ``solved``, ``undesignable_pairs`` (1-based isolated pairs no sequence can hold in
-        its MFE structure, with the least energy gap in kcal/mol: ``lone_pair_proofs``), ``bp_distance`` /
+        """The JSON record: ``solved``, ``undesignable_helices`` (helices no sequence can hold in its MFE structure:
+        1-based outermost pair, pairs, least energy gap in kcal/mol; ``helix_proofs``), ``bp_distance`` /
         ``target_probability`` / ``ensemble_defect`` (best and median over the designs), costs, and the designs'
         diversity (mean pairwise Hamming fraction)."""
         def best_median(key: str, best: Any) -> dict[str, float]:
@@ -160,7 +160,8 @@ class TargetResult:
             "folding_calls": self.folding_calls,
             "seconds": round(self.seconds, 3),
             "diversity": diversity([d.sequence for d in self.designs]),
-            "undesignable_pairs": [{"i": p.i + 1, "j": p.j + 1, "energy_gap": p.gap} for p in self.undesignable],
+            "undesignable_helices": [{"i": p.i + 1, "j": p.j + 1, "pairs": p.pairs, "energy_gap": p.gap}
+                                     for p in self.undesignable],
             "designs": [asdict(d) for d in self.designs],
         }
 
@@ -452,7 +453,7 @@ def design_rna(
     if method == "inverse_fold" and budget.seconds is None:
         raise ValueError("inverse_fold makes no model calls: give it a budget in --seconds")
     pre = None if method == "inverse_fold" else model if model is not None else load_design_model()
-    proofs = lone_pair_proofs(target.structure)
+    proofs = helix_proofs(target.structure)
     counter = Counter()  # the budget starts after the model is loaded and the target is checked
     if pre is None:
         seqs = _inverse_fold(target, n, budget, counter, seed)

@@ -130,13 +130,15 @@ def wrong_positions(structure: str, target: str) -> list[int]:
 
 
 @dataclass(frozen=True)
-class LonePairProof:
-    """An isolated pair (i, j) (0-based) that no sequence can hold in its MFE structure: over every assignment
-    of the letters its loops depend on, ``gap = min E(target) - E(target without (i, j)) > 0`` (kcal/mol);
-    ``witness`` is a sequence at the minimum."""
+class HelixProof:
+    """A helix of ``pairs`` stacked pairs (i, j), (i + 1, j - 1), ... (0-based outermost pair) that no sequence
+    can hold in its MFE structure: over every assignment of the letters its loops depend on,
+    ``gap = min E(target) - E(target without the helix) > 0`` (kcal/mol); ``witness`` is a sequence at the
+    minimum."""
 
     i: int
     j: int
+    pairs: int
     gap: float
     witness: str
 
@@ -167,16 +169,17 @@ def _enclosing(partners: Sequence[int], i: int) -> tuple[int, int] | None:
     return next(((a, partners[a]) for a in range(i - 1, -1, -1) if partners[a] > j), None)
 
 
-def lone_pair_proofs(structure: str, max_cases: int = 50_000) -> list[LonePairProof]:
-    """Isolated pairs that make ``structure`` undesignable under ViennaRNA's energies (a sufficient test).
+def helix_proofs(structure: str, max_pairs: int = 3, max_cases: int = 50_000) -> list[HelixProof]:
+    """Helices of up to ``max_pairs`` stacked pairs that make ``structure`` undesignable under ViennaRNA's
+    energies (a sufficient test; an isolated pair is a helix of one pair).
 
-    An isolated pair (i, j) (neither (i-1, j+1) nor (i+1, j-1) a pair) is the only difference between the
-    target S and S' = S without it, and E(S) - E(S') depends only on the two loops it separates: their pairs,
-    the letters next to those pairs and, for loops of at most ``SMALL_LOOP`` unpaired nt, every letter (special
-    hairpins, small interior-loop tables). Enumerating those letters (pairs from ``PAIRS``; other positions are
-    fixed) gives min E(S) - E(S'); when it is positive, every sequence folds lower without the pair, so no
-    sequence has S as its MFE structure. Pairs whose loops need more than ``max_cases`` assignments are left
-    undecided (not reported)."""
+    Removing a helix is the only difference between the target S and S' = S without it, and E(S) - E(S')
+    depends only on the helix's stacks and the two loops it separates: their pairs, the letters next to those
+    pairs and, for loops of at most ``SMALL_LOOP`` unpaired nt, every letter (special hairpins, small
+    interior-loop tables). Enumerating those letters (pairs from ``PAIRS``; other positions are fixed) gives
+    min E(S) - E(S'); when it is positive, every sequence folds lower without the helix, so no sequence has S
+    as its MFE structure (a two-pair stem closing a long hairpin loop, for one). Helices whose loops need more
+    than ``max_cases`` assignments are left undecided (not reported)."""
     import itertools
 
     import RNA as vienna
@@ -189,18 +192,27 @@ def lone_pair_proofs(structure: str, max_cases: int = 50_000) -> list[LonePairPr
             base[a], base[b] = "G", "C"
     proofs = []
     for i, j in enumerate(partners):
-        if j < i or (i > 0 and partners[i - 1] == j + 1) or (i + 1 < n and partners[i + 1] == j - 1):
+        if j < i or (i > 0 and partners[i - 1] == j + 1):
+            continue  # not the outermost pair of a helix
+        h = 1
+        while partners[i + h] == j - h:
+            h += 1
+        if h > max_pairs:
             continue
-        outer, inner = loop_members(partners, _enclosing(partners, i)), loop_members(partners, (i, j))
-        paired = set(outer[0]) | set(inner[0])
-        loops = [outer[1], inner[1], outer[1] + inner[1] + [i, j]]  # the merged loop of S' last
+        helix = [(i + k, j - k) for k in range(h)]
+        outer = loop_members(partners, _enclosing(partners, i))
+        inner = loop_members(partners, helix[-1])
+        paired = set(outer[0]) | set(inner[0]) | {k for pair in helix for k in pair}
+        loops = [outer[1], inner[1], outer[1] + inner[1] + [k for pair in helix for k in pair]]  # S' merges them
         free = {k for k in outer[1] + inner[1] if k - 1 in paired or k + 1 in paired}
         free |= {k for loop in loops if len(loop) <= SMALL_LOOP for k in loop if partners[k] < 0}
         pairs = sorted((k, partners[k]) for k in paired if partners[k] > k)
         free_list = sorted(free)
         if 6 ** len(pairs) * 4 ** len(free_list) > max_cases:
             continue
-        without = structure[:i] + "." + structure[i + 1 : j] + "." + structure[j + 1 :]
+        without = list(structure)
+        for a, b in helix:
+            without[a] = without[b] = "."
         best = (float("inf"), "")
         for pair_letters in itertools.product(PAIRS, repeat=len(pairs)):
             for letters in itertools.product(RNA.letters, repeat=len(free_list)):
@@ -210,10 +222,10 @@ def lone_pair_proofs(structure: str, max_cases: int = 50_000) -> list[LonePairPr
                 for k, c in zip(free_list, letters):
                     seq[k] = c
                 fc = vienna.fold_compound("".join(seq), md, vienna.OPTION_EVAL_ONLY)
-                gap = fc.eval_structure(structure) - fc.eval_structure(without)
+                gap = fc.eval_structure(structure) - fc.eval_structure("".join(without))
                 best = min(best, (gap, "".join(seq)))
         if best[0] > ENERGY_RESOLUTION / 2:  # positive, float noise aside
-            proofs.append(LonePairProof(i, j, round(best[0], 2), best[1]))
+            proofs.append(HelixProof(i, j, h, round(best[0], 2), best[1]))
     return proofs
 
 

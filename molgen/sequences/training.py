@@ -163,7 +163,7 @@ def fit(
     last = out_dir / "last.ckpt"
     start = time.time()
     trainer.fit(module, train, val, ckpt_path=str(last) if last.exists() else None, weights_only=True)
-    trainer.save_checkpoint(last)
+    trainer.save_checkpoint(last, weights_only=False)  # the full state: a rerun resumes it
     timer = next(c for c in trainer.callbacks if isinstance(c, L.pytorch.callbacks.Timer))
     stats = {
         "global_step": int(trainer.global_step),
