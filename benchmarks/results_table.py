@@ -11,14 +11,15 @@ RESULTS.md is generated from them and nothing else, so every figure in it can be
     python benchmarks/results_table.py cards              # re-extract the model cards' recorded figures
     python benchmarks/results_table.py refresh            # re-read recorded runs' tables from their raw output
 
-``record KIND[,KIND...] [--name NAME[,NAME...]] -- COMMAND`` runs COMMAND once (``{json}`` is replaced by a
-temporary file that the benchmark writes), then stores one table per KIND in benchmarks/results/NAME.json
-(default NAME = KIND; title, description and order of an existing file are kept) with the command,
-the current commit (``git rev-parse --short HEAD``, flagged when the working tree has uncommitted changes), the
-UTC date and a description of the hardware; the benchmark's whole output is kept under ``raw``. KIND selects how
-the table is read from the output: samplers, samplers_overhead, samplers_defaults, default_ends, tuned_plans,
-generation, guidance, sequences, structure, structure_denoising, molecules, students, likelihood, reliability,
-rna_design, ehrlich, campaigns, finetune, masked_plans.
+``record KIND[,KIND...] [--name NAME[,NAME...]] [--output FILE] -- COMMAND`` runs COMMAND once (``{json}`` is
+replaced by a temporary file that the benchmark writes; with ``--output`` it already ran and wrote FILE), then
+stores one table per KIND in benchmarks/results/NAME.json (default NAME = KIND; title, description and order of
+an existing file are kept) with the command, the current commit (``git rev-parse --short HEAD``, flagged when
+the working tree has uncommitted changes), the UTC date and a description of the hardware; the benchmark's
+whole output is kept under ``raw``. KIND selects how the table is read from the output: samplers,
+samplers_overhead, samplers_defaults, default_ends, tuned_plans, generation, guidance, sequences, structure,
+structure_denoising, molecules, students, likelihood, reliability, rna_design, ehrlich, campaigns, finetune,
+masked_plans.
 """
 
 from __future__ import annotations
@@ -343,19 +344,23 @@ KINDS = {"samplers": _samplers, "samplers_overhead": _samplers_overhead, "sample
 
 
 def record(kinds: list[str], names: list[str], command: list[str], cwd: Path = ROOT,
-           version: str | None = None) -> list[Path]:
-    """Run ``command`` once (in ``cwd``) and store one results file per (kind, name)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "out.json"
-        argv = [a.replace("{json}", str(out)) for a in command]
-        subprocess.run(argv, cwd=cwd, check=True)
-        raw = json.loads(out.read_text())
+           version: str | None = None, output: Path | None = None) -> list[Path]:
+    """Run ``command`` once (in ``cwd``) and store one results file per (kind, name); with ``output``, the
+    command already ran and wrote that file (dated by its modification time)."""
+    if output is not None:
+        raw, when = json.loads(output.read_text()), datetime.fromtimestamp(output.stat().st_mtime, timezone.utc)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "out.json"
+            argv = [a.replace("{json}", str(out)) for a in command]
+            subprocess.run(argv, cwd=cwd, check=True)
+            raw, when = json.loads(out.read_text()), datetime.now(timezone.utc)
     shown = " ".join(shlex.quote(a.replace("{json}", "OUT.json")) for a in command)
     for prefix in (".venv/bin/python ", sys.executable + " "):
         if shown.startswith(prefix):
             shown = "python " + shown[len(prefix):]
     provenance = {"command": shown, "commit": version or commit(),
-                  "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "hardware": hardware()}
+                  "date": when.strftime("%Y-%m-%d %H:%M UTC"), "hardware": hardware()}
     paths = []
     for kind, name in zip(kinds, names, strict=True):
         path = RESULTS / f"{name}.json"
@@ -547,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--cwd", type=Path, default=ROOT,
                        help="run the command here, e.g. in a clean export of a commit (git archive HEAD | tar -x)")
         p.add_argument("--commit", default=None, help="the code version run, when --cwd is not this checkout")
+        p.add_argument("--output", type=Path, default=None,
+                       help="COMMAND already ran on this machine and wrote this JSON: record it without a rerun")
         own, command = (argv[1:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv[1:], [])
         args = p.parse_args(own)
         if not command:
@@ -558,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         names = args.name.split(",") if args.name else kinds
         if len(names) != len(kinds):
             p.error("--name needs one name per kind")
-        for path in record(kinds, names, command, args.cwd, args.commit):
+        for path in record(kinds, names, command, args.cwd, args.commit, args.output):
             print(f"wrote {path.relative_to(ROOT)}")
         OUT.write_text(render())
         return 0
