@@ -128,6 +128,10 @@ class Reward:
     def __call__(self, samples: Any) -> Tensor:
         if self.memory is not None and all(isinstance(s, str) for s in samples):
             return self._recalled(list(samples))
+        return self._scored(samples)
+
+    def _scored(self, samples: Any) -> Tensor:
+        """``score_batch`` on ``samples``, counted; a failing batch is re-scored sample by sample."""
         n = len(samples)
         self.stats.batches += 1
         self.stats.samples += n
@@ -163,14 +167,11 @@ class Reward:
 
     # ---- internals ----------------------------------------------------------------------------------------
     def _recalled(self, samples: list[str]) -> Tensor:
+        """Values of ``samples`` from memory, the new ones (each once) scored and remembered."""
         assert self.memory is not None
         new = list(dict.fromkeys(s for s in samples if s not in self.memory))
         if new:
-            memory, self.memory = self.memory, None  # score the new samples the usual way
-            try:
-                memory.update(zip(new, self(new).tolist()))
-            finally:
-                self.memory = memory
+            self.memory.update(zip(new, self._scored(new).tolist()))
         return torch.tensor([self.memory[s] for s in samples], dtype=torch.float64)
 
     def _finite(self, out: Tensor, n: int) -> Tensor:

@@ -225,7 +225,8 @@ STUDENT_DEFAULTS: dict[str, Any] = {"lr": 2e-4, "warmup_steps": 100, "batch_size
                                      "handover": 0.5}
 
 
-def student_config(run_dir: Path, teacher_config: Mapping[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def student_config(run_dir: Path, teacher_config: Mapping[str, Any], args: argparse.Namespace,
+                   n_pairs: int) -> dict[str, Any]:
     """The run's config: the teacher's model and sampling statistics, the training defaults with the student's
     overrides, the pairs' first noise level and their source (on the card's provenance)."""
     manifest = json.loads((run_dir / MANIFEST).read_text())
@@ -235,7 +236,7 @@ def student_config(run_dir: Path, teacher_config: Mapping[str, Any], args: argpa
         "run_dir": str(run_dir),
         "keep_exports": args.keep_exports,
         "command": " ".join(["python -m molgen.molecules.distill", *sys.argv[1:]]),
-        "data_desc": f"{len(load_pairs(run_dir)['mask'])} teacher pairs ({manifest['steps']}-call dpmpp_2m from "
+        "data_desc": f"{n_pairs} teacher pairs ({manifest['steps']}-call {manifest['solver']} from "
                      f"sigma/alpha {manifest['first_noise']} A) of {manifest['teacher']} "
                      f"(sha256 {manifest['teacher_sha256'][:12]})",
         "atom_hist": teacher_config["atom_hist"],
@@ -254,13 +255,13 @@ def train_student(args: argparse.Namespace) -> Path:
     run_dir = Path(args.run_dir)
     manifest = json.loads((run_dir / MANIFEST).read_text())
     state, teacher_config, summary = read_init(manifest["teacher"])
-    config = student_config(run_dir, teacher_config, args)
+    pairs = PairSet(load_pairs(run_dir))
+    config = student_config(run_dir, teacher_config, args, len(pairs))
     config["init"] = summary
     start = state
     if args.init:  # an earlier student's weights (the teacher stays the pairs' one)
         start, _, config["init"] = read_init(args.init)
     (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    pairs = PairSet(load_pairs(run_dir))
     loader = ResumableLoader(pairs, batch_sampler=SizeBucketBatches(pairs.sizes, config["batch_size"], config["seed"]),
                              collate_fn=collate_pairs, num_workers=0)
     module = StudentDiffusion(config, load_model(manifest["teacher"])[0])
