@@ -15,7 +15,8 @@ feasible sequences score 0. The benchmark
 3. runs each method until ``--oracle-calls`` and records the best value found after each round:
    ``ga`` (holo's ``DiscreteEvolution`` from the initial solution, as holo's benchmark runs it; ``ga_mut1/L`` with
    one expected mutation per child), ``best_of_n`` (campaign rounds of prior samples, selection only),
-   ``refine`` (rounds that re-mask and resample the selection), ``svdd`` (SVDD look-ahead on top),
+   ``refine`` (rounds that re-mask and resample the selection), ``recombine`` (the same, with half of the
+   parents first rearranged: ``refine.recombine``), ``svdd`` (SVDD look-ahead on top),
    ``surrogate`` (SVDD-MC steered by a value net fitted on the campaign's scores: no oracle calls while sampling),
    ``finetune`` and ``finetune_svdd`` (the same with ``finetune: {}`` between rounds), ``grpo``
    (``finetune: {method: grpo}``: on-policy GRPO between rounds, its rollouts' oracle calls counted).
@@ -129,6 +130,7 @@ def run_ga(args: argparse.Namespace, mutation_prob: float) -> list[float]:
 CAMPAIGNS: dict[str, dict[str, Any]] = {  # beside the common keys; refine: the --refine-* options
     "best_of_n": {"refine": None},
     "refine": {},
+    "recombine": {"refine": "recombine"},
     "svdd": {"guidance": {"method": "svdd", "candidates": 2}},
     "surrogate": {"guidance": {"method": "svdd_mc", "candidates": 4}},
     "finetune": {"finetune": True},
@@ -149,12 +151,14 @@ def run_campaign(args: argparse.Namespace, method: str, work: Path, prior: Path)
                                     quantization=args.quantization, seed=args.seed, penalty=PENALTY))
     log = folder / "oracle_log.txt"
     log.unlink(missing_ok=True)
+    refine = {"fraction": args.refine_fraction, "t": args.refine_t[0] if len(args.refine_t) == 1 else args.refine_t}
     base = {"name": f"ehrlich_{method}", "modality": "sequences", "checkpoint": str(prior), "seed": args.seed,
             "n_per_round": args.per_round, "length": args.length, "sampler": {"steps": args.steps},
             "rewards": [{"name": "ehrlich", "spec": f"python:{oracle}:score"}],
             "selection": {"rule": "top_k", "k": args.keep, "min_distance": args.min_distance},
-            "refine": {"fraction": args.refine_fraction,
-                       "t": args.refine_t[0] if len(args.refine_t) == 1 else args.refine_t}, **CAMPAIGNS[method]}
+            "refine": refine, **CAMPAIGNS[method]}
+    if base["refine"] == "recombine":
+        base["refine"] = {**refine, "recombine": args.recombine}
     if base.get("finetune") == "grpo":  # on-policy: its rollouts' oracle calls count in the trace
         base["finetune"] = {"method": "grpo", "kl_bound": args.kl_bound}
     elif base.get("finetune"):
@@ -229,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refine-fraction", type=float, default=0.9, help="share of a round refining the selection")
     p.add_argument("--refine-t", type=float, nargs="+", default=[0.15],
                    help="refinement noise level (share of letters re-masked); several: a ladder")
+    p.add_argument("--recombine", type=float, default=0.5,
+                   help="method recombine: share of refined parents rearranged first (refine.recombine)")
     p.add_argument("--min-distance", type=float, default=None, help="campaign selection's diversity filter")
     p.add_argument("--kl-bound", type=float, default=1.0, help="fine-tuning's KL bound (nats per masked letter)")
     p.add_argument("--finetune-steps", type=int, default=16, help="fine-tuning steps per round")

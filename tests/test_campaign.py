@@ -114,6 +114,9 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
         (tiny(refine={"t": []}), "refine.t"),
         (tiny(rewards=[{"name": "q", "spec": "qed"}]), "rewards[0].spec"),  # a molecule reward for RNA
         (tiny(guidance={"method": "svdd", "lam": float("inf")}), "guidance.lam"),
+        (tiny(refine={"fraction": 0.5, "recombine": 1.5}), "refine.recombine"),
+        ({"modality": "molecules", "rounds": 2, "n_per_round": 4, "rewards": [{"name": "q", "spec": "qed"}],
+          "refine": {"fraction": 0.5, "recombine": 0.5}}, "refine.recombine"),  # molecules are not strings
         (tiny(modality="dna", rewards=[{"name": "g", "spec": "gc"}], refine={"fraction": 0.5, "t": 0.5}), None),
     ]
     for i, (values, key) in enumerate(cases):
@@ -267,6 +270,68 @@ def test_a_ladder_of_refinement_levels_deals_every_parent_small_and_large_moves(
     small, large = moved[:6], moved[6:]  # the first level's refinements come first, then the second's
     assert sorted(d.parent for d in out.designs[:6]) == sorted(d.parent for d in out.designs[6:])  # every parent
     assert np.mean(small) < 3 < np.mean(large)  # ~10 % re-masked against a fresh draw (~75 % differ)
+
+
+def test_recombined_refinements_are_rearranged_parents_scored_as_they_are():
+    """A share ``recombine`` of the refinements is the parents rearranged (one window replaced by a segment of a
+    selected design, or rotated by one place), scored by the round's reward and measured by the model; a config
+    without the key keeps its old identity."""
+    cfg = CampaignConfig.from_mapping(tiny(refine={"fraction": 1.0, "t": 0.5, "recombine": 0.5},
+                                           guidance={"method": "unguided"}))
+    assert "recombine" not in CampaignConfig.from_mapping(tiny()).identity()["refine"]
+    assert cfg.identity()["refine"]["recombine"] == 0.5
+    parents = [(f"p{i}", Design(sequence=s)) for i, s in enumerate(["GGGGAAACCCCA", "ACGUACGUACGU", "GCGCGCAUAUAU"])]
+    reward = _reward()
+    out = RoundGenerator(cfg).generate(24, 0, reward, parents)
+    by = {pid: d.sequence for pid, d in parents}
+    moved = [d for d in out.designs if d.origin == "recombine"]
+    assert len(moved) == 12 and {d.parent for d in moved} == set(by)
+    assert all(_rotation_or_transplant(d.sequence, by[d.parent], by.values()) for d in moved)
+    assert all(math.isfinite(d.naturalness) for d in out.designs)
+    assert torch.allclose(out.rewards[-12:], reward([d.sequence for d in moved]).double())
+
+
+def _rotation_or_transplant(child: str, parent: str, donors) -> bool:
+    """Whether ``child`` is ``parent`` with one window rotated by one place, or overwritten by a segment of one
+    of ``donors``."""
+    n = len(parent)
+    for i in range(n):
+        for j in range(i + 1, n + 1):
+            if child[:i] != parent[:i] or child[j:] != parent[j:]:
+                continue
+            mid = parent[i:j]
+            rotated = child[i:j] in (mid[1:] + mid[:1], mid[-1:] + mid[:-1])
+            if rotated or j - i >= 2 and any(child[i:j] in d for d in donors):
+                return True
+    return False
+
+
+def test_rearrange_moves_are_translocations_and_shifts():
+    from molgen.modalities.sequences import rearrange
+
+    seq, donor = "ABCDEFGHIJKLMNOP", "qrstuvwxyz"
+    g = torch.Generator().manual_seed(0)
+    kinds = set()
+    for _ in range(200):
+        child = rearrange(seq, donor, g)
+        assert len(child) == len(seq) and _rotation_or_transplant(child, seq, [donor])
+        kinds.add("shift" if sorted(child) == sorted(seq) else "translocation")
+        moved = [a != b for a, b in zip(child, seq)]
+        assert moved.count(True) != 1  # a move changes a window, never a lone letter
+    assert kinds == {"shift", "translocation"}
+    assert rearrange("A", donor, g) == "A"
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert [rearrange(seq, seq, g1) for _ in range(5)] == [rearrange(seq, seq, g2) for _ in range(5)]
+
+
+def test_selection_keeps_the_newest_of_equal_designs_once(tmp_path):
+    """Ties go to the newer design (the selection drifts across a plateau) and a design drawn twice counts once."""
+    c = Campaign(CampaignConfig.from_mapping(tiny(selection={"rule": "top_k", "k": 3})), tmp_path / "c")
+    portfolio = pd.DataFrame({"id": ["r001-0", "r001-1", "r002-0", "r002-1", "r002-2"],
+                              "sequence": ["AAAA", "CCCC", "GGGG", "AAAA", "UUUU"],
+                              "score": [1.0, 0.5, 0.5, 1.0, 0.1]})
+    assert c._select(portfolio) == ["r002-1", "r002-0", "r001-1"]
+    c.close()
 
 
 def _reward():

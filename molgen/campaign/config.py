@@ -18,7 +18,8 @@
                                        # far steers SVDD (no reward calls while sampling); round 1 unguided
     selection: {rule: top_k, k: 16, min_distance: 0.3}   # top_k | pareto; objectives: rewards | rewards+naturalness
     refine: {fraction: 0.5, t: 0.5}    # rounds >= 2: this share of n refines the selection, re-noised to t
-                                       # (a list of times, e.g. [0.05, 0.15, 0.4]: dealt over the levels)
+                                       # (a list of times, e.g. [0.05, 0.15, 0.4]: dealt over the levels;
+                                       # recombine: 0.5 rearranges half of those parents first, sequences)
     finetune: {}                       # before each round >= 2, fine-tune an adapter on every design scored
                                        # so far (molgen.finetune; {} = defaults, null/absent = off);
                                        # {method: grpo}: on-policy GRPO with fresh reward calls instead
@@ -26,7 +27,7 @@
 
 ``identity()`` is what decides the designs: a folder holding a campaign of another identity is refused.
 ``rounds`` and ``database`` are left out, so raising ``rounds`` continues a finished campaign; ``finetune``
-is left out when null, so campaigns without it keep their identity.
+is left out when null and ``refine.recombine`` when 0, so campaigns without them keep their identity.
 """
 
 from __future__ import annotations
@@ -97,10 +98,14 @@ class RefineSpec:
     """SDEdit-style refinement: in rounds >= 2, ``fraction`` of ``n_per_round`` designs start from the
     previous selection noised to time ``t`` (masked diffusion: each token masked with probability 1 - alpha(t);
     continuous: x_t = alpha(t) x0 + sigma(t) eps) and are denoised from there. A list of times is a ladder:
-    the refinements are dealt over its levels in turn, small moves and large ones in every round."""
+    the refinements are dealt over its levels in turn, small moves and large ones in every round.
+    ``recombine`` (sequences): this share of the refinements start from their parent rearranged first
+    (``Modality.recombine``: a segment of another selected design written over it at any offset, or a stretch
+    of it shifted by one place), so motifs found in different designs meet and one moves out of another's way."""
 
     fraction: float = 0.0
     t: float | tuple[float, ...] = 0.5
+    recombine: float = 0.0
 
     @property
     def levels(self) -> tuple[float, ...]:
@@ -201,6 +206,8 @@ class CampaignConfig:
             d.pop("finetune")
         elif d["finetune"]["method"] == FINETUNE_METHODS[0]:
             d["finetune"] = {k: v for k, v in d["finetune"].items() if k not in GRPO_KEYS}
+        if not d["refine"]["recombine"]:
+            d["refine"].pop("recombine")
         return d
 
     def identity_hash(self) -> str:
@@ -313,6 +320,10 @@ def validate(cfg: CampaignConfig) -> None:
         raise ValueError(f"refine.fraction must be in [0, 1], got {ref.fraction}")
     if not all(0 < t <= 1 for t in ref.levels):
         raise ValueError(f"refine.t must be in (0, 1] (or a list of such times), got {ref.t}")
+    if not 0 <= ref.recombine <= 1:
+        raise ValueError(f"refine.recombine must be in [0, 1], got {ref.recombine}")
+    if ref.recombine and get_modality(cfg.modality).payload != "sequence":
+        raise ValueError(f"refine.recombine rearranges sequences; {cfg.modality} designs cannot be recombined")
     if cfg.finetune is not None:
         _check_finetune(cfg.finetune)
 

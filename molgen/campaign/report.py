@@ -107,8 +107,9 @@ def _rounds_table(rounds: pd.DataFrame, samples: pd.DataFrame, campaign: Campaig
                      "fine-tuning": _finetuning(campaign, k),
                      "selected": int((sel["round"] == k).sum()) if len(sel) else 0,
                      "selection mean score": _selection_mean(sel, samples, k),
-                     "refined": int(((samples["round"] == k) & (samples["origin"] == "refine")).sum())
-                     if len(samples) else 0})
+                     **{label: int(((samples["round"] == k) & (samples["origin"] == origin)).sum())
+                        if len(samples) else 0 for label, origin in (("refined", "refine"),
+                                                                     ("recombined", "recombine"))}})
     return _table(pd.DataFrame(rows))
 
 

@@ -6,6 +6,10 @@ is the selected designs noised to t (``Modality.noise_to``: masked diffusion mas
 with probability 1 - alpha(t), an exact draw of q(x_t | x_0); continuous diffusion draws
 x_t = alpha(t) x_0 + sigma(t) eps in the zero-CoM space).
 
+With ``refine.recombine`` a share of the refinements are the parents rearranged instead (``Modality.recombine``:
+a segment of another selected design written over the parent, or a stretch of it shifted by one place), used
+as they are; those designs have origin ``recombine``.
+
 ``use_model`` swaps the sampler's denoiser (a fine-tuned copy, ``molgen.finetune``) for the following rounds;
 guidance runs on top of it, and naturalness is always measured under the campaign's own model.
 """
@@ -22,6 +26,7 @@ import torch
 
 from molgen.campaign.config import CampaignConfig
 from molgen.modalities import Design, Modality, get_modality
+from molgen.seeds import derived_seed
 
 
 @dataclass
@@ -61,10 +66,12 @@ class RoundGenerator:
     def generate(self, n: int, seed: int, reward: Any, parents: Sequence[tuple[str, Design]],
                  value: Any = None) -> RoundOutput:
         """``n`` designs: ``refine.fraction`` of them (when there are parents) refine the parents in turn, the
-        i-th at the ladder's level i mod (number of levels); ``value``: SVDD-MC's value hook (``svdd_mc``
+        i-th at the ladder's level i mod (number of levels), and ``refine.recombine`` of those are the parents
+        rearranged instead (scored here, no model call); ``value``: SVDD-MC's value hook (``svdd_mc``
         without one draws unguided)."""
         parents = [p for p in parents if self.modality.refinable(p[1])]
         n_refine = round(self.cfg.refine.fraction * n) if parents else 0
+        n_recombine = round(self.cfg.refine.recombine * n_refine)
         designs: list[Design] = []
         rewards: list[torch.Tensor] = []
         calls = 0
@@ -75,7 +82,7 @@ class RoundGenerator:
             calls += res.model_calls
         levels = self.cfg.refine.levels
         for k, t in enumerate(levels):
-            picked = [parents[i % len(parents)] for i in range(k, n_refine, len(levels))]
+            picked = [parents[i % len(parents)] for i in range(k, n_refine - n_recombine, len(levels))]
             if not picked:
                 continue
             res = self._guide(self.refine_problem([d for _, d in picked], t), reward, len(picked), seed + 1 + k, value)
@@ -83,7 +90,22 @@ class RoundGenerator:
                 designs.append(dataclasses.replace(d, parent=pid, origin="refine"))
             rewards.append(res.rewards.double().cpu())
             calls += res.model_calls
+        if n_recombine:
+            g = torch.Generator().manual_seed(derived_seed("molgen-recombine", seed, 0))
+            moved = self.recombined(parents, n_recombine, g)
+            designs += moved
+            rewards.append(reward(self.modality.reward_inputs(moved)).double().cpu())
         return RoundOutput(designs, calls, torch.cat(rewards))
+
+    def recombined(self, parents: Sequence[tuple[str, Design]], n: int, g: torch.Generator) -> list[Design]:
+        """``n`` rearrangements (``Modality.recombine``) of the parents in turn, each with a donor drawn from all
+        of them (itself included), as they are: a move that re-noised them would mostly break what it moved."""
+        out = []
+        for i in range(n):
+            pid, design = parents[i % len(parents)]
+            donor = parents[int(torch.randint(len(parents), (), generator=g))][1]
+            out.append(dataclasses.replace(self.modality.recombine(design, donor, g), parent=pid, origin="recombine"))
+        return self.modality.with_naturalness(self.problem, out)
 
     def _guide(self, problem: Any, reward: Any, n: int, seed: int, value: Any = None) -> Any:
         from molgen.guidance.tasks import guide

@@ -10,7 +10,8 @@ Round r draws its designs with the seed ``round_seed(seed, r)`` (a function of t
 and, when ``refine.fraction > 0``, re-noises part of the selection of round r - 1. Its score is
 sum_k w_k r_k; the guidance methods steer toward that weighted sum. Selection ranks the whole portfolio:
 ``top_k`` by score, ``pareto`` by non-dominated front over the reward columns (and naturalness when asked),
-score breaking ties; ``min_distance`` then drops designs too close to a better one already kept.
+score breaking ties, then the newer design (so a selection can drift over a plateau of equal scores); a
+design drawn twice counts once; ``min_distance`` then drops designs too close to a better one already kept.
 Everything goes into the SQL store; re-running continues after the last finished round. Each reward is asked
 once per distinct design (``Reward.remember``, seeded from the store on resume): a design drawn again gets its
 earlier value, so an expensive oracle is never called twice on one sequence or SMILES.
@@ -258,7 +259,15 @@ class Campaign:
         return [(sid, design_of(frame.loc[sid])) for sid in self.store.selection(r - 1)]
 
     def _select(self, portfolio: pd.DataFrame) -> list[str]:
+        """The ids kept after a round. The portfolio is ranked newest first, so that of two designs with equal
+        scores the newer is kept (a selection drifts across a plateau of equal scores instead of freezing on
+        the first design that reached it), and each distinct design (payload) counts once, as its newest copy."""
         spec = self.config.selection
+        portfolio = portfolio.iloc[::-1]
+        key = self.modality.payload
+        if key is not None:
+            portfolio = portfolio[portfolio[key].isna() | ~portfolio.duplicated(subset=key)]
+        portfolio = portfolio.reset_index(drop=True)
         objectives = None
         if spec.rule == "pareto":
             cols = self.config.reward_names + (["naturalness"] if spec.objectives == "rewards+naturalness" else [])

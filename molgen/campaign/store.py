@@ -6,7 +6,7 @@ Tables (one campaign per database):
                 molgen version, created
     rounds      round, status (running | done), seed, n, model calls, seconds (generate, score, select),
                 started, finished
-    samples     id (r{round:03d}-{index:05d}), round, idx, origin (sample | refine), parent, sequence,
+    samples     id (r{round:03d}-{index:05d}), round, idx, origin (sample | refine | recombine), parent, sequence,
                 smiles, structure (MOL block / PDB text), naturalness, score (weighted reward sum)
     scores      sample id, reward name, value
     selections  round, sample id, rank (the portfolio selected after that round)

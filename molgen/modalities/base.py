@@ -133,6 +133,14 @@ class Modality:
         """Whether ``encode`` can read the design back (a structure is stored)."""
         return bool(design.structure)
 
+    def recombine(self, design: Design, donor: Design, g: torch.Generator) -> Design:
+        """``design`` rearranged, with material from ``donor`` (campaign refinement's ``recombine``)."""
+        raise NotImplementedError(f"{self.name} designs cannot be recombined (refine.recombine: sequences only)")
+
+    def with_naturalness(self, problem: Any, designs: Sequence[Design]) -> list[Design]:
+        """``designs`` with their naturalness under the problem's model."""
+        raise NotImplementedError
+
     def reward_inputs(self, designs: Sequence[Design]) -> Any:
         """What the rewards score: the payload column, or the structures."""
         return [getattr(d, self.payload) or "" for d in designs]

@@ -9,6 +9,7 @@ Naturalness of a design: minus its NELBO under the model in bits per nucleotide
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +22,36 @@ from torch import Tensor
 from molgen.modalities.base import Design, Modality, Preset
 
 ANY_ALPHABET = "sequences"  # the instance that takes a model of any alphabet
+
+
+def _draw(n: int, g: torch.Generator) -> int:
+    """Uniform in 0..n-1."""
+    return int(torch.randint(n, (1,), generator=g))
+
+
+def rearrange(seq: str, donor: str, g: torch.Generator) -> str:
+    """``seq`` rearranged by one of two moves (equal odds), its length kept:
+
+    - translocation: ``donor[i:i+w]`` written over ``seq[j:j+w]``, w uniform in 2..max(2, n // 2) (n the
+      shorter length), i and j uniform where the segment fits; the donor may be ``seq`` itself (a duplication);
+    - shift: ``seq[i:j+1]`` rotated by one place either way (a deletion and an insertion of the same letter),
+      which moves every letter between i and j one place along and the letter at one end to the other.
+
+    A point mutation cannot move a motif out of another's way or bring motifs found in two designs together;
+    these moves can, without breaking what they move."""
+    n = min(len(seq), len(donor))
+    if n < 2:
+        return seq
+    if _draw(2, g):
+        w = 2 + _draw(max(2, n // 2) - 1, g)
+        i, j = _draw(len(donor) - w + 1, g), _draw(len(seq) - w + 1, g)
+        return seq[:j] + donor[i:i + w] + seq[j + w:]
+    i, j = sorted((_draw(len(seq), g), _draw(len(seq), g)))
+    if i == j:
+        return seq
+    mid = seq[i:j + 1]
+    mid = mid[1:] + mid[0] if _draw(2, g) else mid[-1] + mid[:-1]
+    return seq[:i] + mid + seq[j + 1:]
 
 
 class Sequences(Modality):
@@ -135,14 +166,14 @@ class Sequences(Modality):
         )
 
     def designs(self, problem: Any, result: Any) -> list[Design]:
+        return self.with_naturalness(problem, [Design(sequence=s) for s in problem.decode(result.samples)])
+
+    def with_naturalness(self, problem: Any, designs: Sequence[Design]) -> list[Design]:
         from molgen.sequences.training import sequence_bits
 
-        out = [Design(sequence=s) for s in problem.decode(result.samples)]
-        x0, _ = self.encode(problem, out)
+        x0, _ = self.encode(problem, designs)
         bits = sequence_bits(problem.sampler.model, problem.sampler.process, x0)
-        for d, b in zip(out, bits.tolist()):
-            d.naturalness = -float(b)
-        return out
+        return [dataclasses.replace(d, naturalness=-float(b)) for d, b in zip(designs, bits.tolist())]
 
     def encode(self, problem: Any, designs: Sequence[Design]) -> tuple[Tensor, None]:
         from molgen.sequences.alphabets import alphabet_from_card
@@ -156,6 +187,9 @@ class Sequences(Modality):
 
     def refinable(self, design: Design) -> bool:
         return bool(design.sequence)
+
+    def recombine(self, design: Design, donor: Design, g: torch.Generator) -> Design:
+        return Design(sequence=rearrange(design.sequence or "", donor.sequence or "", g))
 
     def distance(self, designs: Sequence[Design]) -> Callable[[int, int], float]:
         from molgen.campaign.selection import hamming
