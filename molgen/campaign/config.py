@@ -19,7 +19,7 @@
     selection: {rule: top_k, k: 16, min_distance: 0.3}   # top_k | pareto; objectives: rewards | rewards+naturalness
     refine: {fraction: 0.5, t: 0.5}    # rounds >= 2: this share of n refines the selection, re-noised to t
                                        # (a list of times, e.g. [0.05, 0.15, 0.4]: dealt over the levels;
-                                       # recombine: 0.5 rearranges half of those parents first, sequences)
+                                       # recombine: 0.5 makes half of them rearranged parents, sequences)
     finetune: {}                       # before each round >= 2, fine-tune an adapter on every design scored
                                        # so far (molgen.finetune; {} = defaults, null/absent = off);
                                        # {method: grpo}: on-policy GRPO with fresh reward calls instead
@@ -99,7 +99,7 @@ class RefineSpec:
     previous selection noised to time ``t`` (masked diffusion: each token masked with probability 1 - alpha(t);
     continuous: x_t = alpha(t) x0 + sigma(t) eps) and are denoised from there. A list of times is a ladder:
     the refinements are dealt over its levels in turn, small moves and large ones in every round.
-    ``recombine`` (sequences): this share of the refinements start from their parent rearranged first
+    ``recombine`` (sequences): this share of the refinements are their parent rearranged instead, not re-noised
     (``Modality.recombine``: a segment of another selected design written over it at any offset, or a stretch
     of it shifted by one place), so motifs found in different designs meet and one moves out of another's way."""
 
