@@ -39,7 +39,7 @@ def tiny(**over) -> dict:
                                                                           "weight": 0.05}],
         "guidance": {"method": "svdd", "candidates": 2},
         "selection": {"rule": "pareto", "k": 4, "min_distance": 0.2},
-        "refine": {"fraction": 0.5, "t": 0.5},
+        "refine": {"fraction": 0.5, "t": 0.5, "recombine": 0.5},
     }
     cfg.update(over)
     return cfg
@@ -146,11 +146,12 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, monkeypatch, unin
     full = uninterrupted
     s_full, sel_full, r_full = frames(full)
     assert len(s_full) == 18 and s_full["id"].is_unique
-    assert set(s_full.loc[s_full["round"] > 1, "origin"]) == {"sample", "refine"}
-    # refined designs descend from the previous round's selection
+    assert set(s_full.loc[s_full["round"] > 1, "origin"]) == {"sample", "refine", "recombine"}
+    # refined and recombined designs descend from the previous round's selection
     for r in (2, 3):
         parents = set(full.store.selection(r - 1))
-        assert set(s_full.loc[(s_full["round"] == r) & (s_full["origin"] == "refine"), "parent"]) <= parents
+        moved = (s_full["round"] == r) & s_full["origin"].isin(["refine", "recombine"])
+        assert set(s_full.loc[moved, "parent"]) <= parents
 
     crashed = Campaign(cfg, tmp_path / "crash")
     crash_in_round_2(crashed, monkeypatch)
@@ -278,7 +279,7 @@ def test_recombined_refinements_are_rearranged_parents_scored_as_they_are():
     without the key keeps its old identity."""
     cfg = CampaignConfig.from_mapping(tiny(refine={"fraction": 1.0, "t": 0.5, "recombine": 0.5},
                                            guidance={"method": "unguided"}))
-    assert "recombine" not in CampaignConfig.from_mapping(tiny()).identity()["refine"]
+    assert "recombine" not in CampaignConfig.from_mapping(tiny(refine={"fraction": 0.5})).identity()["refine"]
     assert cfg.identity()["refine"]["recombine"] == 0.5
     parents = [(f"p{i}", Design(sequence=s)) for i, s in enumerate(["GGGGAAACCCCA", "ACGUACGUACGU", "GCGCGCAUAUAU"])]
     reward = _reward()
