@@ -16,10 +16,10 @@ feasible sequences score 0. The benchmark
    ``ga`` (holo's ``DiscreteEvolution`` from the initial solution, as holo's benchmark runs it; ``ga_mut1/L`` with
    one expected mutation per child), ``best_of_n`` (campaign rounds of prior samples, selection only),
    ``refine`` (rounds that re-mask and resample the selection), ``recombine`` (the same, with half of the
-   parents first rearranged: ``refine.recombine``), ``svdd`` (SVDD look-ahead on top),
+   refinements rearranged selected designs instead: ``refine.recombine``), ``svdd`` (SVDD look-ahead on top),
    ``surrogate`` (SVDD-MC steered by a value net fitted on the campaign's scores: no oracle calls while sampling),
-   ``finetune`` and ``finetune_svdd`` (the same with ``finetune: {}`` between rounds), ``grpo``
-   (``finetune: {method: grpo}``: on-policy GRPO between rounds, its rollouts' oracle calls counted).
+   ``finetune``, ``finetune_svdd`` and ``finetune_recombine`` (the same with ``finetune: {}`` between rounds),
+   ``grpo`` (``finetune: {method: grpo}``: on-policy GRPO between rounds, its rollouts' oracle calls counted).
 
 Needs holo, which is no extra of molgen (its pins fight torch's): ``pip install botorch pooch`` and
 ``pip install --no-deps pytorch-holo``.
@@ -135,6 +135,7 @@ CAMPAIGNS: dict[str, dict[str, Any]] = {  # beside the common keys; refine: the 
     "surrogate": {"guidance": {"method": "svdd_mc", "candidates": 4}},
     "finetune": {"finetune": True},
     "finetune_svdd": {"finetune": True, "guidance": {"method": "svdd", "candidates": 2}},
+    "finetune_recombine": {"finetune": True, "refine": "recombine"},
     "grpo": {"finetune": "grpo"},
 }
 
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refine-t", type=float, nargs="+", default=[0.15],
                    help="refinement noise level (share of letters re-masked); several: a ladder")
     p.add_argument("--recombine", type=float, default=0.5,
-                   help="method recombine: share of refined parents rearranged first (refine.recombine)")
+                   help="methods *recombine: share of the refinements that are rearranged designs (refine.recombine)")
     p.add_argument("--min-distance", type=float, default=None, help="campaign selection's diversity filter")
     p.add_argument("--kl-bound", type=float, default=1.0, help="fine-tuning's KL bound (nats per masked letter)")
     p.add_argument("--finetune-steps", type=int, default=16, help="fine-tuning steps per round")
